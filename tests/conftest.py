@@ -1,0 +1,65 @@
+"""Shared fixtures: a small trained run, built once per test session on generated data."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the tests' own choice, like the CLI's
+
+SMALL_RECIPE = """
+name = "{name}"
+seed = 0
+
+[data]
+source = "synthetic"
+image_size = [32, 32]
+val_fraction = 0.15
+test_fraction = 0.25
+batch_size = 32
+synthetic = {{ classes = ["circle", "square", "triangle", "cross", "ring", "star", "hbars", "checker"], samples_per_class = 60 }}
+
+[model]
+backbone = "small_cnn"
+weights = "none"
+
+[train.feature_extraction]
+epochs = {epochs}
+learning_rate = 3e-3
+
+[export]
+tflite = ["fp32", "int8"]
+onnx = ["fp32"]
+calibration_samples = 64
+
+[bench]
+threads = [1]
+min_runs = 5
+min_seconds = 0.0
+warmup = 1
+"""
+
+
+def write_recipe(folder, text, name="recipe.toml"):
+    """Write a recipe file (dedented) and return its path."""
+    path = folder / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_recipe(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("recipes")
+    return write_recipe(folder, SMALL_RECIPE.format(name="small", epochs=10))
+
+
+@pytest.fixture(scope="session")
+def built_run(small_recipe, tmp_path_factory):
+    """A complete run directory: trained, exported, validated, benchmarked, reported."""
+    from tledge.pipeline import build
+    run_dir = tmp_path_factory.mktemp("models") / "small"
+    lines = []
+    _, parity = build(small_recipe, out=run_dir, log=lines.append, verbose=0)
+    return run_dir, parity, lines

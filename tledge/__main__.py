@@ -1,0 +1,3 @@
+from tledge.cli import main
+
+main()

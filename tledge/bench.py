@@ -1,0 +1,176 @@
+"""The bench stage: latency of every artifact in every runtime it runs on.
+
+For each artifact x runtime x threads x batch size: load time, first inference, warm-up,
+then timed runs until both a minimum count and a minimum time are reached. The clock is
+`perf_counter_ns` around `runner.run` alone: input is prepared before timing and output
+decoded after, as TFLite's benchmark_model and onnxruntime_perf_test do. A combination that
+cannot run here is a "skipped" row with its reason; one that crashes is a "failed" row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tledge.errors import RuntimeUnavailable
+from tledge.rundir import (BENCH, PARITY, artifacts, read_json, read_manifest, record_stage,
+                           write_json, write_manifest)
+from tledge.runners import RUNTIMES, load
+
+
+@dataclasses.dataclass
+class BenchRow:
+    artifact: str
+    runtime: str
+    threads: int
+    batch: int
+    status: str  # "ok" | "skipped" | "failed"
+    reason: str = ""
+    size_bytes: int | None = None
+    load_ms: float | None = None
+    first_ms: float | None = None
+    runs: int | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    mean_ms: float | None = None
+    std_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    throughput_ips: float | None = None
+
+
+def summarize(samples_ns, batch: int) -> dict:
+    """Latency statistics in milliseconds from per-call samples in nanoseconds."""
+    samples = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    p50, p90, p99 = np.percentile(samples, [50, 90, 99])
+    return {"runs": int(samples.size), "p50_ms": float(p50), "p90_ms": float(p90),
+            "p99_ms": float(p99), "mean_ms": float(samples.mean()),
+            "std_ms": float(samples.std()), "min_ms": float(samples.min()),
+            "max_ms": float(samples.max()), "throughput_ips": float(batch * 1000.0 / p50)}
+
+
+def time_runner(runner, prepared, *, warmup: int, min_runs: int, min_seconds: float,
+                max_runs: int = 100_000) -> tuple[float, list[int]]:
+    """(first-inference ms, steady-state samples in ns) for one prepared input."""
+    clock = time.perf_counter_ns
+    start = clock()
+    runner.run(prepared)
+    first_ms = (clock() - start) / 1e6
+    for _ in range(warmup):
+        runner.run(prepared)
+    samples = []
+    deadline = clock() + int(min_seconds * 1e9)
+    while len(samples) < max_runs and (len(samples) < min_runs or clock() < deadline):
+        start = clock()
+        runner.run(prepared)
+        samples.append(clock() - start)
+    return first_ms, samples
+
+
+def bench_artifact(entry, run_dir, runtime, *, threads, batch, images, warmup, min_runs,
+                   min_seconds) -> BenchRow:
+    """One row: load, first inference and steady-state latency, or why it could not run."""
+    row = BenchRow(entry["name"], runtime, threads, batch, "ok",
+                   size_bytes=entry.get("size_bytes"))
+    start = time.perf_counter_ns()
+    try:
+        runner = load(entry, run_dir, runtime, threads=threads)
+    except RuntimeUnavailable as error:
+        row.status, row.reason = "skipped", str(error)
+        return row
+    row.load_ms = (time.perf_counter_ns() - start) / 1e6
+    try:
+        reps = int(np.ceil(batch / len(images)))
+        prepared = runner.prepare(np.concatenate([images] * reps)[:batch])
+        row.first_ms, samples = time_runner(runner, prepared, warmup=warmup, min_runs=min_runs,
+                                            min_seconds=min_seconds)
+    except Exception as error:  # a runtime crash is a row, the other combinations go on
+        row.status, row.reason = "failed", f"{type(error).__name__}: {error}"
+        return row
+    finally:
+        runner.close()
+    for key, value in summarize(samples, batch).items():
+        setattr(row, key, value)
+    return row
+
+
+def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=print) -> dict:
+    """Benchmark every artifact of the run; write bench.json and the pick to the manifest."""
+    from tledge.rundata import evaluation_split, run_recipe, run_splits
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    recipe = run_recipe(run_dir)
+    settings = recipe.bench
+    runtimes = tuple(runtimes or settings.runtimes)
+    threads = tuple(threads or settings.threads)
+    batch_sizes = tuple(batch_sizes or settings.batch_sizes)
+    images = evaluation_split(run_splits(run_dir, recipe))[0][:64]
+    rows = []
+    for entry in artifacts(manifest):
+        for runtime in runtimes:
+            if entry["format"] not in RUNTIMES[runtime].families:
+                continue
+            for thread_count in threads:
+                for batch in batch_sizes:
+                    row = bench_artifact(entry, run_dir, runtime, threads=thread_count,
+                                         batch=batch, images=images, warmup=settings.warmup,
+                                         min_runs=settings.min_runs,
+                                         min_seconds=settings.min_seconds)
+                    rows.append(row)
+                    log(format_row(row))
+    parity = read_json(run_dir / PARITY) if (run_dir / PARITY).is_file() else None
+    pick = choose(rows, parity, threads=threads[0], batch=batch_sizes[0])
+    result = {"rows": [dataclasses.asdict(row) for row in rows], "pick": pick,
+              "settings": {"threads": list(threads), "batch_sizes": list(batch_sizes),
+                           "warmup": settings.warmup, "min_runs": settings.min_runs,
+                           "min_seconds": settings.min_seconds},
+              "machine": machine()}
+    write_json(run_dir / BENCH, result)
+    manifest["pick"] = pick
+    record_stage(manifest, "bench", rows=len(rows))
+    write_manifest(run_dir, manifest)
+    return result
+
+
+def choose(rows, parity, *, threads: int, batch: int) -> dict | None:
+    """The fastest (p50) combination at `threads` and `batch` whose artifact passed parity.
+
+    The Keras model is the reference: it always qualifies. Without a parity report no
+    exported artifact qualifies, since nothing says it still classifies correctly.
+    """
+    passed = {"keras"}
+    if parity:
+        passed |= {row["artifact"] for row in parity["rows"] if row["status"] == "passed"}
+    candidates = [row for row in rows if row.status == "ok" and row.artifact in passed
+                  and row.threads == threads and row.batch == batch]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda row: row.p50_ms)
+    return {"artifact": best.artifact, "runtime": best.runtime, "threads": best.threads,
+            "batch": best.batch, "p50_ms": best.p50_ms, "size_bytes": best.size_bytes}
+
+
+def format_row(row: BenchRow) -> str:
+    head = f"  {row.artifact:<12} {row.runtime:<12} threads {row.threads:<2} batch {row.batch:<3}"
+    if row.status != "ok":
+        return f"{head} {row.status}: {row.reason}"
+    return (f"{head} p50 {row.p50_ms:8.3f} ms  p90 {row.p90_ms:8.3f}  p99 {row.p99_ms:8.3f}  "
+            f"{row.throughput_ips:8.1f} img/s  load {row.load_ms:.0f} ms")
+
+
+def machine() -> dict:
+    import os
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(),
+            "python": platform.python_version()}

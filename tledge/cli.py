@@ -1,0 +1,227 @@
+"""The `tledge` command. Each command parses, calls one library function, prints the result."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from tledge.errors import TledgeError
+
+
+class UsageFailure(click.ClickException):
+    """A problem with the user's input: one message, exit code 2, no traceback."""
+
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _quiet_tensorflow() -> None:
+    """Import TensorFlow with its start-up log wall silenced (the CLI's job, not the library's)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules:
+        return
+    from tledge.quiet import quiet
+    with quiet():
+        import tensorflow  # noqa: F401
+    for module in ("tensorflow", "keras", "tf2onnx", "absl", "google", "onnx"):
+        warnings.filterwarnings("ignore", module=module)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.secho(f"warning: {message}", fg="yellow", err=True)
+
+
+def _progress() -> int:
+    """Keras progress bars on a terminal, one line per epoch in a log file."""
+    return 1 if sys.stdout.isatty() else 2
+
+
+def command(needs_tensorflow=True, **settings):
+    """A tledge CLI command: TledgeErrors become one-line messages with exit code 2."""
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            warnings.showwarning = _show_warning
+            try:
+                if needs_tensorflow:
+                    _quiet_tensorflow()
+                return function(*args, **kwargs)
+            except TledgeError as error:
+                raise UsageFailure(str(error)) from None
+        return main.command(**settings)(wrapper)
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tledge")
+def main():
+    """tledge: from a one-file recipe to a verified edge deployment.
+
+    \b
+    Start here:
+      tledge check recipes/quickstart.toml     validate a recipe, print it resolved
+      tledge build recipes/quickstart.toml     train, export, validate, bench, report
+
+    \b
+    Each stage also runs alone on an existing run directory:
+      tledge export models/quickstart --format tflite
+      tledge validate models/quickstart
+      tledge bench models/quickstart
+      tledge report models/quickstart
+    """
+
+
+RECIPE = click.Path(exists=True, dir_okay=False, path_type=Path)
+RUN_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+@command(needs_tensorflow=False, name="check")
+@click.argument("recipe", type=click.Path(path_type=Path))
+def check(recipe):
+    """Check RECIPE and print it with every default filled in.
+
+    Every problem is listed at once, with its key path. Exit code 0 when the recipe is
+    valid, 2 when it is not.
+
+    Example: tledge check recipes/quickstart.toml
+    """
+    from tledge.recipe import dump_toml, load_recipe
+    resolved = load_recipe(recipe)
+    click.echo(f"# {recipe}: valid\n" + dump_toml(resolved.to_dict()))
+
+
+@command(needs_tensorflow=False, name="backbones")
+def backbones():
+    """List the registered backbones and what they need."""
+    from tledge.backbones import BACKBONES
+    click.echo(f"{'name':<18} {'default size':<13} {'min':>4} {'layers':>6}  description")
+    for backbone in BACKBONES.values():
+        size = "x".join(map(str, backbone.default_size))
+        click.echo(f"{backbone.name:<18} {size:<13} {backbone.min_size:>4} {backbone.layers:>6}"
+                   f"  {backbone.description}")
+
+
+_OUT = click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                    help="Run directory to write (default: models/<recipe name>).")
+
+
+@command(name="build")
+@click.argument("recipe", type=RECIPE)
+@_OUT
+def build(recipe, out):
+    """Run every stage for RECIPE: train, export, validate, bench, report.
+
+    Exit code 1 when an artifact fails parity (everything is still written and reported).
+
+    Example: tledge build recipes/quickstart.toml
+    """
+    from tledge.pipeline import build as build_recipe
+    run_dir, parity = build_recipe(recipe, out=out, log=click.echo,
+                                 verbose=_progress())
+    _exit_on_parity(parity)
+
+
+@command(name="train")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@_OUT
+def train(source, out):
+    """Train from a recipe file or retrain an existing run directory.
+
+    Examples: tledge train recipes/quickstart.toml
+              tledge train models/quickstart
+    """
+    from tledge.pipeline import default_run_dir, train_run
+    from tledge.recipe import load_recipe
+    from tledge.rundir import RECIPE as RECIPE_FILE
+    recipe_file = source / RECIPE_FILE if source.is_dir() else source
+    recipe = load_recipe(recipe_file)
+    run_dir = out or (source if source.is_dir() else default_run_dir(recipe))
+    train_run(recipe, run_dir, log=click.echo, verbose=_progress())
+
+
+@command(name="export")
+@click.argument("run_dir", type=RUN_DIR)
+@click.option("--format", "formats", multiple=True,
+              help="Only these: a family (tflite, onnx) or a format (tflite_int8, ...). "
+                   "Repeatable. Default: every format the recipe lists.")
+def export(run_dir, formats):
+    """Export a trained run to the formats its recipe lists.
+
+    Example: tledge export models/quickstart --format tflite
+    """
+    from tledge.export import export_run
+    entries = export_run(run_dir, only=formats or None, log=click.echo)
+    if any(entry["status"] == "failed" for entry in entries):
+        sys.exit(1)
+
+
+@command(name="validate")
+@click.argument("run_dir", type=RUN_DIR)
+def validate(run_dir):
+    """Check every artifact's accuracy against the Keras model, in its real runtime.
+
+    Exit code 1 when any artifact fails its thresholds.
+
+    Example: tledge validate models/quickstart
+    """
+    from tledge.validate import validate_run
+    _exit_on_parity(validate_run(run_dir, log=click.echo))
+
+
+def _parse_counts(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        counts = tuple(int(item) for item in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if any(count < 1 for count in counts):
+        raise click.BadParameter("every value must be at least 1")
+    return counts
+
+
+@command(name="bench")
+@click.argument("run_dir", type=RUN_DIR)
+@click.option("--runtime", "runtimes", multiple=True, help="Runtime(s) to use (repeatable).")
+@click.option("--threads", callback=_parse_counts, help="Thread counts, e.g. 1,2,4.")
+@click.option("--batch", callback=_parse_counts, help="Batch sizes, e.g. 1,8.")
+def bench(run_dir, runtimes, threads, batch):
+    """Time every artifact in every runtime it runs on, and name the pick.
+
+    Example: tledge bench models/quickstart --threads 1,2
+    """
+    from tledge.bench import bench_run
+    from tledge.runners import RUNTIMES
+    unknown = [name for name in runtimes if name not in RUNTIMES]
+    if unknown:
+        raise UsageFailure(f"unknown runtime {unknown[0]!r}; choose from {', '.join(RUNTIMES)}")
+    result = bench_run(run_dir, runtimes=runtimes or None, threads=threads, batch_sizes=batch,
+                       log=click.echo)
+    pick = result["pick"]
+    click.echo(f"pick: {pick['artifact']} on {pick['runtime']}" if pick else
+               "pick: none (no artifact passed parity and ran)")
+
+
+@command(needs_tensorflow=False, name="report")
+@click.argument("run_dir", type=RUN_DIR)
+def report(run_dir):
+    """Rebuild report.md from the run's files.
+
+    Example: tledge report models/quickstart
+    """
+    from tledge.report import report_run
+    click.echo(f"wrote {report_run(run_dir)}")
+
+
+def _exit_on_parity(parity) -> None:
+    if parity.failed:
+        names = ", ".join(row.artifact for row in parity.failed)
+        click.secho(f"parity FAILED for: {names}", fg="red", err=True)
+        sys.exit(1)

@@ -1,0 +1,444 @@
+"""Data sources: turn a [data] recipe table into train/val/test arrays at the recipe's size.
+
+Every source ends in the same `Splits`: uint8 images [N, H, W, 3] and int64 labels, plus a
+JSON-able `record` (what was read, how each split was obtained, a fingerprint) that the
+caller writes to split.json. Splits the source does not give are carved out of its training
+data, stratified by class and seeded, by `carve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from tledge.data.images import IMAGE_SUFFIXES, is_image_file, load_images, resize_images
+from tledge.data.synthetic import generate
+from tledge.errors import DataError
+
+_SPLITS = ("train", "val", "test")
+_SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Splits:
+    """Train/val/test images (uint8 [N, H, W, 3]) and labels (int64 [N]) of one data source.
+
+    A split may be empty ([0, H, W, 3]) when its fraction is 0 or a class is too small to
+    give it any sample; `record` says how each split was obtained.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    record: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_splits(data, *, seed: int) -> Splits:
+    """Read the data a recipe names and split it into train, val and test.
+
+    Args:
+        data: a `DataRecipe` whose `image_size` is already resolved to (height, width).
+        seed: seeds the synthetic generator and the carving of val/test.
+
+    Raises:
+        DataError: the source cannot be read; the message names the path and the fix.
+    """
+    if data.image_size is None:
+        raise DataError("data.image_size must be resolved before loading data "
+                        "(load the recipe with load_recipe)")
+    size = tuple(int(side) for side in data.image_size)
+    loaders = {"synthetic": _synthetic, "folder": _folder, "npz": _npz, "cifar10": _cifar}
+    if data.source not in loaders:
+        raise DataError(f"unknown data source {data.source!r}; expected one of "
+                        f"{', '.join(loaders)}")
+    given, class_names, extra = loaders[data.source](data, size, seed)
+    return _assemble(given, class_names, data, size, seed, extra)
+
+
+# Each source returns ({split: (x, y, files or None)} for the splits it gives, class names,
+# extra record fields). "train" is always given.
+
+def _synthetic(data, size, seed):
+    recipe = data.synthetic
+    x, y = generate(recipe.classes, recipe.samples_per_class, size, recipe.noise, seed)
+    extra = {"generator": {"classes": list(recipe.classes),
+                           "samples_per_class": recipe.samples_per_class,
+                           "noise": recipe.noise}}
+    return {"train": (x, y, None)}, tuple(recipe.classes), extra
+
+
+def _folder(data, size, seed):
+    root = Path(data.path)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; data.path must be a folder with one "
+                        "sub-folder of images per class")
+    folders = _visible_dirs(root)
+    split_dirs = {split: [root / name for name in names if (root / name) in folders]
+                  for split, names in _SPLIT_FOLDERS.items()}
+    if any(split_dirs.values()):
+        trees = _split_trees(root, folders, split_dirs)
+    else:
+        trees = {"train": root}
+    listings = {split: _list_classes(tree) for split, tree in trees.items()}
+    class_names = tuple(listings["train"])
+    for split, listing in listings.items():
+        if tuple(listing) != class_names:
+            only_train = sorted(set(class_names) - set(listing))
+            only_here = sorted(set(listing) - set(class_names))
+            raise DataError(
+                f"{trees['train']} and {trees[split]} have different class folders "
+                f"(only in train: {', '.join(only_train) or '-'}; only in {split}: "
+                f"{', '.join(only_here) or '-'}); give every split the same class folders")
+    given = {}
+    for split, listing in listings.items():
+        files, labels = [], []
+        for label, name in enumerate(class_names):
+            files += listing[name]
+            labels += [label] * len(listing[name])
+        x = load_images(files, size)
+        relative = [file.relative_to(root).as_posix() for file in files]
+        given[split] = (x, np.asarray(labels, dtype=np.int64), relative)
+    return given, class_names, {"path": str(root)}
+
+
+def _split_trees(root: Path, folders: list[Path], split_dirs: dict) -> dict:
+    """The train/val/test sub-trees of a folder that uses them, checked."""
+    if len(split_dirs["val"]) > 1:
+        raise DataError(f"{root}: has both val/ and validation/; keep one")
+    if not split_dirs["train"]:
+        present = ", ".join(f"{path.name}/" for paths in split_dirs.values() for path in paths)
+        raise DataError(f"{root}: has {present} but no train/; add train/ with one "
+                        "sub-folder per class")
+    known = {path for paths in split_dirs.values() for path in paths}
+    others = sorted(path.name for path in folders if path not in known)
+    if others:
+        raise DataError(f"{root}: mixes split folders (train/, val/, test/) with other "
+                        f"folders ({', '.join(others)}); use either class folders or "
+                        "train/val/test each holding class folders")
+    return {split: paths[0] for split, paths in split_dirs.items() if paths}
+
+
+def _list_classes(tree: Path) -> dict[str, list[Path]]:
+    """{class name: sorted image files} for a folder of class folders, checked."""
+    classes = {folder.name: _image_files(folder) for folder in _visible_dirs(tree)}
+    if not classes:
+        raise DataError(f"{tree}: no class sub-folders; put the images of each class in "
+                        "their own sub-folder, e.g. cats/ and dogs/")
+    for name, files in classes.items():
+        if not files:
+            raise DataError(f"{tree / name}: class folder '{name}' has no images "
+                            f"({', '.join(IMAGE_SUFFIXES)}); add images or remove the folder")
+    if len(classes) < 2:
+        raise DataError(f"{tree}: found only one class folder ({next(iter(classes))}); "
+                        "a classifier needs at least 2 classes")
+    return classes
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.iterdir()
+                  if path.is_dir() and not path.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files anywhere below `folder` (as keras' image_dataset_from_directory looks),
+    skipping hidden files and folders; sorted, so the order does not depend on the disk."""
+    found = []
+    for path in folder.rglob("*"):
+        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+        if not hidden and path.is_file() and is_image_file(path.name):
+            found.append(path)
+    return sorted(found)
+
+
+def _npz(data, size, seed):
+    path = Path(data.path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such .npz file; check data.path")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except ValueError as error:
+        raise DataError(f"{path}: cannot read an array ({error}); save plain numeric and "
+                        "string arrays (np.savez without object arrays)") from None
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: not a readable .npz file ({error}); write it with "
+                        "numpy.savez") from None
+    given = {}
+    for split in _SPLITS:
+        x_key, y_key = f"x_{split}", f"y_{split}"
+        if x_key not in arrays and y_key not in arrays:
+            if split == "train":
+                raise DataError(f"{path}: missing keys 'x_train' and 'y_train'; found "
+                                f"{', '.join(sorted(arrays)) or 'no arrays'}")
+            continue
+        for key in (x_key, y_key):
+            if key not in arrays:
+                raise DataError(f"{path}: has '{x_key if key == y_key else y_key}' but no "
+                                f"'{key}'; give both or neither")
+        x = _npz_images(path, x_key, arrays[x_key], size)
+        y = _npz_labels(path, y_key, arrays[y_key], len(x))
+        given[split] = (x, y, None)
+    if len(given["train"][1]) == 0:
+        raise DataError(f"{path}: 'x_train' holds no images; add training data")
+    largest = max(int(y.max()) for _, y, _ in given.values() if len(y))
+    if "class_names" in arrays:
+        names = arrays["class_names"]
+        if names.ndim != 1 or len(names) <= largest:
+            raise DataError(f"{path}: 'class_names' must be 1-D with more than {largest} "
+                            f"names (the largest label), found shape {list(names.shape)}")
+        class_names = tuple(str(name) for name in names)
+    else:
+        class_names = tuple(str(label) for label in range(largest + 1))
+    return given, class_names, {"path": str(path)}
+
+
+def _npz_images(path, key, x, size):
+    if x.ndim == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim == 3:
+        x = np.repeat(x[..., None], 3, axis=-1)  # grayscale to RGB
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise DataError(f"{path}: '{key}' must be images [N, h, w, 3] or grayscale "
+                        f"[N, h, w], found shape {list(x.shape)}")
+    if x.dtype.kind == "f":
+        if x.size and np.nanmax(x) <= 1.0 and np.nanmax(x) > 0:
+            raise DataError(f"{path}: '{key}' holds floats in 0-1; tledge expects pixel "
+                            "values 0-255 (multiply by 255 or store uint8)")
+        x = np.clip(np.rint(np.nan_to_num(x)), 0, 255).astype(np.uint8)
+    elif x.dtype != np.uint8:
+        if x.dtype.kind not in "iu" or (x.size and (x.min() < 0 or x.max() > 255)):
+            raise DataError(f"{path}: '{key}' must be uint8 (or 0-255 numbers), found "
+                            f"{x.dtype}")
+        x = x.astype(np.uint8)
+    return resize_images(x, size)
+
+
+def _npz_labels(path, key, y, count):
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != count or y.dtype.kind not in "iu":
+        raise DataError(f"{path}: '{key}' must be integer labels [N] with N={count} "
+                        f"(as many as images), found {y.dtype} {list(y.shape)}")
+    if len(y) and y.min() < 0:
+        raise DataError(f"{path}: '{key}' has negative labels; labels are 0..classes-1")
+    return y.astype(np.int64)
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+_CIFAR_ORIGIN = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+_CIFAR_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+# keras.datasets.cifar10 caches under this name (archive: <name>_archive, extracted: <name>/)
+_CIFAR_KERAS_NAME = "cifar-10-batches-py-target"
+_CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+def _cifar(data, size, seed):
+    folder = _cifar_folder()
+    x_train, y_train = _cifar_batches(folder, _CIFAR_BATCHES[:-1])
+    x_test, y_test = _cifar_batches(folder, _CIFAR_BATCHES[-1:])
+    given = {"train": (resize_images(x_train, size), y_train, None),
+             "test": (resize_images(x_test, size), y_test, None)}
+    return given, CIFAR10_CLASSES, {"path": str(folder)}
+
+
+def cifar10_datasets_dir() -> Path:
+    """Where CIFAR-10 is looked for and cached: $KERAS_HOME/datasets, else ~/.keras/datasets.
+
+    Read at call time: keras itself reads KERAS_HOME once, when it is imported."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home).expanduser() / "datasets"
+
+
+def _cifar_folder() -> Path:
+    """The extracted `cifar-10-batches-py` folder, downloaded through keras if not there."""
+    datasets = cifar10_datasets_dir()
+    # keras 3 extracts to <name>/cifar-10-batches-py; `tar xzf` by hand (and keras 2) give
+    # cifar-10-batches-py directly. Either is read without touching the network.
+    for folder in (datasets / _CIFAR_KERAS_NAME / "cifar-10-batches-py",
+                   datasets / "cifar-10-batches-py"):
+        if all((folder / name).is_file() for name in _CIFAR_BATCHES):
+            return folder
+    try:
+        import keras
+        datasets.mkdir(parents=True, exist_ok=True)
+        # The same call keras.datasets.cifar10.load_data makes, but with the cache folder
+        # given, so a KERAS_HOME set after keras was imported is honoured. It reuses a
+        # <name>_archive already in the folder when its sha256 matches.
+        extracted = keras.utils.get_file(fname=_CIFAR_KERAS_NAME, origin=_CIFAR_ORIGIN,
+                                         extract=True, file_hash=_CIFAR_SHA256,
+                                         cache_dir=str(datasets.parent))
+    except Exception as error:  # keras raises bare Exception for a failed download
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(
+            f"cifar10: cannot get {_CIFAR_ORIGIN} ({reason}); download cifar-10-python.tar.gz "
+            f"where there is network and unpack it with `tar xzf cifar-10-python.tar.gz -C "
+            f"{datasets}` so that {datasets / 'cifar-10-batches-py' / 'data_batch_1'} exists "
+            "(set KERAS_HOME to use another folder than ~/.keras)") from None
+    folder = Path(extracted) / "cifar-10-batches-py"
+    missing = [name for name in _CIFAR_BATCHES if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"{folder}: missing {', '.join(missing)}; delete {Path(extracted)} "
+                        f"and unpack {_CIFAR_ORIGIN} again")
+    return folder
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; refuse anything but numpy arrays, so a tampered file
+    cannot run code (keras guards its own reader the same way)."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+                ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _cifar_batches(folder: Path, names) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, 32, 32, 3] and labels int64 [N] from CIFAR python batch files."""
+    images, labels = [], []
+    for name in names:
+        path = folder / name
+        try:
+            with open(path, "rb") as file:
+                batch = _ArrayUnpickler(file, encoding="bytes").load()
+            pixels = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            batch_labels = np.asarray(batch[b"labels"], dtype=np.int64).reshape(-1)
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError,
+                ValueError) as error:
+            raise DataError(f"{path}: not a CIFAR-10 batch ({error}); unpack "
+                            f"{_CIFAR_ORIGIN} again") from None
+        if len(pixels) != len(batch_labels):
+            raise DataError(f"{path}: {len(pixels)} images but {len(batch_labels)} labels")
+        images.append(pixels.transpose(0, 2, 3, 1))  # stored channels-first
+        labels.append(batch_labels)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _assemble(given, class_names, data, size, seed, extra) -> Splits:
+    """Carve the splits the source did not give, then describe the result."""
+    x_train, y_train, files_train = given["train"]
+    rng = np.random.default_rng(seed)
+    fractions = {"val": data.val_fraction, "test": data.test_fraction}
+    wanted = {split: fractions[split] for split in ("val", "test") if split not in given}
+    parts = carve(y_train, wanted, rng)
+    arrays, obtained = {}, {}
+    for split in _SPLITS:
+        if split in given:
+            arrays[split] = given[split]
+            obtained[split] = {"obtained": "given"}
+            continue
+        indices = parts[split]
+        files = [files_train[i] for i in indices] if files_train is not None else None
+        arrays[split] = (x_train[indices], y_train[indices], files)
+        obtained[split] = {"obtained": "carved", "from": "train", "fraction": wanted[split]}
+    if wanted:
+        indices = parts["train"]
+        files = [files_train[i] for i in indices] if files_train is not None else None
+        arrays["train"] = (x_train[indices], y_train[indices], files)
+    for split, (_, y, _) in arrays.items():
+        if len(y) and y.max() >= len(class_names):
+            raise DataError(f"{split} labels go up to {int(y.max())} but there are only "
+                            f"{len(class_names)} classes")
+
+    record = {"source": data.source, **extra, "image_size": list(size), "seed": seed,
+              "class_names": list(class_names), "splits": {}}
+    for split in _SPLITS:
+        _, y, files = arrays[split]
+        counts = np.bincount(y, minlength=len(class_names))
+        entry = {"count": int(len(y)), **obtained[split],
+                 "per_class": {name: int(n) for name, n in zip(class_names, counts)}}
+        if files is not None:
+            entry["files"] = list(files)
+        record["splits"][split] = entry
+    record["fingerprint"] = fingerprint(arrays, class_names)
+    return Splits(x_train=arrays["train"][0], y_train=arrays["train"][1],
+                  x_val=arrays["val"][0], y_val=arrays["val"][1],
+                  x_test=arrays["test"][0], y_test=arrays["test"][1],
+                  class_names=tuple(class_names), record=record)
+
+
+def carve(labels: np.ndarray, fractions: dict[str, float],
+          rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Stratified, seeded split of `labels` indices into "train" and the named splits.
+
+    Each class gives round(n * fraction) of its n samples to each named split, but always
+    keeps at least one sample in train (so a class with a single sample stays in train,
+    and small classes may give a split nothing). Indices come back sorted.
+    """
+    parts = {split: [] for split in ("train", *fractions)}
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        start = 0
+        for split, fraction in fractions.items():
+            take = min(int(np.floor(len(members) * fraction + 0.5)),
+                       len(members) - 1 - start)
+            take = max(take, 0)
+            parts[split].append(members[start:start + take])
+            start += take
+        parts["train"].append(members[start:])
+    return {split: np.sort(np.concatenate(chunks)).astype(np.int64) if chunks
+            else np.zeros(0, dtype=np.int64) for split, chunks in parts.items()}
+
+
+def fingerprint(arrays: dict, class_names) -> str:
+    """sha256 over test, val and train images and labels (with their shapes) and the class
+    names: equal fingerprints mean a later stage sees the same data."""
+    digest = hashlib.sha256()
+    digest.update("\n".join(class_names).encode())
+    for split in ("test", "val", "train"):
+        x, y = arrays[split][0], arrays[split][1]
+        for array in (np.ascontiguousarray(x, dtype=np.uint8),
+                      np.ascontiguousarray(y, dtype=np.int64)):
+            digest.update(f"{split}{list(array.shape)}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def calibration_images(splits: Splits, count: int, seed: int) -> np.ndarray:
+    """Training images for int8 calibration, spread evenly over the classes.
+
+    Classes are visited round-robin in a seeded random order, each giving its next image
+    in a seeded random order; no augmentation. Never touches val or test.
+
+    Returns:
+        uint8 [min(count, training images), H, W, 3].
+
+    Raises:
+        DataError: the training split is empty, or count < 1.
+    """
+    if count < 1:
+        raise DataError(f"calibration needs at least 1 image, asked for {count}")
+    labels = splits.y_train
+    if len(labels) == 0:
+        raise DataError("no training images to calibrate int8 with; lower "
+                        "data.val_fraction/test_fraction or add training data")
+    rng = np.random.default_rng(seed)
+    queues = [list(rng.permutation(np.flatnonzero(labels == label)))
+              for label in rng.permutation(np.unique(labels))]
+    picked = []
+    while len(picked) < count and any(queues):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    if len(picked) < count:
+        warnings.warn(f"asked for {count} calibration images but the training split has "
+                      f"only {len(picked)}; calibrating with {len(picked)}", stacklevel=2)
+    return splits.x_train[np.asarray(picked, dtype=np.int64)]

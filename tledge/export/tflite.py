@@ -1,0 +1,79 @@
+"""TFLite export: float32, and full integer with uint8 input and output."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tledge.errors import ExportError
+
+
+def export_tflite(model, path, *, precision: str, calibration=None) -> dict:
+    """Convert a Keras model to a .tflite file at `path`.
+
+    Args:
+        model: the trained Keras classifier (raw 0-255 pixels in, probabilities out).
+        path: where to write the flatbuffer.
+        precision: "fp32" or "int8" (full integer, uint8 input and output).
+        calibration: uint8 images [N, H, W, 3] from the training split; required for int8.
+
+    Returns:
+        The input and output tensor specs, read back from the written file.
+    """
+    import tensorflow as tf
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if precision == "int8":
+        if calibration is None or len(calibration) == 0:
+            raise ExportError("int8 export needs calibration images from the training split")
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = _representative(calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8
+    elif precision != "fp32":
+        raise ExportError(f"unknown TFLite precision {precision!r}")
+    try:
+        flatbuffer = converter.convert()
+    except Exception as error:  # the converter raises ConverterError and plain Exceptions
+        raise ExportError(f"TFLite {precision} conversion failed: {_first_line(error)}") from None
+    with open(path, "wb") as handle:
+        handle.write(flatbuffer)
+    return tflite_spec(path)
+
+
+def _representative(calibration):
+    """Calibration batches of one image, as float pixels.
+
+    The first image carries one pixel at 0 and one at 255 so the calibrated input range is
+    exactly [0, 255]: the uint8 input then has scale 1 and zero point 0, i.e. it takes raw
+    pixel bytes, as the input contract says.
+    """
+    images = calibration.astype(np.float32)
+    images[0, 0, 0, :] = 0.0
+    images[0, 0, 1, :] = 255.0
+
+    def generate():
+        for image in images:
+            yield [image[None]]
+    return generate
+
+
+def tflite_spec(path) -> dict:
+    """Input and output tensor specs of a .tflite file, quantization included."""
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_path=str(path))
+    return {"input": _tensor_spec(interpreter.get_input_details()[0]),
+            "output": _tensor_spec(interpreter.get_output_details()[0])}
+
+
+def _tensor_spec(detail) -> dict:
+    spec = {"name": detail["name"], "shape": [int(d) for d in detail["shape_signature"]],
+            "dtype": np.dtype(detail["dtype"]).name}
+    scale, zero_point = detail["quantization"]
+    if scale:
+        spec["quantization"] = {"scale": float(scale), "zero_point": int(zero_point)}
+    return spec
+
+
+def _first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

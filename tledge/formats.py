@@ -1,0 +1,58 @@
+"""The table of artifact formats: one row per format x precision.
+
+This one table feeds the recipe's choices, the export dispatch, the default parity
+tolerances, the runtime each artifact runs in and the parametrized tests. A new precision is
+a new row here plus its branch in the exporter module of its family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    name: str            # "tflite_int8": the key in the manifest, the recipe and the CLI
+    family: str          # "keras" | "tflite" | "onnx": which exporter module and file kind
+    precision: str       # "fp32" | "int8" | ...
+    suffix: str          # file name ending
+    runtimes: tuple[str, ...]  # runners that can execute it, preferred first
+    input_dtype: str     # what the artifact's input tensor takes (DESIGN.md contract)
+    tolerance: MappingProxyType  # default parity thresholds (see ValidateRecipe)
+    description: str = ""
+
+    @property
+    def file_name(self) -> str:
+        return f"model{'' if self.family == 'keras' else '_' + self.precision}{self.suffix}"
+
+
+def _tolerance(max_accuracy_drop, min_agreement, max_abs_diff):
+    return MappingProxyType({"max_accuracy_drop": max_accuracy_drop,
+                             "min_agreement": min_agreement, "max_abs_diff": max_abs_diff})
+
+
+# Float conversions must reproduce Keras almost exactly; full-integer ones are judged on what
+# they do to accuracy and on how often they pick the same class.
+_FLOAT = _tolerance(max_accuracy_drop=0.005, min_agreement=0.99, max_abs_diff=1e-4)
+_INT8 = _tolerance(max_accuracy_drop=0.03, min_agreement=0.90, max_abs_diff=1.0)
+
+FORMATS: dict[str, Format] = {row.name: row for row in (
+    Format("keras", "keras", "fp32", ".keras", ("keras",), "float32",
+           _tolerance(0.0, 1.0, 0.0), "the trained Keras model: the reference"),
+    Format("tflite_fp32", "tflite", "fp32", ".tflite", ("litert",), "float32", _FLOAT,
+           "TFLite, float32"),
+    Format("tflite_int8", "tflite", "int8", ".tflite", ("litert",), "uint8", _INT8,
+           "TFLite, full integer, uint8 input and output"),
+    Format("onnx_fp32", "onnx", "fp32", ".onnx", ("onnxruntime",), "float32", _FLOAT,
+           "ONNX, float32, dynamic batch"),
+)}
+
+
+def precisions(family: str) -> tuple[str, ...]:
+    """The precisions a family can be exported at, in table order."""
+    return tuple(row.precision for row in FORMATS.values() if row.family == family)
+
+
+def format_for(family: str, precision: str) -> Format:
+    return FORMATS[f"{family}_{precision}" if family != "keras" else "keras"]

@@ -1,0 +1,144 @@
+"""The classifier graph and where its backbone weights come from.
+
+Every tledge model has one input, `image`: raw pixels [batch, H, W, 3] valued 0-255, and
+one output, `probabilities`. The backbone's preprocessing is a layer inside the graph (the
+DESIGN.md input contract), so no artifact needs to be fed differently.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tledge.backbones import BACKBONES, Backbone
+from tledge.errors import WeightsError
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+
+
+def keras_cache_dir() -> Path:
+    """Where keras.applications and keras.datasets look for downloaded files."""
+    try:
+        from keras.src.backend.config import keras_home
+        return Path(keras_home())
+    except ImportError:  # keras moved its private accessor; use its documented rule
+        return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+
+
+def build_backbone(recipe, weights_file=None):
+    """The recipe's backbone, with its weights loaded.
+
+    Args:
+        recipe: the resolved recipe.
+        weights_file: a .keras file whose backbone supplies the weights, when the recipe's
+            weights name another recipe (the caller has built that recipe first).
+
+    Raises:
+        WeightsError: weights cannot be downloaded, read, or do not fit this backbone.
+    """
+    backbone = BACKBONES[recipe.model.backbone]
+    weights = recipe.model.weights
+    size, alpha = recipe.data.image_size, recipe.model.alpha
+    if weights == "imagenet":
+        return _imagenet(backbone, size, alpha)
+    if weights == "none":
+        return backbone.create(size, weights=None, alpha=alpha)
+    path = Path(weights_file or weights)
+    if path.suffix == ".keras":
+        return _from_keras_file(backbone, path, size, alpha)
+    try:
+        # keras.applications reads both its own legacy .h5 downloads and .weights.h5 files
+        return backbone.create(size, weights=str(path), alpha=alpha)
+    except (ValueError, OSError, KeyError) as error:
+        raise WeightsError(f"{path} does not fit backbone '{backbone.name}': "
+                           f"{_first_line(error)}") from None
+
+
+def _imagenet(backbone: Backbone, size, alpha):
+    if backbone.imagenet_file is None:
+        raise WeightsError(f"'{backbone.name}' has no ImageNet weights; use weights = \"none\", "
+                           "a weights file or a recipe")
+    try:
+        return backbone.create(size, weights="imagenet", alpha=alpha)
+    except Exception as error:  # keras raises a bare Exception on a failed download
+        if "URL fetch failure" not in str(error) and "urlopen" not in str(error).lower():
+            raise
+        name, url = backbone.imagenet_file(size, alpha)
+        target = keras_cache_dir() / "models" / name
+        raise WeightsError(
+            f"cannot download ImageNet weights for '{backbone.name}' (no network?). Download "
+            f"{url} on a machine with network and put it at {target} (or set model.weights "
+            "to its path)") from None
+
+
+def _from_keras_file(backbone: Backbone, path: Path, size, alpha):
+    import keras
+    try:
+        source = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as error:
+        raise WeightsError(f"cannot load {path}: {_first_line(error)}") from None
+    nested = [layer for layer in source.layers if isinstance(layer, keras.Model)]
+    source_backbone = nested[0] if len(nested) == 1 else source
+    fresh = backbone.create(size, weights=None, alpha=alpha)
+    source_weights = source_backbone.get_weights()
+    fresh_weights = fresh.get_weights()
+    mismatch = len(source_weights) != len(fresh_weights) or any(
+        a.shape != b.shape for a, b in zip(source_weights, fresh_weights))
+    if mismatch:
+        raise WeightsError(
+            f"{path}: its backbone '{source_backbone.name}' ({len(source_weights)} weight "
+            f"tensors) does not match '{backbone.name}' with alpha={alpha} "
+            f"({len(fresh_weights)} weight tensors); use a file made for this backbone")
+    fresh.set_weights(source_weights)
+    return fresh
+
+
+def build_classifier(recipe, num_classes: int, backbone):
+    """Raw pixels in, class probabilities out, with the backbone's preprocessing inside.
+
+    A pretrained backbone is called in inference mode, so its BatchNorm statistics stay
+    as they are in both training phases; a backbone trained from scratch is not.
+    """
+    import keras
+    from keras import layers
+    spec = BACKBONES[recipe.model.backbone]
+    inputs = keras.Input((*recipe.data.image_size, 3), name=INPUT_NAME, dtype="float32")
+    x = inputs
+    if not spec.preprocessing.is_identity:
+        x = layers.Rescaling(spec.preprocessing.scale, spec.preprocessing.offset,
+                             name="preprocess")(x)
+    x = backbone(x, training=False) if is_pretrained(recipe) else backbone(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    if recipe.model.dropout:
+        x = layers.Dropout(recipe.model.dropout, name="dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name=OUTPUT_NAME)(x)
+    return keras.Model(inputs, outputs, name=recipe.name.replace(".", "_"))
+
+
+def is_pretrained(recipe) -> bool:
+    return recipe.model.weights != "none"
+
+
+def find_backbone(model):
+    """The backbone inside a tledge classifier: its one nested model."""
+    import keras
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(nested) != 1:
+        raise WeightsError(f"model '{model.name}' has {len(nested)} nested models; "
+                           "expected one backbone")
+    return nested[0]
+
+
+def load_model(path):
+    """Load a .keras model without ever enabling unsafe deserialization."""
+    import keras
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as error:
+        raise WeightsError(f"cannot load {path}: {_first_line(error)} (tledge never enables "
+                           "unsafe deserialization)") from None
+
+
+def _first_line(error) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

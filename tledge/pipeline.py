@@ -1,0 +1,140 @@
+"""`build`: carry a recipe through every stage, and the train stage that starts a run.
+
+    recipe ─▶ data ─▶ train ─▶ export ─▶ validate ─▶ bench ─▶ report
+
+Each stage is a plain function over the run directory; `build` calls them in order. A recipe
+whose weights name another recipe gets that recipe trained first, into a sibling run
+directory, unless a trained model is already there.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tledge.errors import RecipeError, RunDirError
+from tledge.formats import FORMATS
+from tledge.recipe import dump_toml, load_recipe
+from tledge.rundir import (HISTORY, MANIFEST, RECIPE, SPLIT, artifact_entry, atomic_path,
+                           new_manifest, read_json, record_stage, set_artifact, write_json,
+                           write_manifest, write_text)
+
+MODELS_DIR = Path("models")
+
+
+def default_run_dir(recipe) -> Path:
+    return MODELS_DIR / recipe.name
+
+
+def trained_model(run_dir) -> Path | None:
+    """The trained .keras file of a run directory, when it has one."""
+    manifest_path = Path(run_dir) / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    for entry in read_json(manifest_path)["artifacts"]:
+        if entry["name"] == "keras" and entry.get("status") == "ok":
+            path = Path(run_dir) / entry["path"]
+            return path if path.is_file() else None
+    return None
+
+
+def resolve_weights(recipe, run_dir, *, log=print, verbose="auto", _chain=()) -> Path | None:
+    """When the recipe's weights name another recipe, the trained model file it supplies.
+
+    The other recipe is trained first, into `<run_dir's parent>/<its name>`, unless that
+    directory already holds a trained model.
+    """
+    weights = recipe.model.weights
+    if not weights.endswith(".toml"):
+        return None
+    chain = _chain + (str(Path(recipe.path).resolve()),)
+    if str(Path(weights).resolve()) in chain:
+        raise RecipeError(recipe.path, ["model.weights: recipes refer to each other in a cycle: "
+                                        + " -> ".join(Path(p).name for p in chain + (weights,))])
+    source = load_recipe(weights)
+    source_dir = Path(run_dir).parent / source.name
+    model_path = trained_model(source_dir)
+    if model_path is not None:
+        log(f"weights: reusing the trained model of {source.name} ({model_path})")
+        return model_path
+    log(f"weights: {source.name} is not trained yet; training it first into {source_dir}")
+    train_run(source, source_dir, log=log, verbose=verbose, _chain=chain)
+    return trained_model(source_dir)
+
+
+def prepare_run_dir(run_dir) -> Path:
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".tledge-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise RunDirError(f"cannot write to {run_dir}: {error.strerror}; choose another "
+                          "directory with --out") from None
+    return run_dir
+
+
+def train_run(recipe, run_dir, *, log=print, verbose="auto", _chain=()) -> Path:
+    """The train stage: data split, two-phase training, model.keras and a fresh manifest."""
+    from tledge.data import load_splits
+    from tledge.quiet import quiet
+    from tledge.train import train_model
+    run_dir = prepare_run_dir(run_dir)
+    weights_file = resolve_weights(recipe, run_dir, log=log, verbose=verbose, _chain=_chain)
+    splits = load_splits(recipe.data, seed=recipe.seed)
+    counts = ", ".join(f"{name} {len(labels)}" for name, labels in
+                       (("train", splits.y_train), ("val", splits.y_val),
+                        ("test", splits.y_test)))
+    log(f"data: {recipe.data.source}, {splits.num_classes} classes, {counts}")
+    start = time.perf_counter()
+    model, history = train_model(recipe, splits, weights_file=weights_file, verbose=verbose)
+    for line in filter(None, [history["verdict"]["message"]]):
+        log("!" * 78 + f"\n{line}\n" + "!" * 78)
+    write_text(run_dir / RECIPE, f"# resolved from {recipe.path}\n"
+                                 + dump_toml(recipe.to_dict()) + "\n")
+    write_json(run_dir / SPLIT, splits.record)
+    write_json(run_dir / HISTORY, history)
+    model_path = run_dir / FORMATS["keras"].file_name
+    with atomic_path(model_path) as temporary, quiet():
+        model.save(temporary)
+    manifest = new_manifest(recipe, splits.class_names, recipe.data.image_size)
+    spec = {"shape": [-1, *recipe.data.image_size, 3], "dtype": "float32", "range": [0, 255]}
+    entry = artifact_entry(run_dir, model_path, FORMATS["keras"],
+                           recipe_hash=manifest["recipe"]["hash"], labels=splits.class_names,
+                           input_spec={"name": model.inputs[0].name, **spec},
+                           output_spec={"name": "probabilities",
+                                        "shape": [-1, splits.num_classes], "dtype": "float32"})
+    set_artifact(manifest, entry)
+    record_stage(manifest, "train", hash=recipe.hash("data", "model", "train", "seed"),
+                 wall_seconds=round(time.perf_counter() - start, 1),
+                 weights_from=str(weights_file) if weights_file else recipe.model.weights)
+    write_manifest(run_dir, manifest)
+    log(f"train: wrote {model_path} ({time.perf_counter() - start:.0f} s)")
+    return run_dir
+
+
+def build(recipe_path, *, out=None, log=print, verbose="auto"):
+    """Run every stage for a recipe; returns (run_dir, parity report)."""
+    from tledge.bench import bench_run
+    from tledge.export import export_run
+    from tledge.report import report_run
+    from tledge.validate import validate_run
+    recipe = load_recipe(recipe_path)
+    run_dir = Path(out) if out else default_run_dir(recipe)
+    started = time.perf_counter()
+    log(f"== train  {recipe.name} -> {run_dir}")
+    train_run(recipe, run_dir, log=log, verbose=verbose)
+    log("== export")
+    export_run(run_dir, log=log)
+    log("== validate")
+    parity = validate_run(run_dir, log=log)
+    log("== bench")
+    bench = bench_run(run_dir, log=log)
+    path = report_run(run_dir)
+    pick = bench["pick"]
+    log(f"== report {path}")
+    if pick:
+        log(f"pick: {pick['artifact']} on {pick['runtime']} (p50 {pick['p50_ms']:.3f} ms)")
+    log(f"built {recipe.name} in {time.perf_counter() - started:.0f} s")
+    return run_dir, parity

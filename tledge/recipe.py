@@ -1,0 +1,334 @@
+"""Recipes: one TOML file that says what to train, export, validate and benchmark.
+
+`load_recipe(path)` reads the file with `tomllib`, checks every key against the dataclasses
+below and raises one `RecipeError` listing every problem (file, key path, expected, found).
+Relative paths are resolved against the recipe file's folder. The result is frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import tomllib
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+from tledge.errors import RecipeError
+from tledge.schema import Parser, option, to_dict
+
+SOURCES = ("synthetic", "folder", "npz", "cifar10")
+FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
+
+
+def _backbone_names():
+    from tledge.backbones import BACKBONES
+    return tuple(BACKBONES)
+
+
+def _synthetic_names():
+    from tledge.data.synthetic import SHAPES
+    return SHAPES
+
+
+def _tflite_precisions():
+    from tledge.formats import precisions
+    return precisions("tflite")
+
+
+def _onnx_precisions():
+    from tledge.formats import precisions
+    return precisions("onnx")
+
+
+def _format_names():
+    from tledge.formats import FORMATS
+    return tuple(FORMATS)
+
+
+def _runtime_names():
+    from tledge.runners import RUNTIMES
+    return tuple(RUNTIMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentRecipe:
+    flip: str = option("none", choices=FLIPS, help="random flips during training")
+    rotation: float = option(0.0, minimum=0.0, maximum=0.5,
+                             help="random rotation, as a fraction of a full turn")
+    zoom: float = option(0.0, minimum=0.0, maximum=0.9, help="random zoom, as a fraction")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticRecipe:
+    classes: tuple[str, ...] = option(
+        ("circle", "square", "triangle", "cross", "ring", "star", "hbars", "checker"),
+        choices=_synthetic_names, help="which generated shapes are the classes")
+    samples_per_class: int = option(60, minimum=4, help="images generated per class")
+    noise: float = option(0.08, minimum=0.0, maximum=1.0, help="pixel noise, 0 to 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataRecipe:
+    source: str = option(choices=SOURCES, help="one of " + ", ".join(SOURCES))
+    path: str | None = option(None, path=True,
+                              help="a folder (folder source) or an .npz file (npz source)")
+    image_size: tuple[int, int] | None = option(
+        None, minimum=8, maximum=1024, help="[height, width]; the backbone's default if unset")
+    val_fraction: float = option(0.1, minimum=0.0, maximum=0.5)
+    test_fraction: float = option(0.1, minimum=0.0, maximum=0.5)
+    batch_size: int = option(32, minimum=1, maximum=4096)
+    augment: AugmentRecipe = option(AugmentRecipe())
+    synthetic: SyntheticRecipe = option(SyntheticRecipe())
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRecipe:
+    backbone: str = option("mobilenet_v2", choices=_backbone_names,
+                           help="registry name; see `tledge backbones`")
+    alpha: float | None = option(None, minimum=0.1, maximum=2.0,
+                                 help="width multiplier (mobilenet backbones only)")
+    weights: str = option("imagenet", path="keyword_or_path",
+                          help="imagenet | none | a .h5/.keras weights file | a recipe .toml")
+    dropout: float = option(0.2, minimum=0.0, maximum=0.9)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseRecipe:
+    epochs: int = option(5, minimum=0, maximum=10_000)
+    learning_rate: float = option(1e-3, minimum=0.0, maximum=10.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneRecipe:
+    epochs: int = option(5, minimum=0, maximum=10_000)
+    learning_rate: float = option(1e-5, minimum=0.0, maximum=10.0)
+    unfreeze: int | str | None = option(
+        None, minimum=1, help="top layers to unfreeze: a count, a layer name or 'all'; "
+                              "the backbone's default_unfreeze if unset")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRecipe:
+    feature_extraction: PhaseRecipe = option(PhaseRecipe())
+    fine_tune: FineTuneRecipe = option(FineTuneRecipe())
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportRecipe:
+    tflite: tuple[str, ...] = option(("fp32", "int8"), choices=_tflite_precisions)
+    onnx: tuple[str, ...] = option(("fp32",), choices=_onnx_precisions)
+    calibration_samples: int = option(200, minimum=1, maximum=100_000,
+                                      help="training images used to calibrate int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class ToleranceRecipe:
+    max_accuracy_drop: float | None = option(None, minimum=0.0, maximum=1.0)
+    min_agreement: float | None = option(None, minimum=0.0, maximum=1.0)
+    max_abs_diff: float | None = option(None, minimum=0.0, maximum=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateRecipe:
+    max_accuracy_drop: float | None = option(
+        None, minimum=0.0, maximum=1.0, help="for every artifact, unless its own table says")
+    min_agreement: float | None = option(None, minimum=0.0, maximum=1.0)
+    max_abs_diff: float | None = option(None, minimum=0.0, maximum=1.0)
+    per_format: dict[str, ToleranceRecipe] = option(
+        MappingProxyType({}), choices=_format_names,
+        help="per-artifact thresholds, e.g. [validate.per_format.tflite_int8]")
+
+    def tolerance(self, format_name: str) -> dict:
+        """Thresholds for one artifact: its own table, then the top level, then the default."""
+        from tledge.formats import FORMATS
+        chosen = dict(FORMATS[format_name].tolerance)
+        for source in (self, self.per_format.get(format_name)):
+            if source is None:
+                continue
+            for key in chosen:
+                value = getattr(source, key)
+                if value is not None:
+                    chosen[key] = value
+        return chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRecipe:
+    runtimes: tuple[str, ...] = option(("keras", "litert", "onnxruntime"),
+                                       choices=_runtime_names)
+    threads: tuple[int, ...] = option((2,), minimum=1, maximum=256)
+    batch_sizes: tuple[int, ...] = option((1,), minimum=1, maximum=4096)
+    warmup: int = option(5, minimum=0, maximum=10_000, help="untimed runs before timing")
+    min_runs: int = option(30, minimum=1, maximum=1_000_000)
+    min_seconds: float = option(1.0, minimum=0.0, maximum=3600.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str = option(help="a name for the run: letters, digits, '_', '-' or '.'")
+    seed: int = option(0, minimum=0)
+    description: str = option("")
+    data: DataRecipe = option(help="the [data] table")
+    model: ModelRecipe = option(ModelRecipe())
+    train: TrainRecipe = option(TrainRecipe())
+    export: ExportRecipe = option(ExportRecipe())
+    validate: ValidateRecipe = option(ValidateRecipe())
+    bench: BenchRecipe = option(BenchRecipe())
+    path: str = ""  # the file it came from; not a recipe key
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.data.image_size
+
+    def to_dict(self) -> dict:
+        out = to_dict(self)
+        out.pop("path", None)
+        return out
+
+    def hash(self, *sections: str) -> str:
+        """A stable hash of the given top-level sections (all of them when none is given)."""
+        data = self.to_dict()
+        chosen = {key: data.get(key) for key in sections} if sections else data
+        text = json.dumps(chosen, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def load_recipe(path) -> Recipe:
+    """Read, check and resolve a recipe file.
+
+    Raises:
+        RecipeError: listing every problem found, each with its key path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(path, ["no such recipe file; check the path "
+                                 "(recipes live in recipes/, e.g. recipes/quickstart.toml)"])
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise RecipeError(path, [f"not valid TOML: {error}"]) from None
+    return parse_recipe(document, path)
+
+
+def parse_recipe(document: Mapping, path) -> Recipe:
+    """Check a recipe already read into a dict; `path` anchors relative paths and messages."""
+    path = Path(path)
+    parser = Parser(path.resolve().parent)
+    recipe = dataclasses.replace(parser.parse(Recipe, dict(document)),
+                                 path=str(path.resolve()))  # for the self-reference check
+    problems = list(parser.problems)
+    try:
+        joint = _check_together(recipe)
+    except (AttributeError, TypeError, KeyError):
+        joint = []  # a key the joint rules read is itself invalid, and already listed
+    reported = {problem.split(":")[0].split("[")[0] for problem in problems}
+    problems += [problem for problem in joint if problem.split(":")[0] not in reported]
+    if problems:
+        raise RecipeError(path, problems)
+    return _resolve(recipe, path)
+
+
+def _check_together(recipe: Recipe) -> list[str]:
+    """Rules that involve more than one key."""
+    from tledge.backbones import BACKBONES
+    problems = []
+    if not _NAME.match(recipe.name):
+        problems.append(f"name: expected letters, digits, '_', '-' or '.', found {recipe.name!r}")
+    data, model = recipe.data, recipe.model
+    if data.source in ("folder", "npz") and not data.path:
+        kind = "a folder of class sub-folders" if data.source == "folder" else "an .npz file"
+        problems.append(f"data.path: is required for source '{data.source}' ({kind})")
+    if data.source in ("synthetic", "cifar10") and data.path:
+        problems.append(f"data.path: not used by source '{data.source}'; remove it")
+    if data.source == "synthetic" and len(set(data.synthetic.classes)) < 2:
+        problems.append("data.synthetic.classes: expected at least 2 different classes")
+    if data.val_fraction + data.test_fraction >= 0.9:
+        problems.append("data.val_fraction + data.test_fraction: expected less than 0.9 "
+                        "together, so training keeps most of the data")
+    backbone = BACKBONES[model.backbone]
+    if model.alpha is not None and not backbone.alphas:
+        problems.append(f"model.alpha: backbone '{model.backbone}' has no width multiplier; "
+                        "remove alpha")
+    elif model.alpha is not None and model.alpha not in backbone.alphas:
+        problems.append(f"model.alpha: expected one of {', '.join(map(str, backbone.alphas))} "
+                        f"for '{model.backbone}', found {model.alpha}")
+    if data.image_size is not None and min(data.image_size) < backbone.min_size:
+        problems.append(f"data.image_size: '{model.backbone}' needs at least "
+                        f"{backbone.min_size}x{backbone.min_size}, found "
+                        f"{data.image_size[0]}x{data.image_size[1]}")
+    weights = model.weights
+    if weights not in ("imagenet", "none"):
+        weights_path = Path(weights)
+        if weights_path.suffix not in (".h5", ".keras", ".toml"):
+            problems.append(f"model.weights: expected 'imagenet', 'none', a .h5/.weights.h5/"
+                            f".keras file or a recipe .toml, found {weights!r}")
+        elif not weights_path.is_file():
+            problems.append(f"model.weights: no such file {weights}")
+        elif weights_path.suffix == ".toml" and recipe.path and \
+                weights_path.resolve() == Path(recipe.path).resolve():
+            problems.append("model.weights: a recipe cannot take its weights from itself")
+    unfreeze = recipe.train.fine_tune.unfreeze
+    if isinstance(unfreeze, int) and unfreeze > backbone.layers:
+        problems.append(f"train.fine_tune.unfreeze: '{model.backbone}' has {backbone.layers} "
+                        f"layers, found {unfreeze}; use a smaller count or 'all'")
+    if recipe.train.feature_extraction.epochs + recipe.train.fine_tune.epochs == 0:
+        problems.append("train: both phases have 0 epochs; nothing would be trained")
+    if "int8" in recipe.export.tflite + recipe.export.onnx and data.val_fraction >= 1.0:
+        problems.append("export: int8 needs calibration images from the training split")
+    if not recipe.bench.runtimes:
+        problems.append("bench.runtimes: expected at least one runtime")
+    return problems
+
+
+def _resolve(recipe: Recipe, path: Path) -> Recipe:
+    """Fill in the defaults that depend on other keys."""
+    from tledge.backbones import BACKBONES
+    backbone = BACKBONES[recipe.model.backbone]
+    data = recipe.data
+    if data.image_size is None:
+        data = dataclasses.replace(data, image_size=backbone.default_size)
+    model = recipe.model
+    if backbone.alphas and model.alpha is None:
+        model = dataclasses.replace(model, alpha=1.0)
+    train = recipe.train
+    if train.fine_tune.unfreeze is None:
+        train = dataclasses.replace(train, fine_tune=dataclasses.replace(
+            train.fine_tune, unfreeze=backbone.default_unfreeze))
+    return dataclasses.replace(recipe, data=data, model=model, train=train,
+                               path=str(path.resolve()))
+
+
+def dump_toml(data: dict, prefix: str = "") -> str:
+    """Write plain data (the resolved recipe) back as TOML, for `tledge check`."""
+    lines, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    out = "\n".join(lines)
+    for key, value in tables:
+        name = f"{prefix}{key}"
+        body = dump_toml(value, prefix=f"{name}.")
+        scalar_part = body.split("\n[", 1)[0] if not body.startswith("[") else ""
+        block = f"[{name}]\n{scalar_part}".rstrip()
+        rest = body[len(scalar_part):].lstrip("\n")
+        out += ("\n\n" if out else "") + block + ("\n\n" + rest if rest else "")
+    return out
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        # raw UTF-8: TOML rejects the surrogate-pair escapes json writes beyond U+FFFF
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return repr(value)

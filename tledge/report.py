@@ -1,0 +1,149 @@
+"""The report stage: `report.md`, written only from the run's own JSON files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tledge.rundir import (BENCH, HISTORY, PARITY, REPORT, SPLIT, read_json, read_manifest,
+                           write_text)
+
+
+def _optional(path):
+    return read_json(path) if Path(path).is_file() else None
+
+
+def report_run(run_dir) -> Path:
+    """Write report.md from manifest.json, split.json, history.json, parity.json, bench.json."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    split = _optional(run_dir / SPLIT)
+    history = _optional(run_dir / HISTORY)
+    parity = _optional(run_dir / PARITY)
+    bench = _optional(run_dir / BENCH)
+    lines = [f"# tledge report: {manifest['recipe']['name']}", ""]
+    lines += _headline(manifest, history, parity, bench)
+    lines += _data_section(manifest, split)
+    lines += _training_section(history)
+    lines += _parity_section(parity)
+    lines += _bench_section(bench)
+    lines += _artifacts_section(manifest)
+    return write_text(run_dir / REPORT, "\n".join(lines).rstrip() + "\n")
+
+
+def _headline(manifest, history, parity, bench) -> list[str]:
+    lines = []
+    failed = [row for row in (parity or {}).get("rows", []) if row["status"] == "failed"]
+    for row in failed:
+        lines.append(f"> **FAILED PARITY: {row['artifact']}**: " + "; ".join(row["problems"]))
+    if history and history["verdict"]["regressed"]:
+        lines.append(f"> **{history['verdict']['message']}**")
+    if lines:
+        lines.append("")
+    pick = (bench or {}).get("pick")
+    if pick:
+        lines.append(f"**Ship `{pick['artifact']}` on {pick['runtime']}**: the fastest artifact "
+                     f"that passed parity, p50 {pick['p50_ms']:.3f} ms at batch {pick['batch']} "
+                     f"with {pick['threads']} thread(s), {pick['size_bytes'] / 1024:,.0f} KiB.")
+    elif bench is not None:
+        lines.append("**No artifact to recommend**: none was benchmarked successfully after "
+                     "passing parity.")
+    reference = next((row for row in (parity or {}).get("rows", [])
+                      if row["status"] == "reference"), None)
+    if reference:
+        lines.append(f"Reference (Keras) accuracy: {reference['accuracy']:.4f} on "
+                     f"{parity['images']} {parity['split']} images.")
+    return lines + [""]
+
+
+def _data_section(manifest, split) -> list[str]:
+    lines = ["## Data", ""]
+    if not split:
+        return lines + ["(no split.json)", ""]
+    lines.append(f"Source `{split.get('source')}`, images {manifest['image_size'][0]}x"
+                 f"{manifest['image_size'][1]}, {len(manifest['labels'])} classes: "
+                 + ", ".join(manifest["labels"]) + ".")
+    counts = split.get("counts", {})
+    if counts:
+        lines += ["", "| split | images |", "|---|---:|"]
+        lines += [f"| {name} | {count} |" for name, count in counts.items()]
+    return lines + [""]
+
+
+def _training_section(history) -> list[str]:
+    lines = ["## Training", ""]
+    if not history:
+        return lines + ["(no history.json)", ""]
+    lines.append(f"Backbone `{history['backbone']}`, "
+                 + ("pretrained weights." if history["pretrained"] else "trained from scratch."))
+    lines += ["", "| phase | epochs | best epoch | best val accuracy | wall s | img/s | "
+                  "trainable / total params |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for phase in history["phases"]:
+        if phase["skipped"]:
+            lines.append(f"| {phase['name']} | skipped: {phase['skipped']} | | | | | |")
+            continue
+        best = phase["best_val_accuracy"]
+        lines.append(f"| {phase['name']} | {len(phase['epochs'])} | {phase['best_epoch']} | "
+                     f"{best:.4f} | {phase['wall_seconds']:.1f} | {phase['images_per_second']:.0f}"
+                     f" | {phase['trainable_params']:,} / {phase['total_params']:,} |")
+    lines += ["", f"Kept the weights of: **{history['verdict']['kept']}**.", "",
+              "| epoch | phase | loss | accuracy | val loss | val accuracy |",
+              "|---:|---|---:|---:|---:|---:|"]
+    for phase in history["phases"]:
+        for epoch in phase["epochs"]:
+            lines.append(f"| {epoch['epoch']} | {phase['name']} | {epoch.get('loss', 0):.4f} | "
+                         f"{epoch.get('accuracy', 0):.4f} | {_num(epoch.get('val_loss'))} | "
+                         f"{_num(epoch.get('val_accuracy'))} |")
+    return lines + [""]
+
+
+def _parity_section(parity) -> list[str]:
+    lines = ["## Parity", ""]
+    if not parity:
+        return lines + ["(not validated yet: `tledge validate RUN_DIR`)", ""]
+    lines += [f"Every artifact ran the {parity['images']} {parity['split']} images in its own "
+              "runtime and was compared with the Keras model.", "",
+              "| artifact | runtime | status | accuracy | drop | agreement | max abs diff |",
+              "|---|---|---|---:|---:|---:|---:|"]
+    for row in parity["rows"]:
+        status = row["status"] if not row["problems"] else \
+            f"{row['status']}: " + "; ".join(row["problems"])
+        lines.append(f"| {row['artifact']} | {row['runtime']} | {status} | "
+                     f"{_num(row['accuracy'])} | {_num(row['accuracy_drop'])} | "
+                     f"{_num(row['agreement'])} | {_num(row['max_abs_diff'], '.1e')} |")
+    return lines + [""]
+
+
+def _bench_section(bench) -> list[str]:
+    lines = ["## Latency", ""]
+    if not bench:
+        return lines + ["(not benchmarked yet: `tledge bench RUN_DIR`)", ""]
+    machine = bench["machine"]
+    lines += [f"Measured on {machine['cpu']} ({machine['cores']} cores), "
+              f"{machine['system']}.", "",
+              "| artifact | runtime | threads | batch | status | p50 ms | p90 ms | p99 ms | "
+              "img/s | load ms | first ms | size KiB |",
+              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in bench["rows"]:
+        status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+        size = f"{row['size_bytes'] / 1024:,.0f}" if row["size_bytes"] else ""
+        lines.append(f"| {row['artifact']} | {row['runtime']} | {row['threads']} | "
+                     f"{row['batch']} | {status} | {_num(row['p50_ms'], '.3f')} | "
+                     f"{_num(row['p90_ms'], '.3f')} | {_num(row['p99_ms'], '.3f')} | "
+                     f"{_num(row['throughput_ips'], '.1f')} | {_num(row['load_ms'], '.0f')} | "
+                     f"{_num(row['first_ms'], '.1f')} | {size} |")
+    return lines + [""]
+
+
+def _artifacts_section(manifest) -> list[str]:
+    lines = ["## Artifacts", "", "| artifact | file | size KiB | sha256 |", "|---|---|---:|---|"]
+    for entry in manifest["artifacts"]:
+        if entry.get("status") == "failed":
+            lines.append(f"| {entry['name']} | export failed: {entry['error']} | | |")
+        else:
+            lines.append(f"| {entry['name']} | `{entry['path']}` | "
+                         f"{entry['size_bytes'] / 1024:,.0f} | `{entry['sha256'][:16]}…` |")
+    return lines + [""]
+
+
+def _num(value, spec=".4f") -> str:
+    return "" if value is None else format(value, spec)

@@ -1,0 +1,173 @@
+"""The run directory is the database: `manifest.json` and atomic writes.
+
+Every stage writes its files under the run directory through `atomic_path`, so an
+interrupted run never leaves a half-written file that a later stage would trust, and records
+what it made in `manifest.json`. Later stages read the manifest, never guess file names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from tledge.errors import RunDirError
+
+MANIFEST = "manifest.json"
+RECIPE = "recipe.toml"
+SPLIT = "split.json"
+HISTORY = "history.json"
+PARITY = "parity.json"
+BENCH = "bench.json"
+REPORT = "report.md"
+
+_LIBRARIES = ("tledge", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime",
+              "ai-edge-litert", "numpy")
+
+
+def library_versions() -> dict:
+    """Installed versions of the libraries that make and run artifacts."""
+    versions = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; rename it into place only if the block succeeds.
+
+    The temporary name keeps the suffix, because some writers (Keras) insist on it.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
+                                             dir=path.parent)
+    except OSError as error:
+        raise RunDirError(f"cannot write to {path.parent}: {error.strerror}; "
+                          "choose another output directory with --out") from None
+    os.close(handle)
+    os.unlink(temporary)  # writers that refuse to overwrite get a free name
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            if os.path.isdir(temporary):
+                import shutil
+                shutil.rmtree(temporary, ignore_errors=True)
+            else:
+                os.unlink(temporary)
+
+
+def write_text(path, text: str) -> Path:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path, data) -> Path:
+    return write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def read_json(path):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing; run the stage that writes it first "
+                          "(or `tledge build RECIPE`)") from None
+    except json.JSONDecodeError as error:
+        raise RunDirError(f"{path} is not valid JSON ({error}); rebuild the run") from None
+
+
+def _jsonable(value):
+    import numpy as np
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_run_dir(run_dir) -> Path:
+    """The run directory as a Path, or a RunDirError saying how to make one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / MANIFEST).is_file():
+        raise RunDirError(f"{run_dir} is not a tledge run directory (no {MANIFEST}); "
+                          "create one with `tledge build RECIPE` or `tledge train RECIPE`")
+    return run_dir
+
+
+def read_manifest(run_dir) -> dict:
+    return read_json(check_run_dir(run_dir) / MANIFEST)
+
+
+def write_manifest(run_dir, manifest: dict) -> None:
+    write_json(Path(run_dir) / MANIFEST, manifest)
+
+
+def new_manifest(recipe, labels, image_size) -> dict:
+    return {"tledge_version": library_versions()["tledge"],
+            "recipe": {"name": recipe.name, "source": recipe.path, "file": RECIPE,
+                       "hash": recipe.hash()},
+            "labels": list(labels), "image_size": list(image_size),
+            "stages": {}, "artifacts": []}
+
+
+def record_stage(manifest: dict, stage: str, **facts) -> None:
+    manifest["stages"][stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **facts}
+
+
+def artifacts(manifest: dict, *, include_failed=False) -> list[dict]:
+    return [entry for entry in manifest["artifacts"]
+            if include_failed or entry.get("status", "ok") == "ok"]
+
+
+def find_artifact(manifest: dict, name: str) -> dict:
+    for entry in manifest["artifacts"]:
+        if entry["name"] == name:
+            return entry
+    names = ", ".join(entry["name"] for entry in manifest["artifacts"]) or "none"
+    raise RunDirError(f"the run has no artifact {name!r} (it has: {names})")
+
+
+def set_artifact(manifest: dict, entry: dict) -> None:
+    """Add or replace the artifact entry with the same name."""
+    manifest["artifacts"] = [item for item in manifest["artifacts"]
+                             if item["name"] != entry["name"]] + [entry]
+
+
+def artifact_entry(run_dir, path, fmt, *, recipe_hash, labels, input_spec, output_spec,
+                   **extra) -> dict:
+    """The manifest entry of one written artifact: what it is and how to feed it."""
+    path = Path(path)
+    return {"name": fmt.name, "status": "ok", "path": str(path.relative_to(run_dir)),
+            "format": fmt.family, "precision": fmt.precision,
+            "size_bytes": path.stat().st_size, "sha256": sha256(path),
+            "input": input_spec, "output": output_spec, "labels": list(labels),
+            "recipe_hash": recipe_hash, "versions": library_versions(), **extra}
+
+
+def failed_entry(fmt, reason: str) -> dict:
+    return {"name": fmt.name, "status": "failed", "format": fmt.family,
+            "precision": fmt.precision, "error": reason}

@@ -1,0 +1,118 @@
+"""One runner interface for every runtime.
+
+    runner = load(artifact, run_dir, runtime="litert", threads=2)
+    probabilities = runner.predict(uint8_images)   # [batch, H, W, 3] -> [batch, classes]
+
+Validation and benchmarking both go through here, so an accuracy figure and a latency figure
+always describe the same code path. A runtime that cannot run on this machine raises
+`RuntimeUnavailable` with the reason; callers turn it into a "skipped" row.
+A new runtime is one module with a `load_<name>` function and one row in `RUNTIMES`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Callable
+
+from tledge.errors import RuntimeUnavailable
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    name: str
+    families: tuple[str, ...]  # artifact families it executes
+    module: str
+    loader: str
+    description: str
+
+    def load(self, path, spec, threads, device) -> "Runner":
+        loader: Callable = getattr(importlib.import_module(self.module), self.loader)
+        return loader(path, spec, threads=threads, device=device)
+
+
+RUNTIMES: dict[str, Runtime] = {row.name: row for row in (
+    Runtime("keras", ("keras",), "tledge.runners.keras_runner", "load_keras",
+            "Keras model as a compiled tf.function (never model.predict)"),
+    Runtime("litert", ("tflite",), "tledge.runners.litert_runner", "load_litert",
+            "LiteRT interpreter (ai_edge_litert), XNNPACK delegate"),
+    Runtime("onnxruntime", ("onnx",), "tledge.runners.ort_runner", "load_onnxruntime",
+            "ONNX Runtime, CPU execution provider"),
+)}
+
+
+class Runner(abc.ABC):
+    """A loaded artifact in one runtime. Subclasses implement `_run` on prepared input."""
+
+    runtime = ""
+
+    def __init__(self, spec: dict, threads: int, device: str):
+        self.spec, self.threads, self.device = spec, threads, device
+        self.input_dtype = spec["input"]["dtype"]
+        quantization = spec["input"].get("quantization")
+        self._in_quant = quantization if quantization and quantization != \
+            {"scale": 1.0, "zero_point": 0} else None
+        self._out_quant = spec["output"].get("quantization")
+
+    def prepare(self, images):
+        """Raw uint8 pixels to what this artifact's input tensor takes (outside timing)."""
+        import numpy as np
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images [batch, H, W, 3], got {images.dtype} "
+                             f"{list(images.shape)}")
+        if self.input_dtype == "uint8":
+            if self._in_quant:  # the calibrated range was not exactly 0-255: requantize
+                scaled = images / self._in_quant["scale"] + self._in_quant["zero_point"]
+                return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+            return images
+        return images.astype(np.float32)
+
+    def run(self, prepared):
+        """Run prepared input; returns the raw output (what benchmarks time)."""
+        return self._run(prepared)
+
+    def finish(self, raw):
+        """Raw output to float probabilities."""
+        import numpy as np
+        if self._out_quant:
+            return (raw.astype(np.float32) - self._out_quant["zero_point"]) * \
+                self._out_quant["scale"]
+        return np.asarray(raw, dtype=np.float32)
+
+    def predict(self, images):
+        """uint8 images [batch, H, W, 3] -> probabilities [batch, classes] (float32)."""
+        return self.finish(self.run(self.prepare(images)))
+
+    @abc.abstractmethod
+    def _run(self, prepared):
+        """Execute the artifact on prepared input; each runtime module implements it."""
+
+    def close(self) -> None:
+        pass
+
+
+def runtimes_for(family: str) -> tuple[str, ...]:
+    return tuple(name for name, row in RUNTIMES.items() if family in row.families)
+
+
+def load(artifact: dict, run_dir, runtime: str | None = None, *, threads: int = 1,
+         device: str = "cpu") -> Runner:
+    """Load a manifest artifact in a runtime (its first runtime when none is named).
+
+    Raises:
+        RuntimeUnavailable: the runtime is not installed, cannot run this artifact, or
+            the device is not present.
+    """
+    runtime = runtime or runtimes_for(artifact["format"])[0]
+    row = RUNTIMES.get(runtime)
+    if row is None:
+        raise RuntimeUnavailable(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+    if artifact["format"] not in row.families:
+        raise RuntimeUnavailable(f"{runtime} does not run {artifact['format']} artifacts")
+    path = Path(run_dir) / artifact["path"]
+    spec = {"input": artifact["input"], "output": artifact["output"]}
+    return row.load(path, spec, threads, device)
+

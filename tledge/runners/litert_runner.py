@@ -1,0 +1,41 @@
+"""LiteRT runner: the `ai_edge_litert` interpreter with the XNNPACK delegate."""
+
+from __future__ import annotations
+
+from tledge.errors import RuntimeUnavailable
+from tledge.runners import Runner
+
+
+class LiteRTRunner(Runner):
+    runtime = "litert"
+
+    def __init__(self, path, spec, threads, device):
+        super().__init__(spec, threads, device)
+        if device != "cpu":
+            raise RuntimeUnavailable(f"the LiteRT runner runs on the CPU, not {device}")
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            raise RuntimeUnavailable("ai-edge-litert is not installed "
+                                     "(pip install ai-edge-litert)") from None
+        from tledge.quiet import quiet
+        with quiet():  # LiteRT announces its XNNPACK delegate on stderr
+            self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self._input = self.interpreter.get_input_details()[0]["index"]
+        self._output = self.interpreter.get_output_details()[0]["index"]
+        self._batch = None
+
+    def _run(self, prepared):
+        interpreter = self.interpreter
+        if prepared.shape[0] != self._batch:
+            # resizing re-plans the graph: done once per batch size, never per call
+            interpreter.resize_tensor_input(self._input, list(prepared.shape), strict=False)
+            interpreter.allocate_tensors()
+            self._batch = prepared.shape[0]
+        interpreter.set_tensor(self._input, prepared)
+        interpreter.invoke()
+        return interpreter.get_tensor(self._output)
+
+
+def load_litert(path, spec, *, threads=1, device="cpu") -> LiteRTRunner:
+    return LiteRTRunner(path, spec, threads, device)

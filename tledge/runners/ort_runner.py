@@ -1,0 +1,37 @@
+"""ONNX Runtime runner: CPU, or CUDA when that execution provider is installed."""
+
+from __future__ import annotations
+
+from tledge.errors import RuntimeUnavailable
+from tledge.runners import Runner
+
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
+
+
+class OnnxRuntimeRunner(Runner):
+    runtime = "onnxruntime"
+
+    def __init__(self, path, spec, threads, device):
+        super().__init__(spec, threads, device)
+        try:
+            import onnxruntime
+        except ImportError:
+            raise RuntimeUnavailable("onnxruntime is not installed "
+                                     "(pip install onnxruntime)") from None
+        provider = _PROVIDERS.get(device)
+        if provider not in onnxruntime.get_available_providers():
+            raise RuntimeUnavailable(f"no {provider or device} in this onnxruntime "
+                                     f"(has {', '.join(onnxruntime.get_available_providers())})")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=[provider])
+        self._input = self.session.get_inputs()[0].name
+
+    def _run(self, prepared):
+        return self.session.run(None, {self._input: prepared})[0]
+
+
+def load_onnxruntime(path, spec, *, threads=1, device="cpu") -> OnnxRuntimeRunner:
+    return OnnxRuntimeRunner(path, spec, threads, device)

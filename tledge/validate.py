@@ -1,0 +1,125 @@
+"""The validate stage: does every artifact still classify like the trained model?
+
+Each artifact runs the whole test split through its real runtime (the same runner the
+benchmark times) and is compared with the Keras reference: accuracy, accuracy drop, top-1
+agreement, and the largest and mean absolute difference of the probabilities. Thresholds
+come from the recipe, else from the format table. Every failed check is listed, not the
+first one only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from tledge.errors import RuntimeUnavailable
+from tledge.rundir import (PARITY, artifacts, read_manifest, record_stage, write_json,
+                           write_manifest)
+from tledge.runners import load
+
+BATCH = 64
+
+
+@dataclasses.dataclass
+class ParityRow:
+    artifact: str
+    runtime: str
+    status: str  # "reference" | "passed" | "failed" | "skipped"
+    accuracy: float | None = None
+    accuracy_drop: float | None = None
+    agreement: float | None = None
+    max_abs_diff: float | None = None
+    mean_abs_diff: float | None = None
+    thresholds: dict | None = None
+    problems: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ParityReport:
+    split: str
+    images: int
+    rows: list
+
+    @property
+    def failed(self) -> list:
+        return [row for row in self.rows if row.status == "failed"]
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "images": self.images,
+                "rows": [dataclasses.asdict(row) for row in self.rows]}
+
+
+def predict_all(runner, images, batch=BATCH) -> np.ndarray:
+    """Probabilities for all `images`, in batches through one runner."""
+    return np.concatenate([runner.predict(images[start:start + batch])
+                           for start in range(0, len(images), batch)])
+
+
+def compare(probabilities, reference, labels, reference_accuracy, thresholds) -> ParityRow:
+    """Parity numbers of one artifact's output against the reference output."""
+    predicted = probabilities.argmax(axis=1)
+    accuracy = float(np.mean(predicted == labels))
+    difference = np.abs(probabilities - reference)
+    row = ParityRow("", "", "passed", accuracy=accuracy,
+                    accuracy_drop=reference_accuracy - accuracy,
+                    agreement=float(np.mean(predicted == reference.argmax(axis=1))),
+                    max_abs_diff=float(difference.max()), mean_abs_diff=float(difference.mean()),
+                    thresholds=dict(thresholds))
+    if row.accuracy_drop > thresholds["max_accuracy_drop"] + 1e-12:
+        row.problems.append(f"accuracy drop {row.accuracy_drop:.4f} > "
+                            f"{thresholds['max_accuracy_drop']}")
+    if row.agreement < thresholds["min_agreement"] - 1e-12:
+        row.problems.append(f"agreement {row.agreement:.4f} < {thresholds['min_agreement']}")
+    if row.max_abs_diff > thresholds["max_abs_diff"] + 1e-12:
+        row.problems.append(f"max abs diff {row.max_abs_diff:.2e} > "
+                            f"{thresholds['max_abs_diff']}")
+    row.status = "failed" if row.problems else "passed"
+    return row
+
+
+def validate_run(run_dir, *, log=print) -> ParityReport:
+    """Run every artifact of the run over the evaluation split; write parity.json."""
+    from tledge.rundata import evaluation_split, run_recipe, run_splits
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    recipe = run_recipe(run_dir)
+    images, labels, split = evaluation_split(run_splits(run_dir, recipe))
+    entries = artifacts(manifest)
+    reference_entry = next(entry for entry in entries if entry["name"] == "keras")
+    runner = load(reference_entry, run_dir)
+    reference = predict_all(runner, images)
+    runner.close()
+    reference_accuracy = float(np.mean(reference.argmax(axis=1) == labels))
+    rows = [ParityRow("keras", "keras", "reference", accuracy=reference_accuracy)]
+    log(f"  {'keras':<12} accuracy {reference_accuracy:.4f} on {len(labels)} {split} images "
+        "(reference)")
+    for entry in entries:
+        if entry["name"] == "keras":
+            continue
+        thresholds = recipe.validate.tolerance(entry["name"])
+        try:
+            runner = load(entry, run_dir)
+        except RuntimeUnavailable as error:
+            rows.append(ParityRow(entry["name"], "", "skipped", problems=[str(error)]))
+            log(f"  {entry['name']:<12} skipped: {error}")
+            continue
+        row = compare(predict_all(runner, images), reference, labels, reference_accuracy,
+                      thresholds)
+        runner.close()
+        row.artifact, row.runtime = entry["name"], runner.runtime
+        rows.append(row)
+        verdict = "passed" if row.status == "passed" else "FAILED: " + "; ".join(row.problems)
+        log(f"  {entry['name']:<12} accuracy {row.accuracy:.4f}  drop {row.accuracy_drop:+.4f}  "
+            f"agreement {row.agreement:.4f}  max|diff| {row.max_abs_diff:.1e}  {verdict}")
+    for entry in artifacts(manifest, include_failed=True):
+        if entry.get("status") == "failed":
+            rows.append(ParityRow(entry["name"], "", "failed",
+                                  problems=[f"export failed: {entry['error']}"]))
+    report = ParityReport(split, len(labels), rows)
+    write_json(run_dir / PARITY, report.to_dict())
+    record_stage(manifest, "validate", split=split, images=len(labels),
+                 failed=[row.artifact for row in report.failed])
+    write_manifest(run_dir, manifest)
+    return report
