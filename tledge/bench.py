@@ -82,6 +82,9 @@ def bench_artifact(entry, run_dir, runtime, *, threads, batch, images, warmup, m
     except RuntimeUnavailable as error:
         row.status, row.reason = "skipped", str(error)
         return row
+    except Exception as error:  # an artifact its runtime rejects is a row, not a crash
+        row.status, row.reason = "failed", f"{type(error).__name__}: {error}"
+        return row
     row.load_ms = (time.perf_counter_ns() - start) / 1e6
     try:
         reps = int(np.ceil(batch / len(images)))

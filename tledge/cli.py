@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import click
 
 from tledge.errors import TledgeError
+from tledge.formats import FORMATS
+from tledge.runners import RUNTIMES
 
 
 class UsageFailure(click.ClickException):
@@ -20,6 +23,33 @@ class UsageFailure(click.ClickException):
 
     def show(self, file=None):
         click.echo(f"error: {self.format_message()}", err=True)
+
+
+@contextlib.contextmanager
+def _usage_errors_as_one_line():
+    """Click's own usage errors (bad option value, missing argument, unknown command) in the
+    same one-line form as tledge's errors, pointing at --help instead of printing usage."""
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # `tledge` alone prints the help, as it should
+    except click.UsageError as error:
+        message = error.format_message().rstrip(".")
+        if error.ctx is not None:
+            message += f"; see `{error.ctx.command_path} --help`"
+        raise UsageFailure(message) from None
+
+
+class _Group(click.Group):
+    """The tledge group: every failure it reports is one `error:` line with exit code 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _usage_errors_as_one_line():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _usage_errors_as_one_line():
+            return super().invoke(ctx)
 
 
 def _quiet_tensorflow() -> None:
@@ -59,13 +89,13 @@ def command(needs_tensorflow=True, **settings):
     return decorate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="tledge", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tledge")
 def main():
     """tledge: from a one-file recipe to a verified edge deployment.
 
     \b
-    Start here:
+    Examples, to start:
       tledge check recipes/quickstart.toml     validate a recipe, print it resolved
       tledge build recipes/quickstart.toml     train, export, validate, bench, report
 
@@ -78,12 +108,13 @@ def main():
     """
 
 
-RECIPE = click.Path(exists=True, dir_okay=False, path_type=Path)
+# Existence is load_recipe's to check: its message says where recipes live.
+RECIPE = click.Path(dir_okay=False, path_type=Path)
 RUN_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
 @command(needs_tensorflow=False, name="check")
-@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("recipe", type=RECIPE)
 def check(recipe):
     """Check RECIPE and print it with every default filled in.
 
@@ -99,7 +130,10 @@ def check(recipe):
 
 @command(needs_tensorflow=False, name="backbones")
 def backbones():
-    """List the registered backbones and what they need."""
+    """List the registered backbones and what they need.
+
+    Example: tledge backbones
+    """
     from tledge.backbones import BACKBONES
     click.echo(f"{'name':<18} {'default size':<13} {'min':>4} {'layers':>6}  description")
     for backbone in BACKBONES.values():
@@ -112,7 +146,7 @@ _OUT = click.option("--out", type=click.Path(file_okay=False, path_type=Path), d
                     help="Run directory to write (default: models/<recipe name>).")
 
 
-@command(name="build")
+@command(needs_tensorflow=False, name="build")
 @click.argument("recipe", type=RECIPE)
 @_OUT
 def build(recipe, out):
@@ -120,16 +154,19 @@ def build(recipe, out):
 
     Exit code 1 when an artifact fails parity (everything is still written and reported).
 
-    Example: tledge build recipes/quickstart.toml
+    Example: tledge build recipes/quickstart.toml --out models/quickstart
     """
     from tledge.pipeline import build as build_recipe
+    from tledge.recipe import load_recipe
+    load_recipe(recipe)  # a bad recipe fails in a blink, not after TensorFlow's import
+    _quiet_tensorflow()
     run_dir, parity = build_recipe(recipe, out=out, log=click.echo,
                                  verbose=_progress())
     _exit_on_parity(parity)
 
 
-@command(name="train")
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@command(needs_tensorflow=False, name="train")
+@click.argument("source", type=click.Path(path_type=Path))
 @_OUT
 def train(source, out):
     """Train from a recipe file or retrain an existing run directory.
@@ -140,17 +177,24 @@ def train(source, out):
     from tledge.pipeline import default_run_dir, train_run
     from tledge.recipe import load_recipe
     from tledge.rundir import RECIPE as RECIPE_FILE
-    recipe_file = source / RECIPE_FILE if source.is_dir() else source
+    from tledge.rundir import check_run_dir
+    recipe_file = check_run_dir(source) / RECIPE_FILE if source.is_dir() else source
     recipe = load_recipe(recipe_file)
     run_dir = out or (source if source.is_dir() else default_run_dir(recipe))
+    _quiet_tensorflow()
     train_run(recipe, run_dir, log=click.echo, verbose=_progress())
+
+
+# Everything the export table can write, by family or by name; the Keras model is trained,
+# not exported.
+_EXPORT_CHOICES = sorted(({row.family for row in FORMATS.values()} | set(FORMATS)) - {"keras"})
 
 
 @command(name="export")
 @click.argument("run_dir", type=RUN_DIR)
-@click.option("--format", "formats", multiple=True,
-              help="Only these: a family (tflite, onnx) or a format (tflite_int8, ...). "
-                   "Repeatable. Default: every format the recipe lists.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(_EXPORT_CHOICES),
+              help="Only these: a family or a format. Repeatable. "
+                   "Default: every format the recipe lists.")
 def export(run_dir, formats):
     """Export a trained run to the formats its recipe lists.
 
@@ -158,6 +202,9 @@ def export(run_dir, formats):
     """
     from tledge.export import export_run
     entries = export_run(run_dir, only=formats or None, log=click.echo)
+    if formats and not entries:
+        raise UsageFailure(f"the recipe of {run_dir} lists none of {', '.join(formats)}; "
+                           f"add it under [export] in {run_dir / 'recipe.toml'} and retry")
     if any(entry["status"] == "failed" for entry in entries):
         sys.exit(1)
 
@@ -183,25 +230,24 @@ def _parse_counts(ctx, param, value):
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
     if any(count < 1 for count in counts):
-        raise click.BadParameter("every value must be at least 1")
+        raise click.BadParameter(f"every value must be at least 1, got {value!r}")
     return counts
 
 
 @command(name="bench")
 @click.argument("run_dir", type=RUN_DIR)
-@click.option("--runtime", "runtimes", multiple=True, help="Runtime(s) to use (repeatable).")
-@click.option("--threads", callback=_parse_counts, help="Thread counts, e.g. 1,2,4.")
-@click.option("--batch", callback=_parse_counts, help="Batch sizes, e.g. 1,8.")
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(list(RUNTIMES)),
+              help="Runtime to use. Repeatable. Default: the recipe's bench.runtimes.")
+@click.option("--threads", callback=_parse_counts, metavar="N[,N...]",
+              help="Thread counts, e.g. 1,2,4. Default: the recipe's bench.threads.")
+@click.option("--batch", callback=_parse_counts, metavar="N[,N...]",
+              help="Batch sizes, e.g. 1,8. Default: the recipe's bench.batch_sizes.")
 def bench(run_dir, runtimes, threads, batch):
     """Time every artifact in every runtime it runs on, and name the pick.
 
     Example: tledge bench models/quickstart --threads 1,2
     """
     from tledge.bench import bench_run
-    from tledge.runners import RUNTIMES
-    unknown = [name for name in runtimes if name not in RUNTIMES]
-    if unknown:
-        raise UsageFailure(f"unknown runtime {unknown[0]!r}; choose from {', '.join(RUNTIMES)}")
     result = bench_run(run_dir, runtimes=runtimes or None, threads=threads, batch_sizes=batch,
                        log=click.echo)
     pick = result["pick"]

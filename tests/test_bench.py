@@ -1,0 +1,102 @@
+"""Latency statistics, the pick, and rows for what cannot run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tledge.bench import BenchRow, bench_artifact, choose, summarize, time_runner
+
+
+def test_summarize_against_known_samples():
+    samples_ns = [i * 1_000_000 for i in range(1, 101)]  # 1 .. 100 ms
+    stats = summarize(samples_ns, batch=4)
+    assert stats["runs"] == 100
+    assert stats["p50_ms"] == pytest.approx(50.5)
+    assert stats["p90_ms"] == pytest.approx(90.1)
+    assert stats["p99_ms"] == pytest.approx(99.01)
+    assert stats["mean_ms"] == pytest.approx(50.5)
+    assert stats["min_ms"] == 1.0 and stats["max_ms"] == 100.0
+    assert stats["std_ms"] == pytest.approx(np.std(np.arange(1, 101)))
+    assert stats["throughput_ips"] == pytest.approx(4 * 1000 / 50.5)
+
+
+def row(artifact, p50, status="ok", threads=1, batch=1):
+    return BenchRow(artifact, "rt", threads, batch, status, p50_ms=p50, size_bytes=10)
+
+
+def parity(*passed, failed=()):
+    rows = [{"artifact": "keras", "status": "reference"}]
+    rows += [{"artifact": name, "status": "passed"} for name in passed]
+    rows += [{"artifact": name, "status": "failed"} for name in failed]
+    return {"rows": rows}
+
+
+def test_pick_is_the_fastest_that_passed_parity():
+    rows = [row("keras", 5.0), row("tflite_fp32", 1.0), row("tflite_int8", 0.4),
+            row("onnx_fp32", 0.8)]
+    pick = choose(rows, parity("tflite_fp32", "onnx_fp32", failed=["tflite_int8"]),
+                  threads=1, batch=1)
+    assert pick["artifact"] == "onnx_fp32" and pick["p50_ms"] == 0.8
+
+
+def test_pick_ignores_other_settings_and_rows_that_did_not_run():
+    rows = [row("keras", 5.0), row("tflite_fp32", 0.1, threads=4),
+            row("onnx_fp32", 0.2, status="failed"), row("tflite_int8", 3.0)]
+    pick = choose(rows, parity("tflite_fp32", "onnx_fp32", "tflite_int8"), threads=1, batch=1)
+    assert pick["artifact"] == "tflite_int8"
+
+
+def test_without_parity_only_the_reference_qualifies():
+    rows = [row("keras", 5.0), row("tflite_fp32", 1.0)]
+    assert choose(rows, None, threads=1, batch=1)["artifact"] == "keras"
+    assert choose([row("tflite_fp32", 1.0)], None, threads=1, batch=1) is None
+
+
+class CountingRunner:
+    def __init__(self):
+        self.calls = 0
+
+    def run(self, prepared):
+        self.calls += 1
+
+
+def test_timing_reaches_both_the_minimum_count_and_time():
+    runner = CountingRunner()
+    first, samples = time_runner(runner, None, warmup=3, min_runs=7, min_seconds=0.0)
+    assert len(samples) == 7 and runner.calls == 1 + 3 + 7 and first >= 0
+    runner = CountingRunner()
+    _, samples = time_runner(runner, None, warmup=0, min_runs=1, min_seconds=0.05)
+    assert len(samples) > 1 and sum(samples) > 0
+
+
+def test_a_runtime_that_cannot_run_is_a_skipped_row(built_run):
+    from tledge.rundir import find_artifact, read_manifest
+    run_dir, _, _ = built_run
+    entry = find_artifact(read_manifest(run_dir), "tflite_fp32")
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    result = bench_artifact(entry, run_dir, "onnxruntime", threads=1, batch=1, images=images,
+                            warmup=0, min_runs=1, min_seconds=0)
+    assert result.status == "skipped" and "does not run tflite" in result.reason
+
+
+def test_an_artifact_that_crashes_is_a_failed_row(built_run, tmp_path):
+    from tledge.rundir import find_artifact, read_manifest
+    run_dir, _, _ = built_run
+    entry = dict(find_artifact(read_manifest(run_dir), "onnx_fp32"))
+    (tmp_path / "broken.onnx").write_bytes(b"not an onnx model")
+    entry["path"] = "broken.onnx"
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    result = bench_artifact(entry, tmp_path, "onnxruntime", threads=1, batch=2, images=images,
+                            warmup=0, min_runs=1, min_seconds=0)
+    assert result.status == "failed" and result.reason
+
+
+def test_batches_larger_than_the_images_are_filled_by_repeating(built_run):
+    from tledge.rundir import find_artifact, read_manifest
+    run_dir, _, _ = built_run
+    entry = find_artifact(read_manifest(run_dir), "tflite_int8")
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    result = bench_artifact(entry, run_dir, "litert", threads=1, batch=8, images=images,
+                            warmup=1, min_runs=3, min_seconds=0)
+    assert result.status == "ok" and result.batch == 8 and result.runs >= 3

@@ -1,0 +1,78 @@
+"""Every row of the format table: export, run in its real runtime, compare with Keras."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tledge.formats import FORMATS
+from tledge.rundir import artifact_entry
+
+EXPORTED = [row for row in FORMATS.values() if row.family != "keras"]
+
+
+@pytest.fixture(scope="module")
+def trained(built_run):
+    from tledge.data.synthetic import generate
+    from tledge.model import load_model
+    run_dir, _, _ = built_run
+    images, _ = generate(["circle", "square", "triangle", "cross"], 8, (32, 32), 0.08, seed=5)
+    return load_model(run_dir / "model.keras"), images
+
+
+@pytest.mark.parametrize("fmt", EXPORTED, ids=[row.name for row in EXPORTED])
+def test_round_trip_in_the_real_runtime(fmt, trained, tmp_path):
+    from tledge.export import _exporter
+    from tledge.runners import load
+    model, images = trained
+    path = tmp_path / fmt.file_name
+    spec = _exporter(fmt.family)(model, path, precision=fmt.precision, calibration=images)
+    assert spec["input"]["dtype"] == fmt.input_dtype
+    assert spec["input"]["shape"][1:] == [32, 32, 3]
+    entry = artifact_entry(tmp_path, path, fmt, recipe_hash="x", labels=list("abcdefgh"),
+                           input_spec=spec["input"], output_spec=spec["output"])
+    reference = model(images.astype(np.float32), training=False).numpy()
+    probabilities = load(entry, tmp_path).predict(images)
+    assert probabilities.shape == reference.shape and probabilities.dtype == np.float32
+    agreement = np.mean(probabilities.argmax(1) == reference.argmax(1))
+    if fmt.precision == "fp32":
+        np.testing.assert_allclose(probabilities, reference, atol=1e-5)
+    else:
+        assert agreement >= 0.8, agreement
+        assert np.abs(probabilities - reference).max() < 0.5
+
+
+def test_onnx_has_named_io_and_a_dynamic_batch(trained, tmp_path):
+    import onnxruntime
+    from tledge.export.onnx import export_onnx
+    model, images = trained
+    spec = export_onnx(model, tmp_path / "m.onnx", precision="fp32")
+    assert spec["input"]["name"] == "image" and spec["output"]["name"] == "probabilities"
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    for batch in (1, 5):
+        out = session.run(["probabilities"], {"image": images[:batch].astype(np.float32)})[0]
+        assert out.shape == (batch, 8)
+
+
+def test_int8_without_calibration_is_an_export_error(trained, tmp_path):
+    from tledge.errors import ExportError
+    from tledge.export.tflite import export_tflite
+    with pytest.raises(ExportError, match="calibration"):
+        export_tflite(trained[0], tmp_path / "m.tflite", precision="int8", calibration=None)
+
+
+def test_a_failed_format_is_recorded_and_the_others_still_export(built_run, tmp_path):
+    import shutil
+    from tledge.export import export_run
+    from tledge.rundir import read_manifest
+    run_dir = tmp_path / "run"
+    shutil.copytree(built_run[0], run_dir)
+    (run_dir / "model_fp32.onnx").unlink()
+    (run_dir / "model_fp32.onnx").mkdir()  # a directory where the file must go: rename fails
+    (run_dir / "model_fp32.onnx" / "keep").write_text("")
+    entries = {entry["name"]: entry for entry in export_run(run_dir, log=lambda line: None)}
+    assert entries["onnx_fp32"]["status"] == "failed" and entries["onnx_fp32"]["error"]
+    assert entries["tflite_fp32"]["status"] == "ok"
+    manifest = {entry["name"]: entry for entry in read_manifest(run_dir)["artifacts"]}
+    assert manifest["onnx_fp32"]["status"] == "failed"
+    assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]
