@@ -9,10 +9,11 @@ directory, unless a trained model is already there.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
-from tledge.errors import RecipeError, RunDirError
+from tledge.errors import RecipeError, RunDirError, TledgeError
 from tledge.formats import FORMATS
 from tledge.recipe import dump_toml, load_recipe
 from tledge.rundir import (HISTORY, MANIFEST, RECIPE, SPLIT, artifact_entry, atomic_path,
@@ -80,9 +81,16 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", _chain=()) -> Path:
     from tledge.data import load_splits
     from tledge.quiet import quiet
     from tledge.train import train_model
+    created = not Path(run_dir).exists()
     run_dir = prepare_run_dir(run_dir)
-    weights_file = resolve_weights(recipe, run_dir, log=log, verbose=verbose, _chain=_chain)
-    splits = load_splits(recipe.data, seed=recipe.seed)
+    try:
+        weights_file = resolve_weights(recipe, run_dir, log=log, verbose=verbose, _chain=_chain)
+        splits = load_splits(recipe.data, seed=recipe.seed)
+    except TledgeError:
+        if created:  # leave nothing behind for a run that never started
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
     counts = ", ".join(f"{name} {len(labels)}" for name, labels in
                        (("train", splits.y_train), ("val", splits.y_val),
                         ("test", splits.y_test)))

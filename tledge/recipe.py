@@ -250,8 +250,35 @@ def _check_together(recipe: Recipe) -> list[str]:
         problems.append("data.synthetic.classes: expected at least 2 different classes")
     if data.val_fraction + data.test_fraction >= 0.9:
         problems.append("data.val_fraction + data.test_fraction: expected less than 0.9 "
-                        "together, so training keeps most of the data")
-    backbone = BACKBONES[model.backbone]
+                        f"together, so training keeps most of the data, found "
+                        f"{data.val_fraction + data.test_fraction:g}")
+    backbone = BACKBONES.get(model.backbone)
+    if backbone is not None:
+        problems += _check_backbone(recipe, backbone)
+    weights = model.weights
+    if weights not in ("imagenet", "none"):
+        weights_path = Path(weights)
+        if weights_path.suffix not in (".h5", ".keras", ".toml"):
+            problems.append(f"model.weights: expected 'imagenet', 'none', a .h5/.weights.h5/"
+                            f".keras file or a recipe .toml, found {weights!r}")
+        elif not weights_path.is_file():
+            problems.append(f"model.weights: no such file '{weights}' (relative paths are read "
+                            "from the recipe's folder)")
+        elif weights_path.suffix == ".toml" and recipe.path and \
+                weights_path.resolve() == Path(recipe.path).resolve():
+            problems.append("model.weights: a recipe cannot take its weights from itself")
+    if recipe.train.feature_extraction.epochs + recipe.train.fine_tune.epochs == 0:
+        problems.append("train: both phases have 0 epochs; nothing would be trained (set "
+                        "train.feature_extraction.epochs or train.fine_tune.epochs)")
+    if not recipe.bench.runtimes:
+        problems.append("bench.runtimes: expected at least one runtime")
+    return problems
+
+
+def _check_backbone(recipe, backbone) -> list[str]:
+    """Rules that need the backbone: width multiplier, input size, weights, layer count."""
+    problems = []
+    data, model = recipe.data, recipe.model
     if model.alpha is not None and not backbone.alphas:
         problems.append(f"model.alpha: backbone '{model.backbone}' has no width multiplier; "
                         "remove alpha")
@@ -262,27 +289,13 @@ def _check_together(recipe: Recipe) -> list[str]:
         problems.append(f"data.image_size: '{model.backbone}' needs at least "
                         f"{backbone.min_size}x{backbone.min_size}, found "
                         f"{data.image_size[0]}x{data.image_size[1]}")
-    weights = model.weights
-    if weights not in ("imagenet", "none"):
-        weights_path = Path(weights)
-        if weights_path.suffix not in (".h5", ".keras", ".toml"):
-            problems.append(f"model.weights: expected 'imagenet', 'none', a .h5/.weights.h5/"
-                            f".keras file or a recipe .toml, found {weights!r}")
-        elif not weights_path.is_file():
-            problems.append(f"model.weights: no such file {weights}")
-        elif weights_path.suffix == ".toml" and recipe.path and \
-                weights_path.resolve() == Path(recipe.path).resolve():
-            problems.append("model.weights: a recipe cannot take its weights from itself")
+    if model.weights == "imagenet" and backbone.imagenet_file is None:
+        problems.append(f"model.weights: '{model.backbone}' has no ImageNet weights; use "
+                        "\"none\", a weights file or a recipe")
     unfreeze = recipe.train.fine_tune.unfreeze
     if isinstance(unfreeze, int) and unfreeze > backbone.layers:
         problems.append(f"train.fine_tune.unfreeze: '{model.backbone}' has {backbone.layers} "
                         f"layers, found {unfreeze}; use a smaller count or 'all'")
-    if recipe.train.feature_extraction.epochs + recipe.train.fine_tune.epochs == 0:
-        problems.append("train: both phases have 0 epochs; nothing would be trained")
-    if "int8" in recipe.export.tflite + recipe.export.onnx and data.val_fraction >= 1.0:
-        problems.append("export: int8 needs calibration images from the training split")
-    if not recipe.bench.runtimes:
-        problems.append("bench.runtimes: expected at least one runtime")
     return problems
 
 

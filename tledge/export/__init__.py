@@ -50,11 +50,14 @@ def export_run(run_dir, *, only=None, log=print) -> list[dict]:
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     recipe = run_recipe(run_dir)
+    rows = requested_formats(recipe, only)
+    if only and not rows:
+        raise ExportError(f"the recipe of {run_dir} lists none of {', '.join(only)}; add it "
+                          f"under [export] in {run_dir / 'recipe.toml'}")
     reference = find_artifact(manifest, "keras")
     if reference.get("status") != "ok":
         raise RunDirError(f"{run_dir} has no trained model; run `tledge train` first")
     model = load_model(run_dir / reference["path"])
-    rows = requested_formats(recipe, only)
     calibration = None
     if any(row.precision == "int8" for row in rows):
         splits = run_splits(run_dir, recipe)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tledge.errors import RuntimeUnavailable
+from tledge.quiet import quiet
 from tledge.runners import Runner
 
 
@@ -18,8 +19,7 @@ class LiteRTRunner(Runner):
         except ImportError:
             raise RuntimeUnavailable("ai-edge-litert is not installed "
                                      "(pip install ai-edge-litert)") from None
-        from tledge.quiet import quiet
-        with quiet():  # LiteRT announces its XNNPACK delegate on stderr
+        with quiet():
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
         self._input = self.interpreter.get_input_details()[0]["index"]
         self._output = self.interpreter.get_output_details()[0]["index"]
@@ -29,8 +29,9 @@ class LiteRTRunner(Runner):
         interpreter = self.interpreter
         if prepared.shape[0] != self._batch:
             # resizing re-plans the graph: done once per batch size, never per call
-            interpreter.resize_tensor_input(self._input, list(prepared.shape), strict=False)
-            interpreter.allocate_tensors()
+            with quiet():  # LiteRT announces its XNNPACK delegate on stderr
+                interpreter.resize_tensor_input(self._input, list(prepared.shape), strict=False)
+                interpreter.allocate_tensors()
             self._batch = prepared.shape[0]
         interpreter.set_tensor(self._input, prepared)
         interpreter.invoke()
