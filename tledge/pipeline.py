@@ -86,17 +86,17 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", _chain=()) -> Path:
     try:
         weights_file = resolve_weights(recipe, run_dir, log=log, verbose=verbose, _chain=_chain)
         splits = load_splits(recipe.data, seed=recipe.seed)
+        counts = ", ".join(f"{name} {len(labels)}" for name, labels in
+                           (("train", splits.y_train), ("val", splits.y_val),
+                            ("test", splits.y_test)))
+        log(f"data: {recipe.data.source}, {splits.num_classes} classes, {counts}")
+        start = time.perf_counter()
+        model, history = train_model(recipe, splits, weights_file=weights_file, verbose=verbose)
     except TledgeError:
-        if created:  # leave nothing behind for a run that never started
+        if created:  # leave nothing behind for a run that never got a model
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
         raise
-    counts = ", ".join(f"{name} {len(labels)}" for name, labels in
-                       (("train", splits.y_train), ("val", splits.y_val),
-                        ("test", splits.y_test)))
-    log(f"data: {recipe.data.source}, {splits.num_classes} classes, {counts}")
-    start = time.perf_counter()
-    model, history = train_model(recipe, splits, weights_file=weights_file, verbose=verbose)
     for line in filter(None, [history["verdict"]["message"]]):
         log("!" * 78 + f"\n{line}\n" + "!" * 78)
     write_text(run_dir / RECIPE, f"# resolved from {recipe.path}\n"

@@ -1,0 +1,84 @@
+"""Why tledge never times `model.predict`: one image through four code paths, side by side.
+
+MobileNetV2 1.0 at 224x224 (random weights: latency does not depend on their values),
+batch 1, on this machine's CPU:
+  keras model.predict       what notebooks time
+  keras compiled call       tledge's Keras runner (a traced tf.function)
+  LiteRT fp32               tledge's LiteRT runner
+  ONNX Runtime fp32         tledge's ONNX Runtime runner
+
+    python benchmarks/predict_overhead.py [--threads 2] [--runs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from tledge.bench import summarize, time_runner
+    from tledge.export.onnx import export_onnx
+    from tledge.export.tflite import export_tflite
+    from tledge.quiet import quiet
+    from tledge.runners import RUNTIMES
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    size = (args.size, args.size)
+    inputs = keras.Input((*size, 3), name="image")
+    backbone = keras.applications.MobileNetV2(input_shape=(*size, 3), include_top=False,
+                                              weights=None)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(backbone(x, training=False))
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+    image = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
+
+    class Predict:  # model.predict behind the runner interface, for the same timing loop
+        def run(self, prepared):
+            return model.predict(prepared, verbose=0)
+
+    folder = Path(tempfile.mkdtemp(prefix="tledge-bench-"))
+    keras_path = folder / "model.keras"
+    model.save(keras_path)
+    with quiet():
+        tflite_spec = export_tflite(model, folder / "model.tflite", precision="fp32")
+        onnx_spec = export_onnx(model, folder / "model.onnx", precision="fp32")
+    keras_spec = {"input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
+    paths = [("keras model.predict", None, None, keras_spec),
+             ("keras compiled call", "keras", keras_path, keras_spec),
+             ("LiteRT fp32", "litert", folder / "model.tflite", tflite_spec),
+             ("ONNX Runtime fp32", "onnxruntime", folder / "model.onnx", onnx_spec)]
+    results = []
+    for label, runtime, path, spec in paths:
+        runner = Predict() if runtime is None else \
+            RUNTIMES[runtime].load(path, spec, args.threads, "cpu")
+        prepared = image.astype(np.float32)
+        _, samples = time_runner(runner, prepared, warmup=5, min_runs=args.runs, min_seconds=1.0)
+        results.append((label, summarize(samples, 1)))
+
+    base = results[0][1]["p50_ms"]
+    print(f"MobileNetV2 1.0 {args.size}x{args.size}, batch 1, {args.threads} threads, "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(f"{'path':<22} {'p50 ms':>9} {'p90 ms':>9} {'runs':>6} {'vs predict':>11}")
+    for label, stats in results:
+        print(f"{label:<22} {stats['p50_ms']:9.2f} {stats['p90_ms']:9.2f} {stats['runs']:6d} "
+              f"{base / stats['p50_ms']:10.1f}x")
+
+
+if __name__ == "__main__":
+    main()
