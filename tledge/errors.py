@@ -54,3 +54,9 @@ class RuntimeUnavailable(TledgeError):
 
 class ParityError(TledgeError):
     """One or more artifacts failed accuracy parity against the reference model."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to pages)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from tledge.backbones import BACKBONES, Backbone
-from tledge.errors import WeightsError
+from tledge.errors import WeightsError, first_line
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
@@ -52,7 +52,7 @@ def build_backbone(recipe, weights_file=None):
         return backbone.create(size, weights=str(path), alpha=alpha)
     except (ValueError, OSError, KeyError) as error:
         raise WeightsError(f"{path} does not fit backbone '{backbone.name}': "
-                           f"{_first_line(error)}") from None
+                           f"{first_line(error)}") from None
 
 
 def _imagenet(backbone: Backbone, size, alpha):
@@ -77,7 +77,7 @@ def _from_keras_file(backbone: Backbone, path: Path, size, alpha):
     try:
         source = keras.saving.load_model(path, compile=False, safe_mode=True)
     except ValueError as error:
-        raise WeightsError(f"cannot load {path}: {_first_line(error)}") from None
+        raise WeightsError(f"cannot load {path}: {first_line(error)}") from None
     nested = [layer for layer in source.layers if isinstance(layer, keras.Model)]
     source_backbone = nested[0] if len(nested) == 1 else source
     fresh = backbone.create(size, weights=None, alpha=alpha)
@@ -136,9 +136,6 @@ def load_model(path):
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except ValueError as error:
-        raise WeightsError(f"cannot load {path}: {_first_line(error)} (tledge never enables "
+        raise WeightsError(f"cannot load {path}: {first_line(error)} (tledge never enables "
                            "unsafe deserialization)") from None
 
-
-def _first_line(error) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

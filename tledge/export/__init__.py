@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tledge.errors import ExportError, RunDirError
+from tledge.errors import ExportError, RunDirError, first_line
 from tledge.formats import FORMATS, format_for
 from tledge.quiet import quiet
 from tledge.rundir import (artifact_entry, atomic_path, failed_entry, find_artifact,
@@ -80,7 +80,7 @@ def export_run(run_dir, *, only=None, log=print) -> list[dict]:
                 f"{entry['export_seconds']:.1f} s")
         except Exception as error:  # one failed format must not stop the others
             reason = str(error) if isinstance(error, ExportError) else \
-                f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                f"{type(error).__name__}: {first_line(error)}"
             entry = failed_entry(row, reason)
             log(f"  {row.name:<12} FAILED: {reason}")
         set_artifact(manifest, entry)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tledge.errors import ExportError
+from tledge.errors import ExportError, first_line
 from tledge.model import INPUT_NAME, OUTPUT_NAME
 
 OPSET = 17
@@ -34,7 +34,7 @@ def export_onnx(model, path, *, precision: str) -> dict:
         proto, _ = tf2onnx.convert.from_function(serve, input_signature=signature,
                                                  opset=OPSET)
     except Exception as error:  # tf2onnx raises assorted errors on unsupported graphs
-        raise ExportError(f"ONNX conversion failed: {_first_line(error)}") from None
+        raise ExportError(f"ONNX conversion failed: {first_line(error)}") from None
     _rename(proto)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
@@ -64,7 +64,3 @@ def onnx_spec(path) -> dict:
                 "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name}
     return {"input": spec(model.graph.input[0]), "output": spec(model.graph.output[0])}
 
-
-def _first_line(error) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

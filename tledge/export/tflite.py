@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tledge.errors import ExportError
+from tledge.errors import ExportError, first_line
 
 
 def export_tflite(model, path, *, precision: str, calibration=None) -> dict:
@@ -34,7 +34,7 @@ def export_tflite(model, path, *, precision: str, calibration=None) -> dict:
     try:
         flatbuffer = converter.convert()
     except Exception as error:  # the converter raises ConverterError and plain Exceptions
-        raise ExportError(f"TFLite {precision} conversion failed: {_first_line(error)}") from None
+        raise ExportError(f"TFLite {precision} conversion failed: {first_line(error)}") from None
     with open(path, "wb") as handle:
         handle.write(flatbuffer)
     return tflite_spec(path)
@@ -73,7 +73,3 @@ def _tensor_spec(detail) -> dict:
         spec["quantization"] = {"scale": float(scale), "zero_point": int(zero_point)}
     return spec
 
-
-def _first_line(error) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
