@@ -81,7 +81,7 @@ def test_python_dash_m_tledge_help():
 # -- check and backbones ---------------------------------------------------------------------
 
 def test_check_prints_the_resolved_recipe(tmp_path):
-    text = SMALL_RECIPE.format(name="resolved", epochs=1).replace("image_size = [32, 32]\n", "")
+    text = SMALL_RECIPE.format(name="resolved", epochs=1, threads=1).replace("image_size = [32, 32]\n", "")
     recipe = write_recipe(tmp_path, text)
     result = invoke("check", recipe)
     assert result.exit_code == 0, result.output
@@ -92,7 +92,7 @@ def test_check_prints_the_resolved_recipe(tmp_path):
 
 
 def test_check_lists_every_problem_with_its_key_path(tmp_path):
-    text = SMALL_RECIPE.format(name="broken", epochs=-1)
+    text = SMALL_RECIPE.format(name="broken", epochs=-1, threads=1)
     text = text.replace('backbone = "small_cnn"', 'backbone = "resnet_9000"')
     text = text.replace("batch_size = 32", "batch_size = 32\ncolour = true")
     recipe = write_recipe(tmp_path, text)
@@ -159,7 +159,7 @@ def test_export_one_family_leaves_the_others_alone(run_copy):
 # -- bad input: exit 2, one line, nothing half-written ---------------------------------------
 
 def folder_recipe(folder, data_path, name="pets"):
-    text = SMALL_RECIPE.format(name=name, epochs=1)
+    text = SMALL_RECIPE.format(name=name, epochs=1, threads=1)
     start, end = text.index('source = "synthetic"'), text.index("[model]")
     data = f'source = "folder"\npath = "{data_path}"\nimage_size = [32, 32]\n\n'
     return write_recipe(folder, text[:start] + data + text[end:])
@@ -183,7 +183,7 @@ def test_missing_recipe_file(tmp_path, command):
 
 
 def test_build_with_an_invalid_recipe_writes_nothing(tmp_path, no_training):
-    recipe = write_recipe(tmp_path, SMALL_RECIPE.format(name="broken", epochs=-1))
+    recipe = write_recipe(tmp_path, SMALL_RECIPE.format(name="broken", epochs=-1, threads=1))
     run_dir = tmp_path / "run"
     result = invoke("build", recipe, "--out", run_dir)
     assert result.exit_code == 2, result.output

@@ -297,7 +297,16 @@ def test_npz_errors_name_key_and_shape(tmp_path):
     with pytest.raises(DataError, match="'x_train' holds floats in 0-1"):
         load_splits(recipe("npz", path), seed=0)
     np.savez(path, images=np.zeros((4, 8, 8, 3), np.uint8))
-    with pytest.raises(DataError, match="missing keys 'x_train' and 'y_train'; found images"):
+    with pytest.raises(DataError, match="unknown array.s. images; tledge reads class_names"):
+        load_splits(recipe("npz", path), seed=0)
+    np.savez(path, x_val=np.zeros((4, 8, 8, 3), np.uint8), y_val=np.zeros(4, int))
+    with pytest.raises(DataError, match="missing keys 'x_train' and 'y_train'"):
+        load_splits(recipe("npz", path), seed=0)
+    np.savez(path, x_train=np.zeros((4, 8, 8, 3), np.uint8), y_train=np.zeros(4, int))
+    with pytest.raises(DataError, match="only one class"):
+        load_splits(recipe("npz", path), seed=0)
+    np.savez(path, x_train=np.full((4, 8, 8, 3), 300.0), y_train=np.arange(4))
+    with pytest.raises(DataError, match="values outside 0-255"):
         load_splits(recipe("npz", path), seed=0)
     np.savez(path, x_train=np.zeros((4, 8, 8, 3)), y_train=np.zeros(3, int))
     with pytest.raises(DataError, match="'y_train' must be integer labels"):

@@ -123,7 +123,7 @@ def test_weights_file_of_another_architecture_is_refused(tmp_path):
 def test_backbone_from_a_tledge_keras_file(built_run, tmp_path):
     from tledge.model import build_backbone, find_backbone, load_model
     run_dir, _, _ = built_run
-    text = SMALL_RECIPE.format(name="again", epochs=1).replace(
+    text = SMALL_RECIPE.format(name="again", epochs=1, threads=1).replace(
         'weights = "none"', f'weights = "{run_dir / "model.keras"}"')
     backbone = build_backbone(load_recipe(write_recipe(tmp_path, text)))
     trained = find_backbone(load_model(run_dir / "model.keras"))
@@ -174,7 +174,7 @@ def test_a_fine_tune_that_made_things_worse_is_undone_loudly():
 
 def test_weights_from_another_recipe_train_it_first_then_reuse_it(tmp_path):
     from tledge.pipeline import train_run
-    tiny = SMALL_RECIPE.format(name="base", epochs=1).replace(
+    tiny = SMALL_RECIPE.format(name="base", epochs=1, threads=1).replace(
         "samples_per_class = 60", "samples_per_class = 8")
     write_recipe(tmp_path, tiny, name="base.toml")
     child = tiny.replace('name = "base"', 'name = "child"').replace(
@@ -195,7 +195,7 @@ def test_weights_from_another_recipe_train_it_first_then_reuse_it(tmp_path):
 def test_recipes_whose_weights_refer_to_each_other_are_a_cycle(tmp_path):
     from tledge.pipeline import train_run
     for name, other in (("left", "right"), ("right", "left")):
-        write_recipe(tmp_path, SMALL_RECIPE.format(name=name, epochs=1).replace(
+        write_recipe(tmp_path, SMALL_RECIPE.format(name=name, epochs=1, threads=1).replace(
             'weights = "none"', f'weights = "{other}.toml"'), name=f"{name}.toml")
     with pytest.raises(RecipeError, match="cycle: left.toml -> right.toml -> left.toml"):
         train_run(load_recipe(tmp_path / "left.toml"), tmp_path / "models" / "left",

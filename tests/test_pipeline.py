@@ -86,10 +86,10 @@ def test_bench_has_a_row_per_artifact_and_a_pick(built_run):
         assert row["load_ms"] > 0 and row["first_ms"] > 0
     pick = bench["pick"]
     assert pick == manifest_of(run_dir)["pick"]
-    passed = [r for r in rows.values() if r["artifact"] in {"keras", "tflite_fp32", "onnx_fp32"}
-              or r["artifact"] == "tflite_int8"]
-    assert pick["p50_ms"] == min(row["p50_ms"] for row in passed
-                                 if row["artifact"] in _passed_artifacts(run_dir))
+    passed = _passed_artifacts(run_dir)
+    assert pick["artifact"] in passed
+    assert pick["p50_ms"] == min(row["p50_ms"] for row in rows.values()
+                                 if row["artifact"] in passed)
 
 
 def _passed_artifacts(run_dir):
@@ -105,6 +105,9 @@ def test_report_names_the_pick_and_every_section(built_run):
     for heading in ("## Data", "## Training", "## Parity", "## Latency", "## Artifacts"):
         assert heading in report
     assert "tflite_int8" in report and "onnx_fp32" in report
+    assert "| test | 120 | carved (25% of train) |" in report
+    assert "## Recipe" in report and 'backbone = "small_cnn"' in report
+    assert "Test accuracy of the trained model:" in report
 
 
 def test_run_directory_records_split_history_and_resolved_recipe(built_run):

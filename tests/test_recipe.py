@@ -244,8 +244,8 @@ CASES = [
      "model.alpha", "backbone 'efficientnet_b0' has no width multiplier; remove alpha"),
     ("alpha_not_offered", dict(tables="[model]\nalpha = 0.6"),
      "model.alpha", "expected one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4 for 'mobilenet_v2', found 0.6"),
-    ("unknown_backbone", dict(tables='[model]\nbackbone = "efficientnet_b1"'),
-     "model.backbone", "found 'efficientnet_b1'; did you mean 'efficientnet_b0'?"),
+    ("unknown_backbone", dict(tables='[model]\nbackbone = "efficientnet_b9"'),
+     "model.backbone", "found 'efficientnet_b9'; did you mean 'efficientnet_b3'?"),
     ("unknown_source", dict(source="folders"),
      "data.source", "expected one of 'synthetic', 'folder', 'npz', 'cifar10', found 'folders'; "
                     "did you mean 'folder'?"),
@@ -380,6 +380,7 @@ def test_weights_recipe_naming_itself_through_another_path(tmp_path):
 def test_data_path_is_relative_to_the_recipe_file(tmp_path, monkeypatch, written, expected):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    (tmp_path / expected).mkdir(parents=True)
     monkeypatch.chdir(elsewhere)
     path = write(tmp_path / "recipes", recipe_text(source="folder", data=f'path = "{written}"'))
     recipe = load_recipe(path)
@@ -390,6 +391,7 @@ def test_data_path_is_relative_to_the_recipe_file(tmp_path, monkeypatch, written
 def test_npz_path_is_relative_to_the_recipe_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = write(tmp_path / "a" / "b", recipe_text(source="npz", data='path = "arrays.npz"'))
+    (tmp_path / "a" / "b" / "arrays.npz").write_bytes(b"")
     recipe = load_recipe(path.relative_to(tmp_path))  # a relative recipe path as well
     assert recipe.data.path == str((tmp_path / "a" / "b" / "arrays.npz").resolve())
 
@@ -397,6 +399,7 @@ def test_npz_path_is_relative_to_the_recipe_file(tmp_path, monkeypatch):
 def test_absolute_data_path_is_kept(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     target = (tmp_path / "abs" / "images").resolve()
+    target.mkdir(parents=True)
     recipe = load(tmp_path / "recipes", recipe_text(source="folder", data=f'path = "{target}"'))
     assert recipe.data.path == str(target)
 
@@ -409,7 +412,8 @@ def test_absolute_data_path_is_kept(tmp_path, monkeypatch):
 ])
 def test_weights_path_is_relative_to_the_recipe_file(tmp_path, monkeypatch, written, file):
     (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
-    (tmp_path / file).write_bytes(b"")
+    (tmp_path / file).write_bytes(b'name = "other"\n[data]\nsource = "synthetic"\n'
+                                  if file.endswith(".toml") else b"")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -564,6 +568,7 @@ def tricky_recipe(folder: Path) -> Path:
             batch_sizes = [1, 8]
             min_seconds = 0.25
         """)
+    (folder / "recipes" / "images").mkdir(parents=True, exist_ok=True)
     return write(folder / "recipes", text)
 
 

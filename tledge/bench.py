@@ -17,7 +17,7 @@ import numpy as np
 
 from tledge.errors import RuntimeUnavailable
 from tledge.rundir import (BENCH, PARITY, artifacts, read_json, read_manifest, record_stage,
-                           write_json, write_manifest)
+                           stage_hash, write_json, write_manifest)
 from tledge.runners import RUNTIMES, load
 
 
@@ -108,6 +108,7 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     manifest = read_manifest(run_dir)
     recipe = run_recipe(run_dir)
     settings = recipe.bench
+    custom_runtimes = bool(runtimes)
     runtimes = tuple(runtimes or settings.runtimes)
     threads = tuple(threads or settings.threads)
     batch_sizes = tuple(batch_sizes or settings.batch_sizes)
@@ -126,7 +127,8 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                     rows.append(row)
                     log(format_row(row))
     parity = read_json(run_dir / PARITY) if (run_dir / PARITY).is_file() else None
-    pick = choose(rows, parity, threads=threads[0], batch=batch_sizes[0])
+    pick = choose(rows, parity, threads=threads[0], batch=batch_sizes[0],
+                  checksums={entry["name"]: entry["sha256"] for entry in artifacts(manifest)})
     result = {"rows": [dataclasses.asdict(row) for row in rows], "pick": pick,
               "settings": {"threads": list(threads), "batch_sizes": list(batch_sizes),
                            "warmup": settings.warmup, "min_runs": settings.min_runs,
@@ -134,20 +136,24 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
               "machine": machine()}
     write_json(run_dir / BENCH, result)
     manifest["pick"] = pick
-    record_stage(manifest, "bench", rows=len(rows))
+    custom = bool(custom_runtimes or threads != settings.threads or batch_sizes != settings.batch_sizes)
+    record_stage(manifest, "bench", rows=len(rows),
+                 hash=None if custom else stage_hash(manifest, recipe, "bench"))
     write_manifest(run_dir, manifest)
     return result
 
 
-def choose(rows, parity, *, threads: int, batch: int) -> dict | None:
+def choose(rows, parity, *, threads: int, batch: int, checksums=None) -> dict | None:
     """The fastest (p50) combination at `threads` and `batch` whose artifact passed parity.
 
     The Keras model is the reference: it always qualifies. Without a parity report no
-    exported artifact qualifies, since nothing says it still classifies correctly.
+    exported artifact qualifies, since nothing says it still classifies correctly; nor does
+    one whose file changed since it was validated (`checksums`: artifact name -> sha256).
     """
     passed = {"keras"}
     if parity:
-        passed |= {row["artifact"] for row in parity["rows"] if row["status"] == "passed"}
+        passed |= {row["artifact"] for row in parity["rows"] if row["status"] == "passed"
+                   and (checksums is None or row.get("sha256") == checksums.get(row["artifact"]))}
     candidates = [row for row in rows if row.status == "ok" and row.artifact in passed
                   and row.threads == threads and row.batch == batch]
     if not candidates:

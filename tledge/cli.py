@@ -128,18 +128,31 @@ def check(recipe):
     click.echo(f"# {recipe}: valid\n" + dump_toml(resolved.to_dict()))
 
 
-@command(needs_tensorflow=False, name="backbones")
-def backbones():
-    """List the registered backbones and what they need.
+@command(name="backbones")
+@click.option("--size", type=click.IntRange(min=8), default=None,
+              help="Input size (square) to count at, instead of each backbone's default.")
+def backbones(size):
+    """List the registered backbones: input sizes, layers, parameters and GFLOPs per image.
+
+    Parameters and FLOPs are for the backbone without its head, built without weights
+    (nothing is downloaded); FLOPs count 2 per multiply-add of the convolutions.
 
     Example: tledge backbones
     """
     from tledge.backbones import BACKBONES
-    click.echo(f"{'name':<18} {'default size':<13} {'min':>4} {'layers':>6}  description")
+    from tledge.flops import backbone_cost
+    click.echo(f"{'name':<19} {'size':>7} {'min':>4} {'layers':>6} {'params':>11} "
+               f"{'GFLOPs':>7}  description")
     for backbone in BACKBONES.values():
-        size = "x".join(map(str, backbone.default_size))
-        click.echo(f"{backbone.name:<18} {size:<13} {backbone.min_size:>4} {backbone.layers:>6}"
-                   f"  {backbone.description}")
+        image_size = (size, size) if size else backbone.default_size
+        shown = "x".join(map(str, image_size))
+        try:
+            cost = backbone_cost(backbone, image_size)
+            figures = f"{cost.total_params:>11,} {cost.flops / 1e9:>7.3f}"
+        except ValueError:  # below this backbone's minimum: say so in the row, keep going
+            figures = f"{'-':>11} {'-':>7}"
+        click.echo(f"{backbone.name:<19} {shown:>7} {backbone.min_size:>4} "
+                   f"{backbone.layers:>6} {figures}  {backbone.description}")
 
 
 _OUT = click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -149,10 +162,14 @@ _OUT = click.option("--out", type=click.Path(file_okay=False, path_type=Path), d
 @command(needs_tensorflow=False, name="build")
 @click.argument("recipe", type=RECIPE)
 @_OUT
-def build(recipe, out):
+@click.option("--force", is_flag=True,
+              help="Redo every stage, even those whose outputs are up to date.")
+def build(recipe, out, force):
     """Run every stage for RECIPE: train, export, validate, bench, report.
 
-    Exit code 1 when an artifact fails parity (everything is still written and reported).
+    A stage whose outputs exist and match the recipe is skipped (--force redoes it); a
+    training run that was killed resumes from its last finished epoch. Exit code 1 when an
+    artifact fails parity (everything is still written and reported).
 
     Example: tledge build recipes/quickstart.toml --out models/quickstart
     """
@@ -160,8 +177,8 @@ def build(recipe, out):
     from tledge.recipe import load_recipe
     load_recipe(recipe)  # a bad recipe fails in a blink, not after TensorFlow's import
     _quiet_tensorflow()
-    run_dir, parity = build_recipe(recipe, out=out, log=click.echo,
-                                 verbose=_progress())
+    run_dir, parity = build_recipe(recipe, out=out, log=click.echo, verbose=_progress(),
+                                   force=force)
     _exit_on_parity(parity)
 
 

@@ -105,14 +105,16 @@ def build_classifier(recipe, num_classes: int, backbone):
     spec = BACKBONES[recipe.model.backbone]
     inputs = keras.Input((*recipe.data.image_size, 3), name=INPUT_NAME, dtype="float32")
     x = inputs
-    if not spec.preprocessing.is_identity:
-        x = layers.Rescaling(spec.preprocessing.scale, spec.preprocessing.offset,
-                             name="preprocess")(x)
+    preprocess = spec.preprocessing.layer(name="preprocess")
+    if preprocess is not None:
+        x = preprocess(x)
     x = backbone(x, training=False) if is_pretrained(recipe) else backbone(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     if recipe.model.dropout:
         x = layers.Dropout(recipe.model.dropout, name="dropout")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name=OUTPUT_NAME)(x)
+    # float32 even under mixed precision: a float16 softmax loses small probabilities
+    outputs = layers.Dense(num_classes, activation="softmax", name=OUTPUT_NAME,
+                           dtype="float32")(x)
     return keras.Model(inputs, outputs, name=recipe.name.replace(".", "_"))
 
 

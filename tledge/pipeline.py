@@ -43,7 +43,7 @@ def resolve_weights(recipe, run_dir, *, log=print, verbose="auto", _chain=()) ->
     """When the recipe's weights name another recipe, the trained model file it supplies.
 
     The other recipe is trained first, into `<run_dir's parent>/<its name>`, unless that
-    directory already holds a trained model.
+    directory already holds a model trained from the same recipe and starting weights.
     """
     weights = recipe.model.weights
     if not weights.endswith(".toml"):
@@ -54,11 +54,16 @@ def resolve_weights(recipe, run_dir, *, log=print, verbose="auto", _chain=()) ->
                                         + " -> ".join(Path(p).name for p in chain + (weights,))])
     source = load_recipe(weights)
     source_dir = Path(run_dir).parent / source.name
+    source_weights = resolve_weights(source, source_dir, log=log, verbose=verbose, _chain=chain)
     model_path = trained_model(source_dir)
     if model_path is not None:
-        log(f"weights: reusing the trained model of {source.name} ({model_path})")
-        return model_path
-    log(f"weights: {source.name} is not trained yet; training it first into {source_dir}")
+        recorded = read_json(source_dir / MANIFEST)["stages"].get("train", {}).get("hash")
+        if recorded == train_hash(source, source_weights):
+            log(f"weights: reusing the trained model of {source.name} ({model_path})")
+            return model_path
+        log(f"weights: {source.name} changed since {source_dir} was trained; retraining it")
+    else:
+        log(f"weights: {source.name} is not trained yet; training it first into {source_dir}")
     train_run(source, source_dir, log=log, verbose=verbose, _chain=chain)
     return trained_model(source_dir)
 
@@ -76,11 +81,27 @@ def prepare_run_dir(run_dir) -> Path:
     return run_dir
 
 
-def train_run(recipe, run_dir, *, log=print, verbose="auto", _chain=()) -> Path:
-    """The train stage: data split, two-phase training, model.keras and a fresh manifest."""
+def train_hash(recipe, weights_file) -> str:
+    """What the train stage depends on: its recipe sections and the weights it starts from."""
+    import hashlib
+    from tledge.rundir import sha256
+    text = recipe.hash("seed", "data", "model", "train", "baseline")
+    if weights_file:
+        text += ":" + sha256(weights_file)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, _chain=()) -> Path:
+    """The train stage: data split, two-phase training (and the baseline), a fresh manifest.
+
+    Every epoch is checkpointed under `checkpoints/<train hash>/`: a run killed mid-training
+    resumes from its last finished epoch when the same recipe is trained again (unless
+    `restart`).
+    """
+    import shutil
     from tledge.data import load_splits
     from tledge.quiet import quiet
-    from tledge.train import train_model
+    from tledge.train import train_baseline, train_model
     created = not Path(run_dir).exists()
     run_dir = prepare_run_dir(run_dir)
     try:
@@ -91,14 +112,29 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", _chain=()) -> Path:
                             ("test", splits.y_test)))
         log(f"data: {recipe.data.source}, {splits.num_classes} classes, {counts}")
         start = time.perf_counter()
-        model, history = train_model(recipe, splits, weights_file=weights_file, verbose=verbose)
+        train_key = train_hash(recipe, weights_file)
+        checkpoints = run_dir / "checkpoints" / train_key
+        if restart:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        elif checkpoints.is_dir():
+            log(f"train: resuming from the checkpoints in {checkpoints}")
+        model, history = train_model(recipe, splits, weights_file=weights_file, verbose=verbose,
+                                     checkpoint_dir=checkpoints,
+                                     cache_dir=run_dir / "bottlenecks", log=log)
     except TledgeError:
         if created:  # leave nothing behind for a run that never got a model
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
     for line in filter(None, [history["verdict"]["message"]]):
         log("!" * 78 + f"\n{line}\n" + "!" * 78)
+    if recipe.baseline is not None:
+        history["baseline"], baseline_model = train_baseline(recipe, splits, verbose=verbose,
+                                                             log=log)
+        with atomic_path(run_dir / "baseline.keras") as temporary, quiet():
+            baseline_model.save(temporary)
+        from tledge.report import baseline_warning
+        for line in filter(None, [baseline_warning(history)]):
+            log("!" * 78 + f"\n{line}\n" + "!" * 78)
     write_text(run_dir / RECIPE, f"# resolved from {recipe.path}\n"
                                  + dump_toml(recipe.to_dict()) + "\n")
     write_json(run_dir / SPLIT, splits.record)
@@ -106,6 +142,7 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", _chain=()) -> Path:
     model_path = run_dir / FORMATS["keras"].file_name
     with atomic_path(model_path) as temporary, quiet():
         model.save(temporary)
+    _remove_stale_outputs(run_dir)
     manifest = new_manifest(recipe, splits.class_names, recipe.data.image_size)
     spec = {"shape": [-1, *recipe.data.image_size, 3], "dtype": "float32", "range": [0, 255]}
     entry = artifact_entry(run_dir, model_path, FORMATS["keras"],
@@ -114,33 +151,67 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", _chain=()) -> Path:
                            output_spec={"name": "probabilities",
                                         "shape": [-1, splits.num_classes], "dtype": "float32"})
     set_artifact(manifest, entry)
-    record_stage(manifest, "train", hash=recipe.hash("data", "model", "train", "seed"),
+    record_stage(manifest, "train", hash=train_key,
                  wall_seconds=round(time.perf_counter() - start, 1),
-                 weights_from=str(weights_file) if weights_file else recipe.model.weights)
+                 weights_from=str(Path(weights_file).resolve()) if weights_file
+                 else recipe.model.weights)
     write_manifest(run_dir, manifest)
-    log(f"train: wrote {model_path} ({time.perf_counter() - start:.0f} s)")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    accuracy = history["test_accuracy"]
+    log(f"train: wrote {model_path} ({time.perf_counter() - start:.0f} s"
+        + (f", test accuracy {accuracy:.1%})" if accuracy is not None else ")"))
     return run_dir
 
 
-def build(recipe_path, *, out=None, log=print, verbose="auto"):
-    """Run every stage for a recipe; returns (run_dir, parity report)."""
+def _remove_stale_outputs(run_dir) -> None:
+    """A new model makes every export, parity and bench result of the old one a lie."""
+    from tledge.rundir import BENCH, PARITY, REPORT
+    if (run_dir / MANIFEST).is_file():
+        for entry in read_json(run_dir / MANIFEST)["artifacts"]:
+            if entry["name"] != "keras" and entry.get("path"):
+                (run_dir / entry["path"]).unlink(missing_ok=True)
+    for name in (PARITY, BENCH, REPORT):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def build(recipe_path, *, out=None, log=print, verbose="auto", force=False):
+    """Run every stage for a recipe; returns (run_dir, parity report).
+
+    A stage whose outputs exist with the hash of what it depends on is skipped, unless
+    `force`; so a second build of an unchanged recipe only rewrites the report.
+    """
     from tledge.bench import bench_run
     from tledge.export import export_run
     from tledge.report import report_run
-    from tledge.validate import validate_run
+    from tledge.rundir import read_manifest, stage_hash, stage_is_current
+    from tledge.validate import load_parity, validate_run
     recipe = load_recipe(recipe_path)
     run_dir = Path(out) if out else default_run_dir(recipe)
     started = time.perf_counter()
-    log(f"== train  {recipe.name} -> {run_dir}")
-    train_run(recipe, run_dir, log=log, verbose=verbose)
-    log("== export")
-    export_run(run_dir, log=log)
-    log("== validate")
-    parity = validate_run(run_dir, log=log)
-    log("== bench")
-    bench = bench_run(run_dir, log=log)
+
+    def current(stage, expected):
+        if force or not (run_dir / MANIFEST).is_file():
+            return False
+        if stage_is_current(run_dir, read_manifest(run_dir), stage, expected):
+            log(f"== {stage}: up to date (hash {expected}), skipped; --force redoes it")
+            return True
+        return False
+
+    weights_file = resolve_weights(recipe, run_dir, log=log, verbose=verbose) \
+        if not force else None
+    if force or not current("train", train_hash(recipe, weights_file)):
+        log(f"== train  {recipe.name} -> {run_dir}")
+        train_run(recipe, run_dir, log=log, verbose=verbose, restart=force)
+    stages = (("export", lambda: export_run(run_dir, log=log)),
+              ("validate", lambda: validate_run(run_dir, log=log)),
+              ("bench", lambda: bench_run(run_dir, log=log)))
+    for stage, run in stages:
+        if not current(stage, stage_hash(read_manifest(run_dir), recipe, stage)):
+            log(f"== {stage}")
+            run()
+    parity = load_parity(run_dir)
     path = report_run(run_dir)
-    pick = bench["pick"]
+    pick = read_manifest(run_dir).get("pick")
     log(f"== report {path}")
     if pick:
         log(f"pick: {pick['artifact']} on {pick['runtime']} (p50 {pick['p50_ms']:.3f} ms)")

@@ -55,10 +55,22 @@ def _runtime_names():
 
 @dataclasses.dataclass(frozen=True)
 class AugmentRecipe:
+    """Random changes to training images only; never to calibration, validation or test."""
+
     flip: str = option("none", choices=FLIPS, help="random flips during training")
     rotation: float = option(0.0, minimum=0.0, maximum=0.5,
                              help="random rotation, as a fraction of a full turn")
     zoom: float = option(0.0, minimum=0.0, maximum=0.9, help="random zoom, as a fraction")
+    translation: float = option(0.0, minimum=0.0, maximum=0.5,
+                                help="random shift, as a fraction of height and width")
+    contrast: float = option(0.0, minimum=0.0, maximum=1.0, help="random contrast factor")
+    brightness: float = option(0.0, minimum=0.0, maximum=1.0,
+                               help="random brightness change, as a fraction of 255")
+
+    @property
+    def active(self) -> bool:
+        return self.flip != "none" or any((self.rotation, self.zoom, self.translation,
+                                           self.contrast, self.brightness))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,25 +107,62 @@ class ModelRecipe:
     dropout: float = option(0.2, minimum=0.0, maximum=0.9)
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("constant", "cosine", "plateau")
+
+
 @dataclasses.dataclass(frozen=True)
 class PhaseRecipe:
     epochs: int = option(5, minimum=0, maximum=10_000)
     learning_rate: float = option(1e-3, minimum=0.0, maximum=10.0)
+    optimizer: str = option("adam", choices=OPTIMIZERS)
+    schedule: str = option("constant", choices=SCHEDULES,
+                           help="constant | cosine (after warm-up) | plateau (halve on a "
+                                "stalled validation loss)")
+    warmup_epochs: int = option(0, minimum=0, maximum=1000,
+                                help="linear warm-up before a cosine schedule")
+    early_stopping: int = option(0, minimum=0, maximum=1000,
+                                 help="stop after this many epochs without a better validation "
+                                      "accuracy; 0 never stops early")
+    label_smoothing: float = option(0.0, minimum=0.0, maximum=0.5)
 
 
 @dataclasses.dataclass(frozen=True)
-class FineTuneRecipe:
+class FineTuneRecipe(PhaseRecipe):
     epochs: int = option(5, minimum=0, maximum=10_000)
     learning_rate: float = option(1e-5, minimum=0.0, maximum=10.0)
     unfreeze: int | str | None = option(
         None, minimum=1, help="top layers to unfreeze: a count, a layer name or 'all'; "
                               "the backbone's default_unfreeze if unset")
+    batchnorm: str = option("frozen", choices=("frozen", "train"),
+                            help="frozen keeps BatchNorm in inference mode (right for small "
+                                 "data); train updates its statistics")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainRecipe:
     feature_extraction: PhaseRecipe = option(PhaseRecipe())
     fine_tune: FineTuneRecipe = option(FineTuneRecipe())
+    class_weight: str = option("none", choices=("none", "balanced"),
+                               help="balanced weighs each class by the inverse of its count")
+    cache_bottlenecks: str = option(
+        "auto", choices=("auto", "always", "never"),
+        help="train the feature-extraction head on cached backbone features: auto = when "
+             "augmentation is off; always = also with augmentation (then not augmented)")
+    distribute: str = option("none", choices=("none", "mirrored", "multi_worker"))
+    mixed_precision: bool = option(False, help="float16 compute on a GPU; exports stay float32")
+    jit_compile: bool = option(False, help="XLA-compile the training step")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineRecipe:
+    """A from-scratch model on the same split, to show what the transfer buys."""
+
+    backbone: str = option("small_cnn", choices=_backbone_names)
+    epochs: int = option(20, minimum=1, maximum=10_000)
+    learning_rate: float = option(1e-3, minimum=0.0, maximum=10.0)
+    optimizer: str = option("adam", choices=OPTIMIZERS)
+    early_stopping: int = option(0, minimum=0, maximum=1000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +223,8 @@ class Recipe:
     data: DataRecipe = option(help="the [data] table")
     model: ModelRecipe = option(ModelRecipe())
     train: TrainRecipe = option(TrainRecipe())
+    baseline: BaselineRecipe | None = option(
+        None, help="[baseline] trains a model from scratch beside the transfer model")
     export: ExportRecipe = option(ExportRecipe())
     validate: ValidateRecipe = option(ValidateRecipe())
     bench: BenchRecipe = option(BenchRecipe())
@@ -223,10 +274,7 @@ def parse_recipe(document: Mapping, path) -> Recipe:
     recipe = dataclasses.replace(parser.parse(Recipe, dict(document)),
                                  path=str(path.resolve()))  # for the self-reference check
     problems = list(parser.problems)
-    try:
-        joint = _check_together(recipe)
-    except (AttributeError, TypeError, KeyError):
-        joint = []  # a key the joint rules read is itself invalid, and already listed
+    joint = _check_together(recipe)
     reported = {problem.split(":")[0].split("[")[0] for problem in problems}
     problems += [problem for problem in joint if problem.split(":")[0] not in reported]
     if problems:
@@ -235,15 +283,38 @@ def parse_recipe(document: Mapping, path) -> Recipe:
 
 
 def _check_together(recipe: Recipe) -> list[str]:
-    """Rules that involve more than one key."""
-    from tledge.backbones import BACKBONES
+    """Rules that involve more than one key, each run on its own.
+
+    A rule whose inputs are themselves invalid (None after a type error) is skipped; the
+    others still run, so every problem is reported in one go.
+    """
     problems = []
+    for rule in (_check_name, _check_data, _check_weights, _check_training, _check_bench,
+                 _check_model_backbone, _check_baseline):
+        try:
+            problems += rule(recipe)
+        except (TypeError, AttributeError, KeyError):
+            continue
+    return problems
+
+
+def _check_name(recipe) -> list[str]:
     if not _NAME.match(recipe.name):
-        problems.append(f"name: expected letters, digits, '_', '-' or '.', found {recipe.name!r}")
-    data, model = recipe.data, recipe.model
+        return [f"name: expected letters, digits, '_', '-' or '.', found {recipe.name!r}"]
+    return []
+
+
+def _check_data(recipe) -> list[str]:
+    problems, data = [], recipe.data
     if data.source in ("folder", "npz") and not data.path:
         kind = "a folder of class sub-folders" if data.source == "folder" else "an .npz file"
         problems.append(f"data.path: is required for source '{data.source}' ({kind})")
+    elif data.source == "folder" and not Path(data.path).is_dir():
+        problems.append(f"data.path: no such folder '{data.path}' (relative paths are read from "
+                        "the recipe's folder)")
+    elif data.source == "npz" and not Path(data.path).is_file():
+        problems.append(f"data.path: no such file '{data.path}' (relative paths are read from "
+                        "the recipe's folder)")
     if data.source in ("synthetic", "cifar10") and data.path:
         problems.append(f"data.path: not used by source '{data.source}'; remove it")
     if data.source == "synthetic" and len(set(data.synthetic.classes)) < 2:
@@ -252,27 +323,78 @@ def _check_together(recipe: Recipe) -> list[str]:
         problems.append("data.val_fraction + data.test_fraction: expected less than 0.9 "
                         f"together, so training keeps most of the data, found "
                         f"{data.val_fraction + data.test_fraction:g}")
-    backbone = BACKBONES.get(model.backbone)
-    if backbone is not None:
-        problems += _check_backbone(recipe, backbone)
-    weights = model.weights
-    if weights not in ("imagenet", "none"):
-        weights_path = Path(weights)
-        if weights_path.suffix not in (".h5", ".keras", ".toml"):
-            problems.append(f"model.weights: expected 'imagenet', 'none', a .h5/.weights.h5/"
-                            f".keras file or a recipe .toml, found {weights!r}")
-        elif not weights_path.is_file():
-            problems.append(f"model.weights: no such file '{weights}' (relative paths are read "
-                            "from the recipe's folder)")
-        elif weights_path.suffix == ".toml" and recipe.path and \
-                weights_path.resolve() == Path(recipe.path).resolve():
-            problems.append("model.weights: a recipe cannot take its weights from itself")
-    if recipe.train.feature_extraction.epochs + recipe.train.fine_tune.epochs == 0:
+    return problems
+
+
+def _check_weights(recipe) -> list[str]:
+    weights = recipe.model.weights
+    if weights in ("imagenet", "none"):
+        return []
+    weights_path = Path(weights)
+    if weights_path.suffix not in (".h5", ".keras", ".toml"):
+        return [f"model.weights: expected 'imagenet', 'none', a .h5/.weights.h5/.keras file or "
+                f"a recipe .toml, found {weights!r}"]
+    if not weights_path.is_file():
+        return [f"model.weights: no such file '{weights}' (relative paths are read from the "
+                "recipe's folder)"]
+    if weights_path.suffix != ".toml":
+        return []
+    if recipe.path and weights_path.resolve() == Path(recipe.path).resolve():
+        return ["model.weights: a recipe cannot take its weights from itself"]
+    try:
+        document = tomllib.loads(weights_path.read_text(encoding="utf-8"))
+        parser = Parser(weights_path.resolve().parent)
+        parser.parse(Recipe, document)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        return [f"model.weights: {weights_path.name} is not valid TOML: {error}"]
+    if parser.problems:
+        return [f"model.weights: {weights_path.name} has {len(parser.problems)} problem(s); run "
+                f"`tledge check {weights}` (first: {parser.problems[0]})"]
+    return []
+
+
+def _check_training(recipe) -> list[str]:
+    problems, train = [], recipe.train
+    if train.feature_extraction.epochs + train.fine_tune.epochs == 0:
         problems.append("train: both phases have 0 epochs; nothing would be trained (set "
                         "train.feature_extraction.epochs or train.fine_tune.epochs)")
-    if not recipe.bench.runtimes:
-        problems.append("bench.runtimes: expected at least one runtime")
+    elif recipe.model.weights == "none" and train.feature_extraction.epochs == 0:
+        problems.append("train.feature_extraction.epochs: with weights = \"none\" this phase "
+                        "trains the whole network from scratch (fine-tuning does not apply); "
+                        "expected at least 1, found 0")
+    for name in ("feature_extraction", "fine_tune"):
+        phase = getattr(train, name)
+        if phase.warmup_epochs and phase.schedule != "cosine":
+            problems.append(f"train.{name}.warmup_epochs: warm-up belongs to the cosine "
+                            f"schedule; set train.{name}.schedule = \"cosine\" or remove it")
+        elif phase.warmup_epochs >= max(phase.epochs, 1) and phase.epochs:
+            problems.append(f"train.{name}.warmup_epochs: expected fewer than the phase's "
+                            f"{phase.epochs} epochs, found {phase.warmup_epochs}")
     return problems
+
+
+def _check_bench(recipe) -> list[str]:
+    if not recipe.bench.runtimes:
+        return ["bench.runtimes: expected at least one runtime, found []"]
+    return []
+
+
+def _check_model_backbone(recipe) -> list[str]:
+    from tledge.backbones import BACKBONES
+    backbone = BACKBONES.get(recipe.model.backbone)
+    return _check_backbone(recipe, backbone) if backbone is not None else []
+
+
+def _check_baseline(recipe) -> list[str]:
+    from tledge.backbones import BACKBONES
+    if recipe.baseline is None:
+        return []
+    backbone = BACKBONES.get(recipe.baseline.backbone)
+    size = recipe.data.image_size
+    if backbone is not None and size is not None and min(size) < backbone.min_size:
+        return [f"baseline.backbone: '{backbone.name}' needs at least {backbone.min_size}x"
+                f"{backbone.min_size}, found {size[0]}x{size[1]}"]
+    return []
 
 
 def _check_backbone(recipe, backbone) -> list[str]:

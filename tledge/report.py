@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tledge.rundir import (BENCH, HISTORY, PARITY, REPORT, SPLIT, read_json, read_manifest,
-                           write_text)
+from tledge.rundir import (BENCH, HISTORY, PARITY, RECIPE, REPORT, SPLIT, read_json,
+                           read_manifest, write_text)
 
 
 def _optional(path):
@@ -27,6 +27,7 @@ def report_run(run_dir) -> Path:
     lines += _parity_section(parity)
     lines += _bench_section(bench)
     lines += _artifacts_section(manifest)
+    lines += _recipe_section(run_dir)
     return write_text(run_dir / REPORT, "\n".join(lines).rstrip() + "\n")
 
 
@@ -37,6 +38,9 @@ def _headline(manifest, history, parity, bench) -> list[str]:
         lines.append(f"> **FAILED PARITY: {row['artifact']}**: " + "; ".join(row["problems"]))
     if history and history["verdict"]["regressed"]:
         lines.append(f"> **{history['verdict']['message']}**")
+    warning = baseline_warning(history)
+    if warning:
+        lines.append(f"> **{warning}**")
     if lines:
         lines.append("")
     pick = (bench or {}).get("pick")
@@ -62,10 +66,14 @@ def _data_section(manifest, split) -> list[str]:
     lines.append(f"Source `{split.get('source')}`, images {manifest['image_size'][0]}x"
                  f"{manifest['image_size'][1]}, {len(manifest['labels'])} classes: "
                  + ", ".join(manifest["labels"]) + ".")
-    counts = split.get("counts", {})
-    if counts:
-        lines += ["", "| split | images |", "|---|---:|"]
-        lines += [f"| {name} | {count} |" for name, count in counts.items()]
+    splits = split.get("splits", {})
+    if splits:
+        lines += ["", "| split | images | obtained |", "|---|---:|---|"]
+        for name, facts in splits.items():
+            how = facts.get("obtained", "")
+            if facts.get("fraction") is not None:
+                how += f" ({facts['fraction']:.0%} of {facts.get('from', 'train')})"
+            lines.append(f"| {name} | {facts['count']} | {how} |")
     return lines + [""]
 
 
@@ -85,7 +93,20 @@ def _training_section(history) -> list[str]:
         lines.append(f"| {phase['name']} | {len(phase['epochs'])} | {phase['best_epoch']} | "
                      f"{best:.4f} | {phase['wall_seconds']:.1f} | {phase['images_per_second']:.0f}"
                      f" | {phase['trainable_params']:,} / {phase['total_params']:,} |")
-    lines += ["", f"Kept the weights of: **{history['verdict']['kept']}**.", "",
+    lines += ["", f"Kept the weights of: **{history['verdict']['kept']}**."]
+    if history.get("test_accuracy") is not None:
+        lines.append(f"Test accuracy of the trained model: {history['test_accuracy']:.4f}.")
+    for phase in history["phases"]:
+        if phase.get("bottlenecks"):
+            lines.append(f"{phase['name']} trained the head on cached backbone features "
+                         f"({phase['bottlenecks']}).")
+        if phase.get("stopped_early"):
+            lines.append(f"{phase['name']} stopped early after {len(phase['epochs'])} epochs.")
+        if phase.get("resumed_from_epoch"):
+            lines.append(f"{phase['name']} resumed after epoch {phase['resumed_from_epoch']} "
+                         "from a checkpoint.")
+    lines += _baseline_lines(history)
+    lines += ["",
               "| epoch | phase | loss | accuracy | val loss | val accuracy |",
               "|---:|---|---:|---:|---:|---:|"]
     for phase in history["phases"]:
@@ -94,6 +115,37 @@ def _training_section(history) -> list[str]:
                          f"{epoch.get('accuracy', 0):.4f} | {_num(epoch.get('val_loss'))} | "
                          f"{_num(epoch.get('val_accuracy'))} |")
     return lines + [""]
+
+
+def baseline_warning(history) -> str:
+    """A loud line when training from scratch beat the transfer model on the test split."""
+    baseline = (history or {}).get("baseline")
+    if not baseline or baseline["test_accuracy"] is None or history["test_accuracy"] is None:
+        return ""
+    if baseline["test_accuracy"] <= history["test_accuracy"]:
+        return ""
+    return (f"THE FROM-SCRATCH BASELINE BEATS THE TRANSFER MODEL: {baseline['test_accuracy']:.1%} "
+            f"against {history['test_accuracy']:.1%} on the test split. The transfer is not "
+            "working: check the backbone's weights, its preprocessing and the fine-tuning "
+            "learning rate.")
+
+
+def _baseline_lines(history) -> list[str]:
+    baseline = history.get("baseline")
+    if not baseline:
+        return []
+    phase = baseline["phase"]
+    transfer_epochs = sum(len(p["epochs"]) for p in history["phases"])
+    transfer_seconds = sum(p["wall_seconds"] for p in history["phases"])
+    return ["", "### Transfer against a from-scratch baseline", "",
+            "| model | test accuracy | epochs | wall s | parameters |",
+            "|---|---:|---:|---:|---:|",
+            f"| transfer ({history['backbone']}) | {_num(history.get('test_accuracy'))} | "
+            f"{transfer_epochs} | {transfer_seconds:.1f} | "
+            f"{history['phases'][0]['total_params']:,} |",
+            f"| baseline ({baseline['backbone']}, from scratch) | "
+            f"{_num(baseline['test_accuracy'])} | {len(phase['epochs'])} | "
+            f"{phase['wall_seconds']:.1f} | {baseline['params']:,} |"]
 
 
 def _parity_section(parity) -> list[str]:
@@ -143,6 +195,14 @@ def _artifacts_section(manifest) -> list[str]:
             lines.append(f"| {entry['name']} | `{entry['path']}` | "
                          f"{entry['size_bytes'] / 1024:,.0f} | `{entry['sha256'][:16]}…` |")
     return lines + [""]
+
+
+def _recipe_section(run_dir) -> list[str]:
+    path = Path(run_dir) / RECIPE
+    if not path.is_file():
+        return []
+    return ["## Recipe", "", "The resolved recipe (every default filled in):", "", "```toml",
+            path.read_text(encoding="utf-8").rstrip(), "```", ""]
 
 
 def _num(value, spec=".4f") -> str:

@@ -50,8 +50,9 @@ def atomic_path(path):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
-                                             dir=path.parent)
+        keep = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name[:-len(keep) or None]}.",
+                                             suffix=f".tmp{keep}", dir=path.parent)
     except OSError as error:
         raise RunDirError(f"cannot write to {path.parent}: {error.strerror}; "
                           "choose another output directory with --out") from None
@@ -136,6 +137,42 @@ def new_manifest(recipe, labels, image_size) -> dict:
 
 def record_stage(manifest: dict, stage: str, **facts) -> None:
     manifest["stages"][stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **facts}
+
+
+# Each stage depends on the stage before it and on its own recipe section.
+STAGE_INPUTS = {"export": ("train", "export"), "validate": ("export", "validate"),
+                "bench": ("validate", "bench")}
+
+
+def stage_hash(manifest: dict, recipe, stage: str) -> str | None:
+    """The hash a stage's outputs carry: the previous stage's hash plus its recipe section.
+
+    None when the previous stage has not run.
+    """
+    previous, section = STAGE_INPUTS[stage]
+    before = manifest["stages"].get(previous, {}).get("hash")
+    if before is None:
+        return None
+    text = f"{before}:{recipe.hash(section)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stage_is_current(run_dir, manifest: dict, stage: str, expected: str | None) -> bool:
+    """Whether `stage` already ran with `expected` hash and its outputs are intact."""
+    record = manifest["stages"].get(stage)
+    if expected is None or not record or record.get("hash") != expected:
+        return False
+    outputs = {"validate": [PARITY], "bench": [BENCH]}.get(stage, [])
+    if any(not (Path(run_dir) / name).is_file() for name in outputs):
+        return False
+    if stage in ("train", "export"):
+        family = {"train": ("keras",), "export": ("tflite", "onnx")}[stage]
+        for entry in artifacts(manifest):
+            if entry["format"] in family:
+                path = Path(run_dir) / entry["path"]
+                if not path.is_file() or sha256(path) != entry["sha256"]:
+                    return False
+    return True
 
 
 def artifacts(manifest: dict, *, include_failed=False) -> list[dict]:

@@ -1,94 +1,178 @@
-"""Transfer training in two phases: feature extraction, then fine-tuning.
+"""Transfer training in two phases: feature extraction, then fine-tuning; and the baseline.
 
 The phase where hand-written pipelines break is fine-tuning: BatchNorm layers running in
 training mode on a small data set wreck the pretrained statistics. Here BatchNorm stays in
-inference mode and frozen, each phase keeps its best weights by validation accuracy, and if
-fine-tuning ends below where feature extraction left off, tledge keeps the better weights and
-says so loudly.
+inference mode and frozen (unless the recipe says otherwise), each phase keeps its best
+weights by validation accuracy, and if fine-tuning ends below where feature extraction left
+off, tledge keeps the better weights and says so loudly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 import warnings
 
 import numpy as np
 
 from tledge.errors import TrainError
+from tledge.fit import PhaseResult, fit_phase, skipped, steps_per_epoch
 from tledge.model import build_backbone, build_classifier, find_backbone, is_pretrained
 
 
-@dataclasses.dataclass
-class PhaseResult:
-    name: str
-    epochs: list  # one dict per epoch: loss, accuracy, val_loss, val_accuracy
-    best_epoch: int | None
-    best_val_accuracy: float | None
-    wall_seconds: float
-    images_per_second: float
-    trainable_params: int
-    total_params: int
-    skipped: str | None = None
-
-
-def train_model(recipe, splits, *, weights_file=None, verbose="auto"):
+def train_model(recipe, splits, *, weights_file=None, verbose="auto", checkpoint_dir=None,
+                cache_dir=None, log=print):
     """Build and train the recipe's classifier on `splits`.
 
+    Args:
+        checkpoint_dir: where each epoch is saved so a killed run resumes; None for none.
+        cache_dir: where bottleneck features are cached; None computes them in memory.
+
     Returns:
-        (model, history) where history is a JSON-able dict of both phases and the verdict.
+        (model, history): the float32 Keras model and a JSON-able dict of both phases.
 
     Raises:
-        TrainError: the data cannot train this model (no training images, one class).
+        TrainError: the data cannot train this model, or the machine lacks what the recipe's
+            distribution strategy needs.
         WeightsError: the backbone weights cannot be obtained.
     """
     import keras
+    from tledge.distribute import precision, strategy_for
     if len(splits.y_train) == 0:
         raise TrainError("the training split is empty; lower data.val_fraction and "
                          "data.test_fraction or add images")
     keras.utils.set_random_seed(recipe.seed)
-    backbone = build_backbone(recipe, weights_file=weights_file)
-    model = build_classifier(recipe, splits.num_classes, backbone)
-    train_data = _dataset(recipe, splits.x_train, splits.y_train, training=True)
-    has_val = len(splits.y_val) > 0
-    if not has_val:
-        warnings.warn("the validation split is empty: best weights are chosen by training "
-                      "accuracy, which flatters the model; set data.val_fraction > 0")
-    val_data = _dataset(recipe, splits.x_val, splits.y_val, training=False) if has_val else None
+    strategy = strategy_for(recipe.train)
+    with precision(recipe.train), strategy.scope():
+        backbone = build_backbone(recipe, weights_file=weights_file)
+        model = build_classifier(recipe, splits.num_classes, backbone)
+        phases = _train_phases(recipe, splits, model, backbone, weights_file=weights_file,
+                               verbose=verbose, checkpoint_dir=checkpoint_dir,
+                               cache_dir=cache_dir, log=log)
+    if recipe.train.mixed_precision:
+        model = _float32_copy(recipe, splits.num_classes, model, weights_file)
+    verdict = _verdict(phases)
+    if verdict["regressed"]:
+        warnings.warn(verdict["message"])
+    history = {"phases": [dataclasses.asdict(phase) for phase in phases], "verdict": verdict,
+               "backbone": recipe.model.backbone, "backbone_layer": find_backbone(model).name,
+               "pretrained": is_pretrained(recipe),
+               "test_accuracy": evaluate(model, splits.x_test, splits.y_test),
+               "distribute": recipe.train.distribute, "devices": strategy.num_replicas_in_sync}
+    return model, history
+
+
+def _train_phases(recipe, splits, model, backbone, *, weights_file, verbose, checkpoint_dir,
+                  cache_dir, log):
+    from tledge.data.pipeline import augmentation, class_weights, make_dataset
     pretrained = is_pretrained(recipe)
     if not pretrained:
         _fast_batchnorm(backbone)
-    phases = []
+    weights = class_weights(splits.y_train, splits.num_classes) \
+        if recipe.train.class_weight == "balanced" else None
+    batch = recipe.data.batch_size
+    steps = steps_per_epoch(len(splits.y_train), batch)
+    augment = augmentation(recipe.data.augment, recipe.seed)
 
+    def datasets(train_x, val_x, with_augmentation):
+        train = make_dataset(train_x, splits.y_train, splits.num_classes, batch_size=batch,
+                             seed=recipe.seed, shuffle=True, weights=weights,
+                             augment=augment if with_augmentation else None)
+        val = make_dataset(val_x, splits.y_val, splits.num_classes, batch_size=batch,
+                           seed=recipe.seed) if len(splits.y_val) else None
+        return train, val
+
+    if not len(splits.y_val):
+        warnings.warn("the validation split is empty: best weights are chosen by training "
+                      "accuracy, which flatters the model; set data.val_fraction > 0")
+    common = dict(train_count=len(splits.y_train), steps_per_epoch=steps,
+                  checkpoint_dir=checkpoint_dir, verbose=verbose,
+                  jit_compile=recipe.train.jit_compile)
     extraction = recipe.train.feature_extraction
     backbone.trainable = not pretrained  # from scratch, the whole network learns in phase 1
-    phases.append(_fit(model, "feature_extraction" if pretrained else "from_scratch",
-                       extraction.epochs, extraction.learning_rate, train_data, val_data,
-                       len(splits.y_train), verbose, initial_epoch=0))
+    if pretrained and _use_bottlenecks(recipe) and extraction.epochs:
+        first = _fit_on_bottlenecks(recipe, splits, model, datasets, weights_file, common,
+                                    cache_dir, log)
+    else:
+        first = fit_phase(model, "feature_extraction" if pretrained else "from_scratch",
+                          extraction, *datasets(splits.x_train, splits.x_val, True), **common)
     after_extraction = model.get_weights()
 
     tune = recipe.train.fine_tune
     if not pretrained:
-        phases.append(_skipped("fine_tune", "weights = \"none\": the whole network already "
-                                            "trained from scratch"))
+        second = skipped("fine_tune", "weights = \"none\": the whole network already trained "
+                                      "from scratch")
     elif tune.epochs == 0:
-        phases.append(_skipped("fine_tune", "train.fine_tune.epochs = 0"))
+        second = skipped("fine_tune", "train.fine_tune.epochs = 0")
     else:
-        unfrozen = unfreeze_top(backbone, tune.unfreeze, recipe.model.backbone)
-        result = _fit(model, "fine_tune", tune.epochs, tune.learning_rate, train_data,
-                      val_data, len(splits.y_train), verbose, initial_epoch=extraction.epochs)
-        result.unfrozen_layers = unfrozen
-        phases.append(result)
+        unfrozen = unfreeze_top(backbone, tune.unfreeze, recipe.model.backbone,
+                                batchnorm=tune.batchnorm)
+        second = fit_phase(model, "fine_tune", tune,
+                           *datasets(splits.x_train, splits.x_val, True),
+                           initial_epoch=extraction.epochs, **common)
+        second.unfrozen_layers = unfrozen
+        if _verdict([first, second])["regressed"]:
+            model.set_weights(after_extraction)
+    return [first, second]
 
-    verdict = _verdict(phases)
-    if verdict["kept"] == "feature_extraction" and phases[1].skipped is None:
-        model.set_weights(after_extraction)
-        warnings.warn(verdict["message"])
-    history = {"phases": [dataclasses.asdict(phase) | _extra(phase) for phase in phases],
-               "verdict": verdict, "backbone": recipe.model.backbone,
-               "backbone_layer": find_backbone(model).name,
-               "pretrained": pretrained}
-    return model, history
+
+def _use_bottlenecks(recipe) -> bool:
+    mode = recipe.train.cache_bottlenecks
+    if mode == "never" or recipe.train.distribute != "none":
+        return False
+    return mode == "always" or not recipe.data.augment.active
+
+
+def _fit_on_bottlenecks(recipe, splits, model, datasets, weights_file, common, cache_dir, log):
+    """Feature extraction on cached backbone features: the same head, many times faster."""
+    import time
+    from tledge.bottlenecks import (bottleneck_key, cached_features, compute_features,
+                                    feature_extractor, head_model)
+    start = time.perf_counter()
+    extractor = feature_extractor(model)
+    if cache_dir is None:
+        train_features = compute_features(extractor, splits.x_train)
+        val_features = compute_features(extractor, splits.x_val)
+        status = "computed"
+    else:
+        key = bottleneck_key(recipe, splits, weights_file)
+        train_features, val_features, status = cached_features(cache_dir, key, extractor, splits)
+    feature_seconds = time.perf_counter() - start
+    if recipe.data.augment.active:
+        log("feature extraction: training on cached bottlenecks, so without augmentation "
+            "(train.cache_bottlenecks = \"always\")")
+    log(f"feature extraction: bottleneck features {status} "
+        f"({train_features.shape[1]} per image, {feature_seconds:.1f} s)")
+    head = head_model(model)
+    result = fit_phase(head, "feature_extraction", recipe.train.feature_extraction,
+                       *datasets(train_features, val_features, False), **common)
+    result.bottlenecks = status
+    result.feature_seconds = round(feature_seconds, 3)
+    result.wall_seconds = round(result.wall_seconds + feature_seconds, 3)
+    result.total_params = int(model.count_params())
+    return result
+
+
+def _float32_copy(recipe, num_classes, model, weights_file):
+    """The trained model rebuilt in float32, so every export starts from float32."""
+    backbone = build_backbone(dataclasses.replace(
+        recipe, model=dataclasses.replace(recipe.model, weights="none")))
+    copy = build_classifier(recipe, num_classes, backbone)
+    copy.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
+    return copy
+
+
+def evaluate(model, images, labels, batch=64) -> float | None:
+    """Top-1 accuracy of a Keras model on uint8 images (None when there are none)."""
+    if not len(labels):
+        return None
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def run(x):
+        return model(x, training=False)
+    predicted = np.concatenate([run(tf.constant(images[i:i + batch], tf.float32)).numpy()
+                                for i in range(0, len(images), batch)]).argmax(axis=1)
+    return float(np.mean(predicted == labels))
 
 
 def _fast_batchnorm(backbone) -> None:
@@ -102,14 +186,6 @@ def _fast_batchnorm(backbone) -> None:
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = min(layer.momentum, 0.9)
-
-
-def _extra(phase) -> dict:
-    return {"unfrozen_layers": getattr(phase, "unfrozen_layers", None)}
-
-
-def _skipped(name, reason) -> PhaseResult:
-    return PhaseResult(name, [], None, None, 0.0, 0.0, 0, 0, skipped=reason)
 
 
 def _verdict(phases) -> dict:
@@ -127,11 +203,11 @@ def _verdict(phases) -> dict:
     return {"kept": "fine_tune", "regressed": False, "message": ""}
 
 
-def unfreeze_top(backbone, unfreeze, backbone_name) -> int:
-    """Make the top layers of `backbone` trainable, BatchNorm excepted; return how many.
+def unfreeze_top(backbone, unfreeze, backbone_name, *, batchnorm="frozen") -> int:
+    """Make the top layers of `backbone` trainable; return how many layers with weights.
 
     `unfreeze` is a count of top layers, a layer name (that layer and everything above it)
-    or "all".
+    or "all". BatchNorm layers stay frozen (inference mode) unless `batchnorm` is "train".
     """
     import keras
     layers = backbone.layers
@@ -154,84 +230,51 @@ def unfreeze_top(backbone, unfreeze, backbone_name) -> int:
     backbone.trainable = True
     count = 0
     for index, layer in enumerate(layers):
-        trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = trainable
-        count += trainable and bool(layer.weights)
+        is_batchnorm = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = index >= start and (batchnorm == "train" or not is_batchnorm)
+        count += layer.trainable and bool(layer.weights)
     return count
 
 
-class _KeepBest:
-    """Keeps the weights of the epoch with the best monitored accuracy (in memory)."""
+def train_baseline(recipe, splits, *, verbose="auto", log=print):
+    """Train the recipe's `[baseline]` from scratch on the same split.
 
-    def __new__(cls, monitor):
-        import keras
-
-        class KeepBest(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.best, self.best_epoch, self.weights = -1.0, None, None
-
-            def on_epoch_end(self, epoch, logs=None):
-                value = (logs or {}).get(monitor)
-                if value is not None and value > self.best:
-                    self.best, self.best_epoch = float(value), epoch
-                    self.weights = self.model.get_weights()
-
-            def on_train_end(self, logs=None):
-                if self.weights is not None:
-                    self.model.set_weights(self.weights)
-
-        return KeepBest()
-
-
-def _fit(model, name, epochs, learning_rate, train_data, val_data, train_count, verbose,
-         *, initial_epoch) -> PhaseResult:
+    Returns:
+        (summary, model): a JSON-able summary (phase, test accuracy, parameters) and the model.
+    """
+    import time
     import keras
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
-    total = int(model.count_params())
-    if epochs == 0:
-        return _skipped(name, "0 epochs")
-    monitor = "val_accuracy" if val_data is not None else "accuracy"
-    keep_best = _KeepBest(monitor)
+    from tledge.data.pipeline import augmentation, make_dataset
+    from tledge.recipe import PhaseRecipe
+    settings = recipe.baseline
+    baseline_recipe = dataclasses.replace(
+        recipe, model=dataclasses.replace(recipe.model, backbone=settings.backbone,
+                                          weights="none", alpha=None))
+    keras.utils.set_random_seed(recipe.seed)
+    backbone = build_backbone(baseline_recipe)
+    _fast_batchnorm(backbone)
+    model = build_classifier(baseline_recipe, splits.num_classes, backbone)
+    phase = PhaseRecipe(epochs=settings.epochs, learning_rate=settings.learning_rate,
+                        optimizer=settings.optimizer, early_stopping=settings.early_stopping)
+    batch = recipe.data.batch_size
+    train = make_dataset(splits.x_train, splits.y_train, splits.num_classes, batch_size=batch,
+                         seed=recipe.seed, shuffle=True,
+                         augment=augmentation(recipe.data.augment, recipe.seed))
+    val = make_dataset(splits.x_val, splits.y_val, splits.num_classes, batch_size=batch,
+                       seed=recipe.seed) if len(splits.y_val) else None
     start = time.perf_counter()
-    fit = model.fit(train_data, validation_data=val_data, epochs=initial_epoch + epochs,
-                    initial_epoch=initial_epoch, callbacks=[keep_best], verbose=verbose)
-    wall = time.perf_counter() - start
-    keys = list(fit.history)
-    rows = [{"epoch": initial_epoch + index + 1,
-             **{key: float(fit.history[key][index]) for key in keys}}
-            for index in range(len(fit.history[keys[0]]))]
-    best_epoch = None if keep_best.best_epoch is None else keep_best.best_epoch + 1
-    return PhaseResult(name, rows, best_epoch, keep_best.best if keep_best.weights else None,
-                       round(wall, 3), round(train_count * epochs / wall, 1), trainable, total)
+    result = fit_phase(model, "baseline", phase, train, val, train_count=len(splits.y_train),
+                       steps_per_epoch=steps_per_epoch(len(splits.y_train), batch),
+                       verbose=verbose)
+    accuracy = evaluate(model, splits.x_test, splits.y_test)
+    log(f"baseline: {settings.backbone} from scratch, test accuracy "
+        f"{_percent(accuracy)} in {time.perf_counter() - start:.0f} s")
+    return {"backbone": settings.backbone, "phase": dataclasses.asdict(result),
+            "test_accuracy": accuracy, "params": int(model.count_params())}, model
 
 
-def augmentation(recipe):
-    """The training-only augmentation layers, or None."""
-    import keras
-    augment = recipe.data.augment
-    layers = []
-    if augment.flip != "none":
-        layers.append(keras.layers.RandomFlip(augment.flip, seed=recipe.seed))
-    if augment.rotation:
-        layers.append(keras.layers.RandomRotation(augment.rotation, seed=recipe.seed))
-    if augment.zoom:
-        layers.append(keras.layers.RandomZoom((-augment.zoom, augment.zoom), seed=recipe.seed))
-    return keras.Sequential(layers, name="augment") if layers else None
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
-def _dataset(recipe, images, labels, *, training):
-    import tensorflow as tf
-    data = tf.data.Dataset.from_tensor_slices((images, labels.astype("int32")))
-    if training:
-        data = data.shuffle(len(labels), seed=recipe.seed, reshuffle_each_iteration=True)
-    data = data.batch(recipe.data.batch_size)
-    data = data.map(lambda x, y: (tf.cast(x, tf.float32), y))
-    augment = augmentation(recipe) if training else None
-    if augment is not None:
-        # augmentation sits in the input pipeline, not in the model: exported graphs stay clean
-        data = data.map(lambda x, y: (tf.clip_by_value(augment(x, training=True), 0, 255), y),
-                        num_parallel_calls=tf.data.AUTOTUNE)
-    return data.prefetch(tf.data.AUTOTUNE)
+__all__ = ["PhaseResult", "train_model", "train_baseline", "unfreeze_top", "evaluate"]

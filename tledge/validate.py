@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from tledge.errors import RuntimeUnavailable
-from tledge.rundir import (PARITY, artifacts, read_manifest, record_stage, write_json,
-                           write_manifest)
+from tledge.rundir import (PARITY, artifacts, read_json, read_manifest, record_stage,
+                           stage_hash, write_json, write_manifest)
 from tledge.runners import load
 
 BATCH = 64
@@ -34,6 +34,7 @@ class ParityRow:
     mean_abs_diff: float | None = None
     thresholds: dict | None = None
     problems: list = dataclasses.field(default_factory=list)
+    sha256: str | None = None  # of the artifact file judged: a re-export makes the row stale
 
 
 @dataclasses.dataclass
@@ -49,6 +50,16 @@ class ParityReport:
     def to_dict(self) -> dict:
         return {"split": self.split, "images": self.images,
                 "rows": [dataclasses.asdict(row) for row in self.rows]}
+
+
+def load_parity(run_dir) -> ParityReport | None:
+    """The parity report a run's validate stage wrote, or None before it ran."""
+    path = Path(run_dir) / PARITY
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    return ParityReport(data["split"], data["images"],
+                        [ParityRow(**row) for row in data["rows"]])
 
 
 def predict_all(runner, images, batch=BATCH) -> np.ndarray:
@@ -92,7 +103,8 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
     reference = predict_all(runner, images)
     runner.close()
     reference_accuracy = float(np.mean(reference.argmax(axis=1) == labels))
-    rows = [ParityRow("keras", "keras", "reference", accuracy=reference_accuracy)]
+    rows = [ParityRow("keras", "keras", "reference", accuracy=reference_accuracy,
+                      sha256=reference_entry["sha256"])]
     log(f"  {'keras':<12} accuracy {reference_accuracy:.4f} on {len(labels)} {split} images "
         "(reference)")
     for entry in entries:
@@ -108,7 +120,7 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
         row = compare(predict_all(runner, images), reference, labels, reference_accuracy,
                       thresholds)
         runner.close()
-        row.artifact, row.runtime = entry["name"], runner.runtime
+        row.artifact, row.runtime, row.sha256 = entry["name"], runner.runtime, entry["sha256"]
         rows.append(row)
         verdict = "passed" if row.status == "passed" else "FAILED: " + "; ".join(row.problems)
         log(f"  {entry['name']:<12} accuracy {row.accuracy:.4f}  drop {row.accuracy_drop:+.4f}  "
@@ -120,6 +132,7 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
     report = ParityReport(split, len(labels), rows)
     write_json(run_dir / PARITY, report.to_dict())
     record_stage(manifest, "validate", split=split, images=len(labels),
+                 hash=stage_hash(manifest, recipe, "validate"),
                  failed=[row.artifact for row in report.failed])
     write_manifest(run_dir, manifest)
     return report

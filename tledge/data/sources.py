@@ -177,6 +177,11 @@ def _npz(data, size, seed):
     except (OSError, EOFError) as error:
         raise DataError(f"{path}: not a readable .npz file ({error}); write it with "
                         "numpy.savez") from None
+    known = {f"{axis}_{split}" for axis in "xy" for split in _SPLITS} | {"class_names"}
+    unknown = sorted(set(arrays) - known)
+    if unknown:
+        raise DataError(f"{path}: unknown array(s) {', '.join(unknown)}; tledge reads "
+                        f"{', '.join(sorted(known))}")
     given = {}
     for split in _SPLITS:
         x_key, y_key = f"x_{split}", f"y_{split}"
@@ -203,6 +208,8 @@ def _npz(data, size, seed):
         class_names = tuple(str(name) for name in names)
     else:
         class_names = tuple(str(label) for label in range(largest + 1))
+    if len(class_names) < 2:
+        raise DataError(f"{path}: only one class; a classifier needs at least 2")
     return given, class_names, {"path": str(path)}
 
 
@@ -218,7 +225,10 @@ def _npz_images(path, key, x, size):
         if x.size and np.nanmax(x) <= 1.0 and np.nanmax(x) > 0:
             raise DataError(f"{path}: '{key}' holds floats in 0-1; tledge expects pixel "
                             "values 0-255 (multiply by 255 or store uint8)")
-        x = np.clip(np.rint(np.nan_to_num(x)), 0, 255).astype(np.uint8)
+        if x.size and (np.nanmin(x) < 0 or np.nanmax(x) > 255):
+            raise DataError(f"{path}: '{key}' holds values outside 0-255 "
+                            f"({np.nanmin(x):g} to {np.nanmax(x):g}); store pixel values")
+        x = np.rint(np.nan_to_num(x)).astype(np.uint8)
     elif x.dtype != np.uint8:
         if x.dtype.kind not in "iu" or (x.size and (x.min() < 0 or x.max() > 255)):
             raise DataError(f"{path}: '{key}' must be uint8 (or 0-255 numbers), found "

@@ -14,7 +14,8 @@ from tledge.errors import ExportError, RunDirError, first_line
 from tledge.formats import FORMATS, format_for
 from tledge.quiet import quiet
 from tledge.rundir import (artifact_entry, atomic_path, failed_entry, find_artifact,
-                           read_manifest, record_stage, set_artifact, write_manifest)
+                           read_manifest, record_stage, set_artifact, stage_hash,
+                           write_manifest)
 
 
 def _exporter(family):
@@ -85,6 +86,7 @@ def export_run(run_dir, *, only=None, log=print) -> list[dict]:
             log(f"  {row.name:<12} FAILED: {reason}")
         set_artifact(manifest, entry)
         entries.append(entry)
-    record_stage(manifest, "export", formats=[row.name for row in rows])
+    record_stage(manifest, "export", formats=[row.name for row in rows],
+                 hash=stage_hash(manifest, recipe, "export") if not only else None)
     write_manifest(run_dir, manifest)
     return entries

@@ -98,9 +98,11 @@ def runtimes_for(family: str) -> tuple[str, ...]:
     return tuple(name for name, row in RUNTIMES.items() if family in row.families)
 
 
-def load(artifact: dict, run_dir, runtime: str | None = None, *, threads: int = 1,
+def load(artifact: dict, run_dir, runtime: str | None = None, *, threads: int | None = None,
          device: str = "cpu") -> Runner:
     """Load a manifest artifact in a runtime (its first runtime when none is named).
+
+    `threads` None leaves the runtime's own default (validation); benchmarks name a count.
 
     Raises:
         RuntimeUnavailable: the runtime is not installed, cannot run this artifact, or

@@ -19,7 +19,8 @@ class KerasRunner(Runner):
         from tledge.model import load_model
         if device == "gpu" and not tf.config.list_physical_devices("GPU"):
             raise RuntimeUnavailable("TensorFlow sees no GPU")
-        _set_threads(tf, threads)
+        if threads is not None:
+            _set_threads(tf, threads)
         self._device = "/GPU:0" if device == "gpu" else "/CPU:0"
         with tf.device(self._device):
             self.model = load_model(path)
@@ -37,13 +38,23 @@ class KerasRunner(Runner):
 
 
 def _set_threads(tf, threads):
-    """TensorFlow fixes its thread pools once per process; later requests are ignored."""
+    """Ask TensorFlow for `threads`; it fixes its thread pool once per process.
+
+    Raises:
+        RuntimeUnavailable: the pool is already fixed at another size in this process, so a
+            row labelled with `threads` would describe something else.
+    """
+    import os
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:
         pass
+    effective = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
+    if effective != threads:
+        raise RuntimeUnavailable(f"TensorFlow's thread pool is already fixed at {effective} "
+                                 f"threads in this process, not {threads}")
 
 
-def load_keras(path, spec, *, threads=1, device="cpu") -> KerasRunner:
+def load_keras(path, spec, *, threads=None, device="cpu") -> KerasRunner:
     return KerasRunner(path, spec, threads, device)

@@ -38,5 +38,5 @@ class LiteRTRunner(Runner):
         return interpreter.get_tensor(self._output)
 
 
-def load_litert(path, spec, *, threads=1, device="cpu") -> LiteRTRunner:
+def load_litert(path, spec, *, threads=None, device="cpu") -> LiteRTRunner:
     return LiteRTRunner(path, spec, threads, device)

@@ -23,8 +23,9 @@ class OnnxRuntimeRunner(Runner):
             raise RuntimeUnavailable(f"no {provider or device} in this onnxruntime "
                                      f"(has {', '.join(onnxruntime.get_available_providers())})")
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.session = onnxruntime.InferenceSession(str(path), options, providers=[provider])
         self._input = self.session.get_inputs()[0].name
@@ -33,5 +34,5 @@ class OnnxRuntimeRunner(Runner):
         return self.session.run(None, {self._input: prepared})[0]
 
 
-def load_onnxruntime(path, spec, *, threads=1, device="cpu") -> OnnxRuntimeRunner:
+def load_onnxruntime(path, spec, *, threads=None, device="cpu") -> OnnxRuntimeRunner:
     return OnnxRuntimeRunner(path, spec, threads, device)

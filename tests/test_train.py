@@ -1,0 +1,290 @@
+"""Training in depth: bottlenecks, schedules, early stopping, class weights, augmentation,
+the baseline, distribution, mixed precision, resume and skipping stages that are current."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import SMALL_RECIPE, write_recipe
+from tledge.recipe import load_recipe
+
+TRANSFER_TABLES = """
+[train.feature_extraction]
+epochs = {fe_epochs}
+learning_rate = {fe_lr}
+{fe_extra}
+
+[train.fine_tune]
+epochs = {ft_epochs}
+learning_rate = {ft_lr}
+unfreeze = 6
+{ft_extra}
+"""
+
+
+def transfer_recipe(folder, base_model, *, name="transfer", fe_epochs=3, ft_epochs=0,
+                    fe_lr=3e-3, ft_lr=1e-4, fe_extra="", ft_extra="", train_extra="", extra_tables="", samples=30):
+    """A small_cnn transfer recipe starting from `base_model` (a trained .keras file)."""
+    text = SMALL_RECIPE.format(name=name, epochs=fe_epochs, threads=1)
+    text = text.replace('weights = "none"', f'weights = "{base_model}"')
+    text = text.replace("samples_per_class = 60", f"samples_per_class = {samples}")
+    head, rest = text.split("[train.feature_extraction]", 1)
+    rest = rest.split("[export]", 1)[1]
+    tables = TRANSFER_TABLES.format(fe_epochs=fe_epochs, ft_epochs=ft_epochs, fe_lr=fe_lr, ft_lr=ft_lr,
+                                    fe_extra=fe_extra, ft_extra=ft_extra)
+    text = head + f"[train]\n{train_extra}\n" + tables + extra_tables + "\n[export]" + rest
+    return load_recipe(write_recipe(folder, text, name=f"{name}.toml"))
+
+
+@pytest.fixture(scope="module")
+def base_model(built_run):
+    return built_run[0] / "model.keras"
+
+
+def train(recipe, **kwargs):
+    from tledge.data import load_splits
+    from tledge.train import train_model
+    splits = load_splits(recipe.data, seed=recipe.seed)
+    model, history = train_model(recipe, splits, verbose=0, log=lambda line: None, **kwargs)
+    return model, history, splits
+
+
+def test_bottlenecks_train_the_same_head_and_are_cached(base_model, tmp_path):
+    cached = transfer_recipe(tmp_path, base_model, fe_epochs=4)
+    plain = transfer_recipe(tmp_path, base_model, name="plain", fe_epochs=4,
+                            train_extra='cache_bottlenecks = "never"')
+    _, with_cache, _ = train(cached, cache_dir=tmp_path / "cache")
+    _, without, _ = train(plain)
+    first = with_cache["phases"][0]
+    assert first["bottlenecks"] == "computed" and without["phases"][0]["bottlenecks"] is None
+    assert abs(first["best_val_accuracy"] - without["phases"][0]["best_val_accuracy"]) <= 0.15
+    assert abs(with_cache["test_accuracy"] - without["test_accuracy"]) <= 0.15
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    _, again, _ = train(cached, cache_dir=tmp_path / "cache")
+    assert again["phases"][0]["bottlenecks"] == "cached"
+
+
+def test_augmentation_turns_the_cache_off_unless_the_recipe_allows_it(base_model, tmp_path):
+    from tledge.train import _use_bottlenecks
+    augmented = transfer_recipe(tmp_path, base_model).data.augment.__class__(flip="horizontal")
+    import dataclasses
+    recipe = transfer_recipe(tmp_path, base_model)
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, augment=augmented))
+    assert not _use_bottlenecks(recipe)
+    always = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train,
+                                                                    cache_bottlenecks="always"))
+    assert _use_bottlenecks(always)
+
+
+def test_the_head_on_cached_features_equals_the_full_model(base_model, tmp_path):
+    from tledge.bottlenecks import compute_features, feature_extractor, head_model
+    model, _, splits = train(transfer_recipe(tmp_path, base_model, fe_epochs=1))
+    images = splits.x_test[:8]
+    features = compute_features(feature_extractor(model), images)
+    np.testing.assert_allclose(head_model(model)(features, training=False).numpy(),
+                               model(images.astype(np.float32), training=False).numpy(),
+                               atol=1e-5)
+
+
+def test_cosine_warmup_rises_then_falls_and_plateau_halves(base_model, tmp_path):
+    cosine = transfer_recipe(tmp_path, base_model, fe_epochs=6,
+                             fe_extra='schedule = "cosine"\nwarmup_epochs = 2')
+    _, history, _ = train(cosine)
+    rates = [row["learning_rate"] for row in history["phases"][0]["epochs"]]
+    assert rates[0] < rates[1] and rates[1] == pytest.approx(3e-3, rel=0.05)
+    assert rates[-1] < rates[2] < rates[1]
+
+
+def test_early_stopping_ends_a_phase_that_stops_improving(base_model, tmp_path):
+    recipe = transfer_recipe(tmp_path, base_model, fe_epochs=30, fe_lr=0.0,
+                             fe_extra="early_stopping = 1")
+    _, history, _ = train(recipe)
+    phase = history["phases"][0]
+    assert phase["stopped_early"] and len(phase["epochs"]) < 30
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "rmsprop"])
+def test_every_optimizer_trains_with_label_smoothing(base_model, tmp_path, optimizer):
+    recipe = transfer_recipe(tmp_path, base_model, fe_epochs=1, ft_epochs=1,
+                             ft_extra=f'optimizer = "{optimizer}"\nlabel_smoothing = 0.1')
+    _, history, _ = train(recipe)
+    assert history["phases"][1]["epochs"][0]["loss"] > 0
+
+
+def test_balanced_class_weights():
+    from tledge.data.pipeline import class_weights
+    weights = class_weights(np.array([0, 0, 0, 1, 2, 2]), 4)
+    np.testing.assert_allclose(weights, [6 / 9, 2.0, 1.0, 0.0])
+    assert np.sum(weights[[0, 0, 0, 1, 2, 2]]) == pytest.approx(6.0)
+
+
+def test_augmentation_layers_change_training_images_only_within_pixel_range():
+    from tledge.data.pipeline import augmentation, make_dataset
+    from tledge.recipe import AugmentRecipe
+    augment = augmentation(AugmentRecipe(flip="horizontal", rotation=0.1, zoom=0.1,
+                                         translation=0.1, contrast=0.3, brightness=0.2), seed=0)
+    assert len(augment.layers) == 6
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(8) % 2
+    batch, _ = next(iter(make_dataset(images, labels, 2, batch_size=8, seed=0, augment=augment)))
+    plain, _ = next(iter(make_dataset(images, labels, 2, batch_size=8, seed=0)))
+    assert not np.array_equal(batch.numpy(), plain.numpy())
+    assert np.array_equal(plain.numpy(), images.astype(np.float32))
+    assert batch.numpy().min() >= 0 and batch.numpy().max() <= 255
+    assert augmentation(AugmentRecipe(), seed=0) is None
+
+
+def test_fine_tune_that_regresses_restores_the_extraction_weights(base_model, tmp_path):
+    recipe = transfer_recipe(tmp_path, base_model, fe_epochs=4, ft_epochs=2, ft_lr=5.0,
+                             ft_extra='optimizer = "sgd"')
+    model, history, splits = train(recipe)
+    verdict = history["verdict"]
+    assert verdict["regressed"] and verdict["kept"] == "feature_extraction"
+    from tledge.train import evaluate
+    assert evaluate(model, splits.x_val, splits.y_val) == pytest.approx(
+        history["phases"][0]["best_val_accuracy"], abs=1e-6)
+
+
+def test_baseline_is_trained_and_reported_beside_the_transfer(base_model, tmp_path):
+    from tledge.pipeline import train_run
+    from tledge.report import report_run
+    recipe = transfer_recipe(tmp_path, base_model, fe_epochs=2,
+                             extra_tables="[baseline]\nepochs = 2\n")
+    run_dir = train_run(recipe, tmp_path / "run", log=lambda line: None, verbose=0)
+    history = json.loads((run_dir / "history.json").read_text())
+    assert history["baseline"]["backbone"] == "small_cnn"
+    assert len(history["baseline"]["phase"]["epochs"]) == 2
+    assert 0.0 <= history["baseline"]["test_accuracy"] <= 1.0
+    assert (run_dir / "baseline.keras").is_file()
+    report = report_run(run_dir).read_text()
+    assert "Transfer against a from-scratch baseline" in report
+    assert "baseline (small_cnn, from scratch)" in report
+
+
+def test_report_says_loudly_when_the_baseline_wins():
+    from tledge.report import baseline_warning
+    history = {"test_accuracy": 0.33, "baseline": {"test_accuracy": 0.63}}
+    assert "THE FROM-SCRATCH BASELINE BEATS THE TRANSFER MODEL: 63.0% against 33.0%" in \
+        baseline_warning(history)
+    assert baseline_warning({"test_accuracy": 0.7, "baseline": {"test_accuracy": 0.6}}) == ""
+
+
+MIRRORED = """
+import sys, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * {n})
+from tledge.data import load_splits
+from tledge.recipe import load_recipe
+from tledge.train import train_model
+from tledge.errors import TrainError
+recipe = load_recipe(sys.argv[1])
+try:
+    model, history = train_model(recipe, load_splits(recipe.data, seed=0), verbose=0)
+except TrainError as error:
+    print("TRAIN-ERROR", error)
+else:
+    print("DEVICES", history["devices"], "ACCURACY", history["test_accuracy"])
+"""
+
+
+@pytest.mark.parametrize("devices", [2, 1])
+def test_mirrored_strategy_on_logical_cpus(tmp_path, devices):
+    text = SMALL_RECIPE.format(name="mirror", epochs=2, threads=1).replace(
+        "[export]", '[train]\ndistribute = "mirrored"\n\n[export]').replace(
+        "samples_per_class = 60", "samples_per_class = 16")
+    path = write_recipe(tmp_path, text)
+    result = subprocess.run([sys.executable, "-c", MIRRORED.format(n=devices), str(path)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if devices == 2:
+        assert "DEVICES 2" in result.stdout, result.stdout + result.stderr[-2000:]
+    else:
+        assert "TRAIN-ERROR" in result.stdout and "needs at least 2 devices" in result.stdout
+
+
+def test_multi_worker_without_tf_config_is_a_clear_error(tmp_path, monkeypatch):
+    from tledge.distribute import strategy_for
+    from tledge.errors import TrainError
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    recipe = load_recipe(write_recipe(tmp_path, SMALL_RECIPE.format(
+        name="multi", epochs=1, threads=1).replace(
+        "[export]", '[train]\ndistribute = "multi_worker"\n\n[export]')))
+    with pytest.raises(TrainError, match="TF_CONFIG"):
+        strategy_for(recipe.train)
+
+
+def test_mixed_precision_trains_and_hands_over_a_float32_model(tmp_path):
+    import keras
+    text = SMALL_RECIPE.format(name="mixed", epochs=1, threads=1).replace(
+        "[export]", "[train]\nmixed_precision = true\n\n[export]").replace(
+        "samples_per_class = 60", "samples_per_class = 8")
+    with pytest.warns(UserWarning, match="without a GPU"):
+        model, history, _ = train(load_recipe(write_recipe(tmp_path, text)))
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert {w.dtype for w in model.weights} == {"float32"}
+    assert all(layer.compute_dtype == "float32" for layer in model.layers)
+
+
+def test_a_second_build_skips_current_stages_and_force_redoes_them(base_model, tmp_path):
+    from tledge.pipeline import build
+    recipe = transfer_recipe(tmp_path, base_model, fe_epochs=1, ft_epochs=1, samples=10)
+    lines = []
+    build(recipe.path, out=tmp_path / "run", log=lines.append, verbose=0)
+    assert (tmp_path / "run" / "bench.json").is_file()
+    lines.clear()
+    build(recipe.path, out=tmp_path / "run", log=lines.append, verbose=0)
+    skipped = [line for line in lines if "up to date" in line]
+    assert len(skipped) == 4, lines  # train, export, validate, bench
+    lines.clear()
+    build(recipe.path, out=tmp_path / "run", log=lines.append, verbose=0, force=True)
+    assert not [line for line in lines if "up to date" in line]
+    assert any(line.startswith("== train") for line in lines)
+
+
+def test_a_changed_section_redoes_its_stage_and_the_ones_after(base_model, tmp_path):
+    from tledge.pipeline import build
+    recipe = transfer_recipe(tmp_path, base_model, fe_epochs=1, samples=10)
+    build(recipe.path, out=tmp_path / "run", log=lambda line: None, verbose=0)
+    text = open(recipe.path).read().replace("min_runs = 5", "min_runs = 6")
+    open(recipe.path, "w").write(text)
+    lines = []
+    build(recipe.path, out=tmp_path / "run", log=lines.append, verbose=0)
+    skipped = {line.split()[1].rstrip(":") for line in lines if "up to date" in line}
+    assert skipped == {"train", "export", "validate"}
+
+
+def test_a_build_killed_mid_training_resumes_from_its_last_epoch(tmp_path):
+    text = SMALL_RECIPE.format(name="killed", epochs=60, threads=1).replace(
+        "samples_per_class = 60", "samples_per_class = 30")
+    path = write_recipe(tmp_path, text)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "tledge", "train", str(path), "--out", str(run_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    states = []
+    while time.time() < deadline and process.poll() is None:
+        states = list(run_dir.glob("checkpoints/*/from_scratch.state.json"))
+        if states and len(json.loads(states[0].read_text())["rows"]) >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training ended before it could be interrupted"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(json.loads(states[0].read_text())["rows"])
+    assert not (run_dir / "model.keras").exists()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from the checkpoints" in result.stdout, result.stdout[-2000:]
+    history = json.loads((run_dir / "history.json").read_text())
+    phase = history["phases"][0]
+    assert phase["resumed_from_epoch"] >= done, (phase["resumed_from_epoch"], done)
+    assert [row["epoch"] for row in phase["epochs"]] == list(range(1, 61))
+    assert not (run_dir / "checkpoints").exists()

@@ -1,0 +1,207 @@
+"""One training phase: optimizer, schedule, early stopping, best weights, and resume.
+
+`fit_phase` runs `model.fit` for one phase of a recipe and returns a `PhaseResult`. It keeps
+the weights of the best epoch by validation accuracy and restores them at the end. With a
+checkpoint folder, every epoch is saved (model and optimizer state through keras'
+`BackupAndRestore`, the epoch table and best weights by tledge), so a build killed
+mid-training restarts from the last finished epoch, and a finished phase is not run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class PhaseResult:
+    name: str
+    epochs: list  # one dict per epoch: loss, accuracy, val_loss, val_accuracy, learning_rate
+    best_epoch: int | None
+    best_val_accuracy: float | None
+    wall_seconds: float
+    images_per_second: float
+    trainable_params: int
+    total_params: int
+    skipped: str | None = None
+    unfrozen_layers: int | None = None
+    bottlenecks: str | None = None  # "cached" | "computed" when the head trained on features
+    feature_seconds: float | None = None  # computing (or reading) those features, once
+    stopped_early: bool = False
+    resumed_from_epoch: int | None = None
+
+
+def skipped(name, reason) -> PhaseResult:
+    return PhaseResult(name, [], None, None, 0.0, 0.0, 0, 0, skipped=reason)
+
+
+def make_optimizer(name: str, learning_rate):
+    import keras
+    optimizers = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW,
+                  "sgd": lambda lr: keras.optimizers.SGD(lr, momentum=0.9),
+                  "rmsprop": keras.optimizers.RMSprop}
+    return optimizers[name](learning_rate)
+
+
+def learning_rate(phase, steps_per_epoch: int):
+    """A float, or a keras schedule for `cosine` (with linear warm-up when asked)."""
+    import keras
+    if phase.schedule != "cosine":
+        return phase.learning_rate
+    warmup = phase.warmup_epochs * steps_per_epoch
+    total = max(phase.epochs * steps_per_epoch - warmup, 1)
+    if warmup:
+        return keras.optimizers.schedules.CosineDecay(0.0, total, warmup_target=phase.learning_rate,
+                                                      warmup_steps=warmup)
+    return keras.optimizers.schedules.CosineDecay(phase.learning_rate, total)
+
+
+def compile_for(model, phase, steps_per_epoch, *, jit_compile=False):
+    import keras
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=phase.label_smoothing)
+    model.compile(optimizer=make_optimizer(phase.optimizer, learning_rate(phase, steps_per_epoch)),
+                  loss=loss, metrics=["accuracy"], jit_compile=jit_compile)
+
+
+def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_per_epoch,
+              initial_epoch=0, checkpoint_dir=None, verbose="auto",
+              jit_compile=False) -> PhaseResult:
+    """Compile `model` for `phase` and train it; return what happened, epoch by epoch."""
+    import keras
+    compile_for(model, phase, steps_per_epoch, jit_compile=jit_compile)
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    total = int(model.count_params())
+    if phase.epochs == 0:
+        return skipped(name, "0 epochs")
+    store = _PhaseStore(checkpoint_dir, name) if checkpoint_dir else None
+    if store and store.finished():
+        return store.load_finished(model)
+    monitor = "val_accuracy" if val_data is not None else "accuracy"
+    recorder = _Recorder(monitor, store)
+    callbacks = [recorder]
+    if store:
+        callbacks.insert(0, keras.callbacks.BackupAndRestore(str(store.backup_dir)))
+    if phase.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor,
+                                                       patience=phase.early_stopping))
+    if phase.schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss" if val_data is not None else "loss", factor=0.5, patience=2,
+            min_lr=phase.learning_rate / 100))
+    start = time.perf_counter()
+    model.fit(train_data, validation_data=val_data, epochs=initial_epoch + phase.epochs,
+              initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
+    wall = time.perf_counter() - start + recorder.earlier_seconds
+    ran = len(recorder.rows)
+    result = PhaseResult(name, recorder.rows, recorder.best_epoch,
+                         recorder.best if recorder.weights is not None else None,
+                         round(wall, 3), round(train_count * ran / max(wall, 1e-9), 1),
+                         trainable, total, stopped_early=ran < phase.epochs,
+                         resumed_from_epoch=recorder.resumed_from)
+    if recorder.weights is not None:
+        model.set_weights(recorder.weights)
+    if store:
+        store.save_finished(model, result)
+    return result
+
+
+class _PhaseStore:
+    """Files that let a killed phase resume: backups, epoch rows, best weights, the end."""
+
+    def __init__(self, folder, name):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.backup_dir = self.folder / f"{name}.backup"
+        self.state_path = self.folder / f"{name}.state.json"
+        self.best_path = self.folder / f"{name}.best.weights.h5"
+        self.done_path = self.folder / f"{name}.done.json"
+        self.final_path = self.folder / f"{name}.final.weights.h5"
+
+    def finished(self) -> bool:
+        return self.done_path.is_file() and self.final_path.is_file()
+
+    def load_finished(self, model) -> PhaseResult:
+        model.load_weights(self.final_path)
+        return PhaseResult(**json.loads(self.done_path.read_text()))
+
+    def save_finished(self, model, result) -> None:
+        from tledge.rundir import atomic_path, write_json
+        with atomic_path(self.final_path) as temporary:
+            model.save_weights(temporary)
+        write_json(self.done_path, dataclasses.asdict(result))
+
+    def read_state(self):
+        if self.state_path.is_file() and self.best_path.is_file():
+            return json.loads(self.state_path.read_text())
+        return None
+
+    def write_state(self, model_weights_owner, state) -> None:
+        from tledge.rundir import atomic_path, write_json
+        with atomic_path(self.best_path) as temporary:
+            model_weights_owner.save_weights(temporary)
+        write_json(self.state_path, state)
+
+
+class _Recorder:
+    """Records every epoch and keeps the best weights; persists both when it has a store."""
+
+    def __new__(cls, monitor, store):
+        import keras
+
+        class Recorder(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.rows, self.best, self.best_epoch, self.weights = [], -1.0, None, None
+                self.earlier_seconds, self.resumed_from, self._started = 0.0, None, None
+
+            def on_train_begin(self, logs=None):
+                self._started = time.perf_counter()
+                state = store.read_state() if store else None
+                if state:  # a killed run: take back its epochs and its best weights
+                    self.rows, self.best = state["rows"], state["best"]
+                    self.best_epoch, self.earlier_seconds = state["best_epoch"], state["seconds"]
+                    self.resumed_from = self.rows[-1]["epoch"] if self.rows else None
+                    current = self.model.get_weights()
+                    self.model.load_weights(store.best_path)
+                    self.weights = self.model.get_weights()
+                    self.model.set_weights(current)
+
+            def on_epoch_end(self, epoch, logs=None):
+                logs = logs or {}
+                row = {"epoch": epoch + 1, **{key: float(value) for key, value in logs.items()}}
+                row["learning_rate"] = _current_learning_rate(self.model)
+                self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+                value = logs.get(monitor)
+                if value is not None and value > self.best:
+                    self.best, self.best_epoch = float(value), epoch + 1
+                    self.weights = self.model.get_weights()
+                if store:
+                    seconds = self.earlier_seconds + time.perf_counter() - self._started
+                    holder = self.model
+                    if self.weights is not None:
+                        current = holder.get_weights()
+                        holder.set_weights(self.weights)
+                        store.write_state(holder, {"rows": self.rows, "best": self.best,
+                                                   "best_epoch": self.best_epoch,
+                                                   "seconds": seconds})
+                        holder.set_weights(current)
+
+        return Recorder()
+
+
+def _current_learning_rate(model) -> float:
+    optimizer = model.optimizer
+    rate = optimizer.learning_rate
+    try:
+        return float(np.asarray(rate))
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def steps_per_epoch(count: int, batch_size: int) -> int:
+    return max(1, math.ceil(count / batch_size))
