@@ -83,13 +83,16 @@ def _from_keras_file(backbone: Backbone, path: Path, size, alpha):
     fresh = backbone.create(size, weights=None, alpha=alpha)
     source_weights = source_backbone.get_weights()
     fresh_weights = fresh.get_weights()
-    mismatch = len(source_weights) != len(fresh_weights) or any(
-        a.shape != b.shape for a, b in zip(source_weights, fresh_weights))
-    if mismatch:
+    first = next((index for index, (a, b) in enumerate(zip(source_weights, fresh_weights))
+                  if a.shape != b.shape), None)
+    if first is not None or len(source_weights) != len(fresh_weights):
+        where = (f"first difference at {fresh.weights[first].path}: {fresh_weights[first].shape} "
+                 f"expected, {source_weights[first].shape} in the file" if first is not None
+                 else f"{len(source_weights)} weight tensors in the file, "
+                      f"{len(fresh_weights)} expected")
         raise WeightsError(
-            f"{path}: its backbone '{source_backbone.name}' ({len(source_weights)} weight "
-            f"tensors) does not match '{backbone.name}' with alpha={alpha} "
-            f"({len(fresh_weights)} weight tensors); use a file made for this backbone")
+            f"{path}: its backbone '{source_backbone.name}' does not match '{backbone.name}' "
+            f"with alpha={alpha} ({where}); use a file made for this backbone")
     fresh.set_weights(source_weights)
     return fresh
 
