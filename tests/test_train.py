@@ -288,3 +288,70 @@ def test_a_build_killed_mid_training_resumes_from_its_last_epoch(tmp_path):
     assert phase["resumed_from_epoch"] >= done, (phase["resumed_from_epoch"], done)
     assert [row["epoch"] for row in phase["epochs"]] == list(range(1, 61))
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_unfreeze_by_count_name_or_all_and_batchnorm_on_request():
+    import keras
+    from tledge.backbones import BACKBONES
+    from tledge.errors import TrainError
+    from tledge.train import unfreeze_top
+    backbone = BACKBONES["small_cnn"].create((32, 32))
+
+    def trainable_names():
+        return [layer.name for layer in backbone.layers if layer.trainable and layer.weights]
+    is_bn = {layer.name: isinstance(layer, keras.layers.BatchNormalization)
+             for layer in backbone.layers}
+    unfreeze_top(backbone, 3, "small_cnn")
+    assert trainable_names() == [backbone.layers[-3].name]  # conv; its BN stays frozen
+    name = backbone.layers[5].name
+    unfreeze_top(backbone, name, "small_cnn")
+    assert all(not is_bn[n] for n in trainable_names())
+    assert trainable_names()[0] == next(l.name for l in backbone.layers[5:] if l.weights
+                                        and not is_bn[l.name])
+    count = unfreeze_top(backbone, "all", "small_cnn", batchnorm="train")
+    assert count == sum(bool(layer.weights) for layer in backbone.layers)
+    assert any(is_bn[n] for n in trainable_names())
+    with pytest.raises(TrainError, match="no layer 'conv2d_99'"):
+        unfreeze_top(backbone, "conv2d_99", "small_cnn")
+
+
+def test_plateau_halves_a_stalled_learning_rate(base_model, tmp_path):
+    recipe = transfer_recipe(tmp_path, base_model, fe_epochs=6, fe_lr=1e-9,
+                             fe_extra='schedule = "plateau"')
+    _, history, _ = train(recipe)
+    rates = [row["learning_rate"] for row in history["phases"][0]["epochs"]]
+    assert rates[0] == pytest.approx(1e-9) and rates[-1] < rates[0]
+
+
+def test_class_weights_and_jit_compile_train(base_model, tmp_path):
+    recipe = transfer_recipe(tmp_path, base_model, fe_epochs=1, ft_epochs=1,
+                             train_extra='class_weight = "balanced"\njit_compile = true')
+    _, history, _ = train(recipe)
+    assert len(history["phases"][1]["epochs"]) == 1
+
+
+MULTI_WORKER = """
+import json, os, socket, sys
+with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    port = probe.getsockname()[1]
+os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{port}"]},
+                                      "task": {"type": "worker", "index": 0}})
+from tledge.data import load_splits
+from tledge.recipe import load_recipe
+from tledge.train import train_model
+recipe = load_recipe(sys.argv[1])
+model, history = train_model(recipe, load_splits(recipe.data, seed=0), verbose=0)
+print("STRATEGY", history["distribute"], "DEVICES", history["devices"])
+"""
+
+
+def test_multi_worker_strategy_runs_as_a_one_worker_cluster(tmp_path):
+    text = SMALL_RECIPE.format(name="multi", epochs=1, threads=1).replace(
+        "[export]", '[train]\ndistribute = "multi_worker"\n\n[export]').replace(
+        "samples_per_class = 60", "samples_per_class = 8")
+    path = write_recipe(tmp_path, text)
+    result = subprocess.run([sys.executable, "-c", MULTI_WORKER, str(path)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert "STRATEGY multi_worker DEVICES 1" in result.stdout, result.stderr[-2000:]
