@@ -38,10 +38,10 @@ def bottleneck_key(recipe, splits, weights_file=None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def feature_extractor(model):
+def feature_extractor(model, name="features"):
     """The classifier up to its pooled features (preprocessing and backbone included)."""
     import keras
-    return keras.Model(model.inputs, model.get_layer("pool").output, name="features")
+    return keras.Model(model.inputs, model.get_layer("pool").output, name=name)
 
 
 def compute_features(extractor, images, batch=BATCH) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tledge.errors import RecipeError, RunDirError, TledgeError
 from tledge.formats import FORMATS
-from tledge.recipe import dump_toml, load_recipe
+from tledge.recipe import Recipe, dump_toml, load_recipe
 from tledge.rundir import (HISTORY, MANIFEST, RECIPE, SPLIT, artifact_entry, atomic_path,
                            new_manifest, read_json, record_stage, set_artifact, write_json,
                            write_manifest, write_text)
@@ -58,7 +58,7 @@ def resolve_weights(recipe, run_dir, *, log=print, verbose="auto", _chain=()) ->
     model_path = trained_model(source_dir)
     if model_path is not None:
         recorded = read_json(source_dir / MANIFEST)["stages"].get("train", {}).get("hash")
-        if recorded == train_hash(source, source_weights):
+        if recorded == train_hash(source, [source_weights] if source_weights else []):
             log(f"weights: reusing the trained model of {source.name} ({model_path})")
             return model_path
         log(f"weights: {source.name} changed since {source_dir} was trained; retraining it")
@@ -81,22 +81,35 @@ def prepare_run_dir(run_dir) -> Path:
     return run_dir
 
 
-def train_hash(recipe, weights_file) -> str:
-    """What the train stage depends on: its recipe sections and the weights it starts from."""
+def train_hash(recipe, starting_files) -> str:
+    """What the train stage depends on: its recipe sections and the files it starts from
+    (the backbone weights, or an ensemble's member models)."""
     import hashlib
     from tledge.rundir import sha256
-    text = recipe.hash("seed", "data", "model", "train", "baseline")
-    if weights_file:
-        text += ":" + sha256(weights_file)
+    text = recipe.hash("seed", "data", "model", "train", "baseline", "ensemble")
+    for path in starting_files:
+        text += ":" + sha256(path)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, _chain=()) -> Path:
+def starting_points(recipe, run_dir, *, log=print, verbose="auto", _chain=()):
+    """(files the model starts from, ensemble members or None), building what they need:
+    the recipe named as weights, or every member of an ensemble."""
+    if recipe.ensemble is not None:
+        from tledge.ensemble import build_members
+        members = build_members(recipe, run_dir, log=log, verbose=verbose)
+        return [Path(member["model"]) for member in members], members
+    weights_file = resolve_weights(recipe, run_dir, log=log, verbose=verbose, _chain=_chain)
+    return ([weights_file] if weights_file else []), None
+
+
+def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, starting=None,
+              _chain=()) -> Path:
     """The train stage: data split, two-phase training (and the baseline), a fresh manifest.
 
     Every epoch is checkpointed under `checkpoints/<train hash>/`: a run killed mid-training
     resumes from its last finished epoch when the same recipe is trained again (unless
-    `restart`).
+    `restart`). `starting` is what `starting_points` returned, when the caller has it.
     """
     import shutil
     from tledge.data import load_splits
@@ -105,22 +118,28 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, _cha
     created = not Path(run_dir).exists()
     run_dir = prepare_run_dir(run_dir)
     try:
-        weights_file = resolve_weights(recipe, run_dir, log=log, verbose=verbose, _chain=_chain)
+        files, members = starting or starting_points(recipe, run_dir, log=log, verbose=verbose,
+                                                     _chain=_chain)
+        weights_file = files[0] if files and members is None else None
         splits = load_splits(recipe.data, seed=recipe.seed)
         counts = ", ".join(f"{name} {len(labels)}" for name, labels in
                            (("train", splits.y_train), ("val", splits.y_val),
                             ("test", splits.y_test)))
         log(f"data: {recipe.data.source}, {splits.num_classes} classes, {counts}")
         start = time.perf_counter()
-        train_key = train_hash(recipe, weights_file)
+        train_key = train_hash(recipe, files)
         checkpoints = run_dir / "checkpoints" / train_key
         if restart:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         elif checkpoints.is_dir():
             log(f"train: resuming from the checkpoints in {checkpoints}")
-        model, history = train_model(recipe, splits, weights_file=weights_file, verbose=verbose,
-                                     checkpoint_dir=checkpoints,
-                                     cache_dir=run_dir / "bottlenecks", log=log)
+        if members is not None:
+            from tledge.ensemble import train_ensemble
+            model, history = train_ensemble(recipe, splits, members, verbose=verbose, log=log)
+        else:
+            model, history = train_model(recipe, splits, weights_file=weights_file,
+                                         verbose=verbose, checkpoint_dir=checkpoints,
+                                         cache_dir=run_dir / "bottlenecks", log=log)
     except TledgeError:
         if created:  # leave nothing behind for a run that never got a model
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -153,7 +172,8 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, _cha
     set_artifact(manifest, entry)
     record_stage(manifest, "train", hash=train_key,
                  wall_seconds=round(time.perf_counter() - start, 1),
-                 weights_from=str(Path(weights_file).resolve()) if weights_file
+                 weights_from=[str(Path(path).resolve()) for path in files] if members
+                 else str(Path(weights_file).resolve()) if weights_file
                  else recipe.model.weights)
     write_manifest(run_dir, manifest)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -175,7 +195,7 @@ def _remove_stale_outputs(run_dir) -> None:
 
 
 def build(recipe_path, *, out=None, log=print, verbose="auto", force=False):
-    """Run every stage for a recipe; returns (run_dir, parity report).
+    """Run every stage for a recipe (a file or a `Recipe`); returns (run_dir, parity report).
 
     A stage whose outputs exist with the hash of what it depends on is skipped, unless
     `force`; so a second build of an unchanged recipe only rewrites the report.
@@ -185,7 +205,7 @@ def build(recipe_path, *, out=None, log=print, verbose="auto", force=False):
     from tledge.report import report_run
     from tledge.rundir import read_manifest, stage_hash, stage_is_current
     from tledge.validate import load_parity, validate_run
-    recipe = load_recipe(recipe_path)
+    recipe = recipe_path if isinstance(recipe_path, Recipe) else load_recipe(recipe_path)
     run_dir = Path(out) if out else default_run_dir(recipe)
     started = time.perf_counter()
 
@@ -197,11 +217,10 @@ def build(recipe_path, *, out=None, log=print, verbose="auto", force=False):
             return True
         return False
 
-    weights_file = resolve_weights(recipe, run_dir, log=log, verbose=verbose) \
-        if not force else None
-    if force or not current("train", train_hash(recipe, weights_file)):
+    starting = starting_points(recipe, run_dir, log=log, verbose=verbose)
+    if force or not current("train", train_hash(recipe, starting[0])):
         log(f"== train  {recipe.name} -> {run_dir}")
-        train_run(recipe, run_dir, log=log, verbose=verbose, restart=force)
+        train_run(recipe, run_dir, log=log, verbose=verbose, restart=force, starting=starting)
     stages = (("export", lambda: export_run(run_dir, log=log)),
               ("validate", lambda: validate_run(run_dir, log=log)),
               ("bench", lambda: bench_run(run_dir, log=log)))

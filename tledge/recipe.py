@@ -215,6 +215,41 @@ class BenchRecipe:
     min_seconds: float = option(1.0, minimum=0.0, maximum=3600.0)
 
 
+FUSIONS = ("mean", "weighted", "concat")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberRecipe:
+    """One ensemble member: another recipe, or a model trained inline in this build."""
+
+    recipe: str | None = option(None, path=True, help="another recipe file")
+    name: str | None = option(None, help="inline members: a name, unique in the ensemble")
+    image_size: tuple[int, int] | None = option(None, minimum=8, maximum=1024)
+    model: ModelRecipe = option(ModelRecipe())
+    train: TrainRecipe = option(TrainRecipe())
+
+
+@dataclasses.dataclass(frozen=True)
+class ConcatRecipe:
+    """The head trained on the members' concatenated features (fusion = "concat")."""
+
+    epochs: int = option(10, minimum=1, maximum=10_000)
+    learning_rate: float = option(1e-3, minimum=0.0, maximum=10.0)
+    dropout: float = option(0.2, minimum=0.0, maximum=0.9)
+    fine_tune_epochs: int = option(0, minimum=0, maximum=10_000,
+                                   help="then train the whole fused graph (BatchNorm frozen)")
+    fine_tune_learning_rate: float = option(1e-5, minimum=0.0, maximum=10.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleRecipe:
+    fusion: str = option("mean", choices=FUSIONS,
+                         help="mean (soft voting) | weighted (weights fitted on validation) | "
+                              "concat (a new head on the members' pooled features)")
+    members: tuple[MemberRecipe, ...] = option((), help="[[ensemble.members]] tables")
+    concat: ConcatRecipe = option(ConcatRecipe())
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     name: str = option(help="a name for the run: letters, digits, '_', '-' or '.'")
@@ -225,6 +260,8 @@ class Recipe:
     train: TrainRecipe = option(TrainRecipe())
     baseline: BaselineRecipe | None = option(
         None, help="[baseline] trains a model from scratch beside the transfer model")
+    ensemble: EnsembleRecipe | None = option(
+        None, help="[ensemble]: this recipe fuses several members into one model")
     export: ExportRecipe = option(ExportRecipe())
     validate: ValidateRecipe = option(ValidateRecipe())
     bench: BenchRecipe = option(BenchRecipe())
@@ -237,6 +274,12 @@ class Recipe:
     def to_dict(self) -> dict:
         out = to_dict(self)
         out.pop("path", None)
+        if self.ensemble is not None:  # its members carry the models and their training
+            out.pop("model", None)
+            out.pop("train", None)
+            out["ensemble"]["members"] = [
+                {"recipe": member["recipe"]} if member.get("recipe") else member
+                for member in out["ensemble"]["members"]]
         return out
 
     def hash(self, *sections: str) -> str:
@@ -274,6 +317,10 @@ def parse_recipe(document: Mapping, path) -> Recipe:
     recipe = dataclasses.replace(parser.parse(Recipe, dict(document)),
                                  path=str(path.resolve()))  # for the self-reference check
     problems = list(parser.problems)
+    if "ensemble" in document:
+        problems += [f"{key}: an ensemble recipe takes its models from [[ensemble.members]] "
+                     f"(each may have its own {key} table); remove [{key}]"
+                     for key in ("model", "train") if key in document]
     joint = _check_together(recipe)
     reported = {problem.split(":")[0].split("[")[0] for problem in problems}
     problems += [problem for problem in joint if problem.split(":")[0] not in reported]
@@ -288,9 +335,13 @@ def _check_together(recipe: Recipe) -> list[str]:
     A rule whose inputs are themselves invalid (None after a type error) is skipped; the
     others still run, so every problem is reported in one go.
     """
+    from tledge.members import check_ensemble
     problems = []
-    for rule in (_check_name, _check_data, _check_weights, _check_training, _check_bench,
-                 _check_model_backbone, _check_baseline):
+    rules = (_check_name, _check_data, _check_weights, _check_training, _check_bench,
+             _check_model_backbone, _check_baseline)
+    if recipe.ensemble is not None:  # its models are its members'
+        rules = (_check_name, _check_data, _check_bench, _check_baseline, check_ensemble)
+    for rule in rules:
         try:
             problems += rule(recipe)
         except (TypeError, AttributeError, KeyError):
@@ -424,6 +475,9 @@ def _check_backbone(recipe, backbone) -> list[str]:
 def _resolve(recipe: Recipe, path: Path) -> Recipe:
     """Fill in the defaults that depend on other keys."""
     from tledge.backbones import BACKBONES
+    if recipe.ensemble is not None:
+        from tledge.members import resolve_ensemble
+        return dataclasses.replace(resolve_ensemble(recipe), path=str(path.resolve()))
     backbone = BACKBONES[recipe.model.backbone]
     data = recipe.data
     if data.image_size is None:
@@ -441,21 +495,24 @@ def _resolve(recipe: Recipe, path: Path) -> Recipe:
 
 def dump_toml(data: dict, prefix: str = "") -> str:
     """Write plain data (the resolved recipe) back as TOML, for `tledge check`."""
-    lines, tables = [], []
+    blocks = [_dump_table(data, prefix.rstrip("."), header=None)]
+    return "\n\n".join(block for block in blocks if block)
+
+
+def _dump_table(data: dict, name: str, header) -> str:
+    """One table: its header, its plain keys, then its sub-tables and arrays of tables."""
+    lines = [header] if header else []
+    nested = []
     for key, value in data.items():
         if isinstance(value, dict):
-            tables.append((key, value))
+            nested.append(_dump_table(value, f"{name}.{key}" if name else key,
+                                      f"[{name}.{key}]" if name else f"[{key}]"))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            path = f"{name}.{key}" if name else key
+            nested += [_dump_table(item, path, f"[[{path}]]") for item in value]
         else:
             lines.append(f"{key} = {_toml_value(value)}")
-    out = "\n".join(lines)
-    for key, value in tables:
-        name = f"{prefix}{key}"
-        body = dump_toml(value, prefix=f"{name}.")
-        scalar_part = body.split("\n[", 1)[0] if not body.startswith("[") else ""
-        block = f"[{name}]\n{scalar_part}".rstrip()
-        rest = body[len(scalar_part):].lstrip("\n")
-        out += ("\n\n" if out else "") + block + ("\n\n" + rest if rest else "")
-    return out
+    return "\n\n".join(part for part in ["\n".join(lines), *nested] if part)
 
 
 def _toml_value(value) -> str:

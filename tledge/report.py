@@ -24,6 +24,7 @@ def report_run(run_dir) -> Path:
     lines += _headline(manifest, history, parity, bench)
     lines += _data_section(manifest, split)
     lines += _training_section(history)
+    lines += _ensemble_section(history, bench)
     lines += _parity_section(parity)
     lines += _bench_section(bench)
     lines += _artifacts_section(manifest)
@@ -146,6 +147,51 @@ def _baseline_lines(history) -> list[str]:
             f"| baseline ({baseline['backbone']}, from scratch) | "
             f"{_num(baseline['test_accuracy'])} | {len(phase['epochs'])} | "
             f"{phase['wall_seconds']:.1f} | {baseline['params']:,} |"]
+
+
+def _ensemble_section(history, bench) -> list[str]:
+    """Each member beside the fused model: what the fusion buys and what it costs."""
+    ensemble = (history or {}).get("ensemble")
+    if not ensemble:
+        return []
+
+    def p50(rows, artifact, runtime):
+        found = [row["p50_ms"] for row in rows if row["artifact"] == artifact
+                 and row["runtime"] == runtime]
+        return _num(min(found), ".3f") if found else ""
+
+    def size(rows, artifact):
+        found = [row["size_bytes"] for row in rows if row["artifact"] == artifact]
+        return f"{found[0] / 1024:,.0f}" if found and found[0] else ""
+    lines = ["## Ensemble", "",
+             f"Fusion `{ensemble['fusion']}` of {len(ensemble['members'])} members."]
+    if ensemble.get("weights"):
+        lines.append("Weights fitted on the validation split: " + ", ".join(
+            f"{member['name']} {weight:.3f}"
+            for member, weight in zip(ensemble["members"], ensemble["weights"])) + ".")
+    lines += ["", "| model | backbone | input | test acc | in fused graph | keras p50 ms | "
+                  "int8 TFLite acc | int8 p50 ms | int8 KiB |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    in_graph = ensemble.get("member_test_accuracy_in_graph") or [None] * len(ensemble["members"])
+    for member, accuracy in zip(ensemble["members"], in_graph):
+        rows = member["latency"]
+        lines.append(f"| {member['name']} | {member['backbone']} | "
+                     f"{'x'.join(map(str, member['image_size']))} | "
+                     f"{_num(member['test_accuracy'])} | {_num(accuracy)} | "
+                     f"{p50(rows, 'keras', 'keras')} | "
+                     f"{_num(member['accuracy'].get('tflite_int8'))} | "
+                     f"{p50(rows, 'tflite_int8', 'litert')} | {size(rows, 'tflite_int8')} |")
+    own = (bench or {}).get("rows", [])
+    own = [row for row in own if row["status"] == "ok"]
+    lines.append(f"| **fused** | {ensemble['fusion']} | | {_num(history.get('test_accuracy'))} "
+                 f"| | {p50(own, 'keras', 'keras')} | | {p50(own, 'tflite_int8', 'litert')} | "
+                 f"{size(own, 'tflite_int8')} |")
+    best = max((m["test_accuracy"] or 0 for m in ensemble["members"]), default=0)
+    fused = history.get("test_accuracy") or 0
+    lines += ["", f"The fused model is {fused - best:+.1%} against the best member on the test "
+                  "split." + (" **The fusion does not beat its best member.**"
+                              if fused < best else "")]
+    return lines + [""]
 
 
 def _parity_section(parity) -> list[str]:

@@ -115,6 +115,9 @@ class Parser:
             args = typing.get_args(annotation)
             if isinstance(value, list):
                 item_type = args[0]
+                if dataclasses.is_dataclass(item_type):  # an array of tables
+                    return tuple(self.parse(item_type, item, f"{keypath}[{index}]")
+                                 for index, item in enumerate(value))
                 if len(args) == 2 and args[1] is Ellipsis or len(value) == len(args):
                     if all(_matches(item_type, item) for item in value):
                         items = [item_type(item) if item_type is float else item

@@ -1,0 +1,168 @@
+"""Ensemble members as recipes: resolving them, and the checks that involve them.
+
+An ensemble member is either another recipe file or an inline `[[ensemble.members]]` table.
+Either way it becomes a full `Recipe` that shares the ensemble's data source (each member at
+its own image size), so training a member is training a recipe, and a member built before
+is reused from its run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+IGNORED_IN_COMPARISON = ("image_size", "batch_size", "augment")
+
+
+def member_recipes(recipe) -> list:
+    """The resolved recipe of every member of an ensemble recipe, in order.
+
+    Raises:
+        RecipeError: a member recipe file is missing or invalid.
+    """
+    from tledge.recipe import load_recipe
+    members = []
+    for member in recipe.ensemble.members:
+        if member.recipe:
+            members.append(load_recipe(member.recipe))
+        else:
+            members.append(inline_recipe(recipe, member))
+    return members
+
+
+def inline_recipe(recipe, member):
+    """An inline member as a recipe of its own, resolved like a recipe file would be."""
+    from tledge.recipe import Recipe, _resolve
+    # an inline member without a size of its own sees the ensemble's images as they are
+    data = dataclasses.replace(recipe.data, image_size=member.image_size or recipe.data.image_size)
+    inline = Recipe(name=f"{recipe.name}.{member.name}", seed=recipe.seed,
+                    description=f"member {member.name} of {recipe.name}", data=data,
+                    model=member.model, train=member.train, export=recipe.export,
+                    validate=recipe.validate, bench=recipe.bench, path=recipe.path)
+    return _resolve(inline, Path(recipe.path or "."))
+
+
+def check_ensemble(recipe) -> list[str]:
+    """Every problem with an ensemble's members, each with its key path."""
+    from tledge.errors import RecipeError
+    from tledge.recipe import _check_together
+    ensemble = recipe.ensemble
+    problems = []
+    if len(ensemble.members) < 2:
+        problems.append(f"ensemble.members: an ensemble needs at least 2 members, found "
+                        f"{len(ensemble.members)}")
+    names = [member.name for member in ensemble.members if member.name]
+    for duplicate in sorted({name for name in names if names.count(name) > 1}):
+        problems.append(f"ensemble.members: the name {duplicate!r} is used twice")
+    for index, member in enumerate(ensemble.members):
+        key = f"ensemble.members[{index}]"
+        if member.recipe and member.name:
+            problems.append(f"{key}: give either recipe = \"file.toml\" or an inline model "
+                            "(name, model, train), not both")
+            continue
+        if not member.recipe and not member.name:
+            problems.append(f"{key}: expected recipe = \"file.toml\" or an inline member with a "
+                            "name")
+            continue
+        if member.recipe:
+            problems += _check_member_file(recipe, member.recipe, f"{key}.recipe")
+            continue
+        inline = inline_recipe(recipe, member) if member.model.backbone else None
+        if inline is not None:
+            problems += [f"{key}.{problem}" for problem in _check_together(inline)
+                         if not problem.startswith(("name:", "data."))]
+    if not problems:
+        try:
+            members = member_recipes(recipe)
+        except RecipeError as error:
+            return problems + [f"ensemble.members: {error}"]
+        problems += _check_same_data(recipe, members)
+    return problems
+
+
+def _check_member_file(recipe, path, key) -> list[str]:
+    from tledge.errors import RecipeError
+    from tledge.recipe import load_recipe
+    path = Path(path)
+    if path.suffix != ".toml":
+        return [f"{key}: expected a recipe .toml file, found {path.name!r}"]
+    if not path.is_file():
+        return [f"{key}: no such recipe '{path}' (relative paths are read from the recipe's "
+                "folder)"]
+    cycle = _cycle(Path(recipe.path), path)
+    if cycle:
+        return [f"{key}: recipes refer to each other in a cycle: "
+                + " -> ".join(p.name for p in cycle)]
+    try:
+        member = load_recipe(path)
+    except RecipeError as error:
+        return [f"{key}: {path.name} is not a valid recipe ({len(error.problems)} problem(s); "
+                f"run `tledge check {path}`; first: {error.problems[0]})"]
+    if member.ensemble is not None:
+        return [f"{key}: {path.name} is itself an ensemble; list its members here instead"]
+    return []
+
+
+def _cycle(start: Path, path: Path, seen=()) -> list | None:
+    """The chain of recipe files that leads from `path` back to `start`, if there is one."""
+    import tomllib
+    seen = seen + (path.resolve(),)
+    if path.resolve() == start.resolve():
+        return [start, *[Path(p) for p in seen]]
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    references = [document.get("model", {}).get("weights", "")]
+    references += [member.get("recipe", "") for member in
+                    document.get("ensemble", {}).get("members", []) if isinstance(member, dict)]
+    for reference in references:
+        if isinstance(reference, str) and reference.endswith(".toml"):
+            target = (path.resolve().parent / reference).resolve()
+            if target in seen:
+                continue
+            found = _cycle(start, target, seen)
+            if found:
+                return found
+    return None
+
+
+def _check_same_data(recipe, members) -> list[str]:
+    """Members must read the same data, with the same classes in the same order."""
+    from tledge.schema import to_dict
+    ours = {key: value for key, value in to_dict(recipe.data).items()
+            if key not in IGNORED_IN_COMPARISON}
+    problems = []
+    for index, member in enumerate(members):
+        theirs = {key: value for key, value in to_dict(member.data).items()
+                  if key not in IGNORED_IN_COMPARISON}
+        different = sorted(key for key in ours.keys() | theirs.keys()
+                           if ours.get(key) != theirs.get(key))
+        if member.seed != recipe.seed:
+            different.append("seed")
+        if different:
+            problems.append(
+                f"ensemble.members[{index}]: {Path(member.path).name} and "
+                f"{Path(recipe.path).name} must share the data source and split, but differ in "
+                + ", ".join("data." + key if key != "seed" else key for key in different)
+                + (" (the classes or their order differ)" if "synthetic" in different else ""))
+    return problems
+
+
+def resolve_ensemble(recipe):
+    """An ensemble recipe with its members resolved and its image size filled in."""
+    ensemble = recipe.ensemble
+    members = []
+    for member in ensemble.members:
+        if member.recipe:
+            members.append(member)
+        else:
+            inline = inline_recipe(recipe, member)
+            members.append(dataclasses.replace(member, image_size=inline.data.image_size,
+                                               model=inline.model, train=inline.train))
+    resolved = [*member_recipes(recipe)]
+    size = recipe.data.image_size or tuple(max(r.data.image_size[axis] for r in resolved)
+                                           for axis in (0, 1))
+    return dataclasses.replace(
+        recipe, data=dataclasses.replace(recipe.data, image_size=size),
+        ensemble=dataclasses.replace(ensemble, members=tuple(members)))
