@@ -29,8 +29,9 @@ from tledge.errors import TrainError
 
 def member_run_dir(recipe, member_recipe, run_dir) -> Path:
     """Where a member is built: beside the ensemble for a recipe file, inside it when inline."""
+    from tledge.pipeline import models_root
     if member_recipe.path and Path(member_recipe.path).resolve() != Path(recipe.path).resolve():
-        return Path(run_dir).parent / member_recipe.name
+        return models_root(run_dir) / member_recipe.name
     return Path(run_dir) / "members" / member_recipe.name.split(".", 1)[1]
 
 

@@ -27,6 +27,13 @@ def default_run_dir(recipe) -> Path:
     return MODELS_DIR / recipe.name
 
 
+def models_root(run_dir) -> Path:
+    """The folder that holds a run directory and its siblings (an inline ensemble member,
+    in `<ensemble>/members/<name>`, shares its ensemble's)."""
+    run_dir = Path(run_dir)
+    return run_dir.parent.parent.parent if run_dir.parent.name == "members" else run_dir.parent
+
+
 def trained_model(run_dir) -> Path | None:
     """The trained .keras file of a run directory, when it has one."""
     manifest_path = Path(run_dir) / MANIFEST
@@ -42,7 +49,7 @@ def trained_model(run_dir) -> Path | None:
 def resolve_weights(recipe, run_dir, *, log=print, verbose="auto", _chain=()) -> Path | None:
     """When the recipe's weights name another recipe, the trained model file it supplies.
 
-    The other recipe is trained first, into `<run_dir's parent>/<its name>`, unless that
+    The other recipe is trained first, into `<models root>/<its name>`, unless that
     directory already holds a model trained from the same recipe and starting weights.
     """
     weights = recipe.model.weights
@@ -53,7 +60,7 @@ def resolve_weights(recipe, run_dir, *, log=print, verbose="auto", _chain=()) ->
         raise RecipeError(recipe.path, ["model.weights: recipes refer to each other in a cycle: "
                                         + " -> ".join(Path(p).name for p in chain + (weights,))])
     source = load_recipe(weights)
-    source_dir = Path(run_dir).parent / source.name
+    source_dir = models_root(run_dir) / source.name
     source_weights = resolve_weights(source, source_dir, log=log, verbose=verbose, _chain=chain)
     model_path = trained_model(source_dir)
     if model_path is not None:
