@@ -45,15 +45,8 @@ def feature_extractor(model, name="features"):
 
 
 def compute_features(extractor, images, batch=BATCH) -> np.ndarray:
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def run(x):
-        return extractor(x, training=False)
-    parts = [run(tf.constant(images[start:start + batch], tf.float32)).numpy()
-             for start in range(0, len(images), batch)]
-    width = extractor.output_shape[-1]
-    return np.concatenate(parts) if parts else np.zeros((0, width), np.float32)
+    from tledge.model import predict_in_batches
+    return predict_in_batches(extractor, images, batch)
 
 
 def cached_features(cache_dir, key, extractor, splits):

@@ -76,7 +76,7 @@ def train_ensemble(recipe, splits, members, *, verbose="auto", log=print):
         TrainError: the members were trained on other classes, or in another order.
     """
     import keras
-    from tledge.model import load_model
+    from tledge.model import load_model, predict_in_batches
     from tledge.train import evaluate
     for member in members:
         if tuple(member["labels"]) != tuple(splits.class_names):
@@ -94,11 +94,11 @@ def train_ensemble(recipe, splits, members, *, verbose="auto", log=print):
         outputs = keras.layers.Average(name="probabilities")(
             [model(x) for model, x in zip(models, branches)])
     elif fusion == "weighted":
-        probabilities = keras.Model(inputs, [m(x) for m, x in zip(models, branches)])
-        val = _predict_all(probabilities, splits.x_val)
         if not len(splits.y_val):
             raise TrainError("fusion = \"weighted\" fits its weights on the validation split, "
                              "which is empty; set data.val_fraction > 0")
+        probabilities = keras.Model(inputs, [m(x) for m, x in zip(models, branches)])
+        val = predict_in_batches(probabilities, splits.x_val)
         weights = fit_weights(val, splits.y_val)
         log("fusion weights (fitted on the validation split): "
             + ", ".join(f"{m['name']} {w:.3f}" for m, w in zip(members, weights)))
@@ -146,18 +146,6 @@ def fit_weights(probabilities, labels, *, steps=2000, rate=0.5) -> np.ndarray:
         weights = weights * np.exp(-rate * (gradient - gradient.min()))
         weights /= weights.sum()
     return weights
-
-
-def _predict_all(model, images, batch=64):
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def run(x):
-        return model(x, training=False)
-    parts = [run(tf.constant(images[start:start + batch], tf.float32))
-             for start in range(0, len(images), batch)]
-    return [np.concatenate([np.asarray(part[index]) for part in parts])
-            for index in range(len(parts[0]))] if parts else []
 
 
 def _concat(recipe, splits, models, inputs, branches, verbose, log):

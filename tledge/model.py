@@ -125,6 +125,30 @@ def is_pretrained(recipe) -> bool:
     return recipe.model.weights != "none"
 
 
+def predict_in_batches(model, images, batch=64):
+    """A Keras model's outputs on uint8 images, in batches through one traced function.
+
+    Returns one array, or a list of arrays for a model with several outputs. Never
+    `model.predict`, whose per-call overhead dwarfs a small model's work.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def run(x):
+        return model(x, training=False)
+    parts = [run(tf.constant(images[start:start + batch], tf.float32))
+             for start in range(0, len(images), batch)]
+    outputs = model.outputs if isinstance(model.outputs, list) else [model.outputs]
+    if not parts:
+        empty = [np.zeros((0, *out.shape[1:]), np.float32) for out in outputs]
+        return empty if len(outputs) > 1 else empty[0]
+    if isinstance(parts[0], (list, tuple)):
+        return [np.concatenate([np.asarray(part[index]) for part in parts])
+                for index in range(len(parts[0]))]
+    return np.concatenate([np.asarray(part) for part in parts])
+
+
 def find_backbone(model):
     """The backbone inside a tledge classifier: its one nested model."""
     import keras

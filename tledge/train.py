@@ -165,13 +165,8 @@ def evaluate(model, images, labels, batch=64) -> float | None:
     """Top-1 accuracy of a Keras model on uint8 images (None when there are none)."""
     if not len(labels):
         return None
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def run(x):
-        return model(x, training=False)
-    predicted = np.concatenate([run(tf.constant(images[i:i + batch], tf.float32)).numpy()
-                                for i in range(0, len(images), batch)]).argmax(axis=1)
+    from tledge.model import predict_in_batches
+    predicted = predict_in_batches(model, images, batch).argmax(axis=1)
     return float(np.mean(predicted == labels))
 
 
