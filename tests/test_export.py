@@ -76,3 +76,61 @@ def test_a_failed_format_is_recorded_and_the_others_still_export(built_run, tmp_
     manifest = {entry["name"]: entry for entry in read_manifest(run_dir)["artifacts"]}
     assert manifest["onnx_fp32"]["status"] == "failed"
     assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("int8_io", ["int8", "float32"])
+def test_int8_with_other_io_types_takes_raw_pixels_through_the_runner(int8_io, trained, tmp_path):
+    from tledge.export.tflite import export_tflite
+    from tledge.runners import load
+    model, images = trained
+    row = FORMATS["tflite_int8"]
+    path = tmp_path / row.file_name
+    spec = export_tflite(model, path, precision="int8", calibration=images, int8_io=int8_io)
+    assert spec["input"]["dtype"] == int8_io
+    entry = artifact_entry(tmp_path, path, row, recipe_hash="x", labels=list("abcdefgh"),
+                           input_spec=spec["input"], output_spec=spec["output"])
+    reference = model(images.astype(np.float32), training=False).numpy()
+    probabilities = load(entry, tmp_path).predict(images)
+    assert np.mean(probabilities.argmax(1) == reference.argmax(1)) >= 0.8
+    assert np.abs(probabilities - reference).max() < 0.5
+
+
+def test_a_keras_file_tledge_did_not_train_exports_with_calibration_images(built_run, tmp_path):
+    from PIL import Image
+    from tledge.data.synthetic import generate
+    from tledge.export import export_model_file
+    from tledge.rundir import read_manifest, sha256
+    images, _ = generate(["circle", "ring", "star", "cross"], 6, (40, 40), 0.08, seed=3)
+    (tmp_path / "calib" / "sub").mkdir(parents=True)
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / "calib" / ("sub" if index % 2 else "") /
+                                    f"{index}.png")
+    lines = []
+    out, entries = export_model_file(built_run[0] / "model.keras", tmp_path / "out",
+                                     only=("tflite", "onnx"), precisions=("fp32", "int8"),
+                                     calibration_dir=tmp_path / "calib", log=lines.append)
+    assert {entry["name"] for entry in entries} == {"tflite_fp32", "tflite_int8", "onnx_fp32",
+                                                    "onnx_int8"}
+    manifest = read_manifest(out)
+    for entry in manifest["artifacts"]:
+        assert entry["status"] == "ok" and sha256(out / entry["path"]) == entry["sha256"]
+    int8 = next(e for e in manifest["artifacts"] if e["name"] == "tflite_int8")
+    assert int8["calibration_samples"] == 24 and int8["input"]["shape"] == [-1, 32, 32, 3]
+    assert len(lines) == 4 and all("KiB" in line for line in lines)
+
+
+def test_named_precisions_are_exported_even_when_the_recipe_lists_others(built_run, tmp_path):
+    import shutil
+    from click.testing import CliRunner
+    from tledge.cli import main
+    from tledge.rundir import read_manifest
+    run_dir = tmp_path / "run"
+    shutil.copytree(built_run[0], run_dir)
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--format", "tflite",
+                                       "--precision", "fp16", "--precision", "dynamic"])
+    assert result.exit_code == 0, result.output
+    names = {entry["name"] for entry in read_manifest(run_dir)["artifacts"]}
+    assert {"tflite_fp16", "tflite_dynamic", "tflite_int8", "onnx_fp32"} <= names
+    assert "model_fp16.tflite" in result.output and "KiB" in result.output
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--precision", "fp64"])
+    assert result.exit_code == 2 and "fp64" in result.output

@@ -122,3 +122,17 @@ def test_run_directory_records_split_history_and_resolved_recipe(built_run):
     assert stored.name == "small" and stored.data.image_size == (32, 32)
     leftovers = [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
     assert leftovers == []
+
+
+def test_every_exported_file_carries_its_own_metadata(built_run):
+    from tledge.export.metadata import read_metadata
+    run_dir, _, _ = built_run
+    manifest = manifest_of(run_dir)
+    for entry in manifest["artifacts"]:
+        if entry["format"] not in ("tflite", "onnx"):
+            continue
+        metadata = read_metadata(run_dir / entry["path"])
+        assert metadata["labels"] == manifest["labels"]
+        assert metadata["format"] == entry["name"] and metadata["precision"] == entry["precision"]
+        assert metadata["recipe_hash"] == manifest["recipe"]["hash"]
+        assert metadata["input"]["value_range"] == [0, 255]

@@ -150,7 +150,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
             unfreeze = true
             learning_rat = 0.1
             [export]
-            tflite = ["fp16"]
+            tflite = ["fp8"]
         """))
     assert len(problems) == 7, problems
     assert the_problem(problems, "seed") == "seed: expected at least 0, found -1"
@@ -160,7 +160,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert "did you mean 'mobilenet_v2'?" in the_problem(problems, "model.backbone")
     assert "found true" in the_problem(problems, "train.fine_tune.unfreeze")
     assert "did you mean 'learning_rate'?" in the_problem(problems, "train.fine_tune.learning_rat")
-    assert "found 'fp16'" in the_problem(problems, "export.tflite[0]")
+    assert "found 'fp8'" in the_problem(problems, "export.tflite[0]")
 
 
 def test_several_cross_key_problems_are_reported_together(tmp_path):
@@ -314,7 +314,8 @@ CASES = [
      "validate.per_format.tflite_int16", "unknown name; did you mean 'tflite_int8'?"),
     ("unknown_per_format_far", dict(tables="[validate.per_format.coreml]\nmin_agreement = 0.9"),
      "validate.per_format.coreml",
-     "unknown name; expected one of keras, tflite_fp32, tflite_int8, onnx_fp32"),
+     "unknown name; expected one of keras, tflite_fp32, tflite_fp16, tflite_dynamic, "
+     "tflite_int8, onnx_fp32, onnx_fp16, onnx_int8, savedmodel_fp32"),
     ("unknown_key_in_per_format", dict(tables="[validate.per_format.onnx_fp32]\n"
                                               "max_abs_dif = 0.1"),
      "validate.per_format.onnx_fp32.max_abs_dif", "unknown key; did you mean 'max_abs_diff'?"),
@@ -323,12 +324,12 @@ CASES = [
      "validate.per_format.tflite_int8.min_agreement", "expected at most 1.0, found 1.5"),
     ("per_format_not_a_table", dict(tables="[validate.per_format]\ntflite_int8 = 0.5"),
      "validate.per_format.tflite_int8", "expected a table, found 0.5"),
-    ("unknown_tflite_precision", dict(tables='[export]\ntflite = ["fp32", "fp16"]'),
-     "export.tflite[1]", "expected one of 'fp32', 'int8', found 'fp16'"),
+    ("unknown_tflite_precision", dict(tables='[export]\ntflite = ["fp32", "int4"]'),
+     "export.tflite[1]", "expected one of 'fp32', 'fp16', 'dynamic', 'int8', found 'int4'"),
     ("misspelt_tflite_precision", dict(tables='[export]\ntflite = ["in8"]'),
      "export.tflite[0]", "found 'in8'; did you mean 'int8'?"),
-    ("unknown_onnx_precision", dict(tables='[export]\nonnx = ["int8"]'),
-     "export.onnx[0]", "expected one of 'fp32', found 'int8'"),
+    ("unknown_onnx_precision", dict(tables='[export]\nonnx = ["dynamic"]'),
+     "export.onnx[0]", "expected one of 'fp32', 'fp16', 'int8', found 'dynamic'"),
     ("unknown_runtime", dict(tables='[bench]\nruntimes = ["tflite"]'),
      "bench.runtimes[0]", "found 'tflite'"),
     ("no_runtimes", dict(tables="[bench]\nruntimes = []"),

@@ -204,24 +204,46 @@ def train(source, out):
 
 # Everything the export table can write, by family or by name; the Keras model is trained,
 # not exported.
-_EXPORT_CHOICES = sorted(({row.family for row in FORMATS.values()} | set(FORMATS)) - {"keras"})
+_EXPORT_CHOICES = ["all"] + sorted(({row.family for row in FORMATS.values()} | set(FORMATS))
+                                   - {"keras"})
+_PRECISIONS = list(dict.fromkeys(row.precision for row in FORMATS.values()))
 
 
 @command(name="export")
-@click.argument("run_dir", type=RUN_DIR)
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "formats", multiple=True, type=click.Choice(_EXPORT_CHOICES),
-              help="Only these: a family or a format. Repeatable. "
-                   "Default: every format the recipe lists.")
-def export(run_dir, formats):
-    """Export a trained run to the formats its recipe lists.
+              help="A family (tflite, onnx, savedmodel), a format (tflite_int8, ...) or all. "
+                   "Repeatable. Default: every format the recipe lists.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(_PRECISIONS),
+              help="Only these precisions; named here, they are exported even if the recipe "
+                   "does not list them. Repeatable.")
+@click.option("--calibration-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="For a .keras file: images to calibrate int8 with.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="For a .keras file: where to write (default: <model>_export/ beside it).")
+def export(source, formats, precisions, calibration_dir, out):
+    """Export a trained run (or any tledge-style .keras model) to TFLite, ONNX, SavedModel.
 
-    Example: tledge export models/quickstart --format tflite
+    SOURCE is a run directory, or a .keras file whose model takes raw 0-255 RGB pixels and
+    returns probabilities. Each export prints its file, size and time; a format that fails
+    is reported (exit 1) and the others still export.
+
+    \b
+    Examples: tledge export models/quickstart --format tflite
+              tledge export models/quickstart --format onnx --precision int8
+              tledge export model.keras --format all --calibration-dir photos/
     """
-    from tledge.export import export_run
-    entries = export_run(run_dir, only=formats or None, log=click.echo)
-    if formats and not entries:
-        raise UsageFailure(f"the recipe of {run_dir} lists none of {', '.join(formats)}; "
-                           f"add it under [export] in {run_dir / 'recipe.toml'} and retry")
+    from tledge.export import export_model_file, export_run
+    if source.is_file():
+        if source.suffix != ".keras":
+            raise UsageFailure(f"{source}: expected a run directory or a .keras file")
+        out_dir, entries = export_model_file(source, out, only=formats or None,
+                                             precisions=precisions or None,
+                                             calibration_dir=calibration_dir, log=click.echo)
+        click.echo(f"wrote {out_dir / 'manifest.json'}")
+    else:
+        entries = export_run(source, only=formats or None, precisions=precisions or None,
+                             log=click.echo)
     if any(entry["status"] == "failed" for entry in entries):
         sys.exit(1)
 
@@ -288,3 +310,47 @@ def _exit_on_parity(parity) -> None:
         names = ", ".join(row.artifact for row in parity.failed)
         click.secho(f"parity FAILED for: {names}", fg="red", err=True)
         sys.exit(1)
+
+
+ARTIFACT = click.Path(dir_okay=False, path_type=Path)  # existence: describe_file says it
+
+
+@command(name="inspect")
+@click.argument("artifact", type=ARTIFACT)
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON only.")
+def inspect_artifact(artifact, as_json):
+    """Describe ARTIFACT (.tflite, .onnx or .keras): format, precision, tensors, operators,
+    size, embedded metadata and, for TFLite, the operators XNNPACK will not run.
+
+    Example: tledge inspect models/quickstart/model_int8.tflite
+    """
+    import json
+    from tledge.inspect import describe_file, format_description
+    info = describe_file(artifact)
+    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+
+
+@command(name="predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "artifact", required=True, type=ARTIFACT,
+              help="The artifact to run: a .tflite, .onnx or .keras file.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="How many classes to show per image.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON only: a list with one object per image.")
+def predict(images, artifact, top_k, as_json):
+    """Classify IMAGE files with an artifact, in its real runtime and through the same image
+    loader as training.
+
+    Example: tledge predict photo.jpg --model models/quickstart/model_int8.tflite --top-k 3
+    """
+    import json
+    from tledge.predict import predict_files
+    results = predict_files(list(images), artifact, top_k=top_k)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for result in results:
+        click.echo(result["image"])
+        for rank, row in enumerate(result["top"], 1):
+            click.echo(f"  {rank}. {row['label']:<20} {row['probability']:.4f}")

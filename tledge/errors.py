@@ -48,6 +48,10 @@ class ExportError(TledgeError):
     """An artifact could not be exported."""
 
 
+class ArtifactError(TledgeError):
+    """An artifact file given by the user is missing, of an unknown kind, or refused."""
+
+
 class RuntimeUnavailable(TledgeError):
     """A runtime cannot run here (not installed, no such device); a bench row says why."""
 

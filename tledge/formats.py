@@ -24,6 +24,8 @@ class Format:
 
     @property
     def file_name(self) -> str:
+        if self.family == "savedmodel":
+            return "saved_model"
         return f"model{'' if self.family == 'keras' else '_' + self.precision}{self.suffix}"
 
 
@@ -35,6 +37,7 @@ def _tolerance(max_accuracy_drop, min_agreement, max_abs_diff):
 # Float conversions must reproduce Keras almost exactly; full-integer ones are judged on what
 # they do to accuracy and on how often they pick the same class.
 _FLOAT = _tolerance(max_accuracy_drop=0.005, min_agreement=0.99, max_abs_diff=1e-4)
+_HALF = _tolerance(max_accuracy_drop=0.01, min_agreement=0.98, max_abs_diff=0.05)
 _INT8 = _tolerance(max_accuracy_drop=0.03, min_agreement=0.90, max_abs_diff=1.0)
 
 FORMATS: dict[str, Format] = {row.name: row for row in (
@@ -42,10 +45,20 @@ FORMATS: dict[str, Format] = {row.name: row for row in (
            _tolerance(0.0, 1.0, 0.0), "the trained Keras model: the reference"),
     Format("tflite_fp32", "tflite", "fp32", ".tflite", ("litert",), "float32", _FLOAT,
            "TFLite, float32"),
+    Format("tflite_fp16", "tflite", "fp16", ".tflite", ("litert",), "float32", _HALF,
+           "TFLite, float16 weights"),
+    Format("tflite_dynamic", "tflite", "dynamic", ".tflite", ("litert",), "float32", _INT8,
+           "TFLite, dynamic range: int8 weights, float activations"),
     Format("tflite_int8", "tflite", "int8", ".tflite", ("litert",), "uint8", _INT8,
-           "TFLite, full integer, uint8 input and output"),
+           "TFLite, full integer, uint8 input and output (export.int8_io)"),
     Format("onnx_fp32", "onnx", "fp32", ".onnx", ("onnxruntime",), "float32", _FLOAT,
            "ONNX, float32, dynamic batch"),
+    Format("onnx_fp16", "onnx", "fp16", ".onnx", ("onnxruntime",), "float32", _HALF,
+           "ONNX, float16 weights and compute, float32 input and output"),
+    Format("onnx_int8", "onnx", "int8", ".onnx", ("onnxruntime",), "float32", _INT8,
+           "ONNX, static QDQ int8, per-channel weights, float32 input and output"),
+    Format("savedmodel_fp32", "savedmodel", "fp32", "", ("tensorflow",), "float32", _FLOAT,
+           "TensorFlow SavedModel folder"),
 )}
 
 

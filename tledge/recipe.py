@@ -169,6 +169,9 @@ class BaselineRecipe:
 class ExportRecipe:
     tflite: tuple[str, ...] = option(("fp32", "int8"), choices=_tflite_precisions)
     onnx: tuple[str, ...] = option(("fp32",), choices=_onnx_precisions)
+    savedmodel: bool = option(False, help="also write a TensorFlow SavedModel folder")
+    int8_io: str = option("uint8", choices=("uint8", "int8", "float32"),
+                          help="TFLite int8 input/output: uint8 takes raw pixel bytes")
     calibration_samples: int = option(200, minimum=1, maximum=100_000,
                                       help="training images used to calibrate int8")
 
@@ -206,7 +209,7 @@ class ValidateRecipe:
 
 @dataclasses.dataclass(frozen=True)
 class BenchRecipe:
-    runtimes: tuple[str, ...] = option(("keras", "litert", "onnxruntime"),
+    runtimes: tuple[str, ...] = option(("keras", "litert", "onnxruntime", "tensorflow"),
                                        choices=_runtime_names)
     threads: tuple[int, ...] = option((2,), minimum=1, maximum=256)
     batch_sizes: tuple[int, ...] = option((1,), minimum=1, maximum=4096)

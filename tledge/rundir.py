@@ -60,6 +60,9 @@ def atomic_path(path):
     os.unlink(temporary)  # writers that refuse to overwrite get a free name
     try:
         yield Path(temporary)
+        if os.path.isdir(temporary) and path.is_dir():  # a folder artifact replaces its old self
+            import shutil
+            shutil.rmtree(path)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -103,11 +106,24 @@ def _jsonable(value):
 
 
 def sha256(path) -> str:
+    """Of a file's bytes; of a folder (a SavedModel): its files' names and bytes, in order."""
+    path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
+
+
+def size_bytes(path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
 def check_run_dir(run_dir) -> Path:
@@ -128,9 +144,12 @@ def write_manifest(run_dir, manifest: dict) -> None:
 
 
 def new_manifest(recipe, labels, image_size) -> dict:
-    return {"tledge_version": library_versions()["tledge"],
-            "recipe": {"name": recipe.name, "source": recipe.path, "file": RECIPE,
-                       "hash": recipe.hash()},
+    return empty_manifest({"name": recipe.name, "source": recipe.path, "file": RECIPE,
+                           "hash": recipe.hash()}, labels, image_size)
+
+
+def empty_manifest(recipe_facts: dict, labels, image_size) -> dict:
+    return {"tledge_version": library_versions()["tledge"], "recipe": recipe_facts,
             "labels": list(labels), "image_size": list(image_size),
             "stages": {}, "artifacts": []}
 
@@ -166,7 +185,7 @@ def stage_is_current(run_dir, manifest: dict, stage: str, expected: str | None) 
     if any(not (Path(run_dir) / name).is_file() for name in outputs):
         return False
     if stage in ("train", "export"):
-        family = {"train": ("keras",), "export": ("tflite", "onnx")}[stage]
+        family = {"train": ("keras",), "export": ("tflite", "onnx", "savedmodel")}[stage]
         for entry in artifacts(manifest):
             if entry["format"] in family:
                 path = Path(run_dir) / entry["path"]
@@ -200,7 +219,7 @@ def artifact_entry(run_dir, path, fmt, *, recipe_hash, labels, input_spec, outpu
     path = Path(path)
     return {"name": fmt.name, "status": "ok", "path": str(path.relative_to(run_dir)),
             "format": fmt.family, "precision": fmt.precision,
-            "size_bytes": path.stat().st_size, "sha256": sha256(path),
+            "size_bytes": size_bytes(path), "sha256": sha256(path),
             "input": input_spec, "output": output_spec, "labels": list(labels),
             "recipe_hash": recipe_hash, "versions": library_versions(), **extra}
 

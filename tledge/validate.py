@@ -105,7 +105,7 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
     reference_accuracy = float(np.mean(reference.argmax(axis=1) == labels))
     rows = [ParityRow("keras", "keras", "reference", accuracy=reference_accuracy,
                       sha256=reference_entry["sha256"])]
-    log(f"  {'keras':<12} accuracy {reference_accuracy:.4f} on {len(labels)} {split} images "
+    log(f"  {'keras':<16} accuracy {reference_accuracy:.4f} on {len(labels)} {split} images "
         "(reference)")
     for entry in entries:
         if entry["name"] == "keras":
@@ -115,7 +115,7 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
             runner = load(entry, run_dir)
         except RuntimeUnavailable as error:
             rows.append(ParityRow(entry["name"], "", "skipped", problems=[str(error)]))
-            log(f"  {entry['name']:<12} skipped: {error}")
+            log(f"  {entry['name']:<16} skipped: {error}")
             continue
         row = compare(predict_all(runner, images), reference, labels, reference_accuracy,
                       thresholds)
@@ -123,7 +123,7 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
         row.artifact, row.runtime, row.sha256 = entry["name"], runner.runtime, entry["sha256"]
         rows.append(row)
         verdict = "passed" if row.status == "passed" else "FAILED: " + "; ".join(row.problems)
-        log(f"  {entry['name']:<12} accuracy {row.accuracy:.4f}  drop {row.accuracy_drop:+.4f}  "
+        log(f"  {entry['name']:<16} accuracy {row.accuracy:.4f}  drop {row.accuracy_drop:+.4f}  "
             f"agreement {row.agreement:.4f}  max|diff| {row.max_abs_diff:.1e}  {verdict}")
     for entry in artifacts(manifest, include_failed=True):
         if entry.get("status") == "failed":

@@ -19,31 +19,66 @@ from tledge.rundir import (artifact_entry, atomic_path, failed_entry, find_artif
 
 
 def _exporter(family):
+    """`export_<family>(model, path, *, precision, calibration, **options) -> specs`."""
     if family == "tflite":
         from tledge.export.tflite import export_tflite
         return export_tflite
     if family == "onnx":
         from tledge.export.onnx import export_onnx
-        return lambda model, path, *, precision, calibration: export_onnx(
+        return lambda model, path, *, precision, calibration, **_: export_onnx(
+            model, path, precision=precision, calibration=calibration)
+    if family == "savedmodel":
+        from tledge.export.savedmodel import export_savedmodel
+        return lambda model, path, *, precision, calibration, **_: export_savedmodel(
             model, path, precision=precision)
     raise ExportError(f"no exporter for {family!r}")
 
 
-def requested_formats(recipe, only=None) -> list:
-    """Format rows the recipe asks for, optionally narrowed to names or families in `only`."""
-    rows = [format_for("tflite", p) for p in recipe.export.tflite] + \
-           [format_for("onnx", p) for p in recipe.export.onnx]
-    if only:
-        unknown = [name for name in only
-                   if name not in FORMATS and name not in {row.family for row in FORMATS.values()}]
-        if unknown:
-            raise ExportError(f"unknown format {unknown[0]!r}; choose from "
-                              f"{', '.join(sorted(set(FORMATS) | {'tflite', 'onnx'}))}")
-        rows = [row for row in rows if row.name in only or row.family in only]
-    return rows
+FAMILIES = tuple(dict.fromkeys(row.family for row in FORMATS.values() if row.family != "keras"))
 
 
-def export_run(run_dir, *, only=None, log=print) -> list[dict]:
+def requested_formats(recipe, only=None, precisions=None) -> list:
+    """The format rows to export.
+
+    Args:
+        only: families ("tflite", "onnx", "savedmodel", "all") or format names
+            ("tflite_int8"); None means every family.
+        precisions: narrow to these precisions, and add them even where the recipe does not
+            list them (an explicit request); None means what the recipe lists.
+    """
+    only = tuple(only or ("all",))
+    names = set(FORMATS) | set(FAMILIES) | {"all"}
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise ExportError(f"unknown format {unknown[0]!r}; choose from "
+                          f"{', '.join(sorted(names - {'keras'}))}")
+    wanted = lambda row: "all" in only or row.name in only or row.family in only  # noqa: E731
+    if precisions:
+        known = {row.precision for row in FORMATS.values()}
+        bad = [p for p in precisions if p not in known]
+        if bad:
+            raise ExportError(f"unknown precision {bad[0]!r}; choose from "
+                              f"{', '.join(sorted(known))}")
+        return [row for row in FORMATS.values() if row.family != "keras" and wanted(row)
+                and row.precision in precisions]
+    listed = [format_for("tflite", p) for p in recipe.export.tflite] + \
+             [format_for("onnx", p) for p in recipe.export.onnx] + \
+             ([format_for("savedmodel", "fp32")] if recipe.export.savedmodel else [])
+    return [row for row in listed if wanted(row)]
+
+
+def _embed(path, row, spec, manifest) -> None:
+    """Labels, input contract, recipe hash and version inside the artifact itself."""
+    from tledge.export.metadata import artifact_metadata, embed_onnx, embed_tflite
+    embed = {"tflite": embed_tflite, "onnx": embed_onnx}.get(row.family)
+    if embed is None:  # a SavedModel folder: the manifest describes it
+        return
+    embed(path, artifact_metadata(labels=manifest["labels"], input_spec=spec["input"],
+                                  recipe_hash=manifest["recipe"]["hash"],
+                                  precision=row.precision, fmt_name=row.name))
+
+
+def export_run(run_dir, *, only=None, precisions=None, log=print) -> list[dict]:
     """Export the run's trained model to every requested format; returns manifest entries."""
     from tledge.data import calibration_images
     from tledge.model import load_model
@@ -51,10 +86,12 @@ def export_run(run_dir, *, only=None, log=print) -> list[dict]:
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     recipe = run_recipe(run_dir)
-    rows = requested_formats(recipe, only)
-    if only and not rows:
-        raise ExportError(f"the recipe of {run_dir} lists none of {', '.join(only)}; add it "
-                          f"under [export] in {run_dir / 'recipe.toml'}")
+    rows = requested_formats(recipe, only, precisions)
+    if not rows:
+        asked = ", ".join((only or ()) + tuple(precisions or ())) or "anything"
+        raise ExportError(f"the recipe of {run_dir} lists none of {asked}; add it under "
+                          f"[export] in {run_dir / 'recipe.toml'}, or name the precision "
+                          "with --precision")
     reference = find_artifact(manifest, "keras")
     if reference.get("status") != "ok":
         raise RunDirError(f"{run_dir} has no trained model; run `tledge train` first")
@@ -64,29 +101,84 @@ def export_run(run_dir, *, only=None, log=print) -> list[dict]:
         splits = run_splits(run_dir, recipe)
         calibration = calibration_images(splits, recipe.export.calibration_samples,
                                          seed=recipe.seed)
+    entries = export_artifacts(model, run_dir, manifest, rows, calibration=calibration,
+                               int8_io=recipe.export.int8_io, log=log)
+    default = not only and not precisions
+    record_stage(manifest, "export", formats=[row.name for row in rows],
+                 hash=stage_hash(manifest, recipe, "export") if default else None)
+    write_manifest(run_dir, manifest)
+    return entries
+
+
+def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_io="uint8",
+                     log=print) -> list[dict]:
+    """Write each format of `rows` into `run_dir` and enter it in `manifest` (not saved)."""
     entries = []
     for row in rows:
-        path = run_dir / row.file_name
+        path = Path(run_dir) / row.file_name
         start = time.perf_counter()
         try:
+            if row.precision == "int8" and calibration is None:
+                raise ExportError("int8 needs calibration images (--calibration-dir)")
             with atomic_path(path) as temporary, quiet():
                 spec = _exporter(row.family)(model, temporary, precision=row.precision,
-                                             calibration=calibration)
+                                             calibration=calibration, int8_io=int8_io)
+                _embed(temporary, row, spec, manifest)
             extra = {"calibration_samples": len(calibration)} if row.precision == "int8" else {}
             entry = artifact_entry(run_dir, path, row, recipe_hash=manifest["recipe"]["hash"],
                                    labels=manifest["labels"], input_spec=spec["input"],
                                    output_spec=spec["output"],
                                    export_seconds=round(time.perf_counter() - start, 2), **extra)
-            log(f"  {row.name:<12} {entry['path']}  {entry['size_bytes'] / 1024:,.0f} KiB  "
+            log(f"  {row.name:<16} {entry['path']}  {entry['size_bytes'] / 1024:,.0f} KiB  "
                 f"{entry['export_seconds']:.1f} s")
         except Exception as error:  # one failed format must not stop the others
             reason = str(error) if isinstance(error, ExportError) else \
                 f"{type(error).__name__}: {first_line(error)}"
             entry = failed_entry(row, reason)
-            log(f"  {row.name:<12} FAILED: {reason}")
+            log(f"  {row.name:<16} FAILED: {reason}")
         set_artifact(manifest, entry)
         entries.append(entry)
-    record_stage(manifest, "export", formats=[row.name for row in rows],
-                 hash=stage_hash(manifest, recipe, "export") if not only else None)
-    write_manifest(run_dir, manifest)
     return entries
+
+
+def export_model_file(model_path, out_dir=None, *, only=None, precisions=None,
+                      calibration_dir=None, calibration_samples=200, int8_io="uint8",
+                      log=print):
+    """Export a Keras model tledge did not train; returns (out_dir, manifest entries).
+
+    The model must follow tledge's input contract: raw 0-255 RGB pixels in (its own
+    preprocessing inside), probabilities out. Calibration images for int8 come from
+    `calibration_dir` (any images, in sub-folders or not), read by tledge's loader.
+    """
+    from tledge.data import IMAGE_SUFFIXES, load_images
+    from tledge.errors import DataError
+    from tledge.model import load_model
+    from tledge.rundir import empty_manifest, sha256
+    model_path = Path(model_path)
+    model = load_model(model_path)
+    out_dir = Path(out_dir) if out_dir else model_path.with_name(f"{model_path.stem}_export")
+    rows = [row for row in FORMATS.values() if row.family != "keras"]
+    if only or precisions:
+        rows = requested_formats(None, only, precisions or
+                                 tuple(dict.fromkeys(row.precision for row in rows)))
+    calibration = None
+    if any(row.precision == "int8" for row in rows) and calibration_dir:
+        files = sorted(p for p in Path(calibration_dir).rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES)[:calibration_samples]
+        if not files:
+            raise DataError(f"{calibration_dir}: no images to calibrate int8 with")
+        calibration = load_images(files, tuple(model.input_shape[1:3]))
+        if len(files) < calibration_samples:
+            import warnings
+            warnings.warn(f"calibrating with {len(files)} images from {calibration_dir} "
+                          f"(asked for {calibration_samples})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = int(model.output_shape[-1])
+    manifest = empty_manifest({"name": model_path.stem, "source": str(model_path.resolve()),
+                               "hash": sha256(model_path)[:16]},
+                              [str(index) for index in range(classes)],
+                              tuple(model.input_shape[1:3]))
+    entries = export_artifacts(model, out_dir, manifest, rows, calibration=calibration,
+                               int8_io=int8_io, log=log)
+    write_manifest(out_dir, manifest)
+    return out_dir, entries

@@ -7,14 +7,20 @@ import numpy as np
 from tledge.errors import ExportError, first_line
 
 
-def export_tflite(model, path, *, precision: str, calibration=None) -> dict:
+INT8_IO = ("uint8", "int8", "float32")
+
+
+def export_tflite(model, path, *, precision: str, calibration=None, int8_io="uint8") -> dict:
     """Convert a Keras model to a .tflite file at `path`.
 
     Args:
         model: the trained Keras classifier (raw 0-255 pixels in, probabilities out).
         path: where to write the flatbuffer.
-        precision: "fp32" or "int8" (full integer, uint8 input and output).
+        precision: "fp32"; "fp16" (float16 weights); "dynamic" (int8 weights, float
+            activations, no calibration); "int8" (full integer).
         calibration: uint8 images [N, H, W, 3] from the training split; required for int8.
+        int8_io: the int8 model's input and output type: "uint8" (raw pixel bytes in),
+            "int8", or "float32" (quantize and dequantize inside the model).
 
     Returns:
         The input and output tensor specs, read back from the written file.
@@ -24,11 +30,19 @@ def export_tflite(model, path, *, precision: str, calibration=None) -> dict:
     if precision == "int8":
         if calibration is None or len(calibration) == 0:
             raise ExportError("int8 export needs calibration images from the training split")
+        if int8_io not in INT8_IO:
+            raise ExportError(f"int8 I/O must be one of {', '.join(INT8_IO)}, not {int8_io!r}")
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = _representative(calibration)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8
-        converter.inference_output_type = tf.uint8
+        if int8_io != "float32":
+            converter.inference_input_type = getattr(tf, int8_io)
+            converter.inference_output_type = getattr(tf, int8_io)
+    elif precision == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif precision == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no data: dynamic range
     elif precision != "fp32":
         raise ExportError(f"unknown TFLite precision {precision!r}")
     try:

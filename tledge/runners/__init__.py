@@ -40,6 +40,8 @@ RUNTIMES: dict[str, Runtime] = {row.name: row for row in (
             "LiteRT interpreter (ai_edge_litert), XNNPACK delegate"),
     Runtime("onnxruntime", ("onnx",), "tledge.runners.ort_runner", "load_onnxruntime",
             "ONNX Runtime, CPU execution provider"),
+    Runtime("tensorflow", ("savedmodel",), "tledge.runners.keras_runner", "load_savedmodel",
+            "a SavedModel's serving signature, in TensorFlow"),
 )}
 
 
@@ -63,10 +65,11 @@ class Runner(abc.ABC):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images [batch, H, W, 3], got {images.dtype} "
                              f"{list(images.shape)}")
-        if self.input_dtype == "uint8":
-            if self._in_quant:  # the calibrated range was not exactly 0-255: requantize
+        if self.input_dtype in ("uint8", "int8"):
+            low, high = (0, 255) if self.input_dtype == "uint8" else (-128, 127)
+            if self._in_quant:  # int8 I/O, or a calibrated range not exactly 0-255
                 scaled = images / self._in_quant["scale"] + self._in_quant["zero_point"]
-                return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+                return np.clip(np.round(scaled), low, high).astype(self.input_dtype)
             return images
         return images.astype(np.float32)
 

@@ -58,3 +58,25 @@ def _set_threads(tf, threads):
 
 def load_keras(path, spec, *, threads=None, device="cpu") -> KerasRunner:
     return KerasRunner(path, spec, threads, device)
+
+
+class SavedModelRunner(Runner):
+    """A SavedModel's `serve` endpoint, called as a tf.function (no Keras involved)."""
+
+    runtime = "tensorflow"
+
+    def __init__(self, path, spec, threads, device):
+        super().__init__(spec, threads, device)
+        import tensorflow as tf
+        if threads is not None:
+            _set_threads(tf, threads)
+        self._tf = tf
+        self._loaded = tf.saved_model.load(str(path))  # keeps the variables alive
+        self._serve = self._loaded.serve
+
+    def _run(self, prepared):
+        return self._serve(self._tf.constant(prepared)).numpy()
+
+
+def load_savedmodel(path, spec, *, threads=None, device="cpu") -> SavedModelRunner:
+    return SavedModelRunner(path, spec, threads, device)

@@ -1,0 +1,212 @@
+"""Artifacts that describe themselves: labels and the input contract inside the file.
+
+The manifest says what every artifact is, but a file copied to a device leaves the manifest
+behind. So the same facts (labels, input contract, recipe hash, tledge version, format and
+precision) are written into the artifact itself, as one JSON document:
+
+- TFLite: a flatbuffer `Metadata` entry named "tledge" whose buffer holds the JSON, written
+  with TensorFlow's own generated schema (`tensorflow.lite.python.schema_py_generated`); the
+  interpreter ignores metadata it does not know, so the model runs exactly as before.
+- ONNX: `metadata_props` key "tledge" (the JSON) and "labels" (comma-joined, for tools that
+  only show strings).
+
+`embed_tflite` / `embed_onnx` take the final file path and rewrite it in place, atomically.
+`read_metadata` reads the JSON back from the file alone.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata as _package
+from pathlib import Path
+
+import numpy as np
+
+from tledge.errors import ArtifactError, ExportError, first_line
+
+KEY = "tledge"
+_TFLITE_IDENTIFIER = b"TFL3"
+# TFLite's converter aligns buffer data to 16 bytes; keep that when repacking so kernels
+# that read weights in place (mmap) see the alignment they were written for.
+_BUFFER_ALIGNMENT = 16
+
+
+def artifact_metadata(*, labels, input_spec: dict, recipe_hash, precision: str,
+                      fmt_name: str) -> dict:
+    """The self-description embedded in an artifact.
+
+    Args:
+        labels: class names, index i for output i.
+        input_spec: the artifact's input tensor spec (`tflite_spec` / `onnx_spec` "input").
+        recipe_hash: the recipe hash recorded in the manifest (None for foreign models).
+        precision: "fp32", "int8", ...
+        fmt_name: the format table's name, e.g. "tflite_int8".
+    """
+    try:
+        version = _package.version("tledge")
+    except _package.PackageNotFoundError:
+        version = None
+    contract = {"shape": list(input_spec["shape"]), "dtype": input_spec["dtype"],
+                "value_range": [0, 255],
+                "meaning": "raw RGB pixels, resized by the loader"}
+    if input_spec.get("quantization"):
+        contract["quantization"] = dict(input_spec["quantization"])
+    return {"labels": [str(label) for label in labels], "input": contract,
+            "recipe_hash": recipe_hash, "tledge_version": version, "format": fmt_name,
+            "precision": precision}
+
+
+def embed_tflite(path, metadata: dict) -> Path:
+    """Write `metadata` into the .tflite flatbuffer at `path` (replacing an earlier one).
+
+    Raises:
+        ExportError: the file is not a TFLite flatbuffer, or keeps its weights outside the
+            flatbuffer (buffer offsets, external buffers: models past 2 GB), which repacking
+            would break.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    path = Path(path)
+    model = _tflite_object(path, schema)
+    payload = np.frombuffer(json.dumps(metadata, sort_keys=True).encode("utf-8"),
+                            dtype=np.uint8)
+    entries = [entry for entry in (model.metadata or []) if _name(entry.name) != KEY]
+    buffer = schema.BufferT()
+    buffer.data = payload
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = KEY, len(model.buffers) - 1
+    model.metadata = entries + [entry]
+    # An earlier tledge buffer, if any, stays as an unreferenced buffer: removing it would
+    # renumber the buffers every tensor points at.
+    model.buffers = [_AlignedBuffer.of(item, schema) for item in model.buffers]
+    builder = __import__("flatbuffers").Builder(max(1024, path.stat().st_size + len(payload)))
+    builder.Finish(model.Pack(builder), file_identifier=_TFLITE_IDENTIFIER)
+    _replace(path, bytes(builder.Output()))
+    return path
+
+
+def embed_onnx(path, metadata: dict) -> Path:
+    """Write `metadata` into the ONNX model's `metadata_props` at `path`."""
+    import onnx
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise ExportError(f"{path}: not an ONNX model ({first_line(error)})") from None
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    props[KEY] = json.dumps(metadata, sort_keys=True)
+    props["labels"] = ",".join(metadata.get("labels", []))
+    onnx.helper.set_model_props(model, props)
+    _replace(path, model.SerializeToString())
+    return path
+
+
+def read_metadata(path) -> dict | None:
+    """The tledge metadata embedded in a .tflite or .onnx file; None when it has none.
+
+    A .keras file carries none (tledge keeps its facts in the manifest next to it).
+
+    Raises:
+        ArtifactError: the file is missing, unreadable, or of an unknown kind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such artifact file")
+    suffix = path.suffix.lower()
+    if suffix == ".tflite":
+        text = tflite_metadata_entries(path).get(KEY)
+    elif suffix == ".onnx":
+        import onnx
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as error:
+            raise ArtifactError(f"{path}: not an ONNX model ({first_line(error)})") from None
+        text = {prop.key: prop.value for prop in model.metadata_props}.get(KEY)
+    elif suffix == ".keras":
+        return None
+    else:
+        raise ArtifactError(f"{path}: unknown artifact kind {path.suffix!r}; expected .tflite, "
+                          ".onnx or .keras")
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{path}: its embedded tledge metadata is not JSON ({error})") \
+            from None
+
+
+def tflite_metadata_entries(path) -> dict[str, bytes]:
+    """Every metadata entry of a .tflite file, by name, as raw bytes (read without unpacking
+    the whole model)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    data = Path(path).read_bytes()
+    model = _tflite_root(data, path, schema)
+    entries = {}
+    for index in range(model.MetadataLength()):
+        entry = model.Metadata(index)
+        buffer = model.Buffers(entry.Buffer())
+        if buffer.Offset() > 1:  # data stored after the flatbuffer (models past 2 GB)
+            raw = data[buffer.Offset():buffer.Offset() + buffer.Size()]
+        else:
+            raw = buffer.DataAsNumpy().tobytes() if buffer.DataLength() else b""
+        entries[_name(entry.Name())] = raw
+    return entries
+
+
+def _tflite_root(data: bytes, path, schema, error=ArtifactError):
+    if len(data) < 8 or data[4:8] != _TFLITE_IDENTIFIER:
+        raise error(f"{path}: not a TFLite flatbuffer (no {_TFLITE_IDENTIFIER.decode()} "
+                          "identifier)")
+    return schema.Model.GetRootAs(data, 0)
+
+
+def _tflite_object(path, schema):
+    data = Path(path).read_bytes()
+    root = _tflite_root(data, path, schema, ExportError)
+    model = schema.ModelT.InitFromObj(root)
+    if any(buffer.offset > 1 for buffer in model.buffers or []) or model.externalBuffers \
+            or model.externalBufferGroups:
+        raise ExportError(f"{path}: its weights are stored outside the flatbuffer (buffer "
+                          "offsets or external buffers); tledge cannot embed metadata in it")
+    return model
+
+
+class _AlignedBuffer:
+    """A BufferT that packs its bytes aligned to _BUFFER_ALIGNMENT (BufferT.Pack aligns
+    uint8 data to 1 byte)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    @classmethod
+    def of(cls, buffer, schema):
+        data = None if buffer.data is None or len(buffer.data) == 0 else \
+            np.asarray(buffer.data, dtype=np.uint8).tobytes()
+        packed = cls(data)
+        packed.schema = schema
+        return packed
+
+    def Pack(self, builder):  # noqa: N802 (the flatbuffers object API's name)
+        schema = self.schema
+        vector = None
+        if self.data:
+            builder.StartVector(1, len(self.data), _BUFFER_ALIGNMENT)
+            builder.head -= len(self.data)
+            builder.Bytes[builder.head:builder.head + len(self.data)] = self.data
+            builder.vectorNumElems = len(self.data)
+            vector = builder.EndVector()
+        schema.BufferStart(builder)
+        if vector is not None:
+            schema.BufferAddData(builder, vector)
+        return schema.BufferEnd(builder)
+
+
+def _name(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    from tledge.rundir import atomic_path
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)

@@ -1,0 +1,24 @@
+"""TensorFlow SavedModel export: a folder with a `serve` signature (TF Serving, TF.js, TF-TRT)."""
+
+from __future__ import annotations
+
+from tledge.errors import ExportError, first_line
+from tledge.model import INPUT_NAME, OUTPUT_NAME
+
+
+def export_savedmodel(model, path, *, precision: str, calibration=None) -> dict:
+    """Write the model as a SavedModel folder at `path` (float32: [batch, H, W, 3] in)."""
+    if precision != "fp32":
+        raise ExportError(f"unknown SavedModel precision {precision!r}")
+    import tensorflow as tf
+    height, width = model.input_shape[1:3]
+    signature = tf.TensorSpec([None, height, width, 3], tf.float32, name=INPUT_NAME)
+    try:
+        model.export(str(path), format="tf_saved_model", input_signature=[signature],
+                     verbose=False)
+    except Exception as error:
+        raise ExportError(f"SavedModel export failed: {first_line(error)}") from None
+    spec = {"shape": [-1, height, width, 3], "dtype": "float32", "name": INPUT_NAME}
+    classes = model.output_shape[-1]
+    return {"input": spec, "output": {"name": OUTPUT_NAME, "shape": [-1, classes],
+                                      "dtype": "float32"}}

@@ -1,0 +1,201 @@
+"""What an artifact file is, read from the file alone: `tledge inspect`.
+
+Works on any .tflite, .onnx or .keras file, tledge's or not. The description doubles as a
+manifest-like entry ("format", "path", "input", "output"), so
+`tledge.runners.load(describe_file(path), path.parent)` runs the file in its real runtime.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+from tledge.errors import ArtifactError, TledgeError, first_line
+
+SUFFIXES = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras"}
+
+# Operators the TFLite XNNPACK delegate documents as supported (float and quantized lists
+# together), from tensorflow/lite/delegates/xnnpack/README.md, "Limitations and supported
+# operators", tensorflow/tensorflow at commit 66d227cd, read 2026-11-25, plus the operators
+# the delegate's source handles beyond that README (listed last). Per-op conditions (fused
+# activations, static weights, 4D shapes) are not checked, so an operator in the set can
+# still stay on the CPU kernels for a particular model.
+XNNPACK_OPS = frozenset({
+    "ABS", "ADD", "AVERAGE_POOL_2D", "CEIL", "CONV_2D", "DEPTH_TO_SPACE",
+    "DEPTHWISE_CONV_2D", "DIV", "ELU", "FULLY_CONNECTED", "FLOOR", "HARD_SWISH",
+    "LEAKY_RELU", "LOGISTIC", "MAX_POOL_2D", "MAXIMUM", "MEAN", "MINIMUM", "MUL", "NEG",
+    "PAD", "PRELU", "RELU", "RELU6", "RELU_N1_TO_1", "RESHAPE", "RESIZE_BILINEAR", "ROUND",
+    "SOFTMAX", "SQRT", "SQUARE", "SQUARED_DIFFERENCE", "SUB",
+    # handled by the delegate's own source (xnnpack_delegate.cc, VisitNode) in the TF 2.15+
+    # line but missing from that README's list
+    "BATCH_MATMUL", "CONCATENATION", "DEQUANTIZE", "GELU", "QUANTIZE", "RSQRT", "SLICE",
+    "SPACE_TO_DEPTH", "SPLIT", "STRIDED_SLICE", "TANH", "TRANSPOSE", "TRANSPOSE_CONV",
+})
+
+_QUANTIZED_ONNX_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+                       "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
+
+
+def describe_file(path) -> dict:
+    """Describe one artifact file: format, precision, tensors, operators, size, metadata.
+
+    Returns:
+        A dict with "format", "path" (file name, relative to its folder), "file", "size_bytes",
+        "precision", "input", "output" (specs as in the manifest), "operators" (name -> count),
+        "metadata" (embedded tledge metadata or None), "labels" (or None) and, for TFLite,
+        "not_on_xnnpack" (operator names outside XNNPACK_OPS).
+
+    Raises:
+        ArtifactError: the file is missing, of an unknown kind, or cannot be read; a .keras
+            file that needs unsafe deserialization is refused.
+    """
+    from tledge.export.metadata import read_metadata
+    path = Path(path)
+    family = SUFFIXES.get(path.suffix.lower())
+    if family is None:
+        raise ArtifactError(f"{path}: unknown artifact kind {path.suffix or '(no suffix)'!r}; "
+                            f"tledge reads {', '.join(SUFFIXES)} files")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such artifact file")
+    described = {"tflite": _describe_tflite, "onnx": _describe_onnx,
+                 "keras": _describe_keras}[family](path)
+    metadata = read_metadata(path)
+    if metadata and metadata.get("precision"):
+        described["precision"] = metadata["precision"]
+    return {"format": family, "path": path.name, "file": str(path),
+            "size_bytes": path.stat().st_size, **described, "metadata": metadata,
+            "labels": list(metadata["labels"]) if metadata and "labels" in metadata else None}
+
+
+def _describe_tflite(path: Path) -> dict:
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.python.schema_util import get_builtin_code_from_operator_code
+
+    from tledge.export.tflite import tflite_spec
+    data = path.read_bytes()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise ArtifactError(f"{path}: not a TFLite flatbuffer (no TFL3 identifier)")
+    try:
+        spec = tflite_spec(path)
+    except (ValueError, RuntimeError) as error:
+        raise ArtifactError(f"{path}: LiteRT cannot load it ({first_line(error)})") from None
+    model = schema.Model.GetRootAs(data, 0)
+    builtin_names = {value: name for name, value in vars(schema.BuiltinOperator).items()
+                     if not name.startswith("_")}
+    operators = collections.Counter()
+    weight_types = set()
+    for index in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(index)
+        for position in range(subgraph.OperatorsLength()):
+            code = model.OperatorCodes(subgraph.Operators(position).OpcodeIndex())
+            builtin = get_builtin_code_from_operator_code(code)
+            if builtin == schema.BuiltinOperator.CUSTOM:
+                name = f"CUSTOM:{(code.CustomCode() or b'?').decode('utf-8', 'replace')}"
+            else:
+                name = builtin_names.get(builtin, f"BUILTIN_{builtin}")
+            operators[name] += 1
+        for position in range(subgraph.TensorsLength()):
+            tensor = subgraph.Tensors(position)
+            buffer = model.Buffers(tensor.Buffer())
+            if buffer is not None and (buffer.DataLength() or buffer.Offset() > 1):
+                weight_types.add(tensor.Type())  # a constant: weights, biases, shapes
+    types = schema.TensorType
+    if spec["input"]["dtype"] in ("int8", "uint8"):
+        precision = "int8"
+    elif types.FLOAT16 in weight_types:
+        precision = "fp16"
+    elif types.INT8 in weight_types:
+        precision = "dynamic"  # int8 weights, float activations: dynamic-range quantization
+    else:
+        precision = "fp32"
+    return {"precision": precision, **spec, "operators": dict(operators.most_common()),
+            "not_on_xnnpack": sorted(name for name in operators if name not in XNNPACK_OPS)}
+
+
+def _describe_onnx(path: Path) -> dict:
+    import onnx
+
+    from tledge.export.onnx import onnx_spec
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        spec = onnx_spec(path)
+    except Exception as error:  # protobuf's DecodeError, an empty graph's IndexError
+        raise ArtifactError(f"{path}: not a readable ONNX model ({first_line(error)})") \
+            from None
+    operators = collections.Counter(node.op_type for node in model.graph.node)
+    initializer_types = {tensor.data_type for tensor in model.graph.initializer}
+    kinds = onnx.TensorProto
+    if spec["input"]["dtype"] in ("int8", "uint8") or _QUANTIZED_ONNX_OPS & set(operators) \
+            or {kinds.INT8, kinds.UINT8} & initializer_types:
+        precision = "int8"
+    elif kinds.FLOAT16 in initializer_types:
+        precision = "fp16"
+    else:
+        precision = "fp32"
+    return {"precision": precision, **spec, "operators": dict(operators.most_common()),
+            "opset": {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}}
+
+
+def _describe_keras(path: Path) -> dict:
+    from tledge.model import load_model
+    try:
+        model = load_model(path)  # safe_mode=True, always
+    except TledgeError as error:
+        if "arbitrary code" in str(error):  # keras' hint to pass safe_mode=False: not here
+            raise ArtifactError(f"{path}: refused: loading it would run Python code stored "
+                                "in the file (a Lambda layer or custom object); tledge "
+                                "never enables unsafe deserialization") from None
+        raise ArtifactError(str(error)) from None
+    except Exception as error:  # a zip that is not a Keras archive, a missing config
+        raise ArtifactError(f"{path}: not a readable .keras model ({first_line(error)})") \
+            from None
+    operators = collections.Counter(type(layer).__name__ for layer in _layers(model))
+    precision = "fp16" if any("float16" in str(weight.dtype) for weight in model.weights) \
+        else "fp32"
+
+    def spec(tensor, name=None):
+        return {"name": name or tensor.name,
+                "shape": [-1 if side is None else int(side) for side in tensor.shape],
+                "dtype": str(getattr(tensor.dtype, "name", tensor.dtype))}
+    return {"precision": precision, "input": spec(model.inputs[0]),
+            "output": spec(model.outputs[0]), "operators": dict(operators.most_common()),
+            "parameters": int(model.count_params())}
+
+
+def _layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):  # a nested model, e.g. a backbone
+            yield from _layers(layer)
+
+
+def format_description(info: dict) -> str:
+    """`describe_file`'s result as the text `tledge inspect` prints."""
+    lines = [f"{info['file']}",
+             f"  format     {info['format']}  precision {info['precision']}  "
+             f"size {info['size_bytes']:,} bytes"]
+    for role in ("input", "output"):
+        tensor = info[role]
+        text = f"  {role:<10} {tensor['name']}  {tensor['shape']}  {tensor['dtype']}"
+        if tensor.get("quantization"):
+            text += (f"  scale {tensor['quantization']['scale']:g}  "
+                     f"zero point {tensor['quantization']['zero_point']}")
+        lines.append(text)
+    operators = ", ".join(f"{name} x{count}" for name, count in info["operators"].items())
+    lines.append(f"  operators  {sum(info['operators'].values())}: {operators or 'none'}")
+    if "not_on_xnnpack" in info:
+        lines.append(f"  not on XNNPACK  {', '.join(info['not_on_xnnpack']) or 'none'} "
+                     "(per the delegate's documented operator list)")
+    metadata = info.get("metadata")
+    if metadata:
+        labels = metadata.get("labels") or []
+        contract = metadata.get("input", {})
+        lines.append(f"  metadata   {metadata.get('format')} {metadata.get('precision')}, "
+                     f"tledge {metadata.get('tledge_version')}, "
+                     f"recipe hash {metadata.get('recipe_hash')}")
+        lines.append(f"  contract   {contract.get('shape')} {contract.get('dtype')} "
+                     f"values {contract.get('value_range')}: {contract.get('meaning')}")
+        lines.append(f"  labels     {len(labels)}: {', '.join(labels)}")
+    else:
+        lines.append("  metadata   none embedded")
+    return "\n".join(lines)
