@@ -134,3 +134,29 @@ def test_named_precisions_are_exported_even_when_the_recipe_lists_others(built_r
     assert "model_fp16.tflite" in result.output and "KiB" in result.output
     result = CliRunner().invoke(main, ["export", str(run_dir), "--precision", "fp64"])
     assert result.exit_code == 2 and "fp64" in result.output
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+    from tledge.cli import main
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def test_export_bad_input_is_one_line_and_exit_2(built_run, tmp_path):
+    import keras
+    (tmp_path / "afile").write_text("")
+    result = _cli("export", built_run[0] / "model.keras", "--format", "onnx",
+                  "--out", tmp_path / "afile" / "out")
+    assert result.exit_code == 2 and "cannot write to" in result.output
+    inputs = keras.Input((8, 8, 3))
+    unsafe = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2.0)(inputs))
+    unsafe.save(tmp_path / "unsafe.keras")
+    result = _cli("export", tmp_path / "unsafe.keras", "--format", "onnx")
+    assert result.exit_code == 2 and "never enables unsafe deserialization" in result.output
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    result = _cli("export", empty)
+    assert result.exit_code == 2 and "not a tledge run directory" in result.output
+    for result in (_cli("export", built_run[0], "--format", "coreml"),
+                   _cli("export", built_run[0], "--precision", "int4")):
+        assert result.exit_code == 2 and "Traceback" not in result.output

@@ -172,7 +172,11 @@ def export_model_file(model_path, out_dir=None, *, only=None, precisions=None,
             import warnings
             warnings.warn(f"calibrating with {len(files)} images from {calibration_dir} "
                           f"(asked for {calibration_samples})")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunDirError(f"cannot write to {out_dir}: {error.strerror}; choose another "
+                          "folder with --out") from None
     classes = int(model.output_shape[-1])
     manifest = empty_manifest({"name": model_path.stem, "source": str(model_path.resolve()),
                                "hash": sha256(model_path)[:16]},
