@@ -250,3 +250,24 @@ def test_an_ensemble_recipe_with_a_model_table_is_refused(tmp_path):
     text = ENSEMBLE.format(name="extra", fusion="mean") + '\n[model]\nbackbone = "small_cnn"\n'
     assert any(p.startswith("model: an ensemble recipe takes its models from")
                for p in problems(tmp_path, text))
+
+
+def test_weighted_fusion_without_a_validation_split_is_refused_at_check_time(tmp_path):
+    text = ENSEMBLE.format(name="noval", fusion="weighted").replace(
+        'image_size = [32, 32]', 'image_size = [32, 32]\nval_fraction = 0.0')
+    assert any(p.startswith('ensemble.fusion: "weighted" fits its weights on the validation')
+               for p in problems(tmp_path, text))
+
+
+def test_concat_fine_tuning_keeps_nested_batchnorm_frozen(members):
+    import keras
+    from tledge.ensemble import _all_layers, train_ensemble
+    recipe, built, splits = members
+    concat = dataclasses.replace(recipe.ensemble.concat, epochs=1, fine_tune_epochs=1)
+    recipe = dataclasses.replace(recipe, ensemble=dataclasses.replace(
+        recipe.ensemble, fusion="concat", concat=concat))
+    fused, history = train_ensemble(recipe, splits, built, verbose=0, log=lambda line: None)
+    assert [phase["name"] for phase in history["phases"]] == ["concat_head", "concat_fine_tune"]
+    norms = [layer for layer in _all_layers(fused)
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and not any(layer.trainable for layer in norms)

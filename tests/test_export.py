@@ -22,15 +22,17 @@ def trained(built_run):
 
 @pytest.mark.parametrize("fmt", EXPORTED, ids=[row.name for row in EXPORTED])
 def test_round_trip_in_the_real_runtime(fmt, trained, tmp_path):
-    from tledge.export import _exporter
+    from tledge.export import export_artifacts
+    from tledge.rundir import empty_manifest
     from tledge.runners import load
     model, images = trained
-    path = tmp_path / fmt.file_name
-    spec = _exporter(fmt.family)(model, path, precision=fmt.precision, calibration=images)
-    assert spec["input"]["dtype"] == fmt.input_dtype
-    assert spec["input"]["shape"][1:] == [32, 32, 3]
-    entry = artifact_entry(tmp_path, path, fmt, recipe_hash="x", labels=list("abcdefgh"),
-                           input_spec=spec["input"], output_spec=spec["output"])
+    manifest = empty_manifest({"name": "x", "hash": "x"}, list("abcdefgh"), (32, 32))
+    # the real export path: convert, embed the metadata, rename into place, enter it
+    [entry] = export_artifacts(model, tmp_path, manifest, [fmt], calibration=images,
+                               log=lambda line: None)
+    assert entry["status"] == "ok", entry
+    assert entry["input"]["dtype"] == fmt.input_dtype
+    assert entry["input"]["shape"][1:] == [32, 32, 3]
     reference = model(images.astype(np.float32), training=False).numpy()
     probabilities = load(entry, tmp_path).predict(images)
     assert probabilities.shape == reference.shape and probabilities.dtype == np.float32

@@ -236,9 +236,13 @@ def test_mixed_precision_trains_and_hands_over_a_float32_model(tmp_path):
 def test_a_second_build_skips_current_stages_and_force_redoes_them(base_model, tmp_path):
     from tledge.pipeline import build
     recipe = transfer_recipe(tmp_path, base_model, fe_epochs=1, ft_epochs=1, samples=10)
+    text = open(recipe.path).read().replace("calibration_samples = 64",
+                                            "calibration_samples = 64\nsavedmodel = true")
+    open(recipe.path, "w").write(text)  # a folder artifact must not make export look stale
     lines = []
     build(recipe.path, out=tmp_path / "run", log=lines.append, verbose=0)
     assert (tmp_path / "run" / "bench.json").is_file()
+    assert (tmp_path / "run" / "saved_model" / "saved_model.pb").is_file()
     lines.clear()
     build(recipe.path, out=tmp_path / "run", log=lines.append, verbose=0)
     skipped = [line for line in lines if "up to date" in line]

@@ -189,7 +189,7 @@ def _concat(recipe, splits, models, inputs, branches, verbose, log):
         fused = keras.Model(inputs, outputs)
         for model in models:
             model.trainable = True
-            for layer in model.layers:
+            for layer in _all_layers(model):  # backbones are nested models
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.trainable = False
         tune = PhaseRecipe(epochs=settings.fine_tune_epochs,
@@ -200,3 +200,12 @@ def _concat(recipe, splits, models, inputs, branches, verbose, log):
                                 initial_epoch=settings.epochs, verbose=verbose))
     log(f"concat head: best validation accuracy {phases[-1].best_val_accuracy:.3f}")
     return outputs, phases
+
+
+def _all_layers(model):
+    """Every layer of a model, nested models' layers included."""
+    import keras
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)

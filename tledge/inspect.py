@@ -100,8 +100,8 @@ def _describe_tflite(path: Path) -> dict:
             if buffer is not None and (buffer.DataLength() or buffer.Offset() > 1):
                 weight_types.add(tensor.Type())  # a constant: weights, biases, shapes
     types = schema.TensorType
-    if spec["input"]["dtype"] in ("int8", "uint8"):
-        precision = "int8"
+    if spec["input"]["dtype"] in ("int8", "uint8") or "QUANTIZE" in operators:
+        precision = "int8"  # full integer, with integer or float (quantized inside) I/O
     elif types.FLOAT16 in weight_types:
         precision = "fp16"
     elif types.INT8 in weight_types:

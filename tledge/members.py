@@ -48,6 +48,10 @@ def check_ensemble(recipe) -> list[str]:
     from tledge.recipe import _check_together
     ensemble = recipe.ensemble
     problems = []
+    if ensemble.fusion == "weighted" and recipe.data.val_fraction == 0 and \
+            recipe.data.source in ("synthetic", "cifar10"):
+        problems.append("ensemble.fusion: \"weighted\" fits its weights on the validation "
+                        "split; set data.val_fraction > 0 or use fusion = \"mean\"")
     if len(ensemble.members) < 2:
         problems.append(f"ensemble.members: an ensemble needs at least 2 members, found "
                         f"{len(ensemble.members)}")

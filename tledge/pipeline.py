@@ -192,11 +192,16 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, star
 
 def _remove_stale_outputs(run_dir) -> None:
     """A new model makes every export, parity and bench result of the old one a lie."""
+    import shutil
     from tledge.rundir import BENCH, PARITY, REPORT
     if (run_dir / MANIFEST).is_file():
         for entry in read_json(run_dir / MANIFEST)["artifacts"]:
             if entry["name"] != "keras" and entry.get("path"):
-                (run_dir / entry["path"]).unlink(missing_ok=True)
+                stale = run_dir / entry["path"]
+                if stale.is_dir():  # a SavedModel folder
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
     for name in (PARITY, BENCH, REPORT):
         (run_dir / name).unlink(missing_ok=True)
 

@@ -25,7 +25,8 @@ def report_run(run_dir) -> Path:
     lines += _data_section(manifest, split)
     lines += _training_section(history)
     lines += _ensemble_section(history, bench)
-    lines += _parity_section(parity)
+    lines += _parity_section(parity, {entry["name"]: entry.get("sha256")
+                                      for entry in manifest["artifacts"]})
     lines += _bench_section(bench)
     lines += _artifacts_section(manifest)
     lines += _recipe_section(run_dir)
@@ -194,7 +195,7 @@ def _ensemble_section(history, bench) -> list[str]:
     return lines + [""]
 
 
-def _parity_section(parity) -> list[str]:
+def _parity_section(parity, checksums) -> list[str]:
     lines = ["## Parity", ""]
     if not parity:
         return lines + ["(not validated yet: `tledge validate RUN_DIR`)", ""]
@@ -205,6 +206,8 @@ def _parity_section(parity) -> list[str]:
     for row in parity["rows"]:
         status = row["status"] if not row["problems"] else \
             f"{row['status']}: " + "; ".join(row["problems"])
+        if row.get("sha256") and row["sha256"] != checksums.get(row["artifact"]):
+            status += " (stale: the file changed since; run `tledge validate`)"
         lines.append(f"| {row['artifact']} | {row['runtime']} | {status} | "
                      f"{_num(row['accuracy'])} | {_num(row['accuracy_drop'])} | "
                      f"{_num(row['agreement'])} | {_num(row['max_abs_diff'], '.1e')} |")

@@ -189,7 +189,7 @@ def stage_is_current(run_dir, manifest: dict, stage: str, expected: str | None) 
         for entry in artifacts(manifest):
             if entry["format"] in family:
                 path = Path(run_dir) / entry["path"]
-                if not path.is_file() or sha256(path) != entry["sha256"]:
+                if not path.exists() or sha256(path) != entry["sha256"]:  # files, folders
                     return False
     return True
 

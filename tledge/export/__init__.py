@@ -104,7 +104,11 @@ def export_run(run_dir, *, only=None, precisions=None, log=print) -> list[dict]:
     entries = export_artifacts(model, run_dir, manifest, rows, calibration=calibration,
                                int8_io=recipe.export.int8_io, log=log)
     default = not only and not precisions
-    record_stage(manifest, "export", formats=[row.name for row in rows],
+    earlier = [] if default else manifest["stages"].get("export", {}).get("formats", [])
+    # a partial export leaves the stage without a hash: the next build redoes it and what
+    # depends on it, and parity rows of rewritten files no longer match their sha256
+    record_stage(manifest, "export",
+                 formats=list(dict.fromkeys(earlier + [row.name for row in rows])),
                  hash=stage_hash(manifest, recipe, "export") if default else None)
     write_manifest(run_dir, manifest)
     return entries

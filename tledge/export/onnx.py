@@ -66,7 +66,8 @@ def _quantize_static(proto, path, calibration) -> None:
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._images = iter(calibration.astype(np.float32))
+            from tledge.export.tflite import pinned_calibration
+            self._images = iter(pinned_calibration(calibration))
 
         def get_next(self):
             image = next(self._images, None)

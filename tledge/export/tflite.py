@@ -55,20 +55,26 @@ def export_tflite(model, path, *, precision: str, calibration=None, int8_io="uin
 
 
 def _representative(calibration):
-    """Calibration batches of one image, as float pixels.
-
-    The first image carries one pixel at 0 and one at 255 so the calibrated input range is
-    exactly [0, 255]: the uint8 input then has scale 1 and zero point 0, i.e. it takes raw
-    pixel bytes, as the input contract says.
-    """
-    images = calibration.astype(np.float32)
-    images[0, 0, 0, :] = 0.0
-    images[0, 0, 1, :] = 255.0
+    """Calibration batches of one image, as float pixels pinned to the full 0-255 range."""
+    images = pinned_calibration(calibration)
 
     def generate():
         for image in images:
             yield [image[None]]
     return generate
+
+
+def pinned_calibration(calibration):
+    """Calibration images as float32, the first carrying one pixel at 0 and one at 255.
+
+    The calibrated input range is then exactly [0, 255]: a uint8 input gets scale 1 and zero
+    point 0 (it takes raw pixel bytes, as the input contract says), and no format clips a
+    real pixel the calibration set happened not to contain. TFLite and ONNX int8 both use it.
+    """
+    images = np.array(calibration, dtype=np.float32)
+    images[0, 0, 0, :] = 0.0
+    images[0, 0, 1, :] = 255.0
+    return images
 
 
 def tflite_spec(path) -> dict:
