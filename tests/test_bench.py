@@ -100,3 +100,33 @@ def test_batches_larger_than_the_images_are_filled_by_repeating(built_run):
     result = bench_artifact(entry, run_dir, "litert", threads=1, batch=8, images=images,
                             warmup=1, min_runs=3, min_seconds=0)
     assert result.status == "ok" and result.batch == 8 and result.runs >= 3
+
+
+def test_rows_carry_achieved_gflops_and_the_pick_prints_alone(built_run):
+    import json
+    from click.testing import CliRunner
+    from tledge.cli import main
+    run_dir, _, _ = built_run
+    bench = json.loads((run_dir / "bench.json").read_text())
+    assert bench["flops_per_image"] > 1e6
+    for row in bench["rows"]:
+        expected = bench["flops_per_image"] * row["batch"] / (row["p50_ms"] / 1000) / 1e9
+        assert row["gflops_per_second"] == pytest.approx(expected)
+    result = CliRunner().invoke(main, ["bench", str(run_dir), "--pick"])
+    assert result.exit_code == 0, result.output
+    pick = bench["pick"]
+    assert result.output.startswith(f"{pick['artifact']} {pick['runtime']} ")
+    assert len(result.output.strip().splitlines()) == 1
+    report = (run_dir / "report.md").read_text()
+    assert "| artifact | runtime | threads | batch | status | parity | accuracy |" in report
+
+
+def test_pick_on_a_run_never_benchmarked_is_a_one_line_error(tmp_path, built_run):
+    import shutil
+    from click.testing import CliRunner
+    from tledge.cli import main
+    run_dir = tmp_path / "run"
+    shutil.copytree(built_run[0], run_dir)
+    (run_dir / "bench.json").unlink()
+    result = CliRunner().invoke(main, ["bench", str(run_dir), "--pick"])
+    assert result.exit_code == 2 and "bench.json is missing" in result.output

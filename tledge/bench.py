@@ -41,6 +41,7 @@ class BenchRow:
     min_ms: float | None = None
     max_ms: float | None = None
     throughput_ips: float | None = None
+    gflops_per_second: float | None = None  # achieved: the model's FLOPs x images / p50
 
 
 def summarize(samples_ns, batch: int) -> dict:
@@ -126,6 +127,10 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                                          min_seconds=settings.min_seconds)
                     rows.append(row)
                     log(format_row(row))
+    flops = model_flops(run_dir, manifest)
+    for row in rows:
+        if row.status == "ok" and flops:
+            row.gflops_per_second = flops * row.batch / (row.p50_ms / 1000.0) / 1e9
     parity = read_json(run_dir / PARITY) if (run_dir / PARITY).is_file() else None
     pick = choose(rows, parity, threads=threads[0], batch=batch_sizes[0],
                   checksums={entry["name"]: entry["sha256"] for entry in artifacts(manifest)})
@@ -133,7 +138,7 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
               "settings": {"threads": list(threads), "batch_sizes": list(batch_sizes),
                            "warmup": settings.warmup, "min_runs": settings.min_runs,
                            "min_seconds": settings.min_seconds},
-              "machine": machine()}
+              "flops_per_image": flops, "machine": machine()}
     write_json(run_dir / BENCH, result)
     manifest["pick"] = pick
     custom = bool(custom_runtimes or threads != settings.threads or batch_sizes != settings.batch_sizes)
@@ -141,6 +146,24 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                  hash=None if custom else stage_hash(manifest, recipe, "bench"))
     write_manifest(run_dir, manifest)
     return result
+
+
+def model_flops(run_dir, manifest) -> int | None:
+    """FLOPs per image of the run's Keras model, counted once from its graph."""
+    from tledge.flops import count_flops
+    from tledge.model import load_model
+    entry = next((e for e in artifacts(manifest) if e["name"] == "keras"), None)
+    if entry is None:
+        return None
+    try:
+        return int(count_flops(load_model(Path(run_dir) / entry["path"])))
+    except (ValueError, TypeError):  # a graph the counter does not understand: no figure
+        return None
+
+
+def load_pick(run_dir) -> dict | None:
+    """The pick the last bench of a run wrote (None when nothing qualified)."""
+    return read_json(Path(run_dir) / BENCH)["pick"]
 
 
 def choose(rows, parity, *, threads: int, batch: int, checksums=None) -> dict | None:

@@ -279,19 +279,37 @@ def _parse_counts(ctx, param, value):
               help="Runtime to use. Repeatable. Default: the recipe's bench.runtimes.")
 @click.option("--threads", callback=_parse_counts, metavar="N[,N...]",
               help="Thread counts, e.g. 1,2,4. Default: the recipe's bench.threads.")
+@click.option("--pick", "pick_only", is_flag=True,
+              help="Print only the pick of the last bench (runs nothing).")
 @click.option("--batch", callback=_parse_counts, metavar="N[,N...]",
               help="Batch sizes, e.g. 1,8. Default: the recipe's bench.batch_sizes.")
-def bench(run_dir, runtimes, threads, batch):
+def bench(run_dir, runtimes, threads, batch, pick_only):
     """Time every artifact in every runtime it runs on, and name the pick.
 
-    Example: tledge bench models/quickstart --threads 1,2
+    The pick is the fastest combination, at the recipe's first thread count and batch size,
+    whose artifact passed parity.
+
+    \b
+    Examples: tledge bench models/quickstart --threads 1,2
+              tledge bench models/quickstart --pick
     """
-    from tledge.bench import bench_run
+    from tledge.bench import bench_run, load_pick
+    if pick_only:
+        pick = load_pick(run_dir)
+        click.echo(f"{pick['artifact']} {pick['runtime']} threads={pick['threads']} "
+                   f"batch={pick['batch']} p50_ms={pick['p50_ms']:.3f} "
+                   f"path={_artifact_path(run_dir, pick['artifact'])}" if pick else "none")
+        return
     result = bench_run(run_dir, runtimes=runtimes or None, threads=threads, batch_sizes=batch,
                        log=click.echo)
     pick = result["pick"]
     click.echo(f"pick: {pick['artifact']} on {pick['runtime']}" if pick else
                "pick: none (no artifact passed parity and ran)")
+
+
+def _artifact_path(run_dir, name) -> str:
+    from tledge.rundir import find_artifact, read_manifest
+    return str(Path(run_dir) / find_artifact(read_manifest(run_dir), name)["path"])
 
 
 @command(needs_tensorflow=False, name="report")

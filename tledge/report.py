@@ -27,7 +27,7 @@ def report_run(run_dir) -> Path:
     lines += _ensemble_section(history, bench)
     lines += _parity_section(parity, {entry["name"]: entry.get("sha256")
                                       for entry in manifest["artifacts"]})
-    lines += _bench_section(bench)
+    lines += _bench_section(bench, parity)
     lines += _artifacts_section(manifest)
     lines += _recipe_section(run_dir)
     return write_text(run_dir / REPORT, "\n".join(lines).rstrip() + "\n")
@@ -214,24 +214,30 @@ def _parity_section(parity, checksums) -> list[str]:
     return lines + [""]
 
 
-def _bench_section(bench) -> list[str]:
+def _bench_section(bench, parity) -> list[str]:
     lines = ["## Latency", ""]
     if not bench:
         return lines + ["(not benchmarked yet: `tledge bench RUN_DIR`)", ""]
     machine = bench["machine"]
-    lines += [f"Measured on {machine['cpu']} ({machine['cores']} cores), "
-              f"{machine['system']}.", "",
-              "| artifact | runtime | threads | batch | status | p50 ms | p90 ms | p99 ms | "
-              "img/s | load ms | first ms | size KiB |",
-              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    flops = bench.get("flops_per_image")
+    lines += [f"Measured on {machine['cpu']} ({machine['cores']} cores), {machine['system']}."
+              + (f" The model costs {flops / 1e9:.3f} GFLOPs per image." if flops else ""),
+              "Accuracy and parity are the validate stage's, for the same artifact.", "",
+              "| artifact | runtime | threads | batch | status | parity | accuracy | p50 ms | "
+              "p90 ms | p99 ms | img/s | GFLOP/s | load ms | first ms | size KiB |",
+              "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    judged = {row["artifact"]: row for row in (parity or {}).get("rows", [])}
     for row in bench["rows"]:
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
         size = f"{row['size_bytes'] / 1024:,.0f}" if row["size_bytes"] else ""
+        check = judged.get(row["artifact"], {})
         lines.append(f"| {row['artifact']} | {row['runtime']} | {row['threads']} | "
-                     f"{row['batch']} | {status} | {_num(row['p50_ms'], '.3f')} | "
+                     f"{row['batch']} | {status} | {check.get('status', 'not validated')} | "
+                     f"{_num(check.get('accuracy'))} | {_num(row['p50_ms'], '.3f')} | "
                      f"{_num(row['p90_ms'], '.3f')} | {_num(row['p99_ms'], '.3f')} | "
-                     f"{_num(row['throughput_ips'], '.1f')} | {_num(row['load_ms'], '.0f')} | "
-                     f"{_num(row['first_ms'], '.1f')} | {size} |")
+                     f"{_num(row['throughput_ips'], '.1f')} | "
+                     f"{_num(row.get('gflops_per_second'), '.1f')} | "
+                     f"{_num(row['load_ms'], '.0f')} | {_num(row['first_ms'], '.1f')} | {size} |")
     return lines + [""]
 
 
