@@ -130,3 +130,18 @@ def test_pick_on_a_run_never_benchmarked_is_a_one_line_error(tmp_path, built_run
     (run_dir / "bench.json").unlink()
     result = CliRunner().invoke(main, ["bench", str(run_dir), "--pick"])
     assert result.exit_code == 2 and "bench.json is missing" in result.output
+
+
+def test_litert_with_xnnpack_off_is_its_own_runtime_with_the_same_answers(built_run):
+    from tledge.rundir import find_artifact, read_manifest
+    from tledge.runners import load
+    run_dir, _, _ = built_run
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    for name in ("tflite_fp32", "tflite_int8"):
+        entry = find_artifact(read_manifest(run_dir), name)
+        fast, plain = load(entry, run_dir, "litert"), load(entry, run_dir, "litert_no_xnnpack")
+        assert plain.runtime == "litert_no_xnnpack"
+        np.testing.assert_allclose(plain.predict(images), fast.predict(images), atol=0.02)
+        row = bench_artifact(entry, run_dir, "litert_no_xnnpack", threads=1, batch=1,
+                             images=images, warmup=0, min_runs=2, min_seconds=0)
+        assert row.status == "ok" and row.runtime == "litert_no_xnnpack"

@@ -187,7 +187,7 @@ def choose(rows, parity, *, threads: int, batch: int, checksums=None) -> dict | 
 
 
 def format_row(row: BenchRow) -> str:
-    head = f"  {row.artifact:<16} {row.runtime:<12} threads {row.threads:<2} batch {row.batch:<3}"
+    head = f"  {row.artifact:<16} {row.runtime:<18} threads {row.threads:<2} batch {row.batch:<3}"
     if row.status != "ok":
         return f"{head} {row.status}: {row.reason}"
     return (f"{head} p50 {row.p50_ms:8.3f} ms  p90 {row.p90_ms:8.3f}  p99 {row.p99_ms:8.3f}  "

@@ -38,6 +38,8 @@ RUNTIMES: dict[str, Runtime] = {row.name: row for row in (
             "Keras model as a compiled tf.function (never model.predict)"),
     Runtime("litert", ("tflite",), "tledge.runners.litert_runner", "load_litert",
             "LiteRT interpreter (ai_edge_litert), XNNPACK delegate"),
+    Runtime("litert_no_xnnpack", ("tflite",), "tledge.runners.litert_runner",
+            "load_litert_builtin", "LiteRT interpreter, builtin kernels only (XNNPACK off)"),
     Runtime("onnxruntime", ("onnx",), "tledge.runners.ort_runner", "load_onnxruntime",
             "ONNX Runtime, CPU execution provider"),
     Runtime("tensorflow", ("savedmodel",), "tledge.runners.keras_runner", "load_savedmodel",

@@ -10,17 +10,21 @@ from tledge.runners import Runner
 class LiteRTRunner(Runner):
     runtime = "litert"
 
-    def __init__(self, path, spec, threads, device):
+    def __init__(self, path, spec, threads, device, *, xnnpack=True):
         super().__init__(spec, threads, device)
         if device != "cpu":
             raise RuntimeUnavailable(f"the LiteRT runner runs on the CPU, not {device}")
         try:
-            from ai_edge_litert.interpreter import Interpreter
+            from ai_edge_litert.interpreter import Interpreter, OpResolverType
         except ImportError:
             raise RuntimeUnavailable("ai-edge-litert is not installed "
                                      "(pip install ai-edge-litert)") from None
+        # without the default delegates, every operator runs on LiteRT's builtin kernels
+        resolver = OpResolverType.AUTO if xnnpack else \
+            OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         with quiet():
-            self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
+                                           experimental_op_resolver_type=resolver)
         self._input = self.interpreter.get_input_details()[0]["index"]
         self._output = self.interpreter.get_output_details()[0]["index"]
         self._batch = None
@@ -40,3 +44,10 @@ class LiteRTRunner(Runner):
 
 def load_litert(path, spec, *, threads=None, device="cpu") -> LiteRTRunner:
     return LiteRTRunner(path, spec, threads, device)
+
+
+def load_litert_builtin(path, spec, *, threads=None, device="cpu") -> LiteRTRunner:
+    """LiteRT with XNNPACK off: what a device without the delegate would run."""
+    runner = LiteRTRunner(path, spec, threads, device, xnnpack=False)
+    runner.runtime = "litert_no_xnnpack"
+    return runner
