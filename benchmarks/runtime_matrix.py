@@ -1,13 +1,13 @@
-"""Why tledge never times `model.predict`: one image through four code paths, side by side.
+"""One image through every runtime path, side by side, against Keras' `model.predict`.
 
-MobileNetV2 1.0 at 224x224 (random weights: latency does not depend on their values),
-batch 1, on this machine's CPU:
+MobileNetV2 1.0 at 224x224 (random weights: latency does not depend on their values; int8
+is calibrated on random pixels, which sets its ranges but not its speed), batch 1:
   keras model.predict       what notebooks time
   keras compiled call       tledge's Keras runner (a traced tf.function)
-  LiteRT fp32               tledge's LiteRT runner
-  ONNX Runtime fp32         tledge's ONNX Runtime runner
+  LiteRT fp32 / int8        tledge's LiteRT runner (XNNPACK)
+  ONNX Runtime fp32 / int8  tledge's ONNX Runtime runner
 
-    python benchmarks/predict_overhead.py [--threads 2] [--runs 50]
+    python benchmarks/runtime_matrix.py [--threads 2] [--runs 50]
 """
 
 from __future__ import annotations
@@ -55,19 +55,24 @@ def main():
     folder = Path(tempfile.mkdtemp(prefix="tledge-bench-"))
     keras_path = folder / "model.keras"
     model.save(keras_path)
+    calibration = np.random.default_rng(1).integers(0, 256, (32, *size, 3), dtype=np.uint8)
     with quiet():
-        tflite_spec = export_tflite(model, folder / "model.tflite", precision="fp32")
-        onnx_spec = export_onnx(model, folder / "model.onnx", precision="fp32")
+        specs = {(family, precision): exporter(model, folder / f"{precision}.{family}",
+                                               precision=precision, calibration=calibration)
+                 for family, exporter in (("tflite", export_tflite), ("onnx", export_onnx))
+                 for precision in ("fp32", "int8")}
     keras_spec = {"input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
     paths = [("keras model.predict", None, None, keras_spec),
-             ("keras compiled call", "keras", keras_path, keras_spec),
-             ("LiteRT fp32", "litert", folder / "model.tflite", tflite_spec),
-             ("ONNX Runtime fp32", "onnxruntime", folder / "model.onnx", onnx_spec)]
+             ("keras compiled call", "keras", keras_path, keras_spec)]
+    paths += [(f"{'LiteRT' if family == 'tflite' else 'ONNX Runtime'} {precision}",
+               "litert" if family == "tflite" else "onnxruntime",
+               folder / f"{precision}.{family}", spec)
+              for (family, precision), spec in specs.items()]
     results = []
     for label, runtime, path, spec in paths:
         runner = Predict() if runtime is None else \
             RUNTIMES[runtime].load(path, spec, args.threads, "cpu")
-        prepared = image.astype(np.float32)
+        prepared = image.astype(np.float32) if runtime is None else runner.prepare(image)
         _, samples = time_runner(runner, prepared, warmup=5, min_runs=args.runs, min_seconds=1.0)
         results.append((label, summarize(samples, 1)))
 
