@@ -145,3 +145,22 @@ def test_litert_with_xnnpack_off_is_its_own_runtime_with_the_same_answers(built_
         row = bench_artifact(entry, run_dir, "litert_no_xnnpack", threads=1, batch=1,
                              images=images, warmup=0, min_runs=2, min_seconds=0)
         assert row.status == "ok" and row.runtime == "litert_no_xnnpack"
+
+
+def test_each_combination_runs_in_its_own_process_with_its_memory(built_run, tmp_path):
+    import json
+    from tledge.bench import bench_isolated
+    from tledge.rundir import find_artifact, read_manifest
+    run_dir, _, _ = built_run
+    bench = json.loads((run_dir / "bench.json").read_text())
+    for row in bench["rows"]:  # the shared run benchmarked isolated (the recipe default)
+        assert row["peak_rss_mb"] > row["runtime_rss_mb"] >= 0
+    entry = find_artifact(read_manifest(run_dir), "tflite_int8")
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    row = bench_isolated(entry, run_dir, "litert", threads=1, batch=1, images=images,
+                         warmup=0, min_runs=3, min_seconds=0)
+    assert row.status == "ok" and row.runs >= 3 and 0 < row.peak_rss_mb < 400
+    broken = dict(entry, path="missing.tflite")
+    row = bench_isolated(broken, tmp_path, "litert", threads=1, batch=1, images=images,
+                         warmup=0, min_runs=1, min_seconds=0)
+    assert row.status == "failed" and row.reason

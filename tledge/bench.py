@@ -42,6 +42,8 @@ class BenchRow:
     max_ms: float | None = None
     throughput_ips: float | None = None
     gflops_per_second: float | None = None  # achieved: the model's FLOPs x images / p50
+    peak_rss_mb: float | None = None  # the benchmark process's peak resident memory
+    runtime_rss_mb: float | None = None  # of which added by loading and running the runtime
 
 
 def summarize(samples_ns, batch: int) -> dict:
@@ -102,6 +104,34 @@ def bench_artifact(entry, run_dir, runtime, *, threads, batch, images, warmup, m
     return row
 
 
+def bench_isolated(entry, run_dir, runtime, *, threads, batch, images, warmup, min_runs,
+                   min_seconds, timeout=900) -> BenchRow:
+    """`bench_artifact` in a fresh process (see tledge.bench_worker); adds memory figures."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="tledge-bench-") as folder:
+        images_path = Path(folder) / "images.npy"
+        np.save(images_path, images)
+        job = {"entry": entry, "run_dir": str(Path(run_dir).resolve()), "runtime": runtime,
+               "threads": threads, "batch": batch, "images": str(images_path),
+               "warmup": warmup, "min_runs": min_runs, "min_seconds": min_seconds}
+        try:
+            done = subprocess.run([sys.executable, "-m", "tledge.bench_worker"],
+                                  input=json.dumps(job), capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return BenchRow(entry["name"], runtime, threads, batch, "failed",
+                            reason=f"no result within {timeout} s")
+    marker = [line for line in done.stdout.splitlines() if line.startswith("TLEDGE-ROW ")]
+    if done.returncode != 0 or not marker:
+        tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        return BenchRow(entry["name"], runtime, threads, batch, "failed",
+                        reason=f"the benchmark process died: {tail}")
+    return BenchRow(**json.loads(marker[-1][len("TLEDGE-ROW "):]))
+
+
 def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=print) -> dict:
     """Benchmark every artifact of the run; write bench.json and the pick to the manifest."""
     from tledge.rundata import evaluation_split, run_recipe, run_splits
@@ -121,7 +151,8 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                 continue
             for thread_count in threads:
                 for batch in batch_sizes:
-                    row = bench_artifact(entry, run_dir, runtime, threads=thread_count,
+                    measure = bench_isolated if settings.isolate else bench_artifact
+                    row = measure(entry, run_dir, runtime, threads=thread_count,
                                          batch=batch, images=images, warmup=settings.warmup,
                                          min_runs=settings.min_runs,
                                          min_seconds=settings.min_seconds)
@@ -190,8 +221,9 @@ def format_row(row: BenchRow) -> str:
     head = f"  {row.artifact:<16} {row.runtime:<18} threads {row.threads:<2} batch {row.batch:<3}"
     if row.status != "ok":
         return f"{head} {row.status}: {row.reason}"
+    memory = f"  peak {row.peak_rss_mb:.0f} MiB" if row.peak_rss_mb is not None else ""
     return (f"{head} p50 {row.p50_ms:8.3f} ms  p90 {row.p90_ms:8.3f}  p99 {row.p99_ms:8.3f}  "
-            f"{row.throughput_ips:8.1f} img/s  load {row.load_ms:.0f} ms")
+            f"{row.throughput_ips:8.1f} img/s  load {row.load_ms:.0f} ms{memory}")
 
 
 def machine() -> dict:

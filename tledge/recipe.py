@@ -216,6 +216,8 @@ class BenchRecipe:
     warmup: int = option(5, minimum=0, maximum=10_000, help="untimed runs before timing")
     min_runs: int = option(30, minimum=1, maximum=1_000_000)
     min_seconds: float = option(1.0, minimum=0.0, maximum=3600.0)
+    isolate: bool = option(True, help="each combination in its own process: memory figures "
+                                      "of its own, TensorFlow's thread count honoured")
 
 
 FUSIONS = ("mean", "weighted", "concat")

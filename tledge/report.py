@@ -222,10 +222,11 @@ def _bench_section(bench, parity) -> list[str]:
     flops = bench.get("flops_per_image")
     lines += [f"Measured on {machine['cpu']} ({machine['cores']} cores), {machine['system']}."
               + (f" The model costs {flops / 1e9:.3f} GFLOPs per image." if flops else ""),
-              "Accuracy and parity are the validate stage's, for the same artifact.", "",
+              "Accuracy and parity are the validate stage's, for the same artifact. Each row "
+              "ran in its own process; peak MiB is that process's peak resident memory.", "",
               "| artifact | runtime | threads | batch | status | parity | accuracy | p50 ms | "
-              "p90 ms | p99 ms | img/s | GFLOP/s | load ms | first ms | size KiB |",
-              "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "p90 ms | p99 ms | img/s | GFLOP/s | load ms | first ms | peak MiB | size KiB |",
+              "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     judged = {row["artifact"]: row for row in (parity or {}).get("rows", [])}
     for row in bench["rows"]:
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
@@ -237,7 +238,8 @@ def _bench_section(bench, parity) -> list[str]:
                      f"{_num(row['p90_ms'], '.3f')} | {_num(row['p99_ms'], '.3f')} | "
                      f"{_num(row['throughput_ips'], '.1f')} | "
                      f"{_num(row.get('gflops_per_second'), '.1f')} | "
-                     f"{_num(row['load_ms'], '.0f')} | {_num(row['first_ms'], '.1f')} | {size} |")
+                     f"{_num(row['load_ms'], '.0f')} | {_num(row['first_ms'], '.1f')} | "
+                     f"{_num(row.get('peak_rss_mb'), '.0f')} | {size} |")
     return lines + [""]
 
 
