@@ -151,6 +151,13 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                 continue
             for thread_count in threads:
                 for batch in batch_sizes:
+                    reason = RUNTIMES[runtime].unavailable()
+                    if reason:  # no process to start for what cannot run here
+                        rows.append(BenchRow(entry["name"], runtime, thread_count, batch,
+                                             "skipped", reason=reason,
+                                             size_bytes=entry.get("size_bytes")))
+                        log(format_row(rows[-1]))
+                        continue
                     measure = bench_isolated if settings.isolate else bench_artifact
                     row = measure(entry, run_dir, runtime, threads=thread_count,
                                          batch=batch, images=images, warmup=settings.warmup,

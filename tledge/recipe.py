@@ -209,7 +209,9 @@ class ValidateRecipe:
 
 @dataclasses.dataclass(frozen=True)
 class BenchRecipe:
-    runtimes: tuple[str, ...] = option(("keras", "litert", "onnxruntime", "tensorflow"),
+    runtimes: tuple[str, ...] = option(("keras", "keras_gpu", "litert", "onnxruntime",
+                                        "onnxruntime_cuda", "onnxruntime_tensorrt",
+                                        "tensorflow"),
                                        choices=_runtime_names)
     threads: tuple[int, ...] = option((2,), minimum=1, maximum=256)
     batch_sizes: tuple[int, ...] = option((1,), minimum=1, maximum=4096)

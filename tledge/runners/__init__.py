@@ -27,10 +27,16 @@ class Runtime:
     module: str
     loader: str
     description: str
+    device: str | None = None  # a runtime bound to one device ("gpu"): overrides the caller's
 
     def load(self, path, spec, threads, device) -> "Runner":
         loader: Callable = getattr(importlib.import_module(self.module), self.loader)
-        return loader(path, spec, threads=threads, device=device)
+        return loader(path, spec, threads=threads, device=self.device or device)
+
+    def unavailable(self) -> str | None:
+        """Why this runtime cannot run on this machine, found cheaply; None when it may."""
+        check = getattr(importlib.import_module(self.module), "unavailable", None)
+        return check(self.device or "cpu", self.loader) if check else None
 
 
 RUNTIMES: dict[str, Runtime] = {row.name: row for row in (
@@ -44,6 +50,12 @@ RUNTIMES: dict[str, Runtime] = {row.name: row for row in (
             "ONNX Runtime, CPU execution provider"),
     Runtime("tensorflow", ("savedmodel",), "tledge.runners.keras_runner", "load_savedmodel",
             "a SavedModel's serving signature, in TensorFlow"),
+    Runtime("keras_gpu", ("keras",), "tledge.runners.keras_runner", "load_keras",
+            "Keras model on TensorFlow's first GPU", device="gpu"),
+    Runtime("onnxruntime_cuda", ("onnx",), "tledge.runners.ort_runner", "load_onnxruntime",
+            "ONNX Runtime, CUDA execution provider", device="gpu"),
+    Runtime("onnxruntime_tensorrt", ("onnx",), "tledge.runners.ort_runner", "load_onnxruntime",
+            "ONNX Runtime, TensorRT execution provider", device="tensorrt"),
 )}
 
 

@@ -10,6 +10,14 @@ from tledge.errors import RuntimeUnavailable
 from tledge.runners import Runner
 
 
+def unavailable(device, loader=None) -> str | None:
+    """Why TensorFlow cannot run on `device` here (None when it can)."""
+    if device != "gpu":
+        return None
+    import tensorflow as tf
+    return None if tf.config.list_physical_devices("GPU") else "TensorFlow sees no GPU"
+
+
 class KerasRunner(Runner):
     runtime = "keras"
 
@@ -17,8 +25,9 @@ class KerasRunner(Runner):
         super().__init__(spec, threads, device)
         import tensorflow as tf
         from tledge.model import load_model
-        if device == "gpu" and not tf.config.list_physical_devices("GPU"):
-            raise RuntimeUnavailable("TensorFlow sees no GPU")
+        reason = unavailable(device)
+        if reason:
+            raise RuntimeUnavailable(reason)
         if threads is not None:
             _set_threads(tf, threads)
         self._device = "/GPU:0" if device == "gpu" else "/CPU:0"

@@ -5,7 +5,21 @@ from __future__ import annotations
 from tledge.errors import RuntimeUnavailable
 from tledge.runners import Runner
 
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider",
+              "tensorrt": "TensorrtExecutionProvider"}
+
+
+def unavailable(device, loader=None) -> str | None:
+    """Why ONNX Runtime cannot run on `device` here (None when it can)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return "onnxruntime is not installed (pip install onnxruntime)"
+    provider = _PROVIDERS.get(device)
+    if provider not in onnxruntime.get_available_providers():
+        return (f"no {provider or device} in this onnxruntime (has "
+                f"{', '.join(onnxruntime.get_available_providers())})")
+    return None
 
 
 class OnnxRuntimeRunner(Runner):
@@ -18,10 +32,10 @@ class OnnxRuntimeRunner(Runner):
         except ImportError:
             raise RuntimeUnavailable("onnxruntime is not installed "
                                      "(pip install onnxruntime)") from None
-        provider = _PROVIDERS.get(device)
-        if provider not in onnxruntime.get_available_providers():
-            raise RuntimeUnavailable(f"no {provider or device} in this onnxruntime "
-                                     f"(has {', '.join(onnxruntime.get_available_providers())})")
+        reason = unavailable(device)
+        if reason:
+            raise RuntimeUnavailable(reason)
+        provider = _PROVIDERS[device]
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
