@@ -14,7 +14,8 @@ from PIL import Image
 
 from tledge.data import (IMAGE_SUFFIXES, Splits, calibration_images, load_image, load_images,
                          load_splits, resize_images)
-from tledge.data.sources import CIFAR10_CLASSES, carve
+from tledge.data.cifar10 import CIFAR10_CLASSES
+from tledge.data.sources import carve
 from tledge.data.synthetic import SHAPES, generate
 from tledge.errors import DataError
 

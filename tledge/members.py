@@ -45,7 +45,7 @@ def inline_recipe(recipe, member):
 def check_ensemble(recipe) -> list[str]:
     """Every problem with an ensemble's members, each with its key path."""
     from tledge.errors import RecipeError
-    from tledge.recipe import _check_together
+    from tledge.checks import check_together
     ensemble = recipe.ensemble
     problems = []
     if ensemble.fusion == "weighted" and recipe.data.val_fraction == 0 and \
@@ -73,7 +73,7 @@ def check_ensemble(recipe) -> list[str]:
             continue
         inline = inline_recipe(recipe, member) if member.model.backbone else None
         if inline is not None:
-            problems += [f"{key}.{problem}" for problem in _check_together(inline)
+            problems += [f"{key}.{problem}" for problem in check_together(inline)
                          if not problem.startswith(("name:", "data."))]
     if not problems:
         try:

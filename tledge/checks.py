@@ -1,0 +1,158 @@
+"""Recipe rules that involve more than one key (the single-key ones live in the schema).
+
+Each rule returns its problems as `key.path: message` lines; `check_together` runs them all,
+skipping a rule whose own inputs are invalid, so every problem is reported in one go.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def check_together(recipe) -> list[str]:
+    """Rules that involve more than one key, each run on its own.
+
+    A rule whose inputs are themselves invalid (None after a type error) is skipped; the
+    others still run, so every problem is reported in one go.
+    """
+    from tledge.members import check_ensemble
+    problems = []
+    rules = (_check_name, _check_data, _check_weights, _check_training, _check_bench,
+             _check_model_backbone, _check_baseline)
+    if recipe.ensemble is not None:  # its models are its members'
+        rules = (_check_name, _check_data, _check_bench, _check_baseline, check_ensemble)
+    for rule in rules:
+        try:
+            problems += rule(recipe)
+        except (TypeError, AttributeError, KeyError):
+            continue
+    return problems
+
+
+def _check_name(recipe) -> list[str]:
+    if not _NAME.match(recipe.name):
+        return [f"name: expected letters, digits, '_', '-' or '.', found {recipe.name!r}"]
+    return []
+
+
+def _check_data(recipe) -> list[str]:
+    problems, data = [], recipe.data
+    if data.source in ("folder", "npz") and not data.path:
+        kind = "a folder of class sub-folders" if data.source == "folder" else "an .npz file"
+        problems.append(f"data.path: is required for source '{data.source}' ({kind})")
+    elif data.source == "folder" and not Path(data.path).is_dir():
+        problems.append(f"data.path: no such folder '{data.path}' (relative paths are read from "
+                        "the recipe's folder)")
+    elif data.source == "npz" and not Path(data.path).is_file():
+        problems.append(f"data.path: no such file '{data.path}' (relative paths are read from "
+                        "the recipe's folder)")
+    if data.source in ("synthetic", "cifar10") and data.path:
+        problems.append(f"data.path: not used by source '{data.source}'; remove it")
+    if data.source == "synthetic" and len(set(data.synthetic.classes)) < 2:
+        problems.append("data.synthetic.classes: expected at least 2 different classes")
+    if data.val_fraction + data.test_fraction >= 0.9:
+        problems.append("data.val_fraction + data.test_fraction: expected less than 0.9 "
+                        f"together, so training keeps most of the data, found "
+                        f"{data.val_fraction + data.test_fraction:g}")
+    return problems
+
+
+def _check_weights(recipe) -> list[str]:
+    weights = recipe.model.weights
+    if weights in ("imagenet", "none"):
+        return []
+    weights_path = Path(weights)
+    if weights_path.suffix not in (".h5", ".keras", ".toml"):
+        return [f"model.weights: expected 'imagenet', 'none', a .h5/.weights.h5/.keras file or "
+                f"a recipe .toml, found {weights!r}"]
+    if not weights_path.is_file():
+        return [f"model.weights: no such file '{weights}' (relative paths are read from the "
+                "recipe's folder)"]
+    if weights_path.suffix != ".toml":
+        return []
+    if recipe.path and weights_path.resolve() == Path(recipe.path).resolve():
+        return ["model.weights: a recipe cannot take its weights from itself"]
+    try:
+        document = tomllib.loads(weights_path.read_text(encoding="utf-8"))
+        from tledge.recipe import Recipe
+        from tledge.schema import Parser
+        parser = Parser(weights_path.resolve().parent)
+        parser.parse(Recipe, document)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        return [f"model.weights: {weights_path.name} is not valid TOML: {error}"]
+    if parser.problems:
+        return [f"model.weights: {weights_path.name} has {len(parser.problems)} problem(s); run "
+                f"`tledge check {weights}` (first: {parser.problems[0]})"]
+    return []
+
+
+def _check_training(recipe) -> list[str]:
+    problems, train = [], recipe.train
+    if train.feature_extraction.epochs + train.fine_tune.epochs == 0:
+        problems.append("train: both phases have 0 epochs; nothing would be trained (set "
+                        "train.feature_extraction.epochs or train.fine_tune.epochs)")
+    elif recipe.model.weights == "none" and train.feature_extraction.epochs == 0:
+        problems.append("train.feature_extraction.epochs: with weights = \"none\" this phase "
+                        "trains the whole network from scratch (fine-tuning does not apply); "
+                        "expected at least 1, found 0")
+    for name in ("feature_extraction", "fine_tune"):
+        phase = getattr(train, name)
+        if phase.warmup_epochs and phase.schedule != "cosine":
+            problems.append(f"train.{name}.warmup_epochs: warm-up belongs to the cosine "
+                            f"schedule; set train.{name}.schedule = \"cosine\" or remove it")
+        elif phase.warmup_epochs >= max(phase.epochs, 1) and phase.epochs:
+            problems.append(f"train.{name}.warmup_epochs: expected fewer than the phase's "
+                            f"{phase.epochs} epochs, found {phase.warmup_epochs}")
+    return problems
+
+
+def _check_bench(recipe) -> list[str]:
+    if not recipe.bench.runtimes:
+        return ["bench.runtimes: expected at least one runtime, found []"]
+    return []
+
+
+def _check_model_backbone(recipe) -> list[str]:
+    from tledge.backbones import BACKBONES
+    backbone = BACKBONES.get(recipe.model.backbone)
+    return _check_backbone(recipe, backbone) if backbone is not None else []
+
+
+def _check_baseline(recipe) -> list[str]:
+    from tledge.backbones import BACKBONES
+    if recipe.baseline is None:
+        return []
+    backbone = BACKBONES.get(recipe.baseline.backbone)
+    size = recipe.data.image_size
+    if backbone is not None and size is not None and min(size) < backbone.min_size:
+        return [f"baseline.backbone: '{backbone.name}' needs at least {backbone.min_size}x"
+                f"{backbone.min_size}, found {size[0]}x{size[1]}"]
+    return []
+
+
+def _check_backbone(recipe, backbone) -> list[str]:
+    """Rules that need the backbone: width multiplier, input size, weights, layer count."""
+    problems = []
+    data, model = recipe.data, recipe.model
+    if model.alpha is not None and not backbone.alphas:
+        problems.append(f"model.alpha: backbone '{model.backbone}' has no width multiplier; "
+                        "remove alpha")
+    elif model.alpha is not None and model.alpha not in backbone.alphas:
+        problems.append(f"model.alpha: expected one of {', '.join(map(str, backbone.alphas))} "
+                        f"for '{model.backbone}', found {model.alpha}")
+    if data.image_size is not None and min(data.image_size) < backbone.min_size:
+        problems.append(f"data.image_size: '{model.backbone}' needs at least "
+                        f"{backbone.min_size}x{backbone.min_size}, found "
+                        f"{data.image_size[0]}x{data.image_size[1]}")
+    if model.weights == "imagenet" and backbone.imagenet_file is None:
+        problems.append(f"model.weights: '{model.backbone}' has no ImageNet weights; use "
+                        "\"none\", a weights file or a recipe")
+    unfreeze = recipe.train.fine_tune.unfreeze
+    if isinstance(unfreeze, int) and unfreeze > backbone.layers:
+        problems.append(f"train.fine_tune.unfreeze: '{model.backbone}' has {backbone.layers} "
+                        f"layers, found {unfreeze}; use a smaller count or 'all'")
+    return problems
