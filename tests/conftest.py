@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import textwrap
 
 import pytest
@@ -67,3 +68,31 @@ def built_run(small_recipe, tmp_path_factory):
     lines = []
     _, parity = build(small_recipe, out=run_dir, log=lines.append, verbose=0)
     return run_dir, parity, lines
+
+
+# -- the command line ------------------------------------------------------------------------
+
+def invoke(*args):
+    """Run `tledge ARGS...` in-process through click's CliRunner."""
+    from click.testing import CliRunner
+    from tledge.cli import main
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def assert_usage_error(result, *fragments):
+    """Exit code 2, no traceback, and stderr is one line `error: ...` naming each fragment."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert str(fragment) in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def run_copy(built_run, tmp_path):
+    """A private copy of the session run, for commands that write into it."""
+    run_dir, _, _ = built_run
+    return shutil.copytree(run_dir, tmp_path / "run")

@@ -8,43 +8,18 @@ every bad-input build must fail before training starts (`no_training` makes sure
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import SMALL_RECIPE, write_recipe
+from conftest import SMALL_RECIPE, assert_usage_error, invoke, write_recipe
 from tledge.cli import main
 from tledge.rundir import sha256
 
 COMMANDS = sorted(main.commands)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(arg) for arg in args])
-
-
-def assert_usage_error(result, *fragments):
-    """Exit code 2, no traceback, and stderr is one line `error: ...` naming each fragment."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert str(fragment) in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
-@pytest.fixture
-def run_copy(built_run, tmp_path):
-    """A private copy of the session run, for commands that write into it."""
-    run_dir, _, _ = built_run
-    return shutil.copytree(run_dir, tmp_path / "run")
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.errors import RuntimeUnavailable
+from tledge.device_bench import machine_facts, summarize, time_runner
+from tledge.errors import RunDirError, RuntimeUnavailable
 from tledge.rundir import (BENCH, PARITY, artifacts, read_json, read_manifest, record_stage,
                            stage_hash, write_json, write_manifest)
 from tledge.runners import RUNTIMES, load
@@ -44,34 +45,6 @@ class BenchRow:
     gflops_per_second: float | None = None  # achieved: the model's FLOPs x images / p50
     peak_rss_mb: float | None = None  # the benchmark process's peak resident memory
     runtime_rss_mb: float | None = None  # of which added by loading and running the runtime
-
-
-def summarize(samples_ns, batch: int) -> dict:
-    """Latency statistics in milliseconds from per-call samples in nanoseconds."""
-    samples = np.asarray(samples_ns, dtype=np.float64) / 1e6
-    p50, p90, p99 = np.percentile(samples, [50, 90, 99])
-    return {"runs": int(samples.size), "p50_ms": float(p50), "p90_ms": float(p90),
-            "p99_ms": float(p99), "mean_ms": float(samples.mean()),
-            "std_ms": float(samples.std()), "min_ms": float(samples.min()),
-            "max_ms": float(samples.max()), "throughput_ips": float(batch * 1000.0 / p50)}
-
-
-def time_runner(runner, prepared, *, warmup: int, min_runs: int, min_seconds: float,
-                max_runs: int = 100_000) -> tuple[float, list[int]]:
-    """(first-inference ms, steady-state samples in ns) for one prepared input."""
-    clock = time.perf_counter_ns
-    start = clock()
-    runner.run(prepared)
-    first_ms = (clock() - start) / 1e6
-    for _ in range(warmup):
-        runner.run(prepared)
-    samples = []
-    deadline = clock() + int(min_seconds * 1e9)
-    while len(samples) < max_runs and (len(samples) < min_runs or clock() < deadline):
-        start = clock()
-        runner.run(prepared)
-        samples.append(clock() - start)
-    return first_ms, samples
 
 
 def bench_artifact(entry, run_dir, runtime, *, threads, batch, images, warmup, min_runs,
@@ -144,6 +117,9 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     threads = tuple(threads or settings.threads)
     batch_sizes = tuple(batch_sizes or settings.batch_sizes)
     images = evaluation_split(run_splits(run_dir, recipe))[0][:64]
+    if not artifacts(manifest):
+        raise RunDirError(f"{run_dir} has no artifacts to benchmark; train and export first "
+                          "(`tledge build RECIPE`, or `tledge export RUN_DIR`)")
     rows = []
     for entry in artifacts(manifest):
         for runtime in runtimes:
@@ -176,7 +152,11 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
               "settings": {"threads": list(threads), "batch_sizes": list(batch_sizes),
                            "warmup": settings.warmup, "min_runs": settings.min_runs,
                            "min_seconds": settings.min_seconds},
-              "flops_per_image": flops, "machine": machine()}
+              "flops_per_image": flops, "machine": machine_facts()}
+    from tledge.bundle import device_runs
+    devices = device_runs(run_dir)  # results imported from devices outlive a re-bench
+    if devices:
+        result["devices"] = devices
     write_json(run_dir / BENCH, result)
     manifest["pick"] = pick
     custom = bool(custom_runtimes or threads != settings.threads or batch_sizes != settings.batch_sizes)
@@ -231,17 +211,3 @@ def format_row(row: BenchRow) -> str:
     memory = f"  peak {row.peak_rss_mb:.0f} MiB" if row.peak_rss_mb is not None else ""
     return (f"{head} p50 {row.p50_ms:8.3f} ms  p90 {row.p90_ms:8.3f}  p99 {row.p99_ms:8.3f}  "
             f"{row.throughput_ips:8.1f} img/s  load {row.load_ms:.0f} ms{memory}")
-
-
-def machine() -> dict:
-    import os
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(),
-            "python": platform.python_version()}

@@ -12,25 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import sys
 
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident memory.
-
-    On Linux the kernel's own high-water mark of this process image (VmHWM): getrusage's
-    ru_maxrss survives exec, so it would report the parent's peak when that was larger.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+from tledge.device_bench import peak_rss_bytes
 
 
 def main() -> None:
@@ -39,12 +23,12 @@ def main() -> None:
     import numpy as np
     from tledge.bench import bench_artifact
     images = np.load(job["images"])
-    baseline = _peak_rss_bytes()
+    baseline = peak_rss_bytes()
     row = bench_artifact(job["entry"], job["run_dir"], job["runtime"], threads=job["threads"],
                          batch=job["batch"], images=images, warmup=job["warmup"],
                          min_runs=job["min_runs"], min_seconds=job["min_seconds"])
-    row.peak_rss_mb = round(_peak_rss_bytes() / 2**20, 1)
-    row.runtime_rss_mb = round((_peak_rss_bytes() - baseline) / 2**20, 1)
+    row.peak_rss_mb = round(peak_rss_bytes() / 2**20, 1)
+    row.runtime_rss_mb = round((peak_rss_bytes() - baseline) / 2**20, 1)
     sys.stdout.write("\nTLEDGE-ROW " + json.dumps(dataclasses.asdict(row)) + "\n")
 
 

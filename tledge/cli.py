@@ -105,6 +105,7 @@ def main():
       tledge validate models/quickstart
       tledge bench models/quickstart
       tledge report models/quickstart
+      tledge bundle models/quickstart --out pi.zip   benchmark on a device
     """
 
 
@@ -283,17 +284,31 @@ def _parse_counts(ctx, param, value):
               help="Print only the pick of the last bench (runs nothing).")
 @click.option("--batch", callback=_parse_counts, metavar="N[,N...]",
               help="Batch sizes, e.g. 1,8. Default: the recipe's bench.batch_sizes.")
-def bench(run_dir, runtimes, threads, batch, pick_only):
+@click.option("--import", "device_result", type=click.Path(dir_okay=False, path_type=Path),
+              metavar="RESULT.json",
+              help="Merge a device's result (from a bundle's bench_device.py) into the run's "
+                   "bench table and report, under the device's name (runs nothing).")
+def bench(run_dir, runtimes, threads, batch, pick_only, device_result):
     """Time every artifact in every runtime it runs on, and name the pick.
 
-    The pick is the fastest combination, at the recipe's first thread count and batch size,
-    whose artifact passed parity.
+    Each combination runs in its own process; a row gives load time, first inference,
+    p50/p90/p99, throughput, GFLOP/s and peak memory. The pick is the fastest combination,
+    at the recipe's first thread count and batch size, whose artifact passed parity.
 
     \b
     Examples: tledge bench models/quickstart --threads 1,2
               tledge bench models/quickstart --pick
+              tledge bench models/quickstart --import result.json
     """
     from tledge.bench import bench_run, load_pick
+    if device_result:
+        from tledge.bundle import import_device_result
+        from tledge.report import report_run
+        stored = import_device_result(run_dir, device_result)
+        ran = sum(row["status"] == "ok" for row in stored["rows"])
+        click.echo(f"imported {stored['device']['name']}: {ran} of {len(stored['rows'])} "
+                   f"combinations ran; wrote {report_run(run_dir)}")
+        return
     if pick_only:
         pick = load_pick(run_dir)
         click.echo(f"{pick['artifact']} {pick['runtime']} threads={pick['threads']} "
@@ -310,6 +325,34 @@ def bench(run_dir, runtimes, threads, batch, pick_only):
 def _artifact_path(run_dir, name) -> str:
     from tledge.rundir import find_artifact, read_manifest
     return str(Path(run_dir) / find_artifact(read_manifest(run_dir), name)["path"])
+
+
+@command(name="bundle")
+@click.argument("run_dir", type=RUN_DIR)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The zip file to write, e.g. bundle.zip.")
+@click.option("--artifacts", "names", multiple=True, metavar="NAME[,NAME...]",
+              help="Artifacts to include (repeatable or comma-separated). Default: every "
+                   ".tflite and .onnx artifact of the run.")
+@click.option("--images", "image_count", type=click.IntRange(min=1), default=32,
+              show_default=True, help="Evaluation images to bundle for the accuracy check.")
+def bundle(run_dir, out, names, image_count):
+    """Pack artifacts into a zip to benchmark on a device (a Raspberry Pi, a Jetson).
+
+    The zip holds the artifacts, labels, a few test images with their expected classes and
+    bench_device.py, which needs only Python 3.9+, numpy and ai-edge-litert, tflite-runtime
+    or onnxruntime. On the device: `python3 bench_device.py --name pi5` writes result.json
+    (the same statistics as `tledge bench`, device facts, accuracy on the images); bring it
+    back with `tledge bench RUN_DIR --import result.json`.
+
+    Example: tledge bundle models/quickstart --artifacts tflite_int8 --out pi.zip
+    """
+    from tledge.bundle import write_bundle
+    wanted = [name.strip() for group in names for name in group.split(",") if name.strip()]
+    path = write_bundle(run_dir, out, names=wanted or None, image_count=image_count,
+                        log=click.echo)
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); on the device: unzip it, "
+               "then `python3 bench_device.py`")
 
 
 @command(needs_tensorflow=False, name="report")

@@ -56,6 +56,10 @@ class RuntimeUnavailable(TledgeError):
     """A runtime cannot run here (not installed, no such device); a bench row says why."""
 
 
+class BundleError(TledgeError):
+    """A device bundle cannot be made, or a device's result cannot be imported."""
+
+
 class ParityError(TledgeError):
     """One or more artifacts failed accuracy parity against the reference model."""
 

@@ -9,7 +9,6 @@ directory, unless a trained model is already there.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 

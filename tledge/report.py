@@ -25,9 +25,10 @@ def report_run(run_dir) -> Path:
     lines += _data_section(manifest, split)
     lines += _training_section(history)
     lines += _ensemble_section(history, bench)
-    lines += _parity_section(parity, {entry["name"]: entry.get("sha256")
-                                      for entry in manifest["artifacts"]})
+    checksums = {entry["name"]: entry.get("sha256") for entry in manifest["artifacts"]}
+    lines += _parity_section(parity, checksums)
     lines += _bench_section(bench, parity)
+    lines += _devices_section(bench, checksums)
     lines += _artifacts_section(manifest)
     lines += _recipe_section(run_dir)
     return write_text(run_dir / REPORT, "\n".join(lines).rstrip() + "\n")
@@ -214,33 +215,81 @@ def _parity_section(parity, checksums) -> list[str]:
     return lines + [""]
 
 
+_LATENCY_HEAD = ("| p50 ms | p90 ms | p99 ms | img/s | GFLOP/s | load ms | first ms | peak MiB "
+                 "| size KiB |")
+_LATENCY_RULE = "---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+
+
+def _latency_cells(row) -> str:
+    """The statistics columns of one bench row, host or device."""
+    size = f"{row['size_bytes'] / 1024:,.0f}" if row.get("size_bytes") else ""
+    return (f"{_num(row.get('p50_ms'), '.3f')} | {_num(row.get('p90_ms'), '.3f')} | "
+            f"{_num(row.get('p99_ms'), '.3f')} | {_num(row.get('throughput_ips'), '.1f')} | "
+            f"{_num(row.get('gflops_per_second'), '.1f')} | {_num(row.get('load_ms'), '.0f')} | "
+            f"{_num(row.get('first_ms'), '.1f')} | {_num(row.get('peak_rss_mb'), '.0f')} | "
+            f"{size} |")
+
+
+def _status(row) -> str:
+    return row["status"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+
+
 def _bench_section(bench, parity) -> list[str]:
     lines = ["## Latency", ""]
-    if not bench:
-        return lines + ["(not benchmarked yet: `tledge bench RUN_DIR`)", ""]
+    if not bench or not bench["rows"]:
+        return lines + ["(not benchmarked on this machine yet: `tledge bench RUN_DIR`)", ""]
     machine = bench["machine"]
     flops = bench.get("flops_per_image")
     lines += [f"Measured on {machine['cpu']} ({machine['cores']} cores), {machine['system']}."
               + (f" The model costs {flops / 1e9:.3f} GFLOPs per image." if flops else ""),
               "Accuracy and parity are the validate stage's, for the same artifact. Each row "
               "ran in its own process; peak MiB is that process's peak resident memory.", "",
-              "| artifact | runtime | threads | batch | status | parity | accuracy | p50 ms | "
-              "p90 ms | p99 ms | img/s | GFLOP/s | load ms | first ms | peak MiB | size KiB |",
-              "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| artifact | runtime | threads | batch | status | parity | accuracy "
+              + _LATENCY_HEAD, "|---|---|---:|---:|---|---|---:|" + _LATENCY_RULE]
     judged = {row["artifact"]: row for row in (parity or {}).get("rows", [])}
     for row in bench["rows"]:
-        status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
-        size = f"{row['size_bytes'] / 1024:,.0f}" if row["size_bytes"] else ""
         check = judged.get(row["artifact"], {})
         lines.append(f"| {row['artifact']} | {row['runtime']} | {row['threads']} | "
-                     f"{row['batch']} | {status} | {check.get('status', 'not validated')} | "
-                     f"{_num(check.get('accuracy'))} | {_num(row['p50_ms'], '.3f')} | "
-                     f"{_num(row['p90_ms'], '.3f')} | {_num(row['p99_ms'], '.3f')} | "
-                     f"{_num(row['throughput_ips'], '.1f')} | "
-                     f"{_num(row.get('gflops_per_second'), '.1f')} | "
-                     f"{_num(row['load_ms'], '.0f')} | {_num(row['first_ms'], '.1f')} | "
-                     f"{_num(row.get('peak_rss_mb'), '.0f')} | {size} |")
+                     f"{row['batch']} | {_status(row)} | "
+                     f"{check.get('status', 'not validated')} | "
+                     f"{_num(check.get('accuracy'))} | " + _latency_cells(row))
     return lines + [""]
+
+
+def _devices_section(bench, checksums) -> list[str]:
+    """Results measured on devices with `tledge bundle` and imported with `--import`."""
+    devices = (bench or {}).get("devices") or {}
+    if not devices:
+        return []
+    lines = ["## On devices", "",
+             "Measured on each device by the bundle's bench_device.py (`tledge bundle`), "
+             "imported with `tledge bench RUN_DIR --import`. Accuracy is on the bundled "
+             "images; agreement is with the build machine's predictions for the same images.",
+             ""]
+    for name, result in devices.items():
+        device = result["device"]
+        runtimes = ", ".join(f"{module} {version}" for module, version
+                             in device.get("runtimes", {}).items())
+        lines += [f"### {name}", "",
+                  (f"{device['model']}: " if device.get("model") else "")
+                  + f"{device.get('cpu', '?')}, "
+                  f"{device.get('cores', '?')} cores, {device.get('system', '?')}; "
+                  f"{runtimes}. Measured {result.get('measured', '?')}.", ""]
+        stale = sorted(artifact for artifact, checksum in (result.get("artifacts") or {}).items()
+                       if checksums.get(artifact) != checksum)
+        if stale:
+            lines += [f"**Stale**: {', '.join(stale)} changed since this device measured it; "
+                      "bundle and measure again.", ""]
+        accuracy = {row["artifact"]: row for row in result.get("accuracy") or []}
+        lines += ["| artifact | runtime | threads | batch | status | accuracy | agreement "
+                  + _LATENCY_HEAD, "|---|---|---:|---:|---|---:|---:|" + _LATENCY_RULE]
+        for row in result["rows"]:
+            check = accuracy.get(row["artifact"], {})
+            lines.append(f"| {row['artifact']} | {row['runtime']} | {row['threads']} | "
+                         f"{row['batch']} | {_status(row)} | {_num(check.get('accuracy'))} | "
+                         f"{_num(check.get('agreement_with_host'))} | " + _latency_cells(row))
+        lines.append("")
+    return lines
 
 
 def _artifacts_section(manifest) -> list[str]:

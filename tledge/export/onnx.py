@@ -58,7 +58,6 @@ def _quantize_static(proto, path, calibration) -> None:
     """QDQ int8 with per-channel weights, calibrated on training images (min-max)."""
     import tempfile
     from pathlib import Path
-    import numpy as np
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)

@@ -17,6 +17,7 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
+from tledge.device_bench import dequantize, prepare_pixels
 from tledge.errors import RuntimeUnavailable
 
 
@@ -66,26 +67,10 @@ class Runner(abc.ABC):
 
     def __init__(self, spec: dict, threads: int, device: str):
         self.spec, self.threads, self.device = spec, threads, device
-        self.input_dtype = spec["input"]["dtype"]
-        quantization = spec["input"].get("quantization")
-        self._in_quant = quantization if quantization and quantization != \
-            {"scale": 1.0, "zero_point": 0} else None
-        self._out_quant = spec["output"].get("quantization")
 
     def prepare(self, images):
         """Raw uint8 pixels to what this artifact's input tensor takes (outside timing)."""
-        import numpy as np
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected uint8 images [batch, H, W, 3], got {images.dtype} "
-                             f"{list(images.shape)}")
-        if self.input_dtype in ("uint8", "int8"):
-            low, high = (0, 255) if self.input_dtype == "uint8" else (-128, 127)
-            if self._in_quant:  # int8 I/O, or a calibrated range not exactly 0-255
-                scaled = images / self._in_quant["scale"] + self._in_quant["zero_point"]
-                return np.clip(np.round(scaled), low, high).astype(self.input_dtype)
-            return images
-        return images.astype(np.float32)
+        return prepare_pixels(images, self.spec["input"])
 
     def run(self, prepared):
         """Run prepared input; returns the raw output (what benchmarks time)."""
@@ -93,11 +78,7 @@ class Runner(abc.ABC):
 
     def finish(self, raw):
         """Raw output to float probabilities."""
-        import numpy as np
-        if self._out_quant:
-            return (raw.astype(np.float32) - self._out_quant["zero_point"]) * \
-                self._out_quant["scale"]
-        return np.asarray(raw, dtype=np.float32)
+        return dequantize(raw, self.spec["output"])
 
     def predict(self, images):
         """uint8 images [batch, H, W, 3] -> probabilities [batch, classes] (float32)."""

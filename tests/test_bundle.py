@@ -1,0 +1,206 @@
+"""`tledge bundle`, the bundle's bench_device.py run as on a device, and `bench --import`."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from conftest import assert_usage_error, invoke
+
+
+def unpack(run_dir, tmp_path, *options):
+    out = tmp_path / "bundle.zip"
+    result = invoke("bundle", run_dir, "--out", out, *options)
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "device"
+    with zipfile.ZipFile(out) as archive:
+        archive.extractall(folder)
+    return folder
+
+
+def bench_on_device(folder, *options):
+    """The bundle's script as a device runs it: isolated (-I: no tledge, no site-packages of
+    the user), from its own folder, against whatever runtimes are installed."""
+    done = subprocess.run([sys.executable, "-I", "bench_device.py", "--min-runs", "3",
+                           "--min-seconds", "0", "--threads", "1", *options],
+                          cwd=folder, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads((folder / "result.json").read_text()), done.stdout
+
+
+@pytest.fixture(scope="module")
+def device_result(built_run, tmp_path_factory):
+    run_dir, _, _ = built_run
+    tmp_path = tmp_path_factory.mktemp("bundle")
+    folder = unpack(run_dir, tmp_path, "--images", "24")
+    result, printed = bench_on_device(folder, "--name", "bench-pi")
+    return folder, result, printed
+
+
+def test_bundle_holds_what_the_device_needs(built_run, device_result):
+    run_dir, _, _ = built_run
+    folder, _, _ = device_result
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    bundle = json.loads((folder / "bundle.json").read_text())
+    device_formats = {"tflite", "onnx"}
+    expected = {entry["name"] for entry in manifest["artifacts"]
+                if entry["format"] in device_formats}
+    assert {entry["name"] for entry in bundle["artifacts"]} == expected  # no .keras
+    from tledge.rundir import sha256
+    for entry in bundle["artifacts"]:
+        assert sha256(folder / entry["file"]) == entry["sha256"]
+        assert len(entry["host_predictions"]) == 24
+    import numpy as np
+    images = np.load(folder / "images.npy")
+    assert images.dtype == np.uint8 and images.shape == (24, 32, 32, 3)
+    assert len(bundle["images"]["expected"]) == 24
+    assert (folder / "labels.txt").read_text().split() == manifest["labels"]
+    assert "python3 bench_device.py" in (folder / "README.txt").read_text()
+
+
+def test_device_script_times_and_checks_every_artifact(built_run, device_result):
+    folder, result, printed = device_result
+    bundle = json.loads((folder / "bundle.json").read_text())
+    assert result["format"] == "tledge-device-bench" and result["device"]["name"] == "bench-pi"
+    assert result["device"]["cores"] >= 1 and result["device"]["python"]
+    assert {"numpy", "ai_edge_litert", "onnxruntime"} <= set(result["device"]["runtimes"])
+    rows = {row["artifact"]: row for row in result["rows"]}
+    assert set(rows) == {entry["name"] for entry in bundle["artifacts"]}
+    for name, row in rows.items():
+        assert row["status"] == "ok", row
+        assert row["runtime"] == ("onnxruntime" if name.startswith("onnx") else "ai_edge_litert")
+        assert row["runs"] >= 3 and 0 < row["min_ms"] <= row["p50_ms"] <= row["p99_ms"]
+        assert row["peak_rss_mb"] > row["runtime_rss_mb"] > 0  # measured in its own process
+        assert row["gflops_per_second"] > 0
+    for check in result["accuracy"]:
+        # the same file in the same runtime on the same machine predicts the same classes
+        assert check["agreement_with_host"] == 1.0, check
+        assert check["accuracy"] == check["host_accuracy"]
+    assert "accuracy" in printed and "wrote result.json" in printed
+
+
+def test_device_script_is_python_3_9_and_needs_only_numpy_and_a_runtime(device_result):
+    folder, _, _ = device_result
+    source = (folder / "bench_device.py").read_text()
+    tree = ast.parse(source, feature_version=(3, 9))  # a SyntaxError fails the test
+    allowed = set(sys.stdlib_module_names) | {"numpy", "ai_edge_litert", "tflite_runtime",
+                                              "onnxruntime"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            modules = [node.module]
+        else:
+            continue
+        for module in modules:
+            assert module.split(".")[0] in allowed, module
+
+
+def test_device_script_skips_a_runtime_it_does_not_have_and_reports_a_crash(device_result,
+                                                                             tmp_path):
+    import shutil
+    folder = shutil.copytree(device_result[0], tmp_path / "copy")
+    (folder / "result.json").unlink()
+    broken = next(folder.glob("artifacts/*.onnx"))
+    broken.write_bytes(broken.read_bytes()[:1000])  # truncated in transfer
+    result, printed = bench_on_device(folder, "--runtime", "onnxruntime")
+    rows = {row["artifact"]: row for row in result["rows"]}
+    for name, row in rows.items():
+        if name.startswith("tflite"):
+            assert row["status"] == "skipped" and "onnxruntime does not run .tflite" in \
+                row["reason"]
+        else:
+            assert row["status"] == "failed" and row["reason"], row
+    assert "is not the file that was bundled" in printed
+
+
+def test_import_merges_the_device_into_bench_json_and_the_report(run_copy, device_result):
+    folder, result, _ = device_result
+    answer = invoke("bench", run_copy, "--import", folder / "result.json")
+    assert answer.exit_code == 0, answer.output
+    assert "imported bench-pi" in answer.output
+    bench = json.loads((run_copy / "bench.json").read_text())
+    assert bench["devices"]["bench-pi"]["rows"] == result["rows"]
+    report = (run_copy / "report.md").read_text()
+    section = report[report.index("## On devices"):]
+    assert "### bench-pi" in section
+    for row in result["rows"]:
+        assert f"| {row['artifact']} | {row['runtime']} | 1 | 1 | ok |" in section
+        assert f"{row['p50_ms']:.3f}" in section
+
+    # a new bench on this machine keeps what the devices measured
+    answer = invoke("bench", run_copy, "--runtime", "litert", "--threads", "1")
+    assert answer.exit_code == 0, answer.output
+    bench = json.loads((run_copy / "bench.json").read_text())
+    assert set(bench["devices"]) == {"bench-pi"} and bench["rows"]
+
+
+def malformed(result):
+    broken = json.loads(json.dumps(result))
+    broken["rows"][0]["p50_ms"] = "fast"
+    return broken
+
+
+def other_file(result):
+    changed = json.loads(json.dumps(result))
+    name = next(iter(changed["artifacts"]))
+    changed["artifacts"][name] = "0" * 64
+    return changed
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ("not json at all", ["is not JSON"]),
+    ({"rows": [], "device": {"name": "x"}}, ["is not a tledge device benchmark"]),
+    (malformed, ["rows[0].p50_ms: expected a number", "result.json"]),
+    (other_file, ["measured a different", "make a new bundle"]),
+])
+def test_import_rejects_what_is_not_a_device_result_of_this_run(run_copy, device_result,
+                                                                 tmp_path, content, fragments):
+    before = (run_copy / "bench.json").read_text()
+    path = tmp_path / "result.json"
+    if callable(content):
+        content = content(device_result[1])
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    assert_usage_error(invoke("bench", run_copy, "--import", path), *fragments)
+    assert (run_copy / "bench.json").read_text() == before  # nothing merged
+
+
+def test_bundle_to_a_path_that_cannot_be_written(built_run, tmp_path):
+    run_dir, _, _ = built_run
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert_usage_error(invoke("bundle", run_dir, "--out", blocker / "bundle.zip"),
+                       "cannot write to", "a_file")
+    assert_usage_error(invoke("bundle", run_dir, "--out", tmp_path), "is a directory")
+
+
+@pytest.mark.parametrize("names, fragment", [("keras", "runs .tflite and .onnx artifacts only"),
+                                             ("tflite_fp16", "no artifact named 'tflite_fp16'")])
+def test_bundle_refuses_artifacts_it_cannot_carry(built_run, tmp_path, names, fragment):
+    run_dir, _, _ = built_run
+    assert_usage_error(invoke("bundle", run_dir, "--artifacts", names, "--out",
+                              tmp_path / "b.zip"), fragment)
+    assert not (tmp_path / "b.zip").exists()
+
+
+def test_bundle_of_chosen_artifacts_only(built_run, tmp_path):
+    run_dir, _, _ = built_run
+    folder = unpack(run_dir, tmp_path, "--artifacts", "tflite_int8,onnx_fp32", "--images", "4")
+    bundle = json.loads((folder / "bundle.json").read_text())
+    assert [entry["name"] for entry in bundle["artifacts"]] == ["tflite_int8", "onnx_fp32"]
+    assert sorted(path.name for path in (folder / "artifacts").iterdir()) == \
+        ["model_fp32.onnx", "model_int8.tflite"]
+
+
+def test_bench_on_a_run_without_artifacts(run_copy):
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    manifest["artifacts"] = []
+    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert_usage_error(invoke("bench", run_copy), "has no artifacts to benchmark")
+    assert_usage_error(invoke("bundle", run_copy, "--out", run_copy / "b.zip"),
+                       "no .tflite or .onnx artifact")

@@ -1,0 +1,237 @@
+"""Benchmarks on the device itself: `tledge bundle` packs a run, `--import` brings results back.
+
+A bundle is a zip a user copies to a Raspberry Pi or a Jetson and runs there with nothing but
+Python, numpy and one runtime:
+
+    bundle.zip
+      bench_device.py     the benchmark (tledge/device_bench.py, verbatim)
+      bundle.json         artifacts (file, sha256, input/output spec), labels, settings, and
+                          what the build machine predicted for each bundled image
+      images.npy          a few evaluation images, uint8 [N, H, W, 3]
+      labels.txt          one class name per line
+      artifacts/...       the .tflite / .onnx files
+      README.txt          how to run it
+
+`bench_device.py` writes result.json; `import_device_result` checks it is tledge's, that it
+measured this run's files, and stores it in bench.json under the device's name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from tledge import device_bench
+from tledge.errors import BundleError, RunDirError
+from tledge.rundir import BENCH, artifacts, atomic_path, read_json, read_manifest, write_json
+
+DEVICE_FAMILIES = ("tflite", "onnx")  # what bench_device.py runs
+
+README = """\
+tledge bundle of run {run!r} ({count} artifacts), made {created}.
+
+On the device (Python 3.9+, numpy, and ai-edge-litert or tflite-runtime for .tflite files,
+onnxruntime for .onnx files):
+
+    unzip {name} -d tledge_bundle && cd tledge_bundle
+    python3 bench_device.py --name my-device          # writes result.json
+    python3 bench_device.py --help                    # threads, batch sizes, runtime, ...
+
+Then, on the build machine:
+
+    tledge bench {run_dir} --import result.json
+"""
+
+
+def select_artifacts(manifest: dict, names=None) -> list[dict]:
+    """The artifacts to bundle: those named, else every one a device script can run."""
+    runnable = {entry["name"]: entry for entry in artifacts(manifest)
+                if entry["format"] in DEVICE_FAMILIES}
+    if not names:
+        if not runnable:
+            raise BundleError("the run has no .tflite or .onnx artifact to bundle; run "
+                              "`tledge export RUN_DIR` first")
+        return list(runnable.values())
+    known = {entry["name"] for entry in artifacts(manifest)}
+    for name in names:
+        if name not in known:
+            raise BundleError(f"no artifact named {name!r} in the run; it has: "
+                              f"{', '.join(sorted(known)) or 'none'}")
+        if name not in runnable:
+            raise BundleError(f"{name} cannot run on a device from a bundle: bench_device.py "
+                              "runs .tflite and .onnx artifacts only")
+    return [runnable[name] for name in names]
+
+
+def bundle_images(run_dir, recipe, count: int):
+    """The first `count` images of the evaluation split and their classes."""
+    from tledge.rundata import evaluation_split, run_splits
+    images, labels, _ = evaluation_split(run_splits(run_dir, recipe))
+    return images[:count], labels[:count]
+
+
+def write_bundle(run_dir, out, *, names=None, image_count: int = 32, log=print) -> Path:
+    """Write the bundle of `run_dir` to `out` (a .zip file)."""
+    from tledge.bench import model_flops
+    from tledge.rundata import run_recipe
+    from tledge.runners import load
+    run_dir, out = Path(run_dir), Path(out)
+    if out.is_dir():
+        raise BundleError(f"{out} is a directory; give the bundle a file name, e.g. "
+                          f"{out / 'bundle.zip'}")
+    manifest = read_manifest(run_dir)
+    entries = select_artifacts(manifest, names)
+    recipe = run_recipe(run_dir)
+    images, expected = bundle_images(run_dir, recipe, image_count)
+    listed = []
+    for entry in entries:
+        runner = load(entry, run_dir)  # what the build machine predicts, in the real runtime
+        try:
+            predicted = [int(np.argmax(runner.predict(images[i:i + 1])[0]))
+                         for i in range(len(images))]
+        finally:
+            runner.close()
+        listed.append({"name": entry["name"], "format": entry["format"],
+                       "file": f"artifacts/{Path(entry['path']).name}",
+                       "sha256": entry["sha256"], "size_bytes": entry["size_bytes"],
+                       "input": entry["input"], "output": entry["output"],
+                       "host_predictions": predicted})
+    settings = recipe.bench
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    document = {"format": device_bench.BUNDLE_FORMAT, "version": device_bench.VERSION,
+                "run": manifest["recipe"]["name"], "recipe_hash": manifest["recipe"]["hash"],
+                "created": created, "labels": manifest["labels"],
+                "flops_per_image": model_flops(run_dir, manifest),
+                "settings": {"threads": list(settings.threads),
+                             "batch_sizes": list(settings.batch_sizes),
+                             "warmup": settings.warmup, "min_runs": settings.min_runs,
+                             "min_seconds": settings.min_seconds},
+                "images": {"file": "images.npy", "count": int(len(images)),
+                           "expected": [int(label) for label in expected]},
+                "artifacts": listed}
+    pixels = io.BytesIO()
+    np.save(pixels, np.ascontiguousarray(images, dtype=np.uint8))
+    with atomic_path(out) as temporary:
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.write(device_bench.__file__, "bench_device.py")
+            add = functools.partial(_add_file, archive)
+            add("bundle.json", json.dumps(document, indent=2) + "\n")
+            add("images.npy", pixels.getvalue())
+            add("labels.txt", "\n".join(manifest["labels"]) + "\n")
+            add("README.txt", README.format(
+                run=manifest["recipe"]["name"], count=len(listed), created=created, name=out.name,
+                run_dir=run_dir))
+            for entry, item in zip(entries, listed):
+                archive.write(run_dir / entry["path"], item["file"])
+                log(f"  {item['file']}  {entry['size_bytes'] / 1024:,.0f} KiB")
+    return out
+
+
+def _add_file(archive, name: str, data) -> None:
+    """A file written from memory, readable by all once unzipped (writestr's default is 0600)."""
+    info = zipfile.ZipInfo(name, date_time=datetime.datetime.now().timetuple()[:6])
+    info.external_attr = 0o644 << 16
+    info.compress_type = zipfile.ZIP_DEFLATED
+    archive.writestr(info, data)
+
+
+# -- bringing a device's result back ---------------------------------------------------------
+
+_ROW_FIELDS = {"artifact": str, "runtime": str, "threads": int, "batch": int, "status": str}
+_OK_FIELDS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "throughput_ips")
+
+
+def check_device_result(document, source) -> list[str]:
+    """Every way `document` is not a device result tledge can merge (empty when it is)."""
+    if not isinstance(document, dict) or document.get("format") != device_bench.RESULT_FORMAT:
+        return [f"{source} is not a tledge device benchmark (bench_device.py from `tledge "
+                "bundle` writes one, with \"format\": \"tledge-device-bench\")"]
+    problems = []
+    if document.get("version") != device_bench.VERSION:
+        problems.append(f"version {document.get('version')!r}, this tledge reads "
+                        f"{device_bench.VERSION}")
+    device = document.get("device")
+    if not isinstance(device, dict) or not isinstance(device.get("name"), str) \
+            or not device["name"].strip():
+        problems.append("device.name is missing")
+    rows = document.get("rows")
+    if not isinstance(rows, list):
+        return problems + ["rows is not a list"]
+    for number, row in enumerate(rows):
+        where = f"rows[{number}]"
+        if not isinstance(row, dict):
+            problems.append(f"{where} is not an object")
+            continue
+        for key, kind in _ROW_FIELDS.items():
+            if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+                problems.append(f"{where}.{key}: expected {kind.__name__}, found "
+                                f"{row.get(key)!r}")
+        if row.get("status") not in ("ok", "skipped", "failed"):
+            problems.append(f"{where}.status: expected ok/skipped/failed, found "
+                            f"{row.get('status')!r}")
+        elif row["status"] == "ok":
+            for key in _OK_FIELDS:
+                value = row.get(key)
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                    problems.append(f"{where}.{key}: expected a number >= 0, found {value!r}")
+    if not isinstance(document.get("artifacts"), dict):
+        problems.append("artifacts (file checksums) is missing")
+    return problems
+
+
+def import_device_result(run_dir, path) -> dict:
+    """Merge a device's result.json into the run's bench.json; returns the stored entry."""
+    run_dir, path = Path(run_dir), Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise BundleError(f"cannot read {path}: {error}") from None
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{path} is not JSON ({error}); give the result.json that "
+                          "bench_device.py wrote") from None
+    problems = check_device_result(document, path)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise BundleError(f"{path}: {problems[0]}{more}")
+    manifest = read_manifest(run_dir)
+    ours = {entry["name"]: entry["sha256"] for entry in artifacts(manifest)}
+    for name, checksum in document["artifacts"].items():
+        if name not in ours:
+            raise BundleError(f"{path} measured an artifact {name!r} that {run_dir} does not "
+                              "have; was the bundle made from another run?")
+        if checksum != ours[name]:
+            raise BundleError(f"{path} measured a different {name} than {run_dir} has now "
+                              "(sha256 differs): the run was re-exported since the bundle was "
+                              "made; make a new bundle")
+    bench = read_json(run_dir / BENCH) if (run_dir / BENCH).is_file() else empty_bench()
+    name = document["device"]["name"].strip()
+    stored = {key: document.get(key) for key in
+              ("device", "settings", "rows", "accuracy", "artifacts", "measured", "bundle")}
+    bench.setdefault("devices", {})[name] = stored
+    write_json(run_dir / BENCH, bench)
+    return stored
+
+
+def empty_bench() -> dict:
+    """bench.json of a run not benchmarked on this machine: only device results so far."""
+    return {"rows": [], "pick": None, "settings": None, "flops_per_image": None,
+            "machine": None}
+
+
+def device_runs(run_dir) -> dict:
+    """The device results stored in a run's bench.json, by device name."""
+    path = Path(run_dir) / BENCH
+    if not path.is_file():
+        return {}
+    try:
+        return read_json(path).get("devices", {})
+    except RunDirError:
+        return {}

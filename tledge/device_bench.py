@@ -1,0 +1,420 @@
+"""Benchmark a tledge bundle on the device itself: `python3 bench_device.py`.
+
+This file is two things at once. Inside tledge it is the one home of the benchmark's
+statistics, timing loop, input preparation and memory probe, which `tledge bench` uses too.
+Copied into a bundle (`tledge bundle`) as `bench_device.py`, it runs on a Raspberry Pi, a
+Jetson or any machine with Python 3.9+, numpy and one runtime: `ai-edge-litert` or
+`tflite-runtime` for .tflite files, `onnxruntime` for .onnx files. It needs nothing else,
+so it imports only the standard library and numpy at the top.
+
+On the device it reads `bundle.json` beside it, times every artifact it has a runtime for
+(each combination in a process of its own, as `tledge bench` does), checks each artifact's
+accuracy on the bundled images, and writes one JSON file with the statistics and the
+device's facts. `tledge bench RUN_DIR --import result.json` merges that file into the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULT_FORMAT = "tledge-device-bench"
+BUNDLE_FORMAT = "tledge-bundle"
+VERSION = 1
+
+# -- shared with tledge bench ----------------------------------------------------------------
+
+
+def summarize(samples_ns, batch: int) -> dict:
+    """Latency statistics in milliseconds from per-call samples in nanoseconds."""
+    samples = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    p50, p90, p99 = np.percentile(samples, [50, 90, 99])
+    return {"runs": int(samples.size), "p50_ms": float(p50), "p90_ms": float(p90),
+            "p99_ms": float(p99), "mean_ms": float(samples.mean()),
+            "std_ms": float(samples.std()), "min_ms": float(samples.min()),
+            "max_ms": float(samples.max()), "throughput_ips": float(batch * 1000.0 / p50)}
+
+
+def time_runner(runner, prepared, *, warmup: int, min_runs: int, min_seconds: float,
+                max_runs: int = 100_000):
+    """(first-inference ms, steady-state samples in ns) of `runner.run(prepared)`.
+
+    The clock is `perf_counter_ns` around the call alone: input is prepared before and output
+    decoded after, as TFLite's benchmark_model and onnxruntime_perf_test do. Timed runs go on
+    until both `min_runs` and `min_seconds` are reached.
+    """
+    clock = time.perf_counter_ns
+    start = clock()
+    runner.run(prepared)
+    first_ms = (clock() - start) / 1e6
+    for _ in range(warmup):
+        runner.run(prepared)
+    samples = []
+    deadline = clock() + int(min_seconds * 1e9)
+    while len(samples) < max_runs and (len(samples) < min_runs or clock() < deadline):
+        start = clock()
+        runner.run(prepared)
+        samples.append(clock() - start)
+    return first_ms, samples
+
+
+def prepare_pixels(images, input_spec: dict):
+    """uint8 pixels [batch, H, W, 3] to what an artifact's input tensor takes.
+
+    The input contract: every artifact takes raw 0-255 RGB pixels. A float input gets them as
+    float32; a uint8/int8 input gets them as they are when its quantization is exactly
+    (scale 1, zero point 0), else quantized with the input's own parameters.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [batch, H, W, 3], got {images.dtype} "
+                         f"{list(images.shape)}")
+    dtype = input_spec["dtype"]
+    if dtype in ("uint8", "int8"):
+        quantization = input_spec.get("quantization")
+        if quantization and quantization != {"scale": 1.0, "zero_point": 0}:
+            low, high = (0, 255) if dtype == "uint8" else (-128, 127)
+            scaled = images / quantization["scale"] + quantization["zero_point"]
+            return np.clip(np.round(scaled), low, high).astype(dtype)
+        return images
+    return images.astype(np.float32)
+
+
+def dequantize(raw, output_spec: dict):
+    """An artifact's raw output to float32 probabilities."""
+    quantization = output_spec.get("quantization")
+    if quantization:
+        return (raw.astype(np.float32) - quantization["zero_point"]) * quantization["scale"]
+    return np.asarray(raw, dtype=np.float32)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory.
+
+    On Linux the kernel's own high-water mark of this process image (VmHWM): getrusage's
+    ru_maxrss survives exec, so it would report the parent's peak when that was larger.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def machine_facts() -> dict:
+    """CPU model, cores, OS and Python of this machine; the board's model where it says."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle
+                     if line.split(":", 1)[0].strip() in ("model name", "Model", "Hardware")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    facts = {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(),
+             "arch": platform.machine(), "python": platform.python_version()}
+    try:  # a Raspberry Pi or a Jetson names itself here
+        with open("/proc/device-tree/model", "rb") as handle:
+            facts["model"] = handle.read().decode("utf-8", "replace").strip("\x00 \n")
+    except OSError:
+        pass
+    return facts
+
+
+# -- the device's runtimes -------------------------------------------------------------------
+
+TFLITE_MODULES = ("ai_edge_litert", "tflite_runtime")
+
+
+class Unavailable(Exception):
+    """No runtime on this device runs the artifact."""
+
+
+class TFLiteModel:
+    """A .tflite file in ai-edge-litert's or tflite-runtime's interpreter."""
+
+    def __init__(self, path, threads, module):
+        if module == "ai_edge_litert":
+            from ai_edge_litert.interpreter import Interpreter
+        else:
+            from tflite_runtime.interpreter import Interpreter
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self._input = self.interpreter.get_input_details()[0]["index"]
+        self._output = self.interpreter.get_output_details()[0]["index"]
+        self._batch = None
+
+    def run(self, prepared):
+        if prepared.shape[0] != self._batch:  # re-plans the graph once per batch size
+            self.interpreter.resize_tensor_input(self._input, list(prepared.shape),
+                                                 strict=False)
+            self.interpreter.allocate_tensors()
+            self._batch = prepared.shape[0]
+        self.interpreter.set_tensor(self._input, prepared)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self._output)
+
+
+class OnnxModel:
+    """An .onnx file in ONNX Runtime on the CPU."""
+
+    def __init__(self, path, threads, module="onnxruntime"):
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(str(path), options,
+                                                    providers=["CPUExecutionProvider"])
+        self._input = self.session.get_inputs()[0].name
+
+    def run(self, prepared):
+        return self.session.run(None, {self._input: prepared})[0]
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def runtime_for(file_name: str, wanted: str = "auto") -> str:
+    """The runtime module this device runs `file_name` with, or raise Unavailable."""
+    candidates = TFLITE_MODULES if file_name.endswith(".tflite") else ("onnxruntime",)
+    if wanted != "auto":
+        if wanted not in candidates:
+            raise Unavailable(f"{wanted} does not run {Path(file_name).suffix} files")
+        candidates = (wanted,)
+    for module in candidates:
+        if installed(module):
+            return module
+    hint = " or ".join(name.replace("_", "-") for name in candidates)
+    raise Unavailable(f"no runtime for {Path(file_name).suffix} here (pip install {hint})")
+
+
+def open_model(path, threads: int, module: str):
+    return (OnnxModel if module == "onnxruntime" else TFLiteModel)(path, threads, module)
+
+
+def runtime_versions() -> dict:
+    versions = {"numpy": np.__version__}
+    for module in TFLITE_MODULES + ("onnxruntime",):
+        if installed(module):
+            try:
+                from importlib.metadata import version
+                versions[module] = version(module.replace("_", "-"))
+            except Exception:  # a runtime built from source may carry no metadata
+                versions[module] = "unknown"
+    return versions
+
+
+# -- one combination, in a process of its own ------------------------------------------------
+
+
+def bench_one(job: dict) -> dict:
+    """One row: load, first inference and steady-state latency, or why it could not run."""
+    row = {"artifact": job["artifact"], "runtime": job["runtime"], "threads": job["threads"],
+           "batch": job["batch"], "status": "ok", "reason": "", "size_bytes": job["size_bytes"]}
+    images = np.load(job["images"])
+    baseline = peak_rss_bytes()
+    start = time.perf_counter_ns()
+    try:
+        model = open_model(job["path"], job["threads"], job["runtime"])
+        row["load_ms"] = (time.perf_counter_ns() - start) / 1e6
+        reps = -(-job["batch"] // len(images))
+        prepared = prepare_pixels(np.concatenate([images] * reps)[:job["batch"]], job["input"])
+        row["first_ms"], samples = time_runner(model, prepared, warmup=job["warmup"],
+                                               min_runs=job["min_runs"],
+                                               min_seconds=job["min_seconds"])
+    except Exception as error:  # a crash is a row, the other combinations go on
+        row["status"], row["reason"] = "failed", f"{type(error).__name__}: {error}"
+        return row
+    row.update(summarize(samples, job["batch"]))
+    row["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
+    row["runtime_rss_mb"] = round((peak_rss_bytes() - baseline) / 2**20, 1)
+    return row
+
+
+def bench_in_process(job: dict, isolate: bool, timeout: float = 900) -> dict:
+    if not isolate:
+        return bench_one(job)
+    flags = ["-I"] if sys.flags.isolated else []
+    try:
+        done = subprocess.run([sys.executable, *flags, os.path.abspath(__file__), "--job",
+                               json.dumps(job)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        done = None
+    lines = [line for line in (done.stdout if done else "").splitlines()
+             if line.startswith("TLEDGE-ROW ")]
+    if lines:
+        return json.loads(lines[-1][len("TLEDGE-ROW "):])
+    why = f"no result within {timeout} s" if done is None else \
+        (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+    return {"artifact": job["artifact"], "runtime": job["runtime"], "threads": job["threads"],
+            "batch": job["batch"], "status": "failed", "size_bytes": job["size_bytes"],
+            "reason": f"the benchmark process died: {why}"}
+
+
+# -- the whole bundle ------------------------------------------------------------------------
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_accuracy(entry: dict, path, module: str, images, expected) -> dict:
+    """Accuracy on the bundled images, and agreement with what the build machine predicted."""
+    model = open_model(path, 1, module)
+    predicted = []
+    for start in range(len(images)):  # batch 1: every artifact takes it
+        raw = model.run(prepare_pixels(images[start:start + 1], entry["input"]))
+        predicted.append(int(np.argmax(dequantize(raw, entry["output"])[0])))
+    predicted = np.array(predicted)
+    host = np.array(entry["host_predictions"])
+    return {"artifact": entry["name"], "runtime": module, "images": int(len(images)),
+            "accuracy": float(np.mean(predicted == np.asarray(expected))),
+            "host_accuracy": float(np.mean(host == np.asarray(expected))),
+            "agreement_with_host": float(np.mean(predicted == host))}
+
+
+def bench_bundle(folder, *, threads=None, batch_sizes=None, wanted="auto", names=None,
+                 min_runs=None, min_seconds=None, isolate=True, device_name=None,
+                 log=print) -> dict:
+    """Time and check every artifact of the bundle in `folder`; the result document."""
+    folder = Path(folder)
+    bundle = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
+    if bundle.get("format") != BUNDLE_FORMAT:
+        raise SystemExit(f"{folder / 'bundle.json'} is not a tledge bundle")
+    settings = dict(bundle["settings"])
+    settings["threads"] = threads or settings["threads"]
+    settings["batch_sizes"] = batch_sizes or settings["batch_sizes"]
+    settings["min_runs"] = min_runs or settings["min_runs"]
+    settings["min_seconds"] = settings["min_seconds"] if min_seconds is None else min_seconds
+    images = np.load(folder / bundle["images"]["file"])
+    expected = bundle["images"]["expected"]
+    entries = [entry for entry in bundle["artifacts"] if not names or entry["name"] in names]
+    rows, accuracy, checksums = [], [], {}
+    for entry in entries:
+        path = folder / entry["file"]
+        checksums[entry["name"]] = file_sha256(path)
+        try:
+            module = runtime_for(entry["file"], wanted)
+        except Unavailable as error:
+            for count in settings["threads"]:
+                for batch in settings["batch_sizes"]:
+                    rows.append({"artifact": entry["name"], "runtime": wanted,
+                                 "threads": count, "batch": batch, "status": "skipped",
+                                 "reason": str(error), "size_bytes": entry["size_bytes"]})
+                    log(format_line(rows[-1]))
+            continue
+        if checksums[entry["name"]] != entry["sha256"]:
+            log(f"warning: {entry['file']} is not the file that was bundled (sha256 differs)")
+        for count in settings["threads"]:
+            for batch in settings["batch_sizes"]:
+                job = {"artifact": entry["name"], "path": str(path), "runtime": module,
+                       "threads": count, "batch": batch, "size_bytes": entry["size_bytes"],
+                       "input": entry["input"], "images": str(folder / bundle["images"]["file"]),
+                       "warmup": settings["warmup"], "min_runs": settings["min_runs"],
+                       "min_seconds": settings["min_seconds"]}
+                row = bench_in_process(job, isolate)
+                flops = bundle.get("flops_per_image")
+                if row["status"] == "ok" and flops:
+                    row["gflops_per_second"] = flops * batch / (row["p50_ms"] / 1000.0) / 1e9
+                rows.append(row)
+                log(format_line(row))
+        try:
+            accuracy.append(check_accuracy(entry, path, module, images, expected))
+            line = accuracy[-1]
+            log(f"  {entry['name']:<16} accuracy {line['accuracy']:.3f} on {line['images']} "
+                f"images (build machine {line['host_accuracy']:.3f}), agreement with the "
+                f"build machine {line['agreement_with_host']:.3f}")
+        except Exception as error:
+            accuracy.append({"artifact": entry["name"], "runtime": module,
+                             "error": f"{type(error).__name__}: {error}"})
+            log(f"  {entry['name']:<16} accuracy check failed: {accuracy[-1]['error']}")
+    device = machine_facts()
+    device["name"] = device_name or platform.node() or "device"
+    device["runtimes"] = runtime_versions()
+    return {"format": RESULT_FORMAT, "version": VERSION, "device": device,
+            "bundle": {key: bundle[key] for key in ("run", "recipe_hash", "created")},
+            "artifacts": checksums, "settings": settings, "rows": rows,
+            "accuracy": accuracy, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def format_line(row: dict) -> str:
+    head = (f"  {row['artifact']:<16} {row['runtime']:<16} threads {row['threads']:<2} "
+            f"batch {row['batch']:<3}")
+    if row["status"] != "ok":
+        return f"{head} {row['status']}: {row['reason']}"
+    return (f"{head} p50 {row['p50_ms']:8.3f} ms  p90 {row['p90_ms']:8.3f}  "
+            f"p99 {row['p99_ms']:8.3f}  {row['throughput_ips']:8.1f} img/s  "
+            f"load {row['load_ms']:.0f} ms  peak {row['peak_rss_mb']:.0f} MiB")
+
+
+def _counts(text: str):
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"every value must be at least 1, got {text!r}")
+    return counts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench_device.py",
+        description="Benchmark this tledge bundle's artifacts on this device and check their "
+                    "accuracy on the bundled images. Needs numpy and ai-edge-litert or "
+                    "tflite-runtime (.tflite) or onnxruntime (.onnx). Bring the JSON it "
+                    "writes back with: tledge bench RUN_DIR --import result.json")
+    parser.add_argument("--out", default="result.json", help="where to write (result.json)")
+    parser.add_argument("--name", help="the device's name in reports (default: hostname)")
+    parser.add_argument("--threads", type=_counts, help="thread counts, e.g. 1,4 "
+                        "(default: the recipe's)")
+    parser.add_argument("--batch", type=_counts, help="batch sizes, e.g. 1,8")
+    parser.add_argument("--runtime", default="auto",
+                        choices=("auto",) + TFLITE_MODULES + ("onnxruntime",),
+                        help="runtime to use (auto: whichever is installed)")
+    parser.add_argument("--artifacts", help="comma-separated artifact names (default: all)")
+    parser.add_argument("--min-runs", type=int, help="minimum timed runs per combination")
+    parser.add_argument("--min-seconds", type=float, help="minimum timed seconds")
+    parser.add_argument("--no-isolate", action="store_true",
+                        help="run every combination in this process (no memory figures "
+                             "per combination)")
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.job:  # a child process: one combination
+        sys.stdout.write("\nTLEDGE-ROW " + json.dumps(bench_one(json.loads(args.job))) + "\n")
+        return 0
+    names = [name.strip() for name in args.artifacts.split(",")] if args.artifacts else None
+    result = bench_bundle(Path(os.path.abspath(__file__)).parent, threads=args.threads,
+                          batch_sizes=args.batch, wanted=args.runtime, names=names,
+                          min_runs=args.min_runs, min_seconds=args.min_seconds,
+                          isolate=not args.no_isolate, device_name=args.name)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    print(f"wrote {args.out}: {sum(row['status'] == 'ok' for row in result['rows'])} of "
+          f"{len(result['rows'])} combinations ran")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
