@@ -355,10 +355,36 @@ def bundle(run_dir, out, names, image_count):
                "then `python3 bench_device.py`")
 
 
+@command(name="explain")
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--run", "run_dir", type=RUN_DIR, required=True,
+              help="The run directory whose model explains the images.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the overlays (default: beside each image).")
+def explain(images, run_dir, out):
+    """Grad-CAM: where the run's model looks for the class it predicts.
+
+    With IMAGE files, writes IMAGE.gradcam.png for each (the image and its heat map side by
+    side). Without, redraws the run's Grad-CAM grids and feature maps and rebuilds the report.
+
+    \b
+    Examples: tledge explain photo.jpg --run models/quickstart
+              tledge explain --run models/quickstart
+    """
+    from tledge.explain import explain_images, explain_run
+    if images:
+        for path in explain_images(list(images), run_dir, out=out):
+            click.echo(f"wrote {path}")
+        return
+    from tledge.report import report_run
+    explain_run(run_dir, log=click.echo)
+    click.echo(f"wrote {report_run(run_dir)}")
+
+
 @command(needs_tensorflow=False, name="report")
 @click.argument("run_dir", type=RUN_DIR)
 def report(run_dir):
-    """Rebuild report.md from the run's files.
+    """Rebuild report.md, report.html and figures/ from the run's JSON files.
 
     Example: tledge report models/quickstart
     """

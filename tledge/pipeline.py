@@ -212,6 +212,7 @@ def build(recipe_path, *, out=None, log=print, verbose="auto", force=False):
     `force`; so a second build of an unchanged recipe only rewrites the report.
     """
     from tledge.bench import bench_run
+    from tledge.explain import explain_is_current, explain_run
     from tledge.export import export_run
     from tledge.report import report_run
     from tledge.rundir import read_manifest, stage_hash, stage_is_current
@@ -239,6 +240,9 @@ def build(recipe_path, *, out=None, log=print, verbose="auto", force=False):
         if not current(stage, stage_hash(read_manifest(run_dir), recipe, stage)):
             log(f"== {stage}")
             run()
+    if force or not explain_is_current(run_dir):
+        log("== explain")
+        explain_run(run_dir, log=log)
     parity = load_parity(run_dir)
     path = report_run(run_dir)
     pick = read_manifest(run_dir).get("pick")

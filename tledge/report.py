@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tledge.rundir import (BENCH, HISTORY, PARITY, RECIPE, REPORT, SPLIT, read_json,
-                           read_manifest, write_text)
+from tledge.rundir import (BENCH, EXPLAIN, HISTORY, PARITY, RECIPE, REPORT, REPORT_HTML, SPLIT,
+                           artifacts, read_json, read_manifest, write_text)
 
 
 def _optional(path):
@@ -13,25 +13,192 @@ def _optional(path):
 
 
 def report_run(run_dir) -> Path:
-    """Write report.md from manifest.json, split.json, history.json, parity.json, bench.json."""
+    """Write report.md, report.html and figures/ from the run's JSON files.
+
+    manifest.json, split.json, history.json, parity.json, bench.json and explain.json: every
+    number and every plot comes from them (Grad-CAM grids are made by the build's report
+    stage or `tledge explain --run`, and only embedded here).
+    """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     split = _optional(run_dir / SPLIT)
     history = _optional(run_dir / HISTORY)
     parity = _optional(run_dir / PARITY)
     bench = _optional(run_dir / BENCH)
-    lines = [f"# tledge report: {manifest['recipe']['name']}", ""]
+    explain = _optional(run_dir / EXPLAIN)
+    figures = draw_figures(run_dir, manifest, history, parity, bench)
+    title = f"tledge report: {manifest['recipe']['name']}"
+    lines = [f"# {title}", ""]
     lines += _headline(manifest, history, parity, bench)
+    lines += _story(manifest, split, history, parity, bench)
     lines += _data_section(manifest, split)
     lines += _training_section(history)
+    lines += _figure_lines(figures, "learning_curves")
     lines += _ensemble_section(history, bench)
     checksums = {entry["name"]: entry.get("sha256") for entry in manifest["artifacts"]}
     lines += _parity_section(parity, checksums)
+    lines += _figure_lines(figures, "confusion_reference", "confusion_pick", "per_class")
     lines += _bench_section(bench, parity)
+    lines += _figure_lines(figures, "pareto", "latency")
     lines += _devices_section(bench, checksums)
+    lines += _explain_section(run_dir, explain)
     lines += _artifacts_section(manifest)
+    lines += _figure_lines(figures, "sizes")
     lines += _recipe_section(run_dir)
-    return write_text(run_dir / REPORT, "\n".join(lines).rstrip() + "\n")
+    markdown_text = "\n".join(lines).rstrip() + "\n"
+    write_text(run_dir / REPORT_HTML, to_html(markdown_text, run_dir, title))
+    return write_text(run_dir / REPORT, markdown_text)
+
+
+QUANTIZED = ("int8", "fp16", "dynamic")
+
+
+def draw_figures(run_dir, manifest, history, parity, bench) -> dict:
+    """{key: (caption, path relative to the run)} of every figure the JSON files allow."""
+    from tledge import plots
+    folder = Path(run_dir) / plots.FIGURES
+    labels = manifest["labels"]
+    rows = (bench or {}).get("rows", [])
+    pick = (bench or {}).get("pick")
+    judged = {row["artifact"]: row for row in (parity or {}).get("rows", [])}
+    reference = judged.get("keras", {}).get("confusion")
+    picked = judged.get((pick or {}).get("artifact"), {})
+    quantized_pick = picked.get("confusion") if pick and \
+        pick["artifact"].rsplit("_", 1)[-1] in QUANTIZED else None
+    split = (parity or {}).get("split", "test")
+    drawn = {
+        "learning_curves": ("Learning curves", plots.learning_curves(
+            history, folder / "learning_curves.png")),
+        "confusion_reference": (f"Confusion matrix of the reference model ({split} split)",
+                                plots.confusion(reference, labels,
+                                                f"Reference (Keras), {split} split",
+                                                folder / "confusion_reference.png")),
+        "confusion_pick": (f"Confusion matrix of the pick, {(pick or {}).get('artifact')}",
+                           plots.confusion(quantized_pick, labels,
+                                           f"Pick: {(pick or {}).get('artifact')}, {split} split",
+                                           folder / "confusion_pick.png")),
+        "per_class": ("Accuracy per class", plots.per_class_accuracy(
+            [("reference", reference)] + ([(pick["artifact"], quantized_pick)]
+                                          if quantized_pick else []),
+            labels, folder / "per_class_accuracy.png")),
+        "latency": ("Latency per artifact and runtime", plots.latency_bars(
+            rows, folder / "latency.png")),
+        "pareto": ("Accuracy against latency", plots.pareto(rows, parity, pick,
+                                                            folder / "pareto.png")),
+        "sizes": ("Artifact size", plots.sizes(artifacts(manifest), folder / "sizes.png")),
+    }
+    return {key: (caption, path.relative_to(run_dir).as_posix())
+            for key, (caption, path) in drawn.items() if path is not None}
+
+
+def _figure_lines(figures, *keys) -> list[str]:
+    lines = [f"![{figures[key][0]}]({figures[key][1]})" for key in keys if key in figures]
+    return [line for figure in lines for line in (figure, "")]
+
+
+def _explain_section(run_dir, explain) -> list[str]:
+    lines = ["## Where the model looks", ""]
+    if not explain:
+        return lines + ["(no Grad-CAM yet: `tledge explain --run RUN_DIR`)", ""]
+    lines += ["Grad-CAM heat maps (red: what drove the predicted class) over test images of "
+              "each class, two it got right and one it got wrong where there is one; a red "
+              "caption names a wrong prediction.", ""]
+    for figure in explain["figures"]:
+        if (Path(run_dir) / figure["file"]).is_file():
+            lines += [f"![Grad-CAM, {figure['title']}]({figure['file']})", ""]
+    maps = explain.get("feature_maps")
+    if maps and (Path(run_dir) / maps["file"]).is_file():
+        lines += [f"![Feature maps of {maps['layer']}]({maps['file']})", ""]
+    return lines
+
+
+def to_html(markdown_text: str, run_dir, title: str) -> str:
+    """The report as one self-contained HTML page: every image embedded as a data URI."""
+    import base64
+    import html
+    import re
+    import markdown
+    body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
+
+    def embed(match):
+        path = Path(run_dir) / html.unescape(match.group(1))
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+    body = re.sub(r'src="(figures/[^"]+\.png)"', embed, body)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
+            f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n")
+
+
+_CSS = """
+body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       color: #1f2328; background: #fff; margin: 0; }
+main { max-width: 1100px; margin: 0 auto; padding: 24px 32px 64px; }
+h1 { border-bottom: 1px solid #d0d7de; padding-bottom: 8px; }
+h2 { border-bottom: 1px solid #eaeef2; padding-bottom: 4px; margin-top: 36px; }
+table { border-collapse: collapse; margin: 12px 0; font-size: 13px; display: block;
+        overflow-x: auto; }
+th, td { border: 1px solid #d0d7de; padding: 4px 8px; }
+th { background: #f6f8fa; }
+tr:nth-child(even) td { background: #fafbfc; }
+blockquote { margin: 12px 0; padding: 8px 16px; background: #fff1f0;
+             border-left: 4px solid #cf222e; color: #82071e; }
+code { background: #f6f8fa; padding: 1px 4px; border-radius: 4px; font-size: 90%; }
+pre { background: #f6f8fa; padding: 12px; overflow-x: auto; }
+pre code { padding: 0; }
+img { max-width: 100%; display: block; margin: 8px 0; }
+"""
+
+
+def _story(manifest, split, history, parity, bench) -> list[str]:
+    """The run in words: what was trained on what, how well, what int8 costs and buys."""
+    if not history:
+        return []
+    facts = (split or {}).get("splits", {})
+    total = sum(facts[name]["count"] for name in facts) if facts else None
+    if history.get("ensemble"):
+        model = ("a fused ensemble of " + ", ".join(
+            member["backbone"] for member in history["ensemble"]["members"]))
+    else:
+        model = (f"{history['backbone']} " + ("from pretrained weights"
+                                              if history.get("pretrained") else "from scratch"))
+    size = "x".join(map(str, manifest["image_size"]))
+    sentences = [f"Trained {model} on {total if total is not None else 'the'} "
+                 f"`{(split or {}).get('source', '?')}` images of {len(manifest['labels'])} "
+                 f"classes at {size}."]
+    judged = {row["artifact"]: row for row in (parity or {}).get("rows", [])}
+    reference = judged.get("keras")
+    if reference and reference.get("accuracy") is not None:
+        sentences.append(f"The trained model classifies {reference['accuracy']:.1%} of the "
+                         f"{parity['images']} {parity['split']} images correctly.")
+    sentences += _int8_sentences(judged, manifest, bench)
+    return [" ".join(sentences), ""]
+
+
+def _int8_sentences(judged, manifest, bench) -> list[str]:
+    """What full int8 costs in accuracy and buys in speed and size, against fp32 TFLite."""
+    int8, fp32 = judged.get("tflite_int8"), judged.get("tflite_fp32")
+    if not int8 or int8.get("accuracy") is None:
+        return []
+    sizes = {entry["name"]: entry["size_bytes"] for entry in artifacts(manifest)}
+    change = -int8["accuracy_drop"] * 100
+    words = [f"Full int8 (tflite_int8) scores {int8['accuracy']:.1%}, "
+             + (f"{abs(change):.1f} points {'above' if change > 0 else 'below'} the trained model"
+                if round(change, 1) else "the same as the trained model")]
+    if "tflite_fp32" in sizes and "tflite_int8" in sizes:
+        words.append(f"is {sizes['tflite_fp32'] / sizes['tflite_int8']:.1f}x smaller than "
+                     f"fp32 ({sizes['tflite_int8'] / 1024:,.0f} KiB against "
+                     f"{sizes['tflite_fp32'] / 1024:,.0f} KiB)")
+    pick = (bench or {}).get("pick") or {}
+    at = {(row["artifact"]): row for row in (bench or {}).get("rows", [])
+          if row["status"] == "ok" and row["runtime"] == "litert"
+          and row["threads"] == pick.get("threads") and row["batch"] == pick.get("batch")}
+    if fp32 and "tflite_int8" in at and "tflite_fp32" in at:
+        ratio = at["tflite_fp32"]["p50_ms"] / at["tflite_int8"]["p50_ms"]
+        words.append(f"and runs {ratio:.2f}x " + ("faster" if ratio >= 1 else "as fast")
+                     + f" on LiteRT (p50 {at['tflite_int8']['p50_ms']:.3f} ms against "
+                     f"{at['tflite_fp32']['p50_ms']:.3f} ms)")
+    return [", ".join(words) + "."]
 
 
 def _headline(manifest, history, parity, bench) -> list[str]:

@@ -25,6 +25,8 @@ HISTORY = "history.json"
 PARITY = "parity.json"
 BENCH = "bench.json"
 REPORT = "report.md"
+REPORT_HTML = "report.html"
+EXPLAIN = "explain.json"
 
 _LIBRARIES = ("tledge", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime",
               "ai-edge-litert", "numpy")

@@ -35,6 +35,7 @@ class ParityRow:
     thresholds: dict | None = None
     problems: list = dataclasses.field(default_factory=list)
     sha256: str | None = None  # of the artifact file judged: a re-export makes the row stale
+    confusion: list | None = None  # counts [true class][predicted class] on the split
 
 
 @dataclasses.dataclass
@@ -68,6 +69,13 @@ def predict_all(runner, images, batch=BATCH) -> np.ndarray:
                            for start in range(0, len(images), batch)])
 
 
+def confusion_matrix(labels, predicted, classes: int) -> list:
+    """Counts [true class][predicted class]."""
+    counts = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(counts, (np.asarray(labels), np.asarray(predicted)), 1)
+    return counts.tolist()
+
+
 def compare(probabilities, reference, labels, reference_accuracy, thresholds) -> ParityRow:
     """Parity numbers of one artifact's output against the reference output."""
     predicted = probabilities.argmax(axis=1)
@@ -77,7 +85,8 @@ def compare(probabilities, reference, labels, reference_accuracy, thresholds) ->
                     accuracy_drop=reference_accuracy - accuracy,
                     agreement=float(np.mean(predicted == reference.argmax(axis=1))),
                     max_abs_diff=float(difference.max()), mean_abs_diff=float(difference.mean()),
-                    thresholds=dict(thresholds))
+                    thresholds=dict(thresholds),
+                    confusion=confusion_matrix(labels, predicted, reference.shape[1]))
     if row.accuracy_drop > thresholds["max_accuracy_drop"] + 1e-12:
         row.problems.append(f"accuracy drop {row.accuracy_drop:.4f} > "
                             f"{thresholds['max_accuracy_drop']}")
@@ -104,7 +113,9 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
     runner.close()
     reference_accuracy = float(np.mean(reference.argmax(axis=1) == labels))
     rows = [ParityRow("keras", "keras", "reference", accuracy=reference_accuracy,
-                      sha256=reference_entry["sha256"])]
+                      sha256=reference_entry["sha256"],
+                      confusion=confusion_matrix(labels, reference.argmax(axis=1),
+                                                 reference.shape[1]))]
     log(f"  {'keras':<16} accuracy {reference_accuracy:.4f} on {len(labels)} {split} images "
         "(reference)")
     for entry in entries:

@@ -1,0 +1,228 @@
+"""Where the model looks: Grad-CAM heat maps and an intermediate layer's feature maps.
+
+Grad-CAM (Selvaraju et al. 2017): the gradient of the class's logit with respect to the
+backbone's last feature map, averaged over space, weights that map's channels; their ReLU'd
+sum, upsampled to the image, is the heat map. For a tledge classifier the last feature map is
+the backbone's output (the head is pooling, dropout and one dense layer), so the map is taken
+exactly there. An ensemble is explained member by member.
+
+    tledge explain photo.jpg --run models/quickstart      # photo.gradcam.png beside it
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tledge.errors import ArtifactError
+from tledge.plots import FIGURES, _pyplot, _save
+from tledge.rundir import EXPLAIN, HISTORY, read_json, read_manifest, sha256, write_json
+PER_CLASS_CORRECT, PER_CLASS_WRONG = 2, 1
+
+
+def _stages(model):
+    """(layers before the backbone, the backbone, the head's layers) of a tledge classifier."""
+    from tledge.model import find_backbone
+    backbone = find_backbone(model)
+    chain = [layer for layer in model.layers if not layer.__class__.__name__ == "InputLayer"]
+    at = chain.index(backbone)
+    return chain[:at], backbone, chain[at + 1:]
+
+
+def gradcam(model, images, classes=None) -> tuple[np.ndarray, np.ndarray]:
+    """(heat maps in [0, 1] at the images' size [N, H, W], the classes explained [N]).
+
+    `classes` None explains each image's predicted class.
+    """
+    import tensorflow as tf
+    before, backbone, head = _stages(model)
+    x = tf.constant(np.asarray(images), tf.float32)
+    for layer in before:
+        x = layer(x, training=False)
+    with tf.GradientTape() as tape:
+        features = tf.cast(backbone(x, training=False), tf.float32)
+        tape.watch(features)
+        y = features
+        for layer in head[:-1]:
+            y = layer(y, training=False)
+        dense = head[-1]  # the logits, not the softmax: its saturation would flatten the map
+        logits = tf.matmul(tf.cast(y, tf.float32), tf.cast(dense.kernel, tf.float32)) + \
+            tf.cast(dense.bias, tf.float32)
+        chosen = tf.argmax(logits, axis=1) if classes is None else \
+            tf.constant(np.asarray(classes), tf.int64)
+        score = tf.gather(logits, chosen, batch_dims=1)
+    gradients = tape.gradient(score, features)
+    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
+    cam = tf.image.resize(cam, np.asarray(images).shape[1:3], method="bilinear")[..., 0]
+    peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+    cam = tf.math.divide_no_nan(cam, peak)
+    return cam.numpy(), chosen.numpy()
+
+
+def feature_maps(model, image, channels: int = 16) -> tuple[np.ndarray, str]:
+    """The first `channels` maps of the backbone layer halfway down, for one image."""
+    import keras
+    import tensorflow as tf
+    before, backbone, _ = _stages(model)
+    spatial = [layer for layer in backbone.layers[1:]
+               if len(getattr(layer, "output", None).shape or ()) == 4]
+    layer = spatial[len(spatial) // 3]  # early enough to keep some resolution
+    probe = keras.Model(backbone.inputs, layer.output)
+    x = tf.constant(np.asarray(image)[None], tf.float32)
+    for step in before:
+        x = step(x, training=False)
+    maps = np.asarray(probe(x, training=False), dtype=np.float32)[0]
+    return maps[..., :channels], layer.name
+
+
+def overlay(image, heat, strength: float = 0.45) -> np.ndarray:
+    """The heat map (jet colours) blended over the uint8 image."""
+    import matplotlib
+    colours = matplotlib.colormaps["jet"](heat)[..., :3] * 255.0
+    return np.clip((1 - strength) * np.asarray(image, np.float32) + strength * colours,
+                   0, 255).astype(np.uint8)
+
+
+def choose_examples(labels, predicted, classes: int) -> list[int]:
+    """Per class, the first correct and the first wrong predictions of the split (indices)."""
+    chosen = []
+    for label in range(classes):
+        mine = np.flatnonzero(labels == label)
+        right = [int(i) for i in mine if predicted[i] == label][:PER_CLASS_CORRECT]
+        wrong = [int(i) for i in mine if predicted[i] != label][:PER_CLASS_WRONG]
+        chosen += right + wrong
+    return chosen
+
+
+def gradcam_grid(images, heats, labels, predicted, names, title, path) -> Path:
+    """A grid of overlays, one row per true class; a wrong prediction's caption in red."""
+    columns = PER_CLASS_CORRECT + PER_CLASS_WRONG
+    rows = sorted(set(int(label) for label in labels))
+    plt = _pyplot()
+    figure, axes = plt.subplots(len(rows), columns, figsize=(1.9 * columns, 1.9 * len(rows)),
+                                squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    filled = {row: 0 for row in rows}
+    for image, heat, label, guess in zip(images, heats, labels, predicted):
+        row = rows.index(int(label))
+        axis = axes[row][filled[int(label)]]
+        filled[int(label)] += 1
+        axis.imshow(overlay(image, heat), interpolation="nearest")
+        wrong = guess != label
+        axis.set_title(f"{names[label]} → {names[guess]}" if wrong else names[label],
+                       fontsize=8, color="#d62728" if wrong else "black")
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+def feature_grid(maps, layer_name, image, path) -> Path:
+    plt = _pyplot()
+    count = maps.shape[-1]
+    columns = 6
+    rows = -(-(count + 1) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows),
+                                squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    axes.flat[0].imshow(image, interpolation="nearest")
+    axes.flat[0].set_title("input", fontsize=8)
+    for channel in range(count):
+        axes.flat[channel + 1].imshow(maps[..., channel], cmap="viridis",
+                                      interpolation="nearest")
+        axes.flat[channel + 1].set_title(f"channel {channel}", fontsize=7)
+    figure.suptitle(f"Feature maps of backbone layer {layer_name} "
+                    f"({maps.shape[0]}x{maps.shape[1]})", fontsize=10)
+    return _save(figure, path)
+
+
+def _models_to_explain(run_dir, manifest):
+    """[(title, file stem, model path)]: the run's model, or each member of an ensemble."""
+    history = read_json(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else {}
+    members = (history.get("ensemble") or {}).get("members")
+    if members:
+        return [(f"member {member['name']} ({member['backbone']})",
+                 f"gradcam_{member['name'].rsplit('.', 1)[-1]}", Path(member["model"]))
+                for member in members]
+    keras_entry = next(entry for entry in manifest["artifacts"] if entry["name"] == "keras")
+    return [(f"reference model ({history.get('backbone', 'keras')})", "gradcam",
+             run_dir / keras_entry["path"])]
+
+
+def explain_is_current(run_dir) -> bool:
+    """explain.json exists, its figures too, and it explained the models the run has now."""
+    run_dir = Path(run_dir)
+    if not (run_dir / EXPLAIN).is_file():
+        return False
+    record = read_json(run_dir / EXPLAIN)
+    models = [str(path) for _, _, path in _models_to_explain(run_dir, read_manifest(run_dir))]
+    return (sorted(record.get("models", {})) == sorted(models)
+            and all(Path(path).is_file() and sha256(path) == record["models"][path]
+                    for path in models)
+            and all((run_dir / figure["file"]).is_file() for figure in record["figures"]))
+
+
+def explain_run(run_dir, *, log=print) -> dict:
+    """Grad-CAM grids (and one image's feature maps) for the run's evaluation split."""
+    from tledge.data.images import resize_images
+    from tledge.model import load_model, predict_in_batches
+    from tledge.rundata import evaluation_split, run_splits
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    names = manifest["labels"]
+    images, labels, split = evaluation_split(run_splits(run_dir))
+    record = {"split": split, "figures": [], "models": {}}
+    for title, stem, path in _models_to_explain(run_dir, manifest):
+        model = load_model(path)
+        record["models"][str(path)] = sha256(path)
+        size = tuple(model.inputs[0].shape[1:3])
+        seen = images if images.shape[1:3] == size else resize_images(images, size)
+        predicted = predict_in_batches(model, seen).argmax(axis=1)
+        chosen = choose_examples(labels, predicted, len(names))
+        heats, _ = gradcam(model, seen[chosen])
+        figure = gradcam_grid(seen[chosen], heats, labels[chosen], predicted[chosen], names,
+                              f"Grad-CAM, {title}: where it looks for the class it predicts",
+                              run_dir / FIGURES / f"{stem}.png")
+        record["figures"].append({"title": title, "file": f"{FIGURES}/{figure.name}",
+                                  "images": chosen})
+        log(f"  wrote {figure.relative_to(run_dir)}")
+        if stem == "gradcam" or len(record["figures"]) == 1:
+            maps, layer = feature_maps(model, seen[chosen[0]])
+            figure = feature_grid(maps, layer, seen[chosen[0]],
+                                  run_dir / FIGURES / "feature_maps.png")
+            record["feature_maps"] = {"file": f"{FIGURES}/{figure.name}", "layer": layer,
+                                      "image": chosen[0], "model": title}
+    write_json(run_dir / EXPLAIN, record)
+    return record
+
+
+def explain_images(paths, run_dir, *, out=None) -> list[Path]:
+    """An overlay PNG for each image file, for the class the run's model predicts."""
+    from tledge.data.images import load_image
+    from tledge.model import load_model
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    _, _, path = _models_to_explain(run_dir, manifest)[0]
+    model = load_model(path)
+    size = tuple(model.inputs[0].shape[1:3])
+    written = []
+    for image_path in map(Path, paths):
+        if not image_path.is_file():
+            raise ArtifactError(f"{image_path} does not exist")
+        image = load_image(image_path, size)
+        heat, chosen = gradcam(model, image[None])
+        plt = _pyplot()
+        figure, axes = plt.subplots(1, 2, figsize=(6, 3.2))
+        axes[0].imshow(image)
+        axes[1].imshow(overlay(image, heat[0]))
+        for axis in axes:
+            axis.axis("off")
+        axes[1].set_title(f"Grad-CAM: {manifest['labels'][int(chosen[0])]}", fontsize=9)
+        target = Path(out) / f"{image_path.stem}.gradcam.png" if out else \
+            image_path.with_name(f"{image_path.stem}.gradcam.png")
+        written.append(_save(figure, target))
+    return written
+
+

@@ -1,0 +1,234 @@
+"""The report's figures, drawn with matplotlib (headless, Agg) from the run's JSON files only.
+
+Each function takes what it plots (parsed JSON) and a path, writes one PNG and returns the
+path, or returns None when the run holds nothing to plot. Nothing is recomputed here: a
+figure shows the numbers the tables of the report show.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FIGURES = "figures"
+DPI = 110
+_PNG = {"Software": None}  # no library version in the file: same JSON, same bytes
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(figure, path) -> Path:
+    from tledge.rundir import atomic_path
+    path = Path(path)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=DPI, format="png", metadata=_PNG)
+    _pyplot().close(figure)
+    return path
+
+
+def learning_curves(history, path) -> Path | None:
+    """Accuracy and loss of both phases on one epoch axis, the phase boundary marked, and
+    the from-scratch baseline's curves when the recipe had one."""
+    phases = [phase for phase in (history or {}).get("phases", []) if phase["epochs"]]
+    if not phases:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    colours = {"feature_extraction": "#1f77b4", "fine_tune": "#d62728"}
+    for number, phase in enumerate(phases):
+        epochs = [row["epoch"] for row in phase["epochs"]]  # numbered across both phases
+        colour = colours.get(phase["name"], "#2ca02c")
+        for axis, key in zip(axes, ("accuracy", "loss")):
+            axis.plot(epochs, [row[key] for row in phase["epochs"]], "--", color=colour,
+                      label=f"{phase['name']} train")
+            if "val_" + key in phase["epochs"][0]:
+                axis.plot(epochs, [row["val_" + key] for row in phase["epochs"]], "-o",
+                          color=colour, markersize=3, label=f"{phase['name']} val")
+            if number:
+                axis.axvline(epochs[0] - 0.5, color="grey", linestyle=":", linewidth=1)
+                axis.annotate(phase["name"].replace("_", " "), (epochs[0] - 0.4, 0.94),
+                              xycoords=("data", "axes fraction"), fontsize=8, color="grey")
+    baseline = history.get("baseline")
+    if baseline and baseline["phase"]["epochs"]:
+        rows = baseline["phase"]["epochs"]
+        for axis, key in zip(axes, ("accuracy", "loss")):
+            if "val_" + key in rows[0]:
+                axis.plot([row["epoch"] for row in rows], [row["val_" + key] for row in rows],
+                          "-s", color="#7f7f7f", markersize=3,
+                          label=f"baseline {baseline['backbone']} val")
+    axes[0].set_ylim(0, 1.02)
+    for axis, key in zip(axes, ("accuracy", "loss")):
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(key)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].set_title("Learning curves (dotted line: fine-tuning starts)", fontsize=10)
+    return _save(figure, path)
+
+
+def confusion(matrix, labels, title, path) -> Path | None:
+    """A confusion matrix, true class down, predicted across, counts in the cells."""
+    if not matrix:
+        return None
+    import numpy as np
+    counts = np.asarray(matrix)
+    plt = _pyplot()
+    side = max(3.5, 0.45 * len(labels) + 1.5)
+    figure, axis = plt.subplots(figsize=(side + 1, side))
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for row in range(len(labels)):
+        for column in range(len(labels)):
+            if counts[row, column]:
+                axis.text(column, row, str(counts[row, column]), ha="center", va="center",
+                          fontsize=7, color="white" if shares[row, column] > 0.5 else "black")
+    axis.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    axis.set_yticks(range(len(labels)), labels, fontsize=8)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(title, fontsize=10)
+    figure.colorbar(image, ax=axis, fraction=0.046, label="share of the true class")
+    return _save(figure, path)
+
+
+def per_class_accuracy(series, labels, path) -> Path | None:
+    """Bars of per-class accuracy (recall), one group per class, one bar per model.
+
+    `series`: [(name, confusion matrix)].
+    """
+    series = [(name, matrix) for name, matrix in series if matrix]
+    if not series:
+        return None
+    import numpy as np
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(labels) + 2), 3.4))
+    width = 0.8 / len(series)
+    for index, (name, matrix) in enumerate(series):
+        counts = np.asarray(matrix)
+        recall = np.diag(counts) / np.maximum(counts.sum(axis=1), 1)
+        axis.bar(np.arange(len(labels)) + index * width - 0.4 + width / 2, recall, width,
+                 label=name)
+    axis.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("accuracy")
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title("Accuracy per class", fontsize=10)
+    return _save(figure, path)
+
+
+def _log_milliseconds(axis, values) -> None:
+    """A log axis over `values`, with a few plain-number ticks (0.1, 1, 10) and no clutter."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    axis.axes.set_xscale("log")
+    low, high = min(values), max(values)
+    axis.axes.set_xlim(low / 1.6, high * 1.6)
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _label(row) -> str:
+    return f"{row['artifact']} · {row['runtime']} · {row['threads']}t · b{row['batch']}"
+
+
+def latency_bars(rows, path) -> Path | None:
+    """p50 (bar) and p90 (tick) of every combination that ran."""
+    rows = [row for row in rows if row["status"] == "ok"]
+    if not rows:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.3))
+    positions = range(len(rows))
+    axis.barh(positions, [row["p50_ms"] for row in rows], color="#1f77b4", label="p50")
+    axis.scatter([row["p90_ms"] for row in rows], positions, marker="|", s=200,
+                 color="#d62728", label="p90", zorder=3)
+    axis.set_yticks(positions, [_label(row) for row in rows], fontsize=8)
+    axis.invert_yaxis()
+    _log_milliseconds(axis.xaxis, [row["p90_ms"] for row in rows] +
+                      [row["p50_ms"] for row in rows])
+    axis.set_xlabel("latency per call, ms (log scale)")
+    axis.grid(axis="x", alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title("Latency per artifact and runtime", fontsize=10)
+    return _save(figure, path)
+
+
+def pareto_front(points):
+    """Indices of the points no other point beats on both latency (lower) and accuracy
+    (higher): `points` is [(latency, accuracy)]."""
+    front = []
+    for index, (latency, accuracy) in enumerate(points):
+        dominated = any(other_latency <= latency and other_accuracy >= accuracy
+                        and (other_latency, other_accuracy) != (latency, accuracy)
+                        for other_latency, other_accuracy in points)
+        if not dominated:
+            front.append(index)
+    return front
+
+
+def pareto(rows, parity, pick, path) -> Path | None:
+    """Accuracy against p50 latency for every combination that ran and was validated; the
+    front drawn, failed parity in red, the pick starred."""
+    judged = {row["artifact"]: row for row in (parity or {}).get("rows", [])
+              if row.get("accuracy") is not None}
+    rows = [row for row in rows if row["status"] == "ok" and row["artifact"] in judged]
+    if not rows:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7.5, 4.2))
+    points = [(row["p50_ms"], judged[row["artifact"]]["accuracy"]) for row in rows]
+    front = pareto_front(points)
+    for index, row in enumerate(rows):
+        failed = judged[row["artifact"]]["status"] == "failed"
+        axis.scatter(*points[index], s=36, zorder=3,
+                     color="#d62728" if failed else ("#1f77b4" if index in front else "#aaaaaa"))
+        axis.annotate(f"{row['artifact']} / {row['runtime']}", points[index], fontsize=7,
+                      xytext=(5, 4 if index % 2 else -11), textcoords="offset points")
+    ordered = sorted(points[index] for index in front)
+    axis.plot(*zip(*ordered), "-", color="#1f77b4", linewidth=1, label="Pareto front")
+    if pick:
+        chosen = next((points[i] for i, row in enumerate(rows)
+                       if (row["artifact"], row["runtime"], row["threads"], row["batch"]) ==
+                       (pick["artifact"], pick["runtime"], pick["threads"], pick["batch"])),
+                      None)
+        if chosen:
+            axis.scatter(*chosen, marker="*", s=320, color="#ff7f0e", zorder=4,
+                         label=f"pick: {pick['artifact']} / {pick['runtime']}")
+    _log_milliseconds(axis.xaxis, [point[0] for point in points])
+    accuracies = [point[1] for point in points]
+    middle, half = (max(accuracies) + min(accuracies)) / 2, \
+        max(0.03, (max(accuracies) - min(accuracies)) * 0.6)
+    axis.set_ylim(max(0.0, middle - half), min(1.005, middle + half))
+    axis.set_xlabel("p50 latency, ms (log scale)")
+    axis.set_ylabel(f"accuracy ({(parity or {}).get('split', 'test')} split)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+    axis.set_title("Accuracy against latency (red: failed parity)", fontsize=10)
+    return _save(figure, path)
+
+
+def sizes(entries, path) -> Path | None:
+    """File size of every artifact, KiB."""
+    entries = [entry for entry in entries if entry.get("size_bytes")]
+    if not entries:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 0.35 * len(entries) + 1.2))
+    positions = range(len(entries))
+    kib = [entry["size_bytes"] / 1024 for entry in entries]
+    axis.barh(positions, kib, color="#2ca02c")
+    for position, value in zip(positions, kib):
+        axis.annotate(f"{value:,.0f} KiB", (value, position), xytext=(3, -3),
+                      textcoords="offset points", fontsize=7)
+    axis.set_yticks(positions, [entry["name"] for entry in entries], fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlabel("size, KiB")
+    axis.set_xlim(0, max(kib) * 1.25)
+    axis.set_title("Artifact size", fontsize=10)
+    return _save(figure, path)
