@@ -77,11 +77,13 @@ def feature_maps(model, image, channels: int = 16) -> tuple[np.ndarray, str]:
     return maps[..., :channels], layer.name
 
 
-def overlay(image, heat, strength: float = 0.45) -> np.ndarray:
-    """The heat map (jet colours) blended over the uint8 image."""
+def overlay(image, heat, strength: float = 0.65) -> np.ndarray:
+    """The heat map (jet colours) over the uint8 image, opaque where it is hot and clear where
+    it is cold, so the image stays readable away from what the model looked at."""
     import matplotlib
     colours = matplotlib.colormaps["jet"](heat)[..., :3] * 255.0
-    return np.clip((1 - strength) * np.asarray(image, np.float32) + strength * colours,
+    alpha = strength * np.asarray(heat, np.float32)[..., None]
+    return np.clip((1 - alpha) * np.asarray(image, np.float32) + alpha * colours,
                    0, 255).astype(np.uint8)
 
 
@@ -185,8 +187,9 @@ def explain_run(run_dir, *, log=print) -> dict:
         figure = gradcam_grid(seen[chosen], heats, labels[chosen], predicted[chosen], names,
                               f"Grad-CAM, {title}: where it looks for the class it predicts",
                               run_dir / FIGURES / f"{stem}.png")
+        grid = list(_stages(model)[1].output.shape[1:3])
         record["figures"].append({"title": title, "file": f"{FIGURES}/{figure.name}",
-                                  "images": chosen})
+                                  "images": chosen, "heat_map_cells": grid})
         log(f"  wrote {figure.relative_to(run_dir)}")
         if stem == "gradcam" or len(record["figures"]) == 1:
             maps, layer = feature_maps(model, seen[chosen[0]])

@@ -105,6 +105,11 @@ def _explain_section(run_dir, explain) -> list[str]:
               "caption names a wrong prediction.", ""]
     for figure in explain["figures"]:
         if (Path(run_dir) / figure["file"]).is_file():
+            cells = figure.get("heat_map_cells")
+            if cells:
+                lines += [f"{figure['title'].capitalize()}: the heat map has the resolution "
+                          f"of the backbone's last feature map, {cells[0]}x{cells[1]} cells, "
+                          "smoothed to the image.", ""]
             lines += [f"![Grad-CAM, {figure['title']}]({figure['file']})", ""]
     maps = explain.get("feature_maps")
     if maps and (Path(run_dir) / maps["file"]).is_file():
