@@ -97,7 +97,7 @@ def main():
     \b
     Examples, to start:
       tledge check recipes/quickstart.toml     validate a recipe, print it resolved
-      tledge build recipes/quickstart.toml     train, export, validate, bench, report
+      tledge build recipes/quickstart.toml     train, export, validate, bench, explain, report
 
     \b
     Each stage also runs alone on an existing run directory:
@@ -166,7 +166,7 @@ _OUT = click.option("--out", type=click.Path(file_okay=False, path_type=Path), d
 @click.option("--force", is_flag=True,
               help="Redo every stage, even those whose outputs are up to date.")
 def build(recipe, out, force):
-    """Run every stage for RECIPE: train, export, validate, bench, report.
+    """Run every stage for RECIPE: train, export, validate, bench, explain, report.
 
     A stage whose outputs exist and match the recipe is skipped (--force redoes it); a
     training run that was killed resumes from its last finished epoch. Exit code 1 when an

@@ -104,7 +104,7 @@ def gradcam_grid(images, heats, labels, predicted, names, title, path) -> Path:
     rows = sorted(set(int(label) for label in labels))
     plt = _pyplot()
     figure, axes = plt.subplots(len(rows), columns, figsize=(1.9 * columns, 1.9 * len(rows)),
-                                squeeze=False)
+                                squeeze=False, layout="constrained")
     for axis in axes.flat:
         axis.axis("off")
     filled = {row: 0 for row in rows}
@@ -126,7 +126,7 @@ def feature_grid(maps, layer_name, image, path) -> Path:
     columns = 6
     rows = -(-(count + 1) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows),
-                                squeeze=False)
+                                squeeze=False, layout="constrained")
     for axis in axes.flat:
         axis.axis("off")
     axes.flat[0].imshow(image, interpolation="nearest")
@@ -185,7 +185,7 @@ def explain_run(run_dir, *, log=print) -> dict:
         chosen = choose_examples(labels, predicted, len(names))
         heats, _ = gradcam(model, seen[chosen])
         figure = gradcam_grid(seen[chosen], heats, labels[chosen], predicted[chosen], names,
-                              f"Grad-CAM, {title}: where it looks for the class it predicts",
+                              f"Grad-CAM, {title}:\nwhere it looks for the class it predicts",
                               run_dir / FIGURES / f"{stem}.png")
         grid = list(_stages(model)[1].output.shape[1:3])
         record["figures"].append({"title": title, "file": f"{FIGURES}/{figure.name}",

@@ -24,7 +24,8 @@ def _pyplot():
 def _save(figure, path) -> Path:
     from tledge.rundir import atomic_path
     path = Path(path)
-    figure.tight_layout()
+    if figure.get_layout_engine() is None:  # grids with a title use constrained layout
+        figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=DPI, format="png", metadata=_PNG)
     _pyplot().close(figure)
@@ -67,7 +68,8 @@ def learning_curves(history, path) -> Path | None:
         axis.set_ylabel(key)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
-    axes[0].set_title("Learning curves (dotted line: fine-tuning starts)", fontsize=10)
+    axes[0].set_title("Learning curves" + (" (dotted line: the next phase starts)"
+                                           if len(phases) > 1 else ""), fontsize=10)
     return _save(figure, path)
 
 
@@ -184,12 +186,15 @@ def pareto(rows, parity, pick, path) -> Path | None:
     figure, axis = plt.subplots(figsize=(7.5, 4.2))
     points = [(row["p50_ms"], judged[row["artifact"]]["accuracy"]) for row in rows]
     front = pareto_front(points)
+    # neighbours along the latency axis get their labels on opposite sides
+    side = {index: rank % 2 for rank, index in
+            enumerate(sorted(range(len(points)), key=lambda i: points[i][0]))}
     for index, row in enumerate(rows):
         failed = judged[row["artifact"]]["status"] == "failed"
         axis.scatter(*points[index], s=36, zorder=3,
                      color="#d62728" if failed else ("#1f77b4" if index in front else "#aaaaaa"))
         axis.annotate(f"{row['artifact']} / {row['runtime']}", points[index], fontsize=7,
-                      xytext=(5, 4 if index % 2 else -11), textcoords="offset points")
+                      xytext=(5, 4 if side[index] else -11), textcoords="offset points")
     ordered = sorted(points[index] for index in front)
     axis.plot(*zip(*ordered), "-", color="#1f77b4", linewidth=1, label="Pareto front")
     if pick:

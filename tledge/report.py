@@ -32,8 +32,10 @@ def report_run(run_dir) -> Path:
     lines += _headline(manifest, history, parity, bench)
     lines += _story(manifest, split, history, parity, bench)
     lines += _data_section(manifest, split)
-    lines += _training_section(history)
-    lines += _figure_lines(figures, "learning_curves")
+    training = _training_section(history)
+    at = next((i for i, line in enumerate(training) if line.startswith("| epoch |")),
+              len(training))  # the curves before the epoch-by-epoch table they draw
+    lines += training[:at] + _figure_lines(figures, "learning_curves") + training[at:]
     lines += _ensemble_section(history, bench)
     checksums = {entry["name"]: entry.get("sha256") for entry in manifest["artifacts"]}
     lines += _parity_section(parity, checksums)
