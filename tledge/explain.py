@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tledge.errors import ArtifactError
-from tledge.plots import FIGURES, _pyplot, _save
+from tledge.plots import FIGURES, pyplot, save_figure
 from tledge.rundir import EXPLAIN, HISTORY, read_json, read_manifest, sha256, write_json
 PER_CLASS_CORRECT, PER_CLASS_WRONG = 2, 1
 
@@ -102,7 +102,7 @@ def gradcam_grid(images, heats, labels, predicted, names, title, path) -> Path:
     """A grid of overlays, one row per true class; a wrong prediction's caption in red."""
     columns = PER_CLASS_CORRECT + PER_CLASS_WRONG
     rows = sorted(set(int(label) for label in labels))
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(len(rows), columns, figsize=(1.9 * columns, 1.9 * len(rows)),
                                 squeeze=False, layout="constrained")
     for axis in axes.flat:
@@ -117,11 +117,11 @@ def gradcam_grid(images, heats, labels, predicted, names, title, path) -> Path:
         axis.set_title(f"{names[label]} → {names[guess]}" if wrong else names[label],
                        fontsize=8, color="#d62728" if wrong else "black")
     figure.suptitle(title, fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def feature_grid(maps, layer_name, image, path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     count = maps.shape[-1]
     columns = 6
     rows = -(-(count + 1) // columns)
@@ -137,7 +137,7 @@ def feature_grid(maps, layer_name, image, path) -> Path:
         axes.flat[channel + 1].set_title(f"channel {channel}", fontsize=7)
     figure.suptitle(f"Feature maps of backbone layer {layer_name} "
                     f"({maps.shape[0]}x{maps.shape[1]})", fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _models_to_explain(run_dir, manifest):
@@ -216,7 +216,7 @@ def explain_images(paths, run_dir, *, out=None) -> list[Path]:
             raise ArtifactError(f"{image_path} does not exist")
         image = load_image(image_path, size)
         heat, chosen = gradcam(model, image[None])
-        plt = _pyplot()
+        plt = pyplot()
         figure, axes = plt.subplots(1, 2, figsize=(6, 3.2))
         axes[0].imshow(image)
         axes[1].imshow(overlay(image, heat[0]))
@@ -225,7 +225,7 @@ def explain_images(paths, run_dir, *, out=None) -> list[Path]:
         axes[1].set_title(f"Grad-CAM: {manifest['labels'][int(chosen[0])]}", fontsize=9)
         target = Path(out) / f"{image_path.stem}.gradcam.png" if out else \
             image_path.with_name(f"{image_path.stem}.gradcam.png")
-        written.append(_save(figure, target))
+        written.append(save_figure(figure, target))
     return written
 
 

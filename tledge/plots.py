@@ -14,21 +14,21 @@ DPI = 110
 _PNG = {"Software": None}  # no library version in the file: same JSON, same bytes
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(figure, path) -> Path:
+def save_figure(figure, path) -> Path:
     from tledge.rundir import atomic_path
     path = Path(path)
     if figure.get_layout_engine() is None:  # grids with a title use constrained layout
         figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=DPI, format="png", metadata=_PNG)
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return path
 
 
@@ -38,7 +38,7 @@ def learning_curves(history, path) -> Path | None:
     phases = [phase for phase in (history or {}).get("phases", []) if phase["epochs"]]
     if not phases:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     colours = {"feature_extraction": "#1f77b4", "fine_tune": "#d62728"}
     for number, phase in enumerate(phases):
@@ -70,7 +70,7 @@ def learning_curves(history, path) -> Path | None:
     axes[0].legend(fontsize=7, loc="lower right")
     axes[0].set_title("Learning curves" + (" (dotted line: the next phase starts)"
                                            if len(phases) > 1 else ""), fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def confusion(matrix, labels, title, path) -> Path | None:
@@ -79,7 +79,7 @@ def confusion(matrix, labels, title, path) -> Path | None:
         return None
     import numpy as np
     counts = np.asarray(matrix)
-    plt = _pyplot()
+    plt = pyplot()
     side = max(3.5, 0.45 * len(labels) + 1.5)
     figure, axis = plt.subplots(figsize=(side + 1, side))
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -95,7 +95,7 @@ def confusion(matrix, labels, title, path) -> Path | None:
     axis.set_ylabel("true")
     axis.set_title(title, fontsize=10)
     figure.colorbar(image, ax=axis, fraction=0.046, label="share of the true class")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def per_class_accuracy(series, labels, path) -> Path | None:
@@ -107,7 +107,7 @@ def per_class_accuracy(series, labels, path) -> Path | None:
     if not series:
         return None
     import numpy as np
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(labels) + 2), 3.4))
     width = 0.8 / len(series)
     for index, (name, matrix) in enumerate(series):
@@ -121,7 +121,7 @@ def per_class_accuracy(series, labels, path) -> Path | None:
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=8)
     axis.set_title("Accuracy per class", fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _log_milliseconds(axis, values) -> None:
@@ -144,7 +144,7 @@ def latency_bars(rows, path) -> Path | None:
     rows = [row for row in rows if row["status"] == "ok"]
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.3))
     positions = range(len(rows))
     axis.barh(positions, [row["p50_ms"] for row in rows], color="#1f77b4", label="p50")
@@ -158,7 +158,7 @@ def latency_bars(rows, path) -> Path | None:
     axis.grid(axis="x", alpha=0.3)
     axis.legend(fontsize=8)
     axis.set_title("Latency per artifact and runtime", fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def pareto_front(points):
@@ -182,7 +182,7 @@ def pareto(rows, parity, pick, path) -> Path | None:
     rows = [row for row in rows if row["status"] == "ok" and row["artifact"] in judged]
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(7.5, 4.2))
     points = [(row["p50_ms"], judged[row["artifact"]]["accuracy"]) for row in rows]
     front = pareto_front(points)
@@ -215,7 +215,7 @@ def pareto(rows, parity, pick, path) -> Path | None:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="best")
     axis.set_title("Accuracy against latency (red: failed parity)", fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def sizes(entries, path) -> Path | None:
@@ -223,7 +223,7 @@ def sizes(entries, path) -> Path | None:
     entries = [entry for entry in entries if entry.get("size_bytes")]
     if not entries:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 0.35 * len(entries) + 1.2))
     positions = range(len(entries))
     kib = [entry["size_bytes"] / 1024 for entry in entries]
@@ -236,4 +236,4 @@ def sizes(entries, path) -> Path | None:
     axis.set_xlabel("size, KiB")
     axis.set_xlim(0, max(kib) * 1.25)
     axis.set_title("Artifact size", fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
