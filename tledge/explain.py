@@ -67,7 +67,7 @@ def feature_maps(model, image, channels: int = 16) -> tuple[np.ndarray, str]:
     import tensorflow as tf
     before, backbone, _ = _stages(model)
     spatial = [layer for layer in backbone.layers[1:]
-               if len(getattr(layer, "output", None).shape or ()) == 4]
+               if len(layer.output.shape) == 4]
     layer = spatial[len(spatial) // 3]  # early enough to keep some resolution
     probe = keras.Model(backbone.inputs, layer.output)
     x = tf.constant(np.asarray(image)[None], tf.float32)
