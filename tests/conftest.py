@@ -10,6 +10,20 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the tests' own choice, like the CLI's
 
+
+@pytest.fixture(autouse=True, scope="session")
+def data_cache(tmp_path_factory):
+    """Every test prepares data into one throwaway cache, never the user's ~/.cache; tests that
+    need a cache of their own point TLEDGE_CACHE_DIR elsewhere with monkeypatch."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    previous = os.environ.get("TLEDGE_CACHE_DIR")
+    os.environ["TLEDGE_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("TLEDGE_CACHE_DIR", None)
+    else:
+        os.environ["TLEDGE_CACHE_DIR"] = previous
+
 # TensorFlow fixes its thread pool at the machine's CPU count once training has run; a Keras
 # bench row at another count is skipped (honestly), so the shared run benchmarks at that count.
 THREADS = os.cpu_count()

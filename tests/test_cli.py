@@ -202,8 +202,11 @@ def test_build_with_an_undecodable_image(tmp_path, no_training):
     broken.write_bytes(b"\xff\xd8 this is not a jpeg " * 10)
     recipe = folder_recipe(tmp_path, "images")
     run_dir = tmp_path / "run"
-    assert_usage_error(invoke("build", recipe, "--out", run_dir), broken, "replace or remove")
-    assert_nothing_written(run_dir)
+    assert_usage_error(invoke("build", recipe, "--out", run_dir), broken, "replace or remove",
+                       "bad_images.txt")
+    # Nothing but the list of bad images the error points to (one here; thousands at scale)
+    assert sorted(path.name for path in run_dir.iterdir()) == ["bad_images.txt"]
+    assert "dogs/broken.jpg" in (run_dir / "bad_images.txt").read_text()
 
 
 def test_build_into_an_unwritable_directory(tmp_path, small_recipe, no_training):

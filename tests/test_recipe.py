@@ -247,7 +247,7 @@ CASES = [
     ("unknown_backbone", dict(tables='[model]\nbackbone = "efficientnet_b9"'),
      "model.backbone", "found 'efficientnet_b9'; did you mean 'efficientnet_b3'?"),
     ("unknown_source", dict(source="folders"),
-     "data.source", "expected one of 'synthetic', 'folder', 'npz', 'cifar10', found 'folders'; "
+     "data.source", "expected one of 'synthetic', 'folder', 'csv', 'npz', 'cifar10', found 'folders'; "
                     "did you mean 'folder'?"),
     ("missing_source", dict(source=""), "data.source", "is required (one of synthetic, folder"),
     ("folder_without_path", dict(source="folder"),

@@ -13,18 +13,21 @@ from pathlib import Path
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def check_together(recipe) -> list[str]:
+def check_together(recipe, *, stored=False) -> list[str]:
     """Rules that involve more than one key, each run on its own.
 
     A rule whose inputs are themselves invalid (None after a type error) is skipped; the
-    others still run, so every problem is reported in one go.
+    others still run, so every problem is reported in one go. A `stored` recipe (the copy in
+    a run directory) is not asked for its data to exist: later stages read the data cache.
     """
+    import functools
     from tledge.members import check_ensemble
     problems = []
-    rules = (_check_name, _check_data, _check_weights, _check_training, _check_bench,
+    check_data = functools.partial(_check_data, need_path=not stored)
+    rules = (_check_name, check_data, _check_weights, _check_training, _check_bench,
              _check_model_backbone, _check_baseline)
     if recipe.ensemble is not None:  # its models are its members'
-        rules = (_check_name, _check_data, _check_bench, _check_baseline, check_ensemble)
+        rules = (_check_name, check_data, _check_bench, _check_baseline, check_ensemble)
     for rule in rules:
         try:
             problems += rule(recipe)
@@ -39,15 +42,18 @@ def _check_name(recipe) -> list[str]:
     return []
 
 
-def _check_data(recipe) -> list[str]:
+def _check_data(recipe, need_path=True) -> list[str]:
     problems, data = [], recipe.data
-    if data.source in ("folder", "npz") and not data.path:
-        kind = "a folder of class sub-folders" if data.source == "folder" else "an .npz file"
+    if data.source in ("folder", "csv", "npz") and not data.path:
+        kind = {"folder": "a folder of class sub-folders", "csv": "a .csv file",
+                "npz": "an .npz file"}[data.source]
         problems.append(f"data.path: is required for source '{data.source}' ({kind})")
+    elif not need_path:
+        pass
     elif data.source == "folder" and not Path(data.path).is_dir():
         problems.append(f"data.path: no such folder '{data.path}' (relative paths are read from "
                         "the recipe's folder)")
-    elif data.source == "npz" and not Path(data.path).is_file():
+    elif data.source in ("npz", "csv") and not Path(data.path).is_file():
         problems.append(f"data.path: no such file '{data.path}' (relative paths are read from "
                         "the recipe's folder)")
     if data.source in ("synthetic", "cifar10") and data.path:

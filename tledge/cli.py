@@ -73,8 +73,9 @@ def _progress() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def command(needs_tensorflow=True, **settings):
-    """A tledge CLI command: TledgeErrors become one-line messages with exit code 2."""
+def command(needs_tensorflow=True, group=None, **settings):
+    """A tledge CLI command (of `group`, else of tledge itself): TledgeErrors become one-line
+    messages with exit code 2."""
     def decorate(function):
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
@@ -85,7 +86,7 @@ def command(needs_tensorflow=True, **settings):
                 return function(*args, **kwargs)
             except TledgeError as error:
                 raise UsageFailure(str(error)) from None
-        return main.command(**settings)(wrapper)
+        return (group or main).command(**settings)(wrapper)
     return decorate
 
 
@@ -201,6 +202,89 @@ def train(source, out):
     run_dir = out or (source if source.is_dir() else default_run_dir(recipe))
     _quiet_tensorflow()
     train_run(recipe, run_dir, log=click.echo, verbose=_progress())
+
+
+@main.group(name="cache", cls=_Group)
+def cache():
+    """The prepared-data cache: every image decoded and resized once, then read by every stage.
+
+    \b
+    Where it lives: data.cache_dir in a recipe, else $TLEDGE_CACHE_DIR, else
+    ~/.cache/tledge/data ($XDG_CACHE_HOME/tledge/data).
+
+    \b
+    Examples:
+      tledge cache list
+      tledge cache prepare recipes/mobilenet_cifar.toml
+      tledge cache clear 2d4df494851158fc99530ae9
+    """
+
+
+_CACHE_DIR = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                          default=None, help="The cache folder (default: $TLEDGE_CACHE_DIR, "
+                                             "else ~/.cache/tledge/data).")
+
+
+@command(needs_tensorflow=False, group=cache, name="list")
+@_CACHE_DIR
+def cache_list(cache_dir):
+    """List the prepared data sets: key, source, size, images, bad images, disk use.
+
+    Example: tledge cache list
+    """
+    from tledge.data.cache import cache_root, list_entries
+    root = cache_root(cache_dir)
+    rows = list_entries(root)
+    click.echo(f"{root}: {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}, "
+               f"{sum(row['bytes'] for row in rows) / 2**20:,.1f} MiB")
+    for row in rows:
+        size = "x".join(map(str, row["image_size"])) if row["image_size"] else "-"
+        bad = f"  {row['bad_images']} bad" if row["bad_images"] else ""
+        click.echo(f"  {row['key']}  {row['source'] or '?':<9} {size:>9} "
+                   f"{row['images']:>9,} images {row['bytes'] / 2**20:>10,.1f} MiB  "
+                   f"{row['created'] or ''}  {row['where']}{bad}")
+
+
+@command(needs_tensorflow=False, group=cache, name="clear")
+@click.argument("keys", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Delete every entry.")
+@_CACHE_DIR
+def cache_clear(keys, everything, cache_dir):
+    """Delete the entries KEYS (see `tledge cache list`), or every entry with --all.
+
+    A run whose entry is gone prepares it again from its source when it next needs it.
+
+    Example: tledge cache clear 2d4df494851158fc99530ae9
+    """
+    from tledge.data.cache import cache_root, clear_entries
+    if not keys and not everything:
+        raise UsageFailure("name the entries to delete (see `tledge cache list`), or --all")
+    if keys and everything:
+        raise UsageFailure("give either entry keys or --all, not both")
+    root = cache_root(cache_dir)
+    deleted = clear_entries(root, keys)
+    click.echo(f"deleted {len(deleted)} entr{'y' if len(deleted) == 1 else 'ies'} from {root}")
+
+
+@command(needs_tensorflow=False, group=cache, name="prepare")
+@click.argument("recipe", type=RECIPE)
+def cache_prepare(recipe):
+    """Prepare RECIPE's data now (decode, resize, check for bad images and duplicates).
+
+    Useful before a multi-worker launch or on a machine that trains later. Exit code 2 when
+    the data has unreadable images and data.on_bad_image is "error".
+
+    Example: tledge cache prepare recipes/quickstart.toml
+    """
+    from tledge.data import load_splits
+    from tledge.recipe import load_recipe
+    resolved = load_recipe(recipe)
+    splits = load_splits(resolved.data, seed=resolved.seed, log=click.echo)
+    counts = ", ".join(f"{name} {len(labels)}" for name, labels in
+                       (("train", splits.y_train), ("val", splits.y_val),
+                        ("test", splits.y_test)))
+    click.echo(f"data: {resolved.data.source}, {splits.num_classes} classes, {counts}; "
+               f"cache entry {splits.record['cache']['key']} in {splits.record['cache']['root']}")
 
 
 # Everything the export table can write, by family or by name; the Keras model is trained,

@@ -8,6 +8,7 @@ Past one machine tledge uses TensorFlow's own strategies, never a home-made sche
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import warnings
@@ -41,6 +42,52 @@ def strategy_for(train):
     except json.JSONDecodeError as error:
         raise TrainError(f"TF_CONFIG is not valid JSON: {error}") from None
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerRole:
+    count: int   # workers training together (1 without multi_worker)
+    index: int   # this worker's place among them; the chief is 0
+    chief: bool  # only the chief writes the run directory
+
+
+def worker_role(train) -> WorkerRole:
+    """Which worker of a multi_worker cluster this process is, from TF_CONFIG.
+
+    MultiWorkerMirroredStrategy's convention: a "chief" task when the cluster has one, else
+    worker 0, is the chief; the chief counts first.
+    """
+    if train.distribute != "multi_worker":
+        return WorkerRole(1, 0, True)
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        cluster, task = config.get("cluster", {}), config.get("task", {})
+        chiefs, workers = len(cluster.get("chief", [])), len(cluster.get("worker", []))
+        kind, number = task.get("type", "worker"), int(task.get("index", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return WorkerRole(1, 0, True)  # strategy_for reports a broken TF_CONFIG
+    if kind == "chief":
+        return WorkerRole(chiefs + workers, 0, True)
+    index = chiefs + number
+    return WorkerRole(chiefs + workers, index, index == 0)
+
+
+def per_worker_input(strategy, make, batch_size):
+    """A dataset for `model.fit` under `strategy`.
+
+    Under multi_worker every worker builds its own input (`make(per-replica batch size,
+    (shards, this shard) or None)`), reading only its shard of the training rows, rather
+    than every worker reading everything and dropping what is not its own. Elsewhere
+    `make(batch_size, None)`.
+    """
+    import tensorflow as tf
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return make(batch_size, None)
+
+    def build(context):
+        return make(context.get_per_replica_batch_size(batch_size),
+                    (context.num_input_pipelines, context.input_pipeline_id))
+    return strategy.distribute_datasets_from_function(build)
 
 
 @contextlib.contextmanager

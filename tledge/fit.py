@@ -78,6 +78,12 @@ def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_pe
     total = int(model.count_params())
     if phase.epochs == 0:
         return skipped(name, "0 epochs")
+    if _across_workers():
+        from tledge.fit_workers import fit_across_workers
+        return fit_across_workers(model, name, phase, train_data, val_data,
+                                  train_count=train_count, steps_per_epoch=steps_per_epoch,
+                                  initial_epoch=initial_epoch,
+                                  log=print if verbose else (lambda line: None))
     store = _PhaseStore(checkpoint_dir, name) if checkpoint_dir else None
     if store and store.finished():
         return store.load_finished(model)
@@ -108,6 +114,12 @@ def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_pe
     if store:
         store.save_finished(model, result)
     return result
+
+
+def _across_workers() -> bool:
+    """Whether this phase runs under MultiWorkerMirroredStrategy (see tledge.fit_workers)."""
+    import tensorflow as tf
+    return isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy)
 
 
 class _PhaseStore:

@@ -88,11 +88,14 @@ def prepare_run_dir(run_dir) -> Path:
 
 
 def train_hash(recipe, starting_files) -> str:
-    """What the train stage depends on: its recipe sections and the files it starts from
-    (the backbone weights, or an ensemble's member models)."""
+    """What the train stage depends on: its recipe sections, its data as it is now (the
+    cache key: file list, sizes and modification times, or a file's sha256) and the files
+    it starts from (the backbone weights, or an ensemble's member models)."""
     import hashlib
+    from tledge.data.sources import source_key
     from tledge.rundir import sha256
     text = recipe.hash("seed", "data", "model", "train", "baseline", "ensemble")
+    text += ":" + source_key(recipe.data, recipe.seed)
     for path in starting_files:
         text += ":" + sha256(path)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -119,15 +122,20 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, star
     """
     import shutil
     from tledge.data import load_splits
+    from tledge.data.sources import BAD_IMAGES
+    from tledge.distribute import worker_role
     from tledge.quiet import quiet
     from tledge.train import train_baseline, train_model
+    role = worker_role(recipe.train)
+    if not role.chief:
+        return _train_as_worker(recipe, run_dir, role, log=log, verbose=verbose)
     created = not Path(run_dir).exists()
     run_dir = prepare_run_dir(run_dir)
     try:
         files, members = starting or starting_points(recipe, run_dir, log=log, verbose=verbose,
                                                      _chain=_chain)
         weights_file = files[0] if files and members is None else None
-        splits = load_splits(recipe.data, seed=recipe.seed)
+        splits = load_splits(recipe.data, seed=recipe.seed, log=log, report_dir=run_dir)
         counts = ", ".join(f"{name} {len(labels)}" for name, labels in
                            (("train", splits.y_train), ("val", splits.y_val),
                             ("test", splits.y_test)))
@@ -147,8 +155,12 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, star
                                          verbose=verbose, checkpoint_dir=checkpoints,
                                          cache_dir=run_dir / "bottlenecks", log=log)
     except TledgeError:
-        if created:  # leave nothing behind for a run that never got a model
+        if created:  # leave nothing behind for a run that never got a model...
+            bad_list = run_dir / BAD_IMAGES
+            kept = bad_list.read_bytes() if bad_list.is_file() else None
             shutil.rmtree(run_dir, ignore_errors=True)
+            if kept is not None:  # ...but the list of bad images the error points to
+                write_text(bad_list, kept.decode("utf-8"))
         raise
     for line in filter(None, [history["verdict"]["message"]]):
         log("!" * 78 + f"\n{line}\n" + "!" * 78)
@@ -176,6 +188,9 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, star
                            output_spec={"name": "probabilities",
                                         "shape": [-1, splits.num_classes], "dtype": "float32"})
     set_artifact(manifest, entry)
+    manifest["data"] = {"cache_key": splits.record["cache"]["key"],
+                        "cache_root": splits.record["cache"]["root"],
+                        "fingerprint": splits.record["fingerprint"]}
     record_stage(manifest, "train", hash=train_key,
                  wall_seconds=round(time.perf_counter() - start, 1),
                  weights_from=[str(Path(path).resolve()) for path in files] if members
@@ -187,6 +202,22 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, star
     log(f"train: wrote {model_path} ({time.perf_counter() - start:.0f} s"
         + (f", test accuracy {accuracy:.1%})" if accuracy is not None else ")"))
     return run_dir
+
+
+def _train_as_worker(recipe, run_dir, role, *, log, verbose):
+    """A multi-worker run's non-chief task: train its shard in step with the others and
+    write nothing; the chief writes the run directory. Returns None."""
+    from tledge.data import load_splits
+    from tledge.train import train_model
+    if recipe.ensemble is not None or recipe.model.weights.endswith(".toml"):
+        raise RecipeError(recipe.path, ["train.distribute = \"multi_worker\": build the "
+                                        "ensemble members or the weights recipe first, on one "
+                                        "machine; workers train a single model"])
+    splits = load_splits(recipe.data, seed=recipe.seed, log=log)
+    log(f"train: worker {role.index} of {role.count}; the chief writes {run_dir}")
+    train_model(recipe, splits, verbose=verbose, log=log)
+    log(f"train: worker {role.index} done")
+    return None
 
 
 def _remove_stale_outputs(run_dir) -> None:

@@ -18,7 +18,8 @@ from typing import Mapping
 from tledge.errors import RecipeError
 from tledge.schema import Parser, option, to_dict
 
-SOURCES = ("synthetic", "folder", "npz", "cifar10")
+SOURCES = ("synthetic", "folder", "csv", "npz", "cifar10")
+BAD_IMAGE_POLICIES = ("error", "skip")
 FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 
 
@@ -82,10 +83,20 @@ class SyntheticRecipe:
 
 
 @dataclasses.dataclass(frozen=True)
+class CsvRecipe:
+    """Columns of the `csv` source: one row per image."""
+
+    image_column: str = option("image", help="image file path, relative to the CSV file")
+    label_column: str = option("label", help="class name of the image")
+    split_column: str = option("", help="optional: train | val | validation | test per row")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataRecipe:
     source: str = option(choices=SOURCES, help="one of " + ", ".join(SOURCES))
     path: str | None = option(None, path=True,
-                              help="a folder (folder source) or an .npz file (npz source)")
+                              help="a folder (folder source), a .csv file (csv source) or an "
+                                   ".npz file (npz source)")
     image_size: tuple[int, int] | None = option(
         None, minimum=8, maximum=1024, help="[height, width]; the backbone's default if unset")
     val_fraction: float = option(0.1, minimum=0.0, maximum=0.5)
@@ -93,6 +104,15 @@ class DataRecipe:
     batch_size: int = option(32, minimum=1, maximum=4096)
     augment: AugmentRecipe = option(AugmentRecipe())
     synthetic: SyntheticRecipe = option(SyntheticRecipe())
+    csv: CsvRecipe = option(CsvRecipe())
+    on_bad_image: str = option("error", choices=BAD_IMAGE_POLICIES,
+                               help="error: stop and list every unreadable image | skip: leave "
+                                    "them out, listed in split.json and the report")
+    cache_dir: str | None = option(None, path=True,
+                                   help="where prepared data is cached; default "
+                                        "$TLEDGE_CACHE_DIR, else ~/.cache/tledge/data")
+    workers: int = option(0, minimum=0, maximum=256,
+                          help="processes that decode images while preparing; 0: one per core")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +311,8 @@ class Recipe:
     def hash(self, *sections: str) -> str:
         """A stable hash of the given top-level sections (all of them when none is given)."""
         data = self.to_dict()
+        for section, key in _NOT_HASHED:  # where and how fast, not what: no stage redone
+            data.get(section, {}).pop(key, None)
         chosen = {key: data.get(key) for key in sections} if sections else data
         text = json.dumps(chosen, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -298,7 +320,10 @@ class Recipe:
 
 
 
-def load_recipe(path) -> Recipe:
+_NOT_HASHED = (("data", "cache_dir"), ("data", "workers"))
+
+
+def load_recipe(path, *, stored=False) -> Recipe:
     """Read, check and resolve a recipe file.
 
     Raises:
@@ -312,10 +337,10 @@ def load_recipe(path) -> Recipe:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise RecipeError(path, [f"not valid TOML: {error}"]) from None
-    return parse_recipe(document, path)
+    return parse_recipe(document, path, stored=stored)
 
 
-def parse_recipe(document: Mapping, path) -> Recipe:
+def parse_recipe(document: Mapping, path, *, stored=False) -> Recipe:
     """Check a recipe already read into a dict; `path` anchors relative paths and messages."""
     path = Path(path)
     parser = Parser(path.resolve().parent)
@@ -327,7 +352,7 @@ def parse_recipe(document: Mapping, path) -> Recipe:
                      f"(each may have its own {key} table); remove [{key}]"
                      for key in ("model", "train") if key in document]
     from tledge.checks import check_together
-    joint = check_together(recipe)
+    joint = check_together(recipe, stored=stored)
     reported = {problem.split(":")[0].split("[")[0] for problem in problems}
     problems += [problem for problem in joint if problem.split(":")[0] not in reported]
     if problems:

@@ -251,7 +251,36 @@ def _data_section(manifest, split) -> list[str]:
             if facts.get("fraction") is not None:
                 how += f" ({facts['fraction']:.0%} of {facts.get('from', 'train')})"
             lines.append(f"| {name} | {facts['count']} | {how} |")
+    cache = split.get("cache")
+    if cache:
+        lines += ["", f"Prepared once into the data cache (entry `{cache.get('key')}`); every "
+                      "stage read the images from there."]
+    bad = split.get("bad_images")
+    if bad:
+        lines += ["", f"**{bad['count']} unreadable image(s) left out** "
+                      f"(`data.on_bad_image = \"skip\"`), listed in `{bad.get('file')}`: "
+                  + ", ".join(f"`{name}`" for name in bad.get("files", [])[:10])
+                  + (" …" if bad["count"] > 10 else "") + "."]
+    lines += _duplicate_lines(split.get("duplicates"))
     return lines + [""]
+
+
+def _duplicate_lines(duplicates) -> list[str]:
+    """The leakage check: exact duplicates across and within splits."""
+    if not duplicates:
+        return []
+    if not duplicates.get("total"):
+        return ["", "Leakage check: no two images have the same pixels, within or across "
+                    "splits."]
+    across = {name: count for name, count in duplicates.get("across", {}).items() if count}
+    within = {name: count for name, count in duplicates.get("within", {}).items() if count}
+    lines = ["", f"**Leakage check: {duplicates['total']} exact duplicate image(s)**"
+                 + (" — images of one split repeated in another inflate validation and test "
+                    "accuracy" if across else "") + "; the pairs are in `duplicates.json`.", "",
+             "| where | duplicates |", "|---|---:|"]
+    lines += [f"| across {name} | {count} |" for name, count in across.items()]
+    lines += [f"| within {name} | {count} |" for name, count in within.items()]
+    return lines
 
 
 def _training_section(history) -> list[str]:

@@ -10,20 +10,45 @@ from tledge.rundir import RECIPE, SPLIT, check_run_dir, read_json
 
 
 def run_recipe(run_dir):
-    """The resolved recipe a run was made from (stored in the run directory)."""
-    return load_recipe(check_run_dir(run_dir) / RECIPE)
+    """The resolved recipe a run was made from (stored in the run directory); its data
+    need not exist any more, since later stages read the prepared-data cache."""
+    return load_recipe(check_run_dir(run_dir) / RECIPE, stored=True)
 
 
-def run_splits(run_dir, recipe=None):
-    """Load the run's data again and check it is the data the run was trained on.
+def run_splits(run_dir, recipe=None, *, log=None):
+    """The run's data split, read from the prepared-data cache entry it was trained on.
+
+    No image file is decoded again while that entry exists, even if the source has changed
+    since (the run is judged on the data it was trained on). When the entry is gone, it is
+    prepared again from the source if the source is unchanged.
 
     Raises:
-        RunDirError: the source now yields different images than when the run was made.
+        RunDirError: the entry is gone and the source changed, or the data read back is not
+            the data the run was trained on.
     """
-    from tledge.data import load_splits
+    from tledge.data.cache import cache_root, open_entry
+    from tledge.data.sources import load_splits, prepared_entry, source_key
     recipe = recipe or run_recipe(run_dir)
-    splits = load_splits(recipe.data, seed=recipe.seed)
     recorded = read_json(Path(run_dir) / SPLIT)
+    cache = recorded.get("cache") if isinstance(recorded, dict) else None
+    key = cache.get("key") if isinstance(cache, dict) else None
+    entry = None
+    if key:
+        for root in dict.fromkeys([cache_root(recipe.data.cache_dir), Path(cache.get("root", ""))]):
+            entry = open_entry(root, key) if str(root) else None
+            if entry is not None:
+                break
+    if entry is None:
+        if key and source_key(recipe.data, recipe.seed) != key:
+            raise RunDirError(
+                f"the prepared data {run_dir} was trained on (cache entry {key}) is gone, and "
+                f"the {recipe.data.source} source has changed since; retrain with "
+                "`tledge build --force` so validation compares like with like")
+        if log:
+            log(f"data: the prepared data of {run_dir} is not in the cache; preparing it again "
+                "from the unchanged source")
+        entry = prepared_entry(recipe.data, recipe.seed, log=log)
+    splits = load_splits(recipe.data, seed=recipe.seed, entry=entry)
     if recorded.get("fingerprint") != splits.record.get("fingerprint"):
         raise RunDirError(f"the data of {recipe.data.source} source changed since {run_dir} was "
                           "trained (its fingerprint differs from split.json); retrain with "

@@ -47,7 +47,7 @@ def train_model(recipe, splits, *, weights_file=None, verbose="auto", checkpoint
         model = build_classifier(recipe, splits.num_classes, backbone)
         phases = _train_phases(recipe, splits, model, backbone, weights_file=weights_file,
                                verbose=verbose, checkpoint_dir=checkpoint_dir,
-                               cache_dir=cache_dir, log=log)
+                               cache_dir=cache_dir, log=log, strategy=strategy)
     if recipe.train.mixed_precision:
         model = _float32_copy(recipe, splits.num_classes, model, weights_file)
     verdict = _verdict(phases)
@@ -62,8 +62,9 @@ def train_model(recipe, splits, *, weights_file=None, verbose="auto", checkpoint
 
 
 def _train_phases(recipe, splits, model, backbone, *, weights_file, verbose, checkpoint_dir,
-                  cache_dir, log):
+                  cache_dir, log, strategy):
     from tledge.data.pipeline import augmentation, class_weights, make_dataset
+    from tledge.distribute import per_worker_input
     pretrained = is_pretrained(recipe)
     if not pretrained:
         _fast_batchnorm(backbone)
@@ -74,9 +75,14 @@ def _train_phases(recipe, splits, model, backbone, *, weights_file, verbose, che
     augment = augmentation(recipe.data.augment, recipe.seed)
 
     def datasets(train_x, val_x, with_augmentation):
-        train = make_dataset(train_x, splits.y_train, splits.num_classes, batch_size=batch,
-                             seed=recipe.seed, shuffle=True, weights=weights,
-                             augment=augment if with_augmentation else None)
+        def train_input(batch_size, shard):
+            return make_dataset(train_x, splits.y_train, splits.num_classes,
+                                batch_size=batch_size, seed=recipe.seed, shuffle=True,
+                                weights=weights, shard=shard,
+                                augment=augment if with_augmentation else None)
+
+        train = per_worker_input(strategy, train_input, batch)
+        # Every worker scores all of val (the same weights give the same number)
         val = make_dataset(val_x, splits.y_val, splits.num_classes, batch_size=batch,
                            seed=recipe.seed) if len(splits.y_val) else None
         return train, val

@@ -26,14 +26,25 @@ _CIFAR_KERAS_NAME = "cifar-10-batches-py-target"
 _CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
-def load_cifar10(data, size, seed):
-    """CIFAR-10's train and test sets, resized; a clear message offline."""
+def describe_cifar10(data, seed):
+    """The `cifar10` source for the data cache: identified by its batch files' sizes and
+    modification times; gathered as CIFAR-10's train and test sets, resized. A clear
+    message offline."""
+    from tledge.data.cache import ArraySplit
     folder = _cifar_folder()
-    x_train, y_train = _cifar_batches(folder, _CIFAR_BATCHES[:-1])
-    x_test, y_test = _cifar_batches(folder, _CIFAR_BATCHES[-1:])
-    given = {"train": (resize_images(x_train, size), y_train, None),
-             "test": (resize_images(x_test, size), y_test, None)}
-    return given, CIFAR10_CLASSES, {"path": str(folder)}
+    identity = []
+    for name in _CIFAR_BATCHES:
+        stat = (folder / name).stat()
+        identity.append([name, stat.st_size, stat.st_mtime_ns])
+
+    def gather(size):
+        x_train, y_train = _cifar_batches(folder, _CIFAR_BATCHES[:-1])
+        x_test, y_test = _cifar_batches(folder, _CIFAR_BATCHES[-1:])
+        given = {"train": ArraySplit(resize_images(x_train, size), y_train),
+                 "test": ArraySplit(resize_images(x_test, size), y_test)}
+        return given, CIFAR10_CLASSES
+    return {"identity": {"source": "cifar10", "batches": identity}, "where": str(folder),
+            "extra": {"path": str(folder)}, "gather": gather}
 
 
 def cifar10_datasets_dir() -> Path:

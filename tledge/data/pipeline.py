@@ -1,5 +1,8 @@
 """The tf.data input pipeline for training: batches, one-hot labels, class weights, augmentation.
 
+Images stream from the prepared-data cache a batch at a time (positioned reads in parallel
+map calls, prefetched), so training memory does not grow with the size of the data set.
+
 Augmentation is a stack of Keras preprocessing layers applied here, to training batches
 only: calibration, validation and test images never pass through it, and exported graphs
 carry no inactive random layers.
@@ -44,24 +47,52 @@ def class_weights(labels, num_classes: int) -> np.ndarray:
 
 
 def make_dataset(features, labels, num_classes, *, batch_size, seed, shuffle=False,
-                 augment=None, weights=None):
+                 augment=None, weights=None, shard=None):
     """Batches of (float32 inputs, one-hot labels[, sample weights]).
 
-    `features` are uint8 images or float feature vectors (cached bottlenecks).
+    `features` are images of the data cache (`ImageRows`), streamed: the dataset holds row
+    numbers and labels, and each batch's rows are read from disk when it is due, so no
+    split is ever in memory whole. Float feature vectors (cached bottlenecks) and plain
+    arrays are sliced from memory.
+
+    Args:
+        weights: a weight per class (see `class_weights`), given to each sample.
+        shard: (count, index): read only every count-th row, starting at index (this
+            worker's share under multi-worker training); every shard gets the same number
+            of rows, so workers run the same number of steps.
     """
     import tensorflow as tf
-    one_hot = np.eye(num_classes, dtype=np.float32)[labels]
-    columns = [features, one_hot]
-    if weights is not None:
-        columns.append(weights[labels])
-    data = tf.data.Dataset.from_tensor_slices(tuple(columns))
+    from tledge.data.cache import ImageRows
+    labels = np.asarray(labels, dtype=np.int64)
+    positions = np.arange(len(labels), dtype=np.int64)
+    if shard is not None:
+        count, index = shard
+        positions = positions[index::count][:len(labels) // count]
+    if isinstance(features, ImageRows):
+        data = tf.data.Dataset.from_tensor_slices(positions)
+    else:
+        features = np.asarray(features)[positions]
+        data = tf.data.Dataset.from_tensor_slices((features, np.arange(len(positions))))
+        labels = labels[positions]
     if shuffle:
-        data = data.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        data = data.shuffle(len(positions), seed=seed, reshuffle_each_iteration=True)
     data = data.batch(batch_size)
+    label_table = tf.constant(labels)
+    weight_table = tf.constant(weights, tf.float32) if weights is not None else None
 
-    def to_float(x, *rest):
-        return (tf.cast(x, tf.float32), *rest)
-    data = data.map(to_float)
+    def columns(x, rows):
+        label = tf.gather(label_table, rows)
+        out = (tf.cast(x, tf.float32), tf.one_hot(label, num_classes, dtype=tf.float32))
+        return out + ((tf.gather(weight_table, label),) if weight_table is not None else ())
+
+    if isinstance(features, ImageRows):
+        def read(rows):
+            images = tf.numpy_function(features.read, [rows], tf.uint8, stateful=False)
+            images.set_shape([None, *features.shape[1:]])
+            return columns(images, rows)
+        data = data.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        data = data.map(columns)
     if augment is not None:
         def augmented(x, *rest):
             return (tf.clip_by_value(augment(x, training=True), 0.0, 255.0), *rest)

@@ -1,23 +1,32 @@
-"""Data sources: turn a [data] recipe table into train/val/test arrays at the recipe's size.
+"""Data sources: turn a [data] recipe table into train/val/test splits at the recipe's size.
 
-Every source ends in the same `Splits`: uint8 images [N, H, W, 3] and int64 labels, plus a
-JSON-able `record` (what was read, how each split was obtained, a fingerprint) that the
-caller writes to split.json. Splits the source does not give are carved out of its training
-data, stratified by class and seeded, by `carve`.
+Every source is prepared once into the data cache (`tledge.data.cache`) and ends in the same
+`Splits`: images [N, H, W, 3] read from the cache on demand and int64 labels, plus a
+JSON-able `record` (what was read, how each split was obtained, the cache entry, bad images,
+duplicates, a fingerprint) that the caller writes to split.json. Splits the source does not
+give are carved out of its training data, stratified by class and seeded, by `carve`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from tledge.data.images import IMAGE_SUFFIXES, is_image_file, load_images, resize_images
+from tledge.data.cache import (ArraySplit, FileSplit, ImageRows, cache_key, cache_root,
+                               open_entry, prepare)
+from tledge.data.images import IMAGE_SUFFIXES, is_image_file, resize_images
+from tledge.data.leakage import duplicate_line, find_duplicates
 from tledge.data.synthetic import generate
-from tledge.errors import DataError
+from tledge.errors import DataError, TledgeError
+from tledge.rundir import write_json, write_text
+
+BAD_IMAGES = "bad_images.txt"
+DUPLICATES = "duplicates.json"
 
 _SPLITS = ("train", "val", "test")
 _SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
@@ -27,15 +36,17 @@ _SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"), "test": ("t
 class Splits:
     """Train/val/test images (uint8 [N, H, W, 3]) and labels (int64 [N]) of one data source.
 
+    The images are `ImageRows`: rows of the prepared-data cache, read when indexed.
+
     A split may be empty ([0, H, W, 3]) when its fraction is 0 or a class is too small to
     give it any sample; `record` says how each split was obtained.
     """
 
-    x_train: np.ndarray
+    x_train: ImageRows
     y_train: np.ndarray
-    x_val: np.ndarray
+    x_val: ImageRows
     y_val: np.ndarray
-    x_test: np.ndarray
+    x_test: ImageRows
     y_test: np.ndarray
     class_names: tuple[str, ...]
     record: dict
@@ -45,42 +56,147 @@ class Splits:
         return len(self.class_names)
 
 
-def load_splits(data, *, seed: int) -> Splits:
-    """Read the data a recipe names and split it into train, val and test.
+def load_splits(data, *, seed: int, log=None, report_dir=None, progress=None,
+                entry=None) -> Splits:
+    """Read the data a recipe names, prepared once into the data cache, and split it.
+
+    The images stay on disk: the splits' `x_*` are `ImageRows` that read rows on demand.
 
     Args:
         data: a `DataRecipe` whose `image_size` is already resolved to (height, width).
         seed: seeds the synthetic generator and the carving of val/test.
+        log: where one-line notes go (the preparation, bad images, duplicates); None: silent.
+        report_dir: where `bad_images.txt` and `duplicates.json` are written (a run directory).
+        progress: show the preparation's progress bar (None: when there are files to decode).
+        entry: a cache `Entry` to split instead of the recipe's source as it is now (what a
+            later stage of a run reads: the data the run was trained on).
 
     Raises:
-        DataError: the source cannot be read; the message names the path and the fix.
+        DataError: the source cannot be read, or has unreadable images and
+            `data.on_bad_image = "error"`; the message names the path and the fix.
     """
+    size = _resolved_size(data)
+    if entry is None:
+        entry = prepared_entry(data, seed, log=log, progress=progress)
+    where = entry.meta.get("where", data.source)
+    given = {split: (part.images, part.labels, part.files) for split, part in entry.splits.items()}
+    if "train" not in given or not len(given["train"][1]):
+        raise DataError(f"{where}: no readable training images")
+    bad = entry.bad_images
+    if bad:
+        _handle_bad_images(bad, data, where, entry, report_dir, log)
+        empty = [name for name, count in zip(entry.class_names, np.bincount(
+            given["train"][1], minlength=len(entry.class_names))) if count == 0]
+        if empty:
+            raise DataError(f"{where}: no readable training image left in class(es) "
+                            f"{', '.join(empty)} after skipping unreadable ones; add images")
+    splits = _assemble(given, entry.class_names, data, size, seed,
+                       {**entry.meta.get("extra", {}),
+                        "cache": {"key": entry.key, "root": str(entry.folder.parent)}})
+    if bad:
+        splits.record["bad_images"] = {"count": len(bad), "file": BAD_IMAGES,
+                                       "files": [f"{item['split']}/{item['file']}"
+                                                 for item in bad]}
+    duplicates = find_duplicates(splits)
+    splits.record["duplicates"] = duplicates["summary"]
+    if report_dir is not None:  # a list from an earlier build of other data must not stay
+        if duplicates["pairs"]:
+            write_json(Path(report_dir) / DUPLICATES, duplicates)
+        else:
+            (Path(report_dir) / DUPLICATES).unlink(missing_ok=True)
+        if not bad:
+            (Path(report_dir) / BAD_IMAGES).unlink(missing_ok=True)
+    if log and duplicates["summary"]["total"]:
+        log(duplicate_line(duplicates["summary"]))
+    return splits
+
+
+def _resolved_size(data) -> tuple[int, int]:
     if data.image_size is None:
         raise DataError("data.image_size must be resolved before loading data "
                         "(load the recipe with load_recipe)")
-    size = tuple(int(side) for side in data.image_size)
-    from tledge.data.cifar10 import load_cifar10
-    loaders = {"synthetic": _synthetic, "folder": _folder, "npz": _npz, "cifar10": load_cifar10}
-    if data.source not in loaders:
+    return tuple(int(side) for side in data.image_size)
+
+
+def describe_source(data, seed) -> dict:
+    """What the cache key is made of, cheaply (a listing, a sha256, settings), and how to
+    gather the images when the cache has no entry: {identity, where, extra, gather}."""
+    from tledge.data.cifar10 import describe_cifar10
+    from tledge.data.csv_source import describe_csv
+    describers = {"synthetic": _synthetic, "folder": _folder, "csv": describe_csv,
+                  "npz": _npz, "cifar10": describe_cifar10}
+    if data.source not in describers:
         raise DataError(f"unknown data source {data.source!r}; expected one of "
-                        f"{', '.join(loaders)}")
-    given, class_names, extra = loaders[data.source](data, size, seed)
-    return _assemble(given, class_names, data, size, seed, extra)
+                        f"{', '.join(describers)}")
+    return describers[data.source](data, seed)
 
 
-# Each source returns ({split: (x, y, files or None)} for the splits it gives, class names,
-# extra record fields). "train" is always given.
+def source_key(data, seed) -> str:
+    """The cache key of the recipe's data at its image size (reads listings, not images)."""
+    return cache_key(describe_source(data, seed)["identity"], _resolved_size(data))
 
-def _synthetic(data, size, seed):
+
+def prepared_entry(data, seed, *, log=None, progress=None):
+    """The cache entry of the recipe's data as it is now, prepared if the cache has none."""
+    size = _resolved_size(data)
+    describe = describe_source(data, seed)
+    root = cache_root(data.cache_dir)
+    key = cache_key(describe["identity"], size)
+    entry = open_entry(root, key)
+    if entry is None:
+        if log:
+            log(f"data: preparing {describe['where']} at {size[0]}x{size[1]} into {root / key}")
+        given, class_names = describe["gather"](size)
+        entry = prepare(root, key, describe={"source": data.source, "where": describe["where"],
+                                             "extra": describe["extra"],
+                                             "identity": describe["identity"]},
+                        class_names=class_names, given=given, size=size, workers=data.workers,
+                        progress=progress)
+    return entry
+
+
+def _handle_bad_images(bad, data, where, entry, report_dir, log):
+    folder = Path(report_dir) if report_dir is not None else entry.folder
+    listing = "".join(f"{item['split']}\t{item['file']}\t{item['reason']}\n" for item in bad)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text(folder / BAD_IMAGES, "split\tfile\treason\n" + listing)
+        listed_at = f"the full list is in {folder / BAD_IMAGES}"
+    except TledgeError:
+        listed_at = "the list could not be written"
+    shown = "\n".join(f"  {item['split']}/{item['file']}: {item['reason']}" for item in bad[:10])
+    more = f"\n  … and {len(bad) - 10} more" if len(bad) > 10 else ""
+    if data.on_bad_image == "error" and len(bad) == 1:  # one line, as for any bad input
+        item = bad[0]
+        raise DataError(f"{where}: {item['split']}/{item['file']}: {item['reason']} ("
+                        f"{listed_at}; or set data.on_bad_image = \"skip\" to leave it out)")
+    if data.on_bad_image == "error":
+        raise DataError(f"{where}: {len(bad)} unreadable image(s) ({listed_at}):\n"
+                        f"{shown}{more}\nremove or replace them, or set "
+                        "data.on_bad_image = \"skip\" to leave them out")
+    if log:
+        log(f"data: skipped {len(bad)} unreadable image(s) (data.on_bad_image = \"skip\"; "
+            f"{listed_at}):\n{shown}{more}")
+
+
+# Each source describes itself with a dict: identity (what the cache key is made of), where
+# (one line for the user), extra (fields for split.json) and gather(size) -> ({split:
+# FileSplit | ArraySplit}, class names). "train" is always given.
+
+def _synthetic(data, seed):
     recipe = data.synthetic
-    x, y = generate(recipe.classes, recipe.samples_per_class, size, recipe.noise, seed)
-    extra = {"generator": {"classes": list(recipe.classes),
-                           "samples_per_class": recipe.samples_per_class,
-                           "noise": recipe.noise}}
-    return {"train": (x, y, None)}, tuple(recipe.classes), extra
+    settings = {"classes": list(recipe.classes), "samples_per_class": recipe.samples_per_class,
+                "noise": recipe.noise}
+
+    def gather(size):
+        x, y = generate(recipe.classes, recipe.samples_per_class, size, recipe.noise, seed)
+        return {"train": ArraySplit(x, y)}, tuple(recipe.classes)
+    return {"identity": {"source": "synthetic", **settings, "seed": seed},
+            "where": f"synthetic shapes ({len(recipe.classes)} classes)",
+            "extra": {"generator": settings}, "gather": gather}
 
 
-def _folder(data, size, seed):
+def _folder(data, seed):
     root = Path(data.path)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; data.path must be a folder with one "
@@ -108,10 +224,26 @@ def _folder(data, size, seed):
         for label, name in enumerate(class_names):
             files += listing[name]
             labels += [label] * len(listing[name])
-        x = load_images(files, size)
         relative = [file.relative_to(root).as_posix() for file in files]
-        given[split] = (x, np.asarray(labels, dtype=np.int64), relative)
-    return given, class_names, {"path": str(root)}
+        given[split] = FileSplit(files, relative, np.asarray(labels, dtype=np.int64))
+    return {"identity": {"source": "folder", "classes": list(class_names),
+                         "files": files_identity(given)},
+            "where": str(root), "extra": {"path": str(root)},
+            "gather": lambda size: (given, class_names)}
+
+
+def files_identity(given) -> str:
+    """sha256 over every split's relative paths, labels, sizes and modification times."""
+    digest = hashlib.sha256()
+    for split, part in given.items():
+        for path, relative, label in zip(part.paths, part.relative, part.labels):
+            try:
+                stat = os.stat(path)
+                facts = f"{stat.st_size}\t{stat.st_mtime_ns}"
+            except OSError:
+                facts = "missing"
+            digest.update(f"{split}\t{relative}\t{int(label)}\t{facts}\n".encode())
+    return digest.hexdigest()
 
 
 def _split_trees(root: Path, folders: list[Path], split_dirs: dict) -> dict:
@@ -163,10 +295,23 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _npz(data, size, seed):
+def _npz(data, seed):
     path = Path(data.path)
     if not path.is_file():
         raise DataError(f"{path}: no such .npz file; check data.path")
+    return {"identity": {"source": "npz", "sha256": file_sha256(path)}, "where": str(path),
+            "extra": {"path": str(path)}, "gather": lambda size: _npz_arrays(path, size)}
+
+
+def file_sha256(path) -> str:
+    try:
+        from tledge.rundir import sha256
+        return sha256(path)
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror})") from None
+
+
+def _npz_arrays(path, size):
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -193,12 +338,12 @@ def _npz(data, size, seed):
             if key not in arrays:
                 raise DataError(f"{path}: has '{x_key if key == y_key else y_key}' but no "
                                 f"'{key}'; give both or neither")
-        x = _npz_images(path, x_key, arrays[x_key], size)
+        x = _npz_images(path, x_key, arrays.pop(x_key), size)
         y = _npz_labels(path, y_key, arrays[y_key], len(x))
-        given[split] = (x, y, None)
-    if len(given["train"][1]) == 0:
+        given[split] = ArraySplit(x, y)
+    if len(given["train"].labels) == 0:
         raise DataError(f"{path}: 'x_train' holds no images; add training data")
-    largest = max(int(y.max()) for _, y, _ in given.values() if len(y))
+    largest = max(int(part.labels.max()) for part in given.values() if len(part.labels))
     if "class_names" in arrays:
         names = arrays["class_names"]
         if names.ndim != 1 or len(names) <= largest:
@@ -209,7 +354,7 @@ def _npz(data, size, seed):
         class_names = tuple(str(label) for label in range(largest + 1))
     if len(class_names) < 2:
         raise DataError(f"{path}: only one class; a classifier needs at least 2")
-    return given, class_names, {"path": str(path)}
+    return given, class_names
 
 
 def _npz_images(path, key, x, size):
@@ -262,12 +407,12 @@ def _assemble(given, class_names, data, size, seed, extra) -> Splits:
             continue
         indices = parts[split]
         files = [files_train[i] for i in indices] if files_train is not None else None
-        arrays[split] = (x_train[indices], y_train[indices], files)
+        arrays[split] = (x_train.subset(indices), y_train[indices], files)
         obtained[split] = {"obtained": "carved", "from": "train", "fraction": wanted[split]}
     if wanted:
         indices = parts["train"]
         files = [files_train[i] for i in indices] if files_train is not None else None
-        arrays["train"] = (x_train[indices], y_train[indices], files)
+        arrays["train"] = (x_train.subset(indices), y_train[indices], files)
     for split, (_, y, _) in arrays.items():
         if len(y) and y.max() >= len(class_names):
             raise DataError(f"{split} labels go up to {int(y.max())} but there are only "
@@ -314,14 +459,14 @@ def carve(labels: np.ndarray, fractions: dict[str, float],
 
 
 def fingerprint(arrays: dict, class_names) -> str:
-    """sha256 over test, val and train images and labels (with their shapes) and the class
-    names: equal fingerprints mean a later stage sees the same data."""
+    """sha256 over test, val and train labels and pixel digests (with their counts) and the
+    class names: equal fingerprints mean a later stage sees the same images in each split."""
     digest = hashlib.sha256()
     digest.update("\n".join(class_names).encode())
     for split in ("test", "val", "train"):
-        x, y = arrays[split][0], arrays[split][1]
-        for array in (np.ascontiguousarray(x, dtype=np.uint8),
-                      np.ascontiguousarray(y, dtype=np.int64)):
+        images, labels = arrays[split][0], arrays[split][1]
+        for array in (np.ascontiguousarray(images.digests, dtype=np.uint8),
+                      np.ascontiguousarray(labels, dtype=np.int64)):
             digest.update(f"{split}{list(array.shape)}".encode())
             digest.update(array.tobytes())
     return digest.hexdigest()

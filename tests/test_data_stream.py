@@ -1,0 +1,109 @@
+"""Streaming: training reads the cache a batch at a time, later stages read the cache only,
+and a run knows which cache entry it was built from."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_recipe
+from tledge.data.cache import clear_entries, list_entries
+from tledge.errors import RunDirError
+
+RECIPE = """
+name = "stream"
+seed = 0
+
+[data]
+source = "folder"
+path = "photos"
+image_size = [16, 16]
+val_fraction = 0.2
+test_fraction = 0.2
+batch_size = 8
+augment = {{ flip = "horizontal" }}
+
+[model]
+backbone = "small_cnn"
+weights = "none"
+
+[train.feature_extraction]
+epochs = {epochs}
+
+[export]
+tflite = ["fp32"]
+onnx = []
+"""
+
+
+def photos(root, count=10):
+    for label, name in enumerate(("red", "green", "blue")):
+        for index in range(count):
+            rng = np.random.default_rng(100 * label + index)
+            pixels = rng.integers(0, 80, (20, 20, 3), dtype=np.uint8)
+            pixels[..., label] += 150
+            (root / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("TLEDGE_CACHE_DIR", str(folder))
+    return folder
+
+
+def test_training_streams_the_split_a_batch_at_a_time(tmp_path, cache):
+    from tledge.data import load_splits
+    from tledge.recipe import load_recipe
+    from tledge.train import train_model
+    photos(tmp_path / "photos")
+    recipe = load_recipe(write_recipe(tmp_path, RECIPE.format(epochs=2)))
+    splits = load_splits(recipe.data, seed=recipe.seed)
+    train_model(recipe, splits, verbose=0)
+    # Every epoch read every training row from disk, never more than a batch per read
+    assert splits.x_train.rows_read == 2 * len(splits.y_train)
+    assert 0 < splits.x_train.largest_read <= recipe.data.batch_size
+
+
+def test_later_stages_read_the_cache_not_the_source(tmp_path, cache):
+    from tledge.export import export_run
+    from tledge.pipeline import train_run
+    from tledge.recipe import load_recipe
+    from tledge.rundata import run_splits
+    from tledge.validate import validate_run
+    photos(tmp_path / "photos")
+    recipe = load_recipe(write_recipe(tmp_path, RECIPE.format(epochs=1)))
+    run_dir = train_run(recipe, tmp_path / "run", log=lambda line: None, verbose=0)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    key = manifest["data"]["cache_key"]
+    assert [row["key"] for row in list_entries(cache)] == [key]
+    split = json.loads((run_dir / "split.json").read_text())
+    assert split["cache"]["key"] == key and manifest["data"]["fingerprint"] == split["fingerprint"]
+    # The source is gone: export (calibration) and validation read the prepared entry
+    shutil.move(tmp_path / "photos", tmp_path / "away")
+    export_run(run_dir, log=lambda line: None)
+    report = validate_run(run_dir, log=lambda line: None)
+    assert report.images == split["splits"]["test"]["count"] and not report.failed
+
+    # The entry is gone and the source is back unchanged: prepared again, same data
+    shutil.move(tmp_path / "away", tmp_path / "photos")
+    clear_entries(cache, [key])
+    lines = []
+    assert run_splits(run_dir, log=lines.append).record["fingerprint"] == split["fingerprint"]
+    assert any("preparing it again" in line for line in lines)
+    # The source changed (a file's modification time) while the entry exists: the run keeps
+    # reading the data it was trained on
+    target = tmp_path / "photos" / "red" / "0.png"
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    assert run_splits(run_dir).record["fingerprint"] == split["fingerprint"]
+    # ...but with the entry gone too, there is nothing honest to validate on
+    clear_entries(cache, [key])
+    with pytest.raises(RunDirError, match=f"cache entry {key}.* is gone, and the folder source "
+                                          "has changed"):
+        run_splits(run_dir)
