@@ -96,7 +96,6 @@ def prepare(recipe_path, workers) -> tuple[float, object]:
 
 
 def pipeline_rate(splits, augment: bool, images: int) -> float:
-    import tensorflow as tf  # noqa: F401
     from tledge.data.pipeline import augmentation, make_dataset
     from tledge.recipe import AugmentRecipe
     layers = augmentation(AugmentRecipe(flip="horizontal", rotation=0.05, zoom=0.1), 0) \
@@ -170,6 +169,9 @@ def main() -> None:
     work.mkdir(parents=True)
     os.environ["TLEDGE_CACHE_DIR"] = str(work / "cache")
     from tledge.data.cache import resolve_workers
+    from tledge.quiet import quiet
+    with quiet():  # TensorFlow's start-up log wall
+        import tensorflow  # noqa: F401
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
     print(f"data: generated shapes, {len(CLASSES)} classes, JPEG quality 90 at "
           f"{args.stored} px, prepared at {args.size} px")
@@ -192,7 +194,7 @@ def main() -> None:
     parallel, splits = prepare(recipes[small, False], args.workers)
     workers = resolve_workers(args.workers)
     print(f"  single process        {small / single:8,.0f} images/s  ({single:.1f} s)")
-    print(f"  {workers} worker processes    {small / parallel:8,.0f} images/s  "
+    print(f"  {workers} processes           {small / parallel:8,.0f} images/s  "
           f"({parallel:.1f} s)   speed-up {single / parallel:.2f}x (goal 1.7x)")
 
     print(f"\n2. input pipeline from the cache at {args.size}x{args.size}, batch 64, shuffled")

@@ -78,13 +78,18 @@ def test_prepared_once_then_read_from_the_cache_not_the_files(tmp_path, cache):
 
 def test_parallel_preparation_gives_the_same_rows_as_one_process(tmp_path, cache):
     class_folders(tmp_path / "photos", count=50)  # 150 files: more than one chunk
-    one = load_splits(data("folder", tmp_path / "photos", workers=1), seed=0)
+    (tmp_path / "photos" / "bees" / "broken.png").write_bytes(b"\x89PNG broken")
+    one = load_splits(data("folder", tmp_path / "photos", workers=1, on_bad_image="skip"),
+                      seed=0)
     key = one.record["cache"]["key"]
     rows_one = np.asarray(one.x_train)
     from tledge.data.cache import clear_entries
     clear_entries(cache, [key])
-    two = load_splits(data("folder", tmp_path / "photos", workers=2), seed=0)
+    two = load_splits(data("folder", tmp_path / "photos", workers=2, on_bad_image="skip"),
+                      seed=0)
     assert two.record["cache"]["key"] == key  # workers are not part of the identity
+    assert two.record["bad_images"] == one.record["bad_images"]
+    assert two.record["bad_images"]["files"] == ["train/bees/broken.png"]
     assert np.array_equal(np.asarray(two.x_train), rows_one)
     assert two.record["fingerprint"] == one.record["fingerprint"]
     names = two.record["splits"]["train"]["files"]

@@ -350,15 +350,71 @@ def _decode_files(path, paths, size, workers, progress, split):
         for task in tasks:
             take(decode_chunk(*task))
     else:
-        import concurrent.futures
-        import multiprocessing
-        # spawn, not fork: the parent may already hold TensorFlow's threads
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for result in pool.map(decode_chunk, *zip(*tasks)):
-                take(result)
+        _decode_in_parallel(tasks, workers, take)
     bar.finish()
     return digests, failed
+
+
+def _decode_in_parallel(tasks, workers, take) -> None:
+    """Run `decode_chunk` over `tasks` on `workers` decoders: `workers - 1` worker processes
+    and this process too (a thread: PIL, hashlib and pwrite release the GIL), each taking the
+    next chunk when it is done with one.
+
+    The workers are plain `python -m tledge.data.prepare_worker` processes talking JSON
+    lines, not multiprocessing's: those re-run the caller's main script (a notebook or an
+    unguarded script would start over), and fork is unsafe beside TensorFlow's threads.
+    """
+    import concurrent.futures
+    import subprocess
+    import threading
+    import tledge
+    from tledge.data.prepare_worker import decode_chunk
+    lock = threading.Lock()
+    pending = iter(tasks)
+    package_parent = str(Path(tledge.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
+
+    def next_task():
+        with lock:
+            return next(pending, None)
+
+    def done(result):
+        with lock:
+            take(result)
+
+    def run_here():
+        while (task := next_task()) is not None:
+            done(decode_chunk(*task))
+
+    def run_process(process):
+        while (task := next_task()) is not None:
+            process.stdin.write(json.dumps(task) + "\n")
+            process.stdin.flush()
+            line = process.stdout.readline()
+            if not line:
+                raise DataError("a data-preparation worker process stopped unexpectedly "
+                                f"(exit code {process.wait()}); run again, or set "
+                                "data.workers = 1")
+            done([(row, bytes.fromhex(digest) if digest else None, reason)
+                  for row, digest, reason in json.loads(line)])
+
+    processes = [subprocess.Popen([sys.executable, "-m", "tledge.data.prepare_worker"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  env=env) for _ in range(workers - 1)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as threads:
+            futures = [threads.submit(run_process, process) for process in processes]
+            futures.append(threads.submit(run_here))
+            for future in futures:
+                future.result()
+    finally:
+        for process in processes:
+            process.stdin.close()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def _compact(path, keep, size) -> None:

@@ -1,13 +1,16 @@
 """The work of one data-preparation process: decode image files straight into the cache file.
 
-Kept apart from the rest of tledge so a spawned worker imports only numpy, PIL and the image
-loader (never TensorFlow), and so the single-process path runs the very same function.
+Kept apart from the rest of tledge so a worker process (`python -m
+tledge.data.prepare_worker`) imports only numpy, PIL and the image loader (never TensorFlow),
+and so the single-process path runs the very same function.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
 
 from tledge.data.images import load_image
 from tledge.errors import DataError
@@ -45,3 +48,17 @@ def _reason(message, file):
     """The loader's message without the file name it starts with."""
     prefix = f"{file}: "
     return message[len(prefix):] if message.startswith(prefix) else message
+
+
+def main() -> None:
+    """Serve chunks on stdin (one JSON list of `decode_chunk`'s arguments per line), one JSON
+    line of [row, hex digest or null, reason or null] results per chunk on stdout."""
+    for line in sys.stdin:
+        results = decode_chunk(*json.loads(line))
+        sys.stdout.write(json.dumps([(row, digest.hex() if digest else None, reason)
+                                     for row, digest, reason in results]) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
