@@ -286,6 +286,19 @@ def test_npz_source_gray_float_and_given_splits(tmp_path):
     assert splits.class_names == ("0", "1") and splits.x_train.shape == (4, 8, 8, 3)
 
 
+@pytest.mark.parametrize("pixels, fragment", [
+    (np.full((4, 8, 8, 3), np.nan), "holds 768 NaN or infinite pixel values"),
+    (np.where(np.arange(4 * 8 * 8 * 3).reshape(4, 8, 8, 3) == 5, np.inf, 7.0),
+     "holds 1 NaN or infinite"),
+    (np.zeros((4, 0, 0, 3), np.uint8), "images of size 0x0"),
+])
+def test_npz_garbage_pixels_are_errors_that_say_what_was_found(tmp_path, pixels, fragment):
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=pixels, y_train=np.array([0, 1, 0, 1]))
+    with pytest.raises(DataError, match=fragment):
+        load_splits(recipe("npz", path), seed=0)
+
+
 def test_npz_errors_name_key_and_shape(tmp_path):
     path = tmp_path / "set.npz"
     np.savez(path, x_train=np.zeros((4, 8, 8, 3), np.uint8))

@@ -120,6 +120,29 @@ def test_weights_file_of_another_architecture_is_refused(tmp_path):
         build_backbone(mobilenet_recipe(tmp_path, weights="wide.weights.h5"))
 
 
+def test_small_cnn_loads_a_weights_file_and_refuses_one_that_does_not_fit(tmp_path):
+    import dataclasses
+    import keras
+    from tledge.backbones import BACKBONES
+    from tledge.model import build_backbone
+    recipe = load_recipe(write_recipe(tmp_path, SMALL_RECIPE.format(name="w", epochs=1,
+                                                                     threads=1)))
+    source = BACKBONES["small_cnn"].create((32, 32), weights=None, alpha=None)
+    source.save_weights(tmp_path / "cnn.weights.h5")
+    with_file = dataclasses.replace(recipe, model=dataclasses.replace(
+        recipe.model, weights=str(tmp_path / "cnn.weights.h5")))
+    backbone = build_backbone(with_file)  # before: the file was ignored, weights random
+    for mine, theirs in zip(backbone.get_weights(), source.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
+    other = keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False,
+                                           weights=None, alpha=0.35)
+    other.save_weights(tmp_path / "mobile.weights.h5")
+    wrong = dataclasses.replace(recipe, model=dataclasses.replace(
+        recipe.model, weights=str(tmp_path / "mobile.weights.h5")))
+    with pytest.raises(WeightsError, match="does not fit backbone 'small_cnn'"):
+        build_backbone(wrong)
+
+
 def test_backbone_from_a_tledge_keras_file(built_run, tmp_path):
     from tledge.model import build_backbone, find_backbone, load_model
     run_dir, _, _ = built_run

@@ -256,4 +256,7 @@ def _small_cnn(input_shape, weights, alpha):
         x = layers.BatchNormalization()(x)
         x = layers.ReLU()(x)
         x = layers.MaxPooling2D()(x) if filters != 128 else x
-    return keras.Model(inputs, x, name="small_cnn")
+    model = keras.Model(inputs, x, name="small_cnn")
+    if weights is not None:  # a weights file: loaded, never silently ignored
+        model.load_weights(weights)
+    return model

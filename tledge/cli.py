@@ -16,6 +16,9 @@ from tledge.formats import FORMATS
 from tledge.runners import RUNTIMES
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it; not 1, which means failed parity
+
+
 class UsageFailure(click.ClickException):
     """A problem with the user's input: one message, exit code 2, no traceback."""
 
@@ -73,9 +76,10 @@ def _progress() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def command(needs_tensorflow=True, group=None, **settings):
+def command(needs_tensorflow=True, group=None, lock=None, **settings):
     """A tledge CLI command (of `group`, else of tledge itself): TledgeErrors become one-line
-    messages with exit code 2."""
+    messages with exit code 2, Ctrl-C a message and exit code 130. `lock` names the argument
+    holding a run directory the command writes: it holds the run's lock meanwhile."""
     def decorate(function):
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
@@ -83,9 +87,18 @@ def command(needs_tensorflow=True, group=None, **settings):
             try:
                 if needs_tensorflow:
                     _quiet_tensorflow()
+                if lock and Path(kwargs[lock]).is_dir():
+                    from tledge.rundir import run_lock
+                    with run_lock(kwargs[lock]):
+                        return function(*args, **kwargs)
                 return function(*args, **kwargs)
             except TledgeError as error:
                 raise UsageFailure(str(error)) from None
+            except KeyboardInterrupt:
+                click.echo("\ninterrupted: nothing half-written is kept (files are renamed into "
+                           "place when complete); run the same command again to go on, a build "
+                           "resumes training from its last finished epoch", err=True)
+                sys.exit(INTERRUPTED)
         return (group or main).command(**settings)(wrapper)
     return decorate
 
@@ -294,7 +307,7 @@ _EXPORT_CHOICES = ["all"] + sorted(({row.family for row in FORMATS.values()} | s
 _PRECISIONS = list(dict.fromkeys(row.precision for row in FORMATS.values()))
 
 
-@command(name="export")
+@command(name="export", lock="source")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "formats", multiple=True, type=click.Choice(_EXPORT_CHOICES),
               help="A family (tflite, onnx, savedmodel), a format (tflite_int8, ...) or all. "
@@ -333,7 +346,7 @@ def export(source, formats, precisions, calibration_dir, out):
         sys.exit(1)
 
 
-@command(name="validate")
+@command(name="validate", lock="run_dir")
 @click.argument("run_dir", type=RUN_DIR)
 def validate(run_dir):
     """Check every artifact's accuracy against the Keras model, in its real runtime.
@@ -358,7 +371,7 @@ def _parse_counts(ctx, param, value):
     return counts
 
 
-@command(name="bench")
+@command(name="bench", lock="run_dir")
 @click.argument("run_dir", type=RUN_DIR)
 @click.option("--runtime", "runtimes", multiple=True, type=click.Choice(list(RUNTIMES)),
               help="Runtime to use. Repeatable. Default: the recipe's bench.runtimes.")
@@ -439,7 +452,7 @@ def bundle(run_dir, out, names, image_count):
                "then `python3 bench_device.py`")
 
 
-@command(name="explain")
+@command(name="explain", lock="run_dir")
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--run", "run_dir", type=RUN_DIR, required=True,
               help="The run directory whose model explains the images.")
@@ -465,7 +478,7 @@ def explain(images, run_dir, out):
     click.echo(f"wrote {report_run(run_dir)}")
 
 
-@command(needs_tensorflow=False, name="report")
+@command(needs_tensorflow=False, name="report", lock="run_dir")
 @click.argument("run_dir", type=RUN_DIR)
 def report(run_dir):
     """Rebuild report.md, report.html and figures/ from the run's JSON files.

@@ -9,15 +9,16 @@ directory, unless a trained model is already there.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from tledge.errors import RecipeError, RunDirError, TledgeError
 from tledge.formats import FORMATS
 from tledge.recipe import Recipe, dump_toml, load_recipe
-from tledge.rundir import (HISTORY, MANIFEST, RECIPE, SPLIT, artifact_entry, atomic_path,
-                           new_manifest, read_json, record_stage, set_artifact, write_json,
-                           write_manifest, write_text)
+from tledge.rundir import (HISTORY, LOCK, MANIFEST, RECIPE, SPLIT, artifact_entry, atomic_path,
+                           new_manifest, read_json, record_stage, run_lock, set_artifact,
+                           write_json, write_manifest, write_text)
 
 MODELS_DIR = Path("models")
 
@@ -120,16 +121,24 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, star
     resumes from its last finished epoch when the same recipe is trained again (unless
     `restart`). `starting` is what `starting_points` returned, when the caller has it.
     """
-    import shutil
-    from tledge.data import load_splits
-    from tledge.data.sources import BAD_IMAGES
     from tledge.distribute import worker_role
-    from tledge.quiet import quiet
-    from tledge.train import train_baseline, train_model
     role = worker_role(recipe.train)
     if not role.chief:
         return _train_as_worker(recipe, run_dir, role, log=log, verbose=verbose)
-    created = not Path(run_dir).exists()
+    # Nothing there but (at most) the lock this process is about to take: a run that never
+    # gets a model leaves nothing behind
+    created = not Path(run_dir).exists() or not set(os.listdir(run_dir)) - {LOCK}
+    with run_lock(run_dir):
+        return _train_locked(recipe, run_dir, created, log=log, verbose=verbose,
+                             restart=restart, starting=starting, _chain=_chain)
+
+
+def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting, _chain):
+    import shutil
+    from tledge.data import load_splits
+    from tledge.data.sources import BAD_IMAGES
+    from tledge.quiet import quiet
+    from tledge.train import train_baseline, train_model
     run_dir = prepare_run_dir(run_dir)
     try:
         files, members = starting or starting_points(recipe, run_dir, log=log, verbose=verbose,
@@ -156,11 +165,10 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, star
                                          cache_dir=run_dir / "bottlenecks", log=log)
     except TledgeError:
         if created:  # leave nothing behind for a run that never got a model...
-            bad_list = run_dir / BAD_IMAGES
-            kept = bad_list.read_bytes() if bad_list.is_file() else None
-            shutil.rmtree(run_dir, ignore_errors=True)
-            if kept is not None:  # ...but the list of bad images the error points to
-                write_text(bad_list, kept.decode("utf-8"))
+            for path in run_dir.iterdir():
+                if path.name in (LOCK, BAD_IMAGES):  # ...but the list the error points to
+                    continue
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
         raise
     for line in filter(None, [history["verdict"]["message"]]):
         log("!" * 78 + f"\n{line}\n" + "!" * 78)
@@ -240,16 +248,27 @@ def build(recipe_path, *, out=None, log=print, verbose="auto", force=False):
     """Run every stage for a recipe (a file or a `Recipe`); returns (run_dir, parity report).
 
     A stage whose outputs exist with the hash of what it depends on is skipped, unless
-    `force`; so a second build of an unchanged recipe only rewrites the report.
+    `force`; so a second build of an unchanged recipe only rewrites the report. One build
+    at a time per run directory (`run_lock`).
     """
+    recipe = recipe_path if isinstance(recipe_path, Recipe) else load_recipe(recipe_path)
+    run_dir = Path(out) if out else default_run_dir(recipe)
+    created = not run_dir.exists()
+    try:
+        with run_lock(run_dir):
+            return _build_locked(recipe, run_dir, log=log, verbose=verbose, force=force)
+    finally:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # the lock's folder, for a build that wrote nothing
+
+
+def _build_locked(recipe, run_dir, *, log, verbose, force):
     from tledge.bench import bench_run
     from tledge.explain import explain_is_current, explain_run
     from tledge.export import export_run
     from tledge.report import report_run
     from tledge.rundir import read_manifest, stage_hash, stage_is_current
     from tledge.validate import load_parity, validate_run
-    recipe = recipe_path if isinstance(recipe_path, Recipe) else load_recipe(recipe_path)
-    run_dir = Path(out) if out else default_run_dir(recipe)
     started = time.perf_counter()
 
     def current(stage, expected):

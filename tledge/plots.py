@@ -17,6 +17,8 @@ _PNG = {"Software": None}  # no library version in the file: same JSON, same byt
 def pyplot():
     import matplotlib
     matplotlib.use("Agg", force=True)
+    # Class names and device names are data: "$" in one is a dollar sign, not TeX to parse
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
     return plt
 

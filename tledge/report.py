@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tledge.plots import FIGURES
 from tledge.rundir import (BENCH, EXPLAIN, HISTORY, PARITY, RECIPE, REPORT, REPORT_HTML, SPLIT,
                            artifacts, read_json, read_manifest, write_text)
+
+
+def md(value) -> str:
+    """A value from data, a recipe, a device or a file, as Markdown text that renders as
+    itself: no emphasis, link, image, code span, table cell break or HTML can come from it."""
+    text = " ".join(str(value).split())  # no line breaks: one table cell, one line
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for char in "\\`*{}[]()#!|":  # "_" stays: mid-word it is no emphasis, and names have it
+        text = text.replace(char, "\\" + char)
+    return text
 
 
 def _optional(path):
@@ -28,7 +39,7 @@ def report_run(run_dir) -> Path:
     explain = _optional(run_dir / EXPLAIN)
     figures = draw_figures(run_dir, manifest, history, parity, bench)
     title = f"tledge report: {manifest['recipe']['name']}"
-    lines = [f"# {title}", ""]
+    lines = [f"# tledge report: {md(manifest['recipe']['name'])}", ""]
     lines += _headline(manifest, history, parity, bench)
     lines += _story(manifest, split, history, parity, bench)
     lines += _data_section(manifest, split)
@@ -120,18 +131,32 @@ def _explain_section(run_dir, explain) -> list[str]:
 
 
 def to_html(markdown_text: str, run_dir, title: str) -> str:
-    """The report as one self-contained HTML page: every image embedded as a data URI."""
+    """The report as one self-contained HTML page: every image embedded as a data URI.
+
+    Safe to mail: raw HTML in the Markdown is shown as text, never as markup; links are
+    dropped (the report has none of its own); an image is embedded only from the run's own
+    `figures/` folder, and any other image is dropped.
+    """
     import base64
     import html
     import re
     import markdown
-    body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
+    converter = markdown.Markdown(extensions=["tables", "fenced_code"])
+    converter.preprocessors.deregister("html_block")
+    converter.inlinePatterns.deregister("html")
+    body = converter.convert(markdown_text)
+    figures = (Path(run_dir) / FIGURES).resolve()
 
     def embed(match):
-        path = Path(run_dir) / html.unescape(match.group(1))
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        return f'src="data:image/png;base64,{data}"'
-    body = re.sub(r'src="(figures/[^"]+\.png)"', embed, body)
+        source = html.unescape(match.group(2))
+        path = (Path(run_dir) / source).resolve()
+        if source.startswith(f"{FIGURES}/") and path.suffix == ".png" \
+                and path.parent == figures and path.is_file():
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            return f'{match.group(1)}src="data:image/png;base64,{data}"{match.group(3)}'
+        return ""
+    body = re.sub(r'(<img\b[^>]*?)\bsrc="([^"]*)"([^>]*>)', embed, body)
+    body = re.sub(r"</?a\b[^>]*>", "", body)
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
             f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n")
@@ -242,7 +267,7 @@ def _data_section(manifest, split) -> list[str]:
         return lines + ["(no split.json)", ""]
     lines.append(f"Source `{split.get('source')}`, images {manifest['image_size'][0]}x"
                  f"{manifest['image_size'][1]}, {len(manifest['labels'])} classes: "
-                 + ", ".join(manifest["labels"]) + ".")
+                 + ", ".join(md(label) for label in manifest["labels"]) + ".")
     splits = split.get("splits", {})
     if splits:
         lines += ["", "| split | images | obtained |", "|---|---:|---|"]
@@ -259,7 +284,7 @@ def _data_section(manifest, split) -> list[str]:
     if bad:
         lines += ["", f"**{bad['count']} unreadable image(s) left out** "
                       f"(`data.on_bad_image = \"skip\"`), listed in `{bad.get('file')}`: "
-                  + ", ".join(f"`{name}`" for name in bad.get("files", [])[:10])
+                  + ", ".join(md(name) for name in bad.get("files", [])[:10])
                   + (" …" if bad["count"] > 10 else "") + "."]
     lines += _duplicate_lines(split.get("duplicates"))
     return lines + [""]
@@ -471,13 +496,13 @@ def _devices_section(bench, checksums) -> list[str]:
              ""]
     for name, result in devices.items():
         device = result["device"]
-        runtimes = ", ".join(f"{module} {version}" for module, version
+        runtimes = ", ".join(f"{md(module)} {md(version)}" for module, version
                              in device.get("runtimes", {}).items())
-        lines += [f"### {name}", "",
-                  (f"{device['model']}: " if device.get("model") else "")
-                  + f"{device.get('cpu', '?')}, "
-                  f"{device.get('cores', '?')} cores, {device.get('system', '?')}; "
-                  f"{runtimes}. Measured {result.get('measured', '?')}.", ""]
+        lines += [f"### {md(name)}", "",
+                  (f"{md(device['model'])}: " if device.get("model") else "")
+                  + f"{md(device.get('cpu', '?'))}, "
+                  f"{md(device.get('cores', '?'))} cores, {md(device.get('system', '?'))}; "
+                  f"{runtimes}. Measured {md(result.get('measured', '?'))}.", ""]
         stale = sorted(artifact for artifact, checksum in (result.get("artifacts") or {}).items()
                        if checksums.get(artifact) != checksum)
         if stale:
@@ -488,8 +513,8 @@ def _devices_section(bench, checksums) -> list[str]:
                   + _LATENCY_HEAD, "|---|---|---:|---:|---|---:|---:|" + _LATENCY_RULE]
         for row in result["rows"]:
             check = accuracy.get(row["artifact"], {})
-            lines.append(f"| {row['artifact']} | {row['runtime']} | {row['threads']} | "
-                         f"{row['batch']} | {_status(row)} | {_num(check.get('accuracy'))} | "
+            lines.append(f"| {md(row['artifact'])} | {md(row['runtime'])} | {row['threads']} | "
+                         f"{row['batch']} | {md(_status(row))} | {_num(check.get('accuracy'))} | "
                          f"{_num(check.get('agreement_with_host'))} | " + _latency_cells(row))
         lines.append("")
     return lines
@@ -499,7 +524,7 @@ def _artifacts_section(manifest) -> list[str]:
     lines = ["## Artifacts", "", "| artifact | file | size KiB | sha256 |", "|---|---|---:|---|"]
     for entry in manifest["artifacts"]:
         if entry.get("status") == "failed":
-            lines.append(f"| {entry['name']} | export failed: {entry['error']} | | |")
+            lines.append(f"| {entry['name']} | export failed: {md(entry['error'])} | | |")
         else:
             lines.append(f"| {entry['name']} | `{entry['path']}` | "
                          f"{entry['size_bytes'] / 1024:,.0f} | `{entry['sha256'][:16]}…` |")
@@ -510,8 +535,11 @@ def _recipe_section(run_dir) -> list[str]:
     path = Path(run_dir) / RECIPE
     if not path.is_file():
         return []
-    return ["## Recipe", "", "The resolved recipe (every default filled in):", "", "```toml",
-            path.read_text(encoding="utf-8").rstrip(), "```", ""]
+    text = path.read_text(encoding="utf-8").rstrip()
+    import re
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return ["## Recipe", "", "The resolved recipe (every default filled in):", "",
+            f"{fence}toml", text, fence, ""]
 
 
 def _num(value, spec=".4f") -> str:

@@ -75,6 +75,74 @@ def atomic_path(path):
                 os.unlink(temporary)
 
 
+LOCK = ".tledge.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold the run directory for this process: one build (or stage) at a time.
+
+    The lock is a file holding the holder's host and pid. A lock whose process is gone (a
+    killed build) is stale and taken over; a live one is an error that names the holder. The
+    same process may take it again (a build calls its stages).
+    """
+    import socket
+    path = Path(run_dir) / LOCK
+    mine = f"{socket.gethostname()} {os.getpid()}"
+    taken = False
+    for _ in range(2):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder == mine:
+                break  # this process holds it already
+            if holder is None or _alive(holder):
+                raise RunDirError(f"{run_dir} is in use by another tledge "
+                                  f"({holder or 'unreadable ' + LOCK}); wait for it to finish, "
+                                  f"or stop it (a lock left by a killed run is taken over "
+                                  f"by itself; delete {path} if that process is not tledge)")
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        except OSError as error:
+            raise RunDirError(f"cannot write to {run_dir}: {error.strerror}; choose another "
+                              "directory with --out") from None
+        with os.fdopen(handle, "w") as file:
+            file.write(mine + "\n")
+        taken = True
+        break
+    try:
+        yield
+    finally:
+        if taken:
+            Path(path).unlink(missing_ok=True)
+
+
+def _lock_holder(path) -> str | None:
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    parts = text.split()
+    return text if len(parts) == 2 and parts[1].isdigit() else None
+
+
+def _alive(holder: str) -> bool:
+    """Whether the lock's process still runs (a lock from another host counts as alive)."""
+    import socket
+    host, pid = holder.split()
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_text(path, text: str) -> Path:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
@@ -94,6 +162,11 @@ def read_json(path):
                           "(or `tledge build RECIPE`)") from None
     except json.JSONDecodeError as error:
         raise RunDirError(f"{path} is not valid JSON ({error}); rebuild the run") from None
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path} is not text (not a file tledge wrote); rebuild the run") \
+            from None
+    except OSError as error:
+        raise RunDirError(f"cannot read {path}: {error.strerror or error}") from None
 
 
 def _jsonable(value):
@@ -138,7 +211,48 @@ def check_run_dir(run_dir) -> Path:
 
 
 def read_manifest(run_dir) -> dict:
-    return read_json(check_run_dir(run_dir) / MANIFEST)
+    """The run's manifest, checked to be what tledge writes (see `manifest_problem`)."""
+    path = check_run_dir(run_dir) / MANIFEST
+    manifest = read_json(path)
+    problem = manifest_problem(manifest)
+    if problem:
+        raise RunDirError(f"{path} is not a manifest tledge wrote ({problem}); rebuild the run "
+                          "(`tledge build RECIPE --force`)")
+    return manifest
+
+
+def manifest_problem(manifest) -> str | None:
+    """What is wrong with a manifest's structure, or None. Artifact paths must stay inside
+    the run directory: a manifest is data, not a pointer to any file on the disk."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__} instead of an object"
+    for key, kind in (("recipe", dict), ("labels", list), ("image_size", list),
+                      ("stages", dict), ("artifacts", list)):
+        if not isinstance(manifest.get(key), kind):
+            return f"'{key}' is missing or not a{'n' if kind is list else ''} " \
+                   f"{'list' if kind is list else 'object'}"
+    if not all(isinstance(label, str) for label in manifest["labels"]):
+        return "'labels' holds something other than names"
+    if not all(isinstance(stage, dict) for stage in manifest["stages"].values()):
+        return "a stage record is not an object"
+    for number, entry in enumerate(manifest["artifacts"]):
+        where = f"artifacts[{number}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            return f"{where} has no name"
+        if entry.get("status", "ok") != "ok":
+            continue
+        path = entry.get("path")
+        if not isinstance(path, str) or not path:
+            return f"{where} ({entry['name']}) has no path"
+        parts = Path(path).parts
+        if Path(path).is_absolute() or ".." in parts:
+            return f"{where} ({entry['name']}) points outside the run directory: {path}"
+        for key in ("format", "sha256"):
+            if not isinstance(entry.get(key), str):
+                return f"{where} ({entry['name']}) has no {key}"
+    if manifest.get("pick") is not None and not isinstance(manifest["pick"], dict):
+        return "'pick' is not an object"
+    return None
 
 
 def write_manifest(run_dir, manifest: dict) -> None:

@@ -365,7 +365,14 @@ def _npz_images(path, key, x, size):
     if x.ndim != 4 or x.shape[-1] != 3:
         raise DataError(f"{path}: '{key}' must be images [N, h, w, 3] or grayscale "
                         f"[N, h, w], found shape {list(x.shape)}")
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise DataError(f"{path}: '{key}' holds images of size {x.shape[1]}x{x.shape[2]}; "
+                        "store images with pixels")
     if x.dtype.kind == "f":
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            raise DataError(f"{path}: '{key}' holds {bad:,} NaN or infinite pixel values; "
+                            "store pixel values 0-255")
         if x.size and np.nanmax(x) <= 1.0 and np.nanmax(x) > 0:
             raise DataError(f"{path}: '{key}' holds floats in 0-1; tledge expects pixel "
                             "values 0-255 (multiply by 255 or store uint8)")

@@ -1,0 +1,59 @@
+"""One build at a time per run directory, a stale lock taken over, Ctrl-C stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from conftest import SMALL_RECIPE, assert_usage_error, invoke, write_recipe
+
+
+def test_a_run_in_use_is_refused_and_a_stale_lock_taken_over(run_copy):
+    lock = run_copy / ".tledge.lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{socket.gethostname()} {sleeper.pid}\n")
+        result = invoke("report", run_copy)
+        assert_usage_error(result, str(run_copy), "in use by another tledge",
+                           str(sleeper.pid))
+        assert lock.is_file()  # not ours to remove
+        assert_usage_error(invoke("validate", run_copy), "in use by another tledge")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The holder is gone: its lock is stale, taken over, and released after
+    result = invoke("report", run_copy)
+    assert result.exit_code == 0, result.output
+    assert not lock.exists()
+
+
+def test_ctrl_c_stops_with_its_own_exit_code_and_the_next_run_resumes(tmp_path):
+    text = SMALL_RECIPE.format(name="interrupted", epochs=60, threads=1).replace(
+        "samples_per_class = 60", "samples_per_class = 30")
+    path = write_recipe(tmp_path, text)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "tledge", "train", str(path), "--out", str(run_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        states = list(run_dir.glob("checkpoints/*/from_scratch.state.json"))
+        if states and len(json.loads(states[0].read_text())["rows"]) >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, (process.returncode, stderr[-2000:])
+    assert "interrupted:" in stderr and "Traceback" not in stderr
+    assert "Aborted!" not in stderr
+    assert not (run_dir / ".tledge.lock").exists()
+    assert not (run_dir / "model.keras").exists()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from the checkpoints" in result.stdout
+    assert (run_dir / "model.keras").is_file()
