@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 from conftest import SMALL_RECIPE, assert_usage_error, invoke, write_recipe
+from tests_support import wait_for_epochs
 
 
 def test_a_run_in_use_is_refused_and_a_stale_lock_taken_over(run_copy):
@@ -39,13 +38,7 @@ def test_ctrl_c_stops_with_its_own_exit_code_and_the_next_run_resumes(tmp_path):
     command = [sys.executable, "-m", "tledge", "train", str(path), "--out", str(run_dir)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        states = list(run_dir.glob("checkpoints/*/from_scratch.state.json"))
-        if states and len(json.loads(states[0].read_text())["rows"]) >= 2:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "training ended before it could be interrupted"
+    wait_for_epochs(process, run_dir, 2)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, (process.returncode, stderr[-2000:])

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -272,17 +271,11 @@ def test_a_build_killed_mid_training_resumes_from_its_last_epoch(tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "tledge", "train", str(path), "--out", str(run_dir)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    states = []
-    while time.time() < deadline and process.poll() is None:
-        states = list(run_dir.glob("checkpoints/*/from_scratch.state.json"))
-        if states and len(json.loads(states[0].read_text())["rows"]) >= 3:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "training ended before it could be interrupted"
+    from tests_support import wait_for_epochs
+    state = wait_for_epochs(process, run_dir, 3)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = len(json.loads(states[0].read_text())["rows"])
+    done = len(json.loads(state.read_text())["rows"])
     assert not (run_dir / "model.keras").exists()
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
