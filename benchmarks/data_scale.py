@@ -30,7 +30,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "hbars", "checker",

@@ -1,4 +1,5 @@
-"""One build at a time per run directory, a stale lock taken over, Ctrl-C stops cleanly."""
+"""One build at a time per run directory, a stale lock taken over, Ctrl-C stops cleanly, a
+damaged checkpoint is discarded rather than trusted."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from conftest import SMALL_RECIPE, assert_usage_error, invoke, write_recipe
-from tests_support import wait_for_epochs
+from tests_support import killed_training, wait_for_epochs
 
 
 def test_a_run_in_use_is_refused_and_a_stale_lock_taken_over(run_copy):
@@ -50,3 +53,22 @@ def test_ctrl_c_stops_with_its_own_exit_code_and_the_next_run_resumes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming from the checkpoints" in result.stdout
     assert (run_dir / "model.keras").is_file()
+
+
+@pytest.mark.parametrize("victim", ["from_scratch.best.weights.h5",
+                                    "from_scratch.backup/latest.weights.h5",
+                                    "from_scratch.state.json"])
+def test_a_damaged_checkpoint_is_discarded_and_the_phase_restarts(tmp_path, victim):
+    command, run_dir, state = killed_training(tmp_path, "damaged", epochs=40, samples=20,
+                                              after=2)
+    damaged = state.parent / victim
+    assert damaged.is_file(), sorted(p.name for p in state.parent.rglob("*"))
+    damaged.write_bytes(damaged.read_bytes()[:len(damaged.read_bytes()) // 2])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "the checkpoint of phase from_scratch in" in result.stderr
+    assert "is damaged" in result.stderr and "starts again from its first epoch" in result.stderr
+    import json
+    phase = json.loads((run_dir / "history.json").read_text())["phases"][0]
+    assert phase["resumed_from_epoch"] is None and len(phase["epochs"]) == 40

@@ -59,3 +59,45 @@ def test_a_malformed_manifest_is_one_clear_error(run_copy, fault, command):
     damage(run_copy)
     assert_usage_error(invoke(command, run_copy), fragment)
 
+
+
+def swap(run_dir, name):
+    """Replace an artifact's bytes with another artifact's (a file swapped by hand)."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    paths = {entry["name"]: run_dir / entry["path"] for entry in manifest["artifacts"]
+             if entry.get("status", "ok") == "ok"}
+    other = next(path for key, path in paths.items() if key != name and path.is_file()
+                 and path.suffix == paths[name].suffix) if name != "onnx_fp32" \
+        else paths["tflite_fp32"]
+    paths[name].write_bytes(other.read_bytes())
+    return paths[name]
+
+
+@pytest.mark.parametrize("command", [["validate"], ["bench", "--runtime", "onnxruntime"],
+                                     ["bundle", "--out", "{tmp}/b.zip"]])
+def test_a_swapped_artifact_is_refused(run_copy, tmp_path, command):
+    path = swap(run_copy, "onnx_fp32")
+    args = [part.format(tmp=tmp_path) for part in command]
+    assert_usage_error(invoke(args[0], run_copy, *args[1:]), str(path), "sha256 differs",
+                       "tledge export")
+
+
+def test_the_pick_is_checked_against_its_file(run_copy):
+    pick = json.loads((run_copy / "bench.json").read_text())["pick"]
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    entry = next(entry for entry in manifest["artifacts"] if entry["name"] == pick["artifact"])
+    assert invoke("bench", run_copy, "--pick").exit_code == 0
+    (run_copy / entry["path"]).unlink()
+    assert_usage_error(invoke("bench", run_copy, "--pick"), entry["path"], "is missing")
+    (run_copy / "bench.json").write_text("[]")
+    assert_usage_error(invoke("bench", run_copy, "--pick"), "not a bench result tledge wrote")
+
+
+def test_a_build_reexports_revalidates_and_rebenchmarks_a_changed_file(run_copy, small_recipe):
+    swap(run_copy, "onnx_fp32")
+    result = invoke("build", small_recipe, "--out", run_copy)
+    assert result.exit_code == 0, result.output
+    assert "== train: up to date" in result.output  # the model itself is intact
+    for stage in ("export", "validate", "bench"):
+        assert f"== {stage}\n" in result.output, result.output
+    assert invoke("validate", run_copy).exit_code == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -265,16 +264,9 @@ def test_a_changed_section_redoes_its_stage_and_the_ones_after(base_model, tmp_p
 
 
 def test_a_build_killed_mid_training_resumes_from_its_last_epoch(tmp_path):
-    text = SMALL_RECIPE.format(name="killed", epochs=60, threads=1).replace(
-        "samples_per_class = 60", "samples_per_class = 30")
-    path = write_recipe(tmp_path, text)
-    run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "tledge", "train", str(path), "--out", str(run_dir)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from tests_support import wait_for_epochs
-    state = wait_for_epochs(process, run_dir, 3)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    from tests_support import killed_training
+    command, run_dir, state = killed_training(tmp_path, "killed", epochs=60, samples=30,
+                                              after=3)
     done = len(json.loads(state.read_text())["rows"])
     assert not (run_dir / "model.keras").exists()
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -32,3 +32,22 @@ def wait_for_epochs(process, run_dir, epochs: int, timeout=240):
         time.sleep(0.05)
     assert process.poll() is None, "training ended before it could be interrupted"
     return states[0]
+
+
+def killed_training(folder, name, *, epochs, samples, after):
+    """Start `tledge train` on a small recipe in a subprocess and SIGKILL it once `after`
+    epochs are checkpointed; returns (the command to run it again, run dir, state file)."""
+    import signal
+    import subprocess
+    import sys
+    from conftest import SMALL_RECIPE, write_recipe
+    text = SMALL_RECIPE.format(name=name, epochs=epochs, threads=1).replace(
+        "samples_per_class = 60", f"samples_per_class = {samples}")
+    path = write_recipe(folder, text)
+    run_dir = folder / "run"
+    command = [sys.executable, "-m", "tledge", "train", str(path), "--out", str(run_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = wait_for_epochs(process, run_dir, after)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return command, run_dir, state

@@ -17,8 +17,9 @@ import numpy as np
 
 from tledge.device_bench import machine_facts, summarize, time_runner
 from tledge.errors import RunDirError, RuntimeUnavailable
-from tledge.rundir import (BENCH, PARITY, artifacts, read_json, read_manifest, record_stage,
-                           stage_hash, write_json, write_manifest)
+from tledge.rundir import (BENCH, PARITY, artifacts, find_artifact, read_json, read_manifest,
+                           record_stage, stage_hash, verified_artifact, write_json,
+                           write_manifest)
 from tledge.runners import RUNTIMES, load
 
 
@@ -120,6 +121,8 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     if not artifacts(manifest):
         raise RunDirError(f"{run_dir} has no artifacts to benchmark; train and export first "
                           "(`tledge build RECIPE`, or `tledge export RUN_DIR`)")
+    for entry in artifacts(manifest):  # time only the files that were written and validated
+        verified_artifact(run_dir, entry)
     rows = []
     for entry in artifacts(manifest):
         for runtime in runtimes:
@@ -180,8 +183,18 @@ def model_flops(run_dir, manifest) -> int | None:
 
 
 def load_pick(run_dir) -> dict | None:
-    """The pick the last bench of a run wrote (None when nothing qualified)."""
-    return read_json(Path(run_dir) / BENCH)["pick"]
+    """The pick the last bench of a run wrote (None when nothing qualified), after checking
+    that its file is still the one that was benchmarked."""
+    bench = read_json(Path(run_dir) / BENCH)
+    pick = bench.get("pick") if isinstance(bench, dict) else None
+    if not isinstance(bench, dict) or "pick" not in bench \
+            or (pick is not None and not isinstance(pick.get("artifact") if isinstance(
+                pick, dict) else None, str)):
+        raise RunDirError(f"{Path(run_dir) / BENCH} is not a bench result tledge wrote; run "
+                          f"`tledge bench {run_dir}` again")
+    if pick is not None:
+        verified_artifact(run_dir, find_artifact(read_manifest(run_dir), pick["artifact"]))
+    return pick
 
 
 def choose(rows, parity, *, threads: int, batch: int, checksums=None) -> dict | None:

@@ -85,6 +85,14 @@ def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_pe
                                   initial_epoch=initial_epoch,
                                   log=print if verbose else (lambda line: None))
     store = _PhaseStore(checkpoint_dir, name) if checkpoint_dir else None
+    if store:
+        damage = store.damage()
+        if damage:
+            import warnings
+            warnings.warn(f"the checkpoint of phase {name} in {store.folder} is damaged "
+                          f"({damage}; a kill or a full disk?): discarded, the phase starts "
+                          "again from its first epoch")
+            store.discard()
     if store and store.finished():
         return store.load_finished(model)
     monitor = "val_accuracy" if val_data is not None else "accuracy"
@@ -134,6 +142,34 @@ class _PhaseStore:
         self.done_path = self.folder / f"{name}.done.json"
         self.final_path = self.folder / f"{name}.final.weights.h5"
 
+    def files(self) -> list[Path]:
+        backups = sorted(self.backup_dir.rglob("*")) if self.backup_dir.is_dir() else []
+        return [path for path in [self.state_path, self.best_path, self.done_path,
+                                  self.final_path, *backups] if path.is_file()]
+
+    def damage(self) -> str | None:
+        """What makes this phase's checkpoint unusable (a truncated or garbled file), or None.
+
+        Every JSON file must parse and every .h5 file must open with each of its arrays
+        readable in full, which is what resuming will read.
+        """
+        for path in self.files():
+            try:
+                if path.name.endswith(".json"):
+                    json.loads(path.read_text(encoding="utf-8"))
+                elif path.name.endswith(".h5"):
+                    _read_every_array(path)
+            except Exception as error:  # h5py raises OSError, KeyError, RuntimeError...
+                return f"{path.name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        return None
+
+    def discard(self) -> None:
+        import shutil
+        for path in (self.state_path, self.best_path, self.done_path, self.final_path):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.backup_dir, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
     def finished(self) -> bool:
         return self.done_path.is_file() and self.final_path.is_file()
 
@@ -157,6 +193,15 @@ class _PhaseStore:
         with atomic_path(self.best_path) as temporary:
             model_weights_owner.save_weights(temporary)
         write_json(self.state_path, state)
+
+
+def _read_every_array(path) -> None:
+    import h5py
+    with h5py.File(path, "r") as file:
+        def read(_, item):
+            if isinstance(item, h5py.Dataset):
+                item[()]
+        file.visititems(read)
 
 
 class _Recorder:

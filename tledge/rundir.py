@@ -194,6 +194,33 @@ def sha256(path) -> str:
     return digest.hexdigest()
 
 
+_CHECKED: dict = {}  # (path, size, mtime) -> sha256, so one command hashes a file once
+
+
+def verified_artifact(run_dir, entry: dict) -> Path:
+    """The path of a manifest artifact, after checking the file is the one recorded.
+
+    Raises:
+        RunDirError: the file is missing or its sha256 is not the manifest's; the message says
+            how to make it again.
+    """
+    path = Path(run_dir) / entry["path"]
+    remake = ("retrain it with `tledge train " + str(run_dir) + "`" if entry["name"] == "keras"
+              else f"export it again with `tledge export {run_dir} --format {entry['name']}`")
+    if not path.exists():
+        raise RunDirError(f"{path} ({entry['name']}) is missing; {remake}, or run `tledge "
+                          "build`, which redoes what is missing")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if path.is_dir() or key not in _CHECKED:
+        _CHECKED[key] = sha256(path)
+    if _CHECKED[key] != entry.get("sha256"):
+        raise RunDirError(f"{path} ({entry['name']}) is not the file the manifest records "
+                          f"(sha256 differs: changed or replaced since it was written); "
+                          f"{remake}, or run `tledge build`, which redoes it")
+    return path
+
+
 def size_bytes(path) -> int:
     path = Path(path)
     if path.is_dir():
@@ -289,6 +316,9 @@ def stage_hash(manifest: dict, recipe, stage: str) -> str | None:
     if before is None:
         return None
     text = f"{before}:{recipe.hash(section)}"
+    if stage == "validate":  # a re-exported file is validated (and so benchmarked) again
+        text += ":" + ",".join(sorted(f"{entry['name']}={entry.get('sha256')}"
+                                      for entry in artifacts(manifest)))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -300,6 +330,9 @@ def stage_is_current(run_dir, manifest: dict, stage: str, expected: str | None) 
     outputs = {"validate": [PARITY], "bench": [BENCH]}.get(stage, [])
     if any(not (Path(run_dir) / name).is_file() for name in outputs):
         return False
+    if stage == "export" and any(entry.get("status") == "failed"
+                                 for entry in manifest["artifacts"]):
+        return False  # a format that failed (a full disk?) is tried again
     if stage in ("train", "export"):
         family = {"train": ("keras",), "export": ("tflite", "onnx", "savedmodel")}[stage]
         for entry in artifacts(manifest):

@@ -19,6 +19,7 @@ from typing import Callable
 
 from tledge.device_bench import dequantize, prepare_pixels
 from tledge.errors import RuntimeUnavailable
+from tledge.rundir import verified_artifact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,8 @@ def load(artifact: dict, run_dir, runtime: str | None = None, *, threads: int | 
         raise RuntimeUnavailable(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
     if artifact["format"] not in row.families:
         raise RuntimeUnavailable(f"{runtime} does not run {artifact['format']} artifacts")
-    path = Path(run_dir) / artifact["path"]
+    path = verified_artifact(run_dir, artifact) if artifact.get("sha256") \
+        else Path(run_dir) / artifact["path"]
     spec = {"input": artifact["input"], "output": artifact["output"]}
     return row.load(path, spec, threads, device)
 
