@@ -167,7 +167,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     os.environ["TLEDGE_CACHE_DIR"] = str(work / "cache")
-    from tledge.data.cache import resolve_workers
+    from tledge.data.prepare import resolve_workers
     from tledge.quiet import quiet
     with quiet():  # TensorFlow's start-up log wall
         import tensorflow  # noqa: F401

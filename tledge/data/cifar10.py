@@ -30,7 +30,7 @@ def describe_cifar10(data, seed):
     """The `cifar10` source for the data cache: identified by its batch files' sizes and
     modification times; gathered as CIFAR-10's train and test sets, resized. A clear
     message offline."""
-    from tledge.data.cache import ArraySplit
+    from tledge.data.prepare import ArraySplit
     folder = _cifar_folder()
     identity = []
     for name in _CIFAR_BATCHES:

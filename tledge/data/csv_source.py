@@ -22,8 +22,8 @@ _SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "te
 
 def describe_csv(data, seed):
     """The csv source for the data cache: {identity, where, extra, gather}."""
-    from tledge.data.cache import FileSplit
-    from tledge.data.sources import file_sha256, files_identity
+    from tledge.data.cache import file_sha256, files_identity
+    from tledge.data.prepare import FileSplit
     path = Path(data.path)
     columns = data.csv
     rows = _read_rows(path, columns)
