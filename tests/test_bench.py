@@ -21,14 +21,24 @@ def test_summarize_against_known_samples():
     assert stats["throughput_ips"] == pytest.approx(4 * 1000 / 50.5)
 
 
-def row(artifact, p50, status="ok", threads=1, batch=1):
-    return BenchRow(artifact, "rt", threads, batch, status, p50_ms=p50, size_bytes=10)
+OWN = {"keras": "keras", "tflite": "litert", "onnx": "onnxruntime"}
 
 
-def parity(*passed, failed=()):
-    rows = [{"artifact": "keras", "status": "reference"}]
-    rows += [{"artifact": name, "status": "passed"} for name in passed]
-    rows += [{"artifact": name, "status": "failed"} for name in failed]
+def own(artifact):
+    return OWN[artifact.split("_")[0]]
+
+
+def row(artifact, p50, status="ok", threads=1, batch=1, runtime=None):
+    return BenchRow(artifact, runtime or own(artifact), threads, batch, status, p50_ms=p50,
+                    size_bytes=10)
+
+
+def parity(*passed, failed=(), pairs=()):
+    rows = [{"artifact": "keras", "runtime": "keras", "status": "reference"}]
+    rows += [{"artifact": name, "runtime": own(name), "status": "passed"} for name in passed]
+    rows += [{"artifact": name, "runtime": own(name), "status": "failed"} for name in failed]
+    rows += [{"artifact": name, "runtime": runtime, "status": status}
+             for name, runtime, status in pairs]
     return {"rows": rows}
 
 
@@ -38,6 +48,20 @@ def test_pick_is_the_fastest_that_passed_parity():
     pick = choose(rows, parity("tflite_fp32", "onnx_fp32", failed=["tflite_int8"]),
                   threads=1, batch=1)
     assert pick["artifact"] == "onnx_fp32" and pick["p50_ms"] == 0.8
+
+
+def test_the_pick_takes_only_artifact_runtime_pairs_that_passed():
+    rows = [row("keras", 5.0), row("tflite_int8", 1.0),
+            row("tflite_int8", 0.3, runtime="litert_no_xnnpack"),
+            row("onnx_fp32", 0.5, runtime="onnxruntime_cuda")]
+    # int8 passed in LiteRT with XNNPACK; nobody validated it without, nor ONNX on CUDA
+    pick = choose(rows, parity("tflite_int8", "onnx_fp32"), threads=1, batch=1)
+    assert (pick["artifact"], pick["runtime"]) == ("tflite_int8", "litert")
+    validated = parity("tflite_int8", "onnx_fp32",
+                       pairs=[("tflite_int8", "litert_no_xnnpack", "passed"),
+                              ("onnx_fp32", "onnxruntime_cuda", "failed")])
+    pick = choose(rows, validated, threads=1, batch=1)
+    assert (pick["artifact"], pick["runtime"]) == ("tflite_int8", "litert_no_xnnpack")
 
 
 def test_pick_ignores_other_settings_and_rows_that_did_not_run():
@@ -166,3 +190,32 @@ def test_each_combination_runs_in_its_own_process_with_its_memory(built_run, tmp
     row = bench_isolated(broken, tmp_path, "litert", threads=1, batch=1, images=images,
                          warmup=0, min_runs=1, min_seconds=0)
     assert row.status == "failed" and row.reason
+
+
+def test_validate_checks_every_pair_that_bench_may_time(run_copy):
+    import json
+    import re
+    from conftest import invoke
+    recipe = run_copy / "recipe.toml"
+    text = recipe.read_text()
+    recipe.write_text(re.sub(r"(?m)^runtimes = \[.*\]$",
+                             'runtimes = ["keras", "litert", "litert_no_xnnpack", "onnxruntime",'
+                             ' "onnxruntime_cuda"]', text, count=1))
+    result = invoke("validate", run_copy)
+    assert result.exit_code == 0, result.output
+    assert "tflite_fp32 on litert_no_xnnpack" in result.output
+    rows = json.loads((run_copy / "parity.json").read_text())["rows"]
+    pairs = {(row["artifact"], row["runtime"]): row["status"] for row in rows}
+    for name in ("tflite_fp32", "tflite_int8"):
+        assert pairs[name, "litert"] == "passed"
+        assert pairs[name, "litert_no_xnnpack"] == "passed"
+    assert pairs["onnx_fp32", "onnxruntime"] == "passed"
+    from tledge.runners import RUNTIMES
+    if RUNTIMES["onnxruntime_cuda"].unavailable():  # not on this machine: never timed either
+        assert ("onnx_fp32", "onnxruntime_cuda") not in pairs
+    else:
+        assert ("onnx_fp32", "onnxruntime_cuda") in pairs
+    result = invoke("bench", run_copy, "--runtime", "litert_no_xnnpack", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    pick = json.loads((run_copy / "bench.json").read_text())["pick"]
+    assert pick and pairs[pick["artifact"], pick["runtime"]] == "passed"

@@ -198,17 +198,20 @@ def load_pick(run_dir) -> dict | None:
 
 
 def choose(rows, parity, *, threads: int, batch: int, checksums=None) -> dict | None:
-    """The fastest (p50) combination at `threads` and `batch` whose artifact passed parity.
+    """The fastest (p50) combination at `threads` and `batch` whose (artifact, runtime) pair
+    passed parity: a pair that validation did not run never ships.
 
-    The Keras model is the reference: it always qualifies. Without a parity report no
+    The Keras model in Keras is the reference: it always qualifies. Without a parity report no
     exported artifact qualifies, since nothing says it still classifies correctly; nor does
     one whose file changed since it was validated (`checksums`: artifact name -> sha256).
     """
-    passed = {"keras"}
+    passed = {("keras", "keras")}
     if parity:
-        passed |= {row["artifact"] for row in parity["rows"] if row["status"] == "passed"
-                   and (checksums is None or row.get("sha256") == checksums.get(row["artifact"]))}
-    candidates = [row for row in rows if row.status == "ok" and row.artifact in passed
+        passed |= {(row["artifact"], row["runtime"]) for row in parity["rows"]
+                   if row["status"] == "passed" and (checksums is None or row.get("sha256")
+                                                     == checksums.get(row["artifact"]))}
+    candidates = [row for row in rows if row.status == "ok"
+                  and (row.artifact, row.runtime) in passed
                   and row.threads == threads and row.batch == batch]
     if not candidates:
         return None

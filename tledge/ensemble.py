@@ -55,8 +55,10 @@ def _describe_member(member, member_dir) -> dict:
         return json.loads(path.read_text()) if path.is_file() else {}
     history, parity, bench = read("history.json"), read("parity.json"), read("bench.json")
     manifest = read("manifest.json")
-    accuracy = {row["artifact"]: row["accuracy"] for row in parity.get("rows", [])}
-    status = {row["artifact"]: row["status"] for row in parity.get("rows", [])}
+    from tledge.report import own_runtime_rows
+    own = own_runtime_rows(parity)
+    accuracy = {name: row["accuracy"] for name, row in own.items()}
+    status = {name: row["status"] for name, row in own.items()}
     latency = [{key: row[key] for key in ("artifact", "runtime", "threads", "batch", "p50_ms",
                                            "p90_ms", "size_bytes")}
                for row in bench.get("rows", []) if row["status"] == "ok"]

@@ -179,20 +179,25 @@ def pareto_front(points):
 def pareto(rows, parity, pick, path) -> Path | None:
     """Accuracy against p50 latency for every combination that ran and was validated; the
     front drawn, failed parity in red, the pick starred."""
-    judged = {row["artifact"]: row for row in (parity or {}).get("rows", [])
-              if row.get("accuracy") is not None}
-    rows = [row for row in rows if row["status"] == "ok" and row["artifact"] in judged]
+    checked = {(row["artifact"], row.get("runtime")): row
+               for row in (parity or {}).get("rows", []) if row.get("accuracy") is not None}
+
+    def judged(row):  # the parity row of this (artifact, runtime) pair, if it was validated
+        return checked.get((row["artifact"], row["runtime"])) \
+            or checked.get((row["artifact"], None))
+    rows = [row for row in rows if row["status"] == "ok" and judged(row)]
     if not rows:
         return None
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(7.5, 4.2))
-    points = [(row["p50_ms"], judged[row["artifact"]]["accuracy"]) for row in rows]
+    points = [(row["p50_ms"], judged(row)["accuracy"])
+              for row in rows]
     front = pareto_front(points)
     # neighbours along the latency axis get their labels on opposite sides
     side = {index: rank % 2 for rank, index in
             enumerate(sorted(range(len(points)), key=lambda i: points[i][0]))}
     for index, row in enumerate(rows):
-        failed = judged[row["artifact"]]["status"] == "failed"
+        failed = judged(row)["status"] == "failed"
         axis.scatter(*points[index], s=36, zorder=3,
                      color="#d62728" if failed else ("#1f77b4" if index in front else "#aaaaaa"))
         axis.annotate(f"{row['artifact']} / {row['runtime']}", points[index], fontsize=7,

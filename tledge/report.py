@@ -19,6 +19,14 @@ def md(value) -> str:
     return text
 
 
+def own_runtime_rows(parity) -> dict:
+    """{artifact: its parity row in its own runtime} (rows for other runtimes come after)."""
+    judged = {}
+    for row in (parity or {}).get("rows", []):
+        judged.setdefault(row["artifact"], row)
+    return judged
+
+
 def _optional(path):
     return read_json(path) if Path(path).is_file() else None
 
@@ -73,7 +81,7 @@ def draw_figures(run_dir, manifest, history, parity, bench) -> dict:
     labels = manifest["labels"]
     rows = (bench or {}).get("rows", [])
     pick = (bench or {}).get("pick")
-    judged = {row["artifact"]: row for row in (parity or {}).get("rows", [])}
+    judged = own_runtime_rows(parity)
     reference = judged.get("keras", {}).get("confusion")
     picked = judged.get((pick or {}).get("artifact"), {})
     quantized_pick = picked.get("confusion") if pick and \
@@ -198,7 +206,7 @@ def _story(manifest, split, history, parity, bench) -> list[str]:
     sentences = [f"Trained {model} on {total if total is not None else 'the'} "
                  f"`{(split or {}).get('source', '?')}` images of {len(manifest['labels'])} "
                  f"classes at {size}."]
-    judged = {row["artifact"]: row for row in (parity or {}).get("rows", [])}
+    judged = own_runtime_rows(parity)
     reference = judged.get("keras")
     if reference and reference.get("accuracy") is not None:
         sentences.append(f"The trained model classifies {reference['accuracy']:.1%} of the "
@@ -237,7 +245,10 @@ def _headline(manifest, history, parity, bench) -> list[str]:
     lines = []
     failed = [row for row in (parity or {}).get("rows", []) if row["status"] == "failed"]
     for row in failed:
-        lines.append(f"> **FAILED PARITY: {row['artifact']}**: " + "; ".join(row["problems"]))
+        own = own_runtime_rows(parity).get(row["artifact"]) is row
+        where = "" if own or not row.get("runtime") else f" on {row['runtime']}"
+        lines.append(f"> **FAILED PARITY: {row['artifact']}{where}**: "
+                     + "; ".join(md(problem) for problem in row["problems"]))
     if history and history["verdict"]["regressed"]:
         lines.append(f"> **{history['verdict']['message']}**")
     warning = baseline_warning(history)
@@ -474,7 +485,7 @@ def _bench_section(bench, parity) -> list[str]:
               "ran in its own process; peak MiB is that process's peak resident memory.", "",
               "| artifact | runtime | threads | batch | status | parity | accuracy "
               + _LATENCY_HEAD, "|---|---|---:|---:|---|---|---:|" + _LATENCY_RULE]
-    judged = {row["artifact"]: row for row in (parity or {}).get("rows", [])}
+    judged = own_runtime_rows(parity)
     for row in bench["rows"]:
         check = judged.get(row["artifact"], {})
         lines.append(f"| {row['artifact']} | {row['runtime']} | {row['threads']} | "

@@ -316,7 +316,8 @@ def stage_hash(manifest: dict, recipe, stage: str) -> str | None:
     if before is None:
         return None
     text = f"{before}:{recipe.hash(section)}"
-    if stage == "validate":  # a re-exported file is validated (and so benchmarked) again
+    if stage == "validate":  # a re-exported file, or a runtime added to [bench], is
+        text += ":" + ",".join(recipe.bench.runtimes)  # validated (and benchmarked) again
         text += ":" + ",".join(sorted(f"{entry['name']}={entry.get('sha256')}"
                                       for entry in artifacts(manifest)))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

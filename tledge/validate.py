@@ -17,7 +17,7 @@ import numpy as np
 from tledge.errors import RuntimeUnavailable
 from tledge.rundir import (PARITY, artifacts, read_json, read_manifest, record_stage,
                            stage_hash, write_json, write_manifest)
-from tledge.runners import load
+from tledge.runners import RUNTIMES, load, runtimes_for
 
 BATCH = 64
 
@@ -99,6 +99,25 @@ def compare(probabilities, reference, labels, reference_accuracy, thresholds) ->
     return row
 
 
+def parity_pairs(entries, bench_runtimes) -> list[tuple[dict, str]]:
+    """Every (artifact, runtime) pair that needs a parity check: each exported artifact in its
+    own runtime, then every other runtime of the recipe's [bench] that runs it and is present
+    on this machine (Keras included: on a GPU it is another code path). Bench times no pair
+    that is not here, and the pick takes only pairs that passed."""
+    exported = [(entry, runtimes_for(entry["format"])[0]) for entry in entries
+                if entry["name"] != "keras"]
+    others = []
+    for entry in entries:
+        own = runtimes_for(entry["format"])[0]
+        for runtime in bench_runtimes:
+            row = RUNTIMES.get(runtime)
+            if runtime == own or row is None or entry["format"] not in row.families:
+                continue
+            if row.unavailable() is None:
+                others.append((entry, runtime))
+    return exported + others
+
+
 def validate_run(run_dir, *, log=print) -> ParityReport:
     """Run every artifact of the run over the evaluation split; write parity.json."""
     from tledge.rundata import evaluation_split, run_recipe, run_splits
@@ -118,23 +137,25 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
                                                  reference.shape[1]))]
     log(f"  {'keras':<16} accuracy {reference_accuracy:.4f} on {len(labels)} {split} images "
         "(reference)")
-    for entry in entries:
-        if entry["name"] == "keras":
-            continue
-        thresholds = recipe.validate.tolerance(entry["name"])
+    for entry, runtime in parity_pairs(entries, recipe.bench.runtimes):
+        # Keras elsewhere (a GPU) is float32 on other kernels: judged as an fp32 export
+        thresholds = recipe.validate.tolerance("tflite_fp32" if entry["name"] == "keras"
+                                               else entry["name"])
+        shown = entry["name"] if runtime == runtimes_for(entry["format"])[0] \
+            else f"{entry['name']} on {runtime}"
         try:
-            runner = load(entry, run_dir)
+            runner = load(entry, run_dir, runtime)
         except RuntimeUnavailable as error:
-            rows.append(ParityRow(entry["name"], "", "skipped", problems=[str(error)]))
-            log(f"  {entry['name']:<16} skipped: {error}")
+            rows.append(ParityRow(entry["name"], runtime, "skipped", problems=[str(error)]))
+            log(f"  {shown:<16} skipped: {error}")
             continue
         row = compare(predict_all(runner, images), reference, labels, reference_accuracy,
                       thresholds)
         runner.close()
-        row.artifact, row.runtime, row.sha256 = entry["name"], runner.runtime, entry["sha256"]
+        row.artifact, row.runtime, row.sha256 = entry["name"], runtime, entry["sha256"]
         rows.append(row)
         verdict = "passed" if row.status == "passed" else "FAILED: " + "; ".join(row.problems)
-        log(f"  {entry['name']:<16} accuracy {row.accuracy:.4f}  drop {row.accuracy_drop:+.4f}  "
+        log(f"  {shown:<16} accuracy {row.accuracy:.4f}  drop {row.accuracy_drop:+.4f}  "
             f"agreement {row.agreement:.4f}  max|diff| {row.max_abs_diff:.1e}  {verdict}")
     for entry in artifacts(manifest, include_failed=True):
         if entry.get("status") == "failed":
