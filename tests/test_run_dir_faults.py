@@ -101,3 +101,31 @@ def test_a_build_reexports_revalidates_and_rebenchmarks_a_changed_file(run_copy,
     for stage in ("export", "validate", "bench"):
         assert f"== {stage}\n" in result.output, result.output
     assert invoke("validate", run_copy).exit_code == 0
+
+
+RECORD_FAULTS = [
+    ("parity.json", "[]", "a JSON list instead of an object", ["report"]),
+    ("parity.json", '{"split": "test", "images": 3}', "'rows' is missing", ["report"]),
+    ("parity.json", '{"split": "test", "images": 3, "rows": [1, 2]}',
+     "'rows' holds something other than objects", ["report"]),
+    ("bench.json", '{"rows": 3, "pick": null}', "'rows' is missing or not list",
+     ["report", "bench --pick"]),
+    ("bench.json", "{}", "'rows' is missing", ["bench --pick"]),
+    ("parity.json", '{"split": "test", "images": 3, "rows": [{"status": "passed"}]}',
+     "rows[0] has no artifact", ["report"]),
+    ("bench.json", '{"rows": [{"artifact": "keras", "status": "ok"}], "pick": null}',
+     "rows[0] has no runtime", ["report", "bench --pick"]),
+    ("split.json", '"split"', "a JSON str instead of an object", ["report", "validate"]),
+    ("split.json", '{"splits": {}}', "'fingerprint' is missing", ["validate"]),
+    ("history.json", '{"phases": "two"}', "'phases' is missing or not list", ["report"]),
+    ("explain.json", '{"figures": {}}', "'figures' is missing or not list", ["report"]),
+]
+
+
+@pytest.mark.parametrize("name, text, fragment, commands", RECORD_FAULTS,
+                         ids=[f"{case[0]}:{case[2][:24]}" for case in RECORD_FAULTS])
+def test_a_malformed_run_record_is_one_clear_error(run_copy, name, text, fragment, commands):
+    (run_copy / name).write_text(text)
+    for command in commands:
+        first, *rest = command.split()
+        assert_usage_error(invoke(first, run_copy, *rest), name, fragment, "again")

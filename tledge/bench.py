@@ -17,9 +17,9 @@ import numpy as np
 
 from tledge.device_bench import machine_facts, summarize, time_runner
 from tledge.errors import RunDirError, RuntimeUnavailable
-from tledge.rundir import (BENCH, PARITY, artifacts, find_artifact, read_json, read_manifest,
-                           record_stage, stage_hash, verified_artifact, write_json,
-                           write_manifest)
+from tledge.rundir import (BENCH, PARITY, artifacts, find_artifact, read_manifest,
+                           read_record, record_stage, stage_hash, verified_artifact,
+                           write_json, write_manifest)
 from tledge.runners import RUNTIMES, load
 
 
@@ -148,7 +148,7 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     for row in rows:
         if row.status == "ok" and flops:
             row.gflops_per_second = flops * row.batch / (row.p50_ms / 1000.0) / 1e9
-    parity = read_json(run_dir / PARITY) if (run_dir / PARITY).is_file() else None
+    parity = read_record(run_dir / PARITY) if (run_dir / PARITY).is_file() else None
     pick = choose(rows, parity, threads=threads[0], batch=batch_sizes[0],
                   checksums={entry["name"]: entry["sha256"] for entry in artifacts(manifest)})
     result = {"rows": [dataclasses.asdict(row) for row in rows], "pick": pick,
@@ -185,7 +185,7 @@ def model_flops(run_dir, manifest) -> int | None:
 def load_pick(run_dir) -> dict | None:
     """The pick the last bench of a run wrote (None when nothing qualified), after checking
     that its file is still the one that was benchmarked."""
-    bench = read_json(Path(run_dir) / BENCH)
+    bench = read_record(Path(run_dir) / BENCH)
     pick = bench.get("pick") if isinstance(bench, dict) else None
     if not isinstance(bench, dict) or "pick" not in bench \
             or (pick is not None and not isinstance(pick.get("artifact") if isinstance(

@@ -29,7 +29,8 @@ import numpy as np
 
 from tledge import device_bench
 from tledge.errors import BundleError, RunDirError
-from tledge.rundir import BENCH, artifacts, atomic_path, read_json, read_manifest, write_json
+from tledge.rundir import (BENCH, artifacts, atomic_path, read_manifest, read_record,
+                           write_json)
 
 DEVICE_FAMILIES = ("tflite", "onnx")  # what bench_device.py runs
 
@@ -211,7 +212,7 @@ def import_device_result(run_dir, path) -> dict:
             raise BundleError(f"{path} measured a different {name} than {run_dir} has now "
                               "(sha256 differs): the run was re-exported since the bundle was "
                               "made; make a new bundle")
-    bench = read_json(run_dir / BENCH) if (run_dir / BENCH).is_file() else empty_bench()
+    bench = read_record(run_dir / BENCH) if (run_dir / BENCH).is_file() else empty_bench()
     name = document["device"]["name"].strip()
     stored = {key: document.get(key) for key in
               ("device", "settings", "rows", "accuracy", "artifacts", "measured", "bundle")}
@@ -232,6 +233,6 @@ def device_runs(run_dir) -> dict:
     if not path.is_file():
         return {}
     try:
-        return read_json(path).get("devices", {})
+        return read_record(path).get("devices", {})
     except RunDirError:
         return {}

@@ -17,7 +17,7 @@ import numpy as np
 
 from tledge.errors import ArtifactError
 from tledge.plots import FIGURES, pyplot, save_figure
-from tledge.rundir import EXPLAIN, HISTORY, read_json, read_manifest, sha256, write_json
+from tledge.rundir import EXPLAIN, HISTORY, read_manifest, read_record, sha256, write_json
 PER_CLASS_CORRECT, PER_CLASS_WRONG = 2, 1
 
 
@@ -142,7 +142,7 @@ def feature_grid(maps, layer_name, image, path) -> Path:
 
 def _models_to_explain(run_dir, manifest):
     """[(title, file stem, model path)]: the run's model, or each member of an ensemble."""
-    history = read_json(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else {}
+    history = read_record(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else {}
     members = (history.get("ensemble") or {}).get("members")
     if members:
         return [(f"member {member['name']} ({member['backbone']})",
@@ -158,7 +158,7 @@ def explain_is_current(run_dir) -> bool:
     run_dir = Path(run_dir)
     if not (run_dir / EXPLAIN).is_file():
         return False
-    record = read_json(run_dir / EXPLAIN)
+    record = read_record(run_dir / EXPLAIN)
     models = [str(path) for _, _, path in _models_to_explain(run_dir, read_manifest(run_dir))]
     return (sorted(record.get("models", {})) == sorted(models)
             and all(Path(path).is_file() and sha256(path) == record["models"][path]

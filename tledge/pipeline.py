@@ -17,7 +17,7 @@ from tledge.errors import RecipeError, RunDirError, TledgeError
 from tledge.formats import FORMATS
 from tledge.recipe import Recipe, dump_toml, load_recipe
 from tledge.rundir import (HISTORY, LOCK, MANIFEST, RECIPE, SPLIT, artifact_entry, atomic_path,
-                           new_manifest, read_json, record_stage, run_lock, set_artifact,
+                           new_manifest, read_manifest, record_stage, run_lock, set_artifact,
                            write_json, write_manifest, write_text)
 
 MODELS_DIR = Path("models")
@@ -39,7 +39,7 @@ def trained_model(run_dir) -> Path | None:
     manifest_path = Path(run_dir) / MANIFEST
     if not manifest_path.is_file():
         return None
-    for entry in read_json(manifest_path)["artifacts"]:
+    for entry in read_manifest(run_dir)["artifacts"]:
         if entry["name"] == "keras" and entry.get("status") == "ok":
             path = Path(run_dir) / entry["path"]
             return path if path.is_file() else None
@@ -64,7 +64,7 @@ def resolve_weights(recipe, run_dir, *, log=print, verbose="auto", _chain=()) ->
     source_weights = resolve_weights(source, source_dir, log=log, verbose=verbose, _chain=chain)
     model_path = trained_model(source_dir)
     if model_path is not None:
-        recorded = read_json(source_dir / MANIFEST)["stages"].get("train", {}).get("hash")
+        recorded = read_manifest(source_dir)["stages"].get("train", {}).get("hash")
         if recorded == train_hash(source, [source_weights] if source_weights else []):
             log(f"weights: reusing the trained model of {source.name} ({model_path})")
             return model_path
@@ -233,7 +233,7 @@ def _remove_stale_outputs(run_dir) -> None:
     import shutil
     from tledge.rundir import BENCH, PARITY, REPORT
     if (run_dir / MANIFEST).is_file():
-        for entry in read_json(run_dir / MANIFEST)["artifacts"]:
+        for entry in read_manifest(run_dir)["artifacts"]:
             if entry["name"] != "keras" and entry.get("path"):
                 stale = run_dir / entry["path"]
                 if stale.is_dir():  # a SavedModel folder

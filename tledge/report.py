@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tledge.plots import FIGURES
 from tledge.rundir import (BENCH, EXPLAIN, HISTORY, PARITY, RECIPE, REPORT, REPORT_HTML, SPLIT,
-                           artifacts, read_json, read_manifest, write_text)
+                           artifacts, read_manifest, read_record, write_text)
 
 
 def md(value) -> str:
@@ -28,7 +28,7 @@ def own_runtime_rows(parity) -> dict:
 
 
 def _optional(path):
-    return read_json(path) if Path(path).is_file() else None
+    return read_record(path) if Path(path).is_file() else None
 
 
 def report_run(run_dir) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tledge.errors import RunDirError
 from tledge.recipe import load_recipe
-from tledge.rundir import RECIPE, SPLIT, check_run_dir, read_json
+from tledge.rundir import RECIPE, SPLIT, check_run_dir, read_record
 
 
 def run_recipe(run_dir):
@@ -29,7 +29,7 @@ def run_splits(run_dir, recipe=None, *, log=None):
     from tledge.data.cache import cache_root, open_entry
     from tledge.data.sources import load_splits, prepared_entry, source_key
     recipe = recipe or run_recipe(run_dir)
-    recorded = read_json(Path(run_dir) / SPLIT)
+    recorded = read_record(Path(run_dir) / SPLIT)
     cache = recorded.get("cache") if isinstance(recorded, dict) else None
     key = cache.get("key") if isinstance(cache, dict) else None
     entry = None

@@ -169,6 +169,45 @@ def read_json(path):
         raise RunDirError(f"cannot read {path}: {error.strerror or error}") from None
 
 
+# What each record of a run must hold, and the stage that writes it again
+_RECORDS = {PARITY: ({"split": str, "images": int, "rows": list}, "validate"),
+            BENCH: ({"rows": list}, "bench"),
+            SPLIT: ({"splits": dict, "fingerprint": str}, "train"),
+            HISTORY: ({"phases": list}, "train"),
+            EXPLAIN: ({"figures": list}, "explain")}
+
+
+def read_record(path):
+    """A run record (parity.json, bench.json, split.json, history.json, explain.json), checked
+    to have the shape tledge writes; a one-line RunDirError naming the stage to rerun if not."""
+    path = Path(path)
+    record = read_json(path)
+    shape, stage = _RECORDS[path.name]
+    problem = None
+    if not isinstance(record, dict):
+        problem = f"a JSON {type(record).__name__} instead of an object"
+    else:
+        for key, kind in shape.items():
+            value = record.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                problem = f"'{key}' is missing or not {kind.__name__}"
+                break
+            if kind is list and not all(isinstance(item, dict) for item in value):
+                problem = f"'{key}' holds something other than objects"
+                break
+        rows = record.get("rows") if problem is None and path.name in (PARITY, BENCH) else []
+        for number, row in enumerate(rows or []):
+            missing = [key for key in ("artifact", "runtime", "status")
+                       if not isinstance(row.get(key), str)]
+            if missing:
+                problem = f"rows[{number}] has no {missing[0]}"
+                break
+    if problem:
+        raise RunDirError(f"{path} is not what tledge writes ({problem}); run `tledge {stage} "
+                          f"{path.parent}` again (or `tledge build`)")
+    return record
+
+
 def _jsonable(value):
     import numpy as np
     if isinstance(value, np.generic):

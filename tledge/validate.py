@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.errors import RuntimeUnavailable
-from tledge.rundir import (PARITY, artifacts, read_json, read_manifest, record_stage,
+from tledge.errors import RunDirError, RuntimeUnavailable, first_line
+from tledge.rundir import (PARITY, artifacts, read_manifest, read_record, record_stage,
                            stage_hash, write_json, write_manifest)
 from tledge.runners import RUNTIMES, load, runtimes_for
 
@@ -58,9 +58,13 @@ def load_parity(run_dir) -> ParityReport | None:
     path = Path(run_dir) / PARITY
     if not path.is_file():
         return None
-    data = read_json(path)
-    return ParityReport(data["split"], data["images"],
-                        [ParityRow(**row) for row in data["rows"]])
+    data = read_record(path)
+    try:
+        return ParityReport(data["split"], data["images"],
+                            [ParityRow(**row) for row in data["rows"]])
+    except TypeError as error:  # a row with keys tledge does not write
+        raise RunDirError(f"{path} is not what tledge writes ({first_line(error)}); run "
+                          f"`tledge validate {run_dir}` again") from None
 
 
 def predict_all(runner, images, batch=BATCH) -> np.ndarray:
