@@ -90,7 +90,7 @@ def test_the_pick_is_checked_against_its_file(run_copy):
     (run_copy / entry["path"]).unlink()
     assert_usage_error(invoke("bench", run_copy, "--pick"), entry["path"], "is missing")
     (run_copy / "bench.json").write_text("[]")
-    assert_usage_error(invoke("bench", run_copy, "--pick"), "not a bench result tledge wrote")
+    assert_usage_error(invoke("bench", run_copy, "--pick"), "bench.json is not what tledge writes")
 
 
 def test_a_build_reexports_revalidates_and_rebenchmarks_a_changed_file(run_copy, small_recipe):
