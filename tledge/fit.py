@@ -17,48 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-@dataclasses.dataclass
-class PhaseResult:
-    name: str
-    epochs: list  # one dict per epoch: loss, accuracy, val_loss, val_accuracy, learning_rate
-    best_epoch: int | None
-    best_val_accuracy: float | None
-    wall_seconds: float
-    images_per_second: float
-    trainable_params: int
-    total_params: int
-    skipped: str | None = None
-    unfrozen_layers: int | None = None
-    bottlenecks: str | None = None  # "cached" | "computed" when the head trained on features
-    feature_seconds: float | None = None  # computing (or reading) those features, once
-    stopped_early: bool = False
-    resumed_from_epoch: int | None = None
-
-
-def skipped(name, reason) -> PhaseResult:
-    return PhaseResult(name, [], None, None, 0.0, 0.0, 0, 0, skipped=reason)
-
-
-def make_optimizer(name: str, learning_rate):
-    import keras
-    optimizers = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW,
-                  "sgd": lambda lr: keras.optimizers.SGD(lr, momentum=0.9),
-                  "rmsprop": keras.optimizers.RMSprop}
-    return optimizers[name](learning_rate)
-
-
-def learning_rate(phase, steps_per_epoch: int):
-    """A float, or a keras schedule for `cosine` (with linear warm-up when asked)."""
-    import keras
-    if phase.schedule != "cosine":
-        return phase.learning_rate
-    warmup = phase.warmup_epochs * steps_per_epoch
-    total = max(phase.epochs * steps_per_epoch - warmup, 1)
-    if warmup:
-        return keras.optimizers.schedules.CosineDecay(0.0, total, warmup_target=phase.learning_rate,
-                                                      warmup_steps=warmup)
-    return keras.optimizers.schedules.CosineDecay(phase.learning_rate, total)
+from tledge.phase import (PhaseResult, current_learning_rate, learning_rate,
+                          make_optimizer, skipped)
 
 
 def compile_for(model, phase, steps_per_epoch, *, jit_compile=False):
@@ -231,7 +191,7 @@ class _Recorder:
             def on_epoch_end(self, epoch, logs=None):
                 logs = logs or {}
                 row = {"epoch": epoch + 1, **{key: float(value) for key, value in logs.items()}}
-                row["learning_rate"] = _current_learning_rate(self.model)
+                row["learning_rate"] = current_learning_rate(self.model.optimizer)
                 self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
                 value = logs.get(monitor)
                 if value is not None and value > self.best:
@@ -249,15 +209,6 @@ class _Recorder:
                         holder.set_weights(current)
 
         return Recorder()
-
-
-def _current_learning_rate(model) -> float:
-    optimizer = model.optimizer
-    rate = optimizer.learning_rate
-    try:
-        return float(np.asarray(rate))
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def steps_per_epoch(count: int, batch_size: int) -> int:

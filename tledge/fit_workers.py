@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from tledge.errors import TrainError
-from tledge.fit import PhaseResult, learning_rate, make_optimizer
+from tledge.phase import PhaseResult, current_learning_rate, learning_rate, make_optimizer
 
 
 def fit_across_workers(model, name, phase, train_data, val_data, *, train_count,
@@ -97,7 +97,7 @@ def fit_across_workers(model, name, phase, train_data, val_data, *, train_count,
             val_totals = [float(value) for value in mean_across_workers(
                 [tf.constant(value, tf.float64) for value in val_totals])]
             row["val_loss"], row["val_accuracy"] = np.asarray(val_totals) / max(count, 1)
-        row["learning_rate"] = _learning_rate_now(optimizer)
+        row["learning_rate"] = current_learning_rate(optimizer)
         rows.append(row)
         log(f"  epoch {epoch + 1}: " + "  ".join(f"{key} {value:.4f}" for key, value in
                                                  row.items() if key != "epoch"))
@@ -116,9 +116,3 @@ def fit_across_workers(model, name, phase, train_data, val_data, *, train_count,
                        trainable, int(model.count_params()),
                        stopped_early=len(rows) < phase.epochs)
 
-
-def _learning_rate_now(optimizer) -> float:
-    try:
-        return float(np.asarray(optimizer.learning_rate))
-    except (TypeError, ValueError):
-        return float("nan")
