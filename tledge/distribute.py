@@ -73,12 +73,12 @@ def worker_role(train) -> WorkerRole:
 
 
 def per_worker_input(strategy, make, batch_size):
-    """A dataset for `model.fit` under `strategy`.
+    """The training input under `strategy`.
 
-    Under multi_worker every worker builds its own input (`make(per-replica batch size,
-    (shards, this shard) or None)`), reading only its shard of the training rows, rather
-    than every worker reading everything and dropping what is not its own. Elsewhere
-    `make(batch_size, None)`.
+    Under multi_worker every worker builds its own input, `make(per-replica batch size,
+    (shards, this shard))`, reading only its shard of the training rows rather than every
+    worker reading everything and dropping what is not its own (the loop in
+    `tledge.fit_workers` consumes it). Elsewhere `make(batch_size, None)`, for `model.fit`.
     """
     import tensorflow as tf
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
