@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -37,16 +36,9 @@ CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "hbars", "ch
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                flags = Path("/proc/cpuinfo").read_text()
-                isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
-                return f"{name} ({isa})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from tledge.device_bench import machine_facts
+    facts = machine_facts()
+    return f"{facts['cpu']} ({facts['isa']})"
 
 
 def make_folder(root: Path, count: int, stored: int, seed: int) -> float:

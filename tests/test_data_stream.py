@@ -97,13 +97,25 @@ def test_later_stages_read_the_cache_not_the_source(tmp_path, cache):
     lines = []
     assert run_splits(run_dir, log=lines.append).record["fingerprint"] == split["fingerprint"]
     assert any("preparing it again" in line for line in lines)
-    # The source changed (a file's modification time) while the entry exists: the run keeps
-    # reading the data it was trained on
+    # An image changed while the entry exists: the run keeps reading the data it was trained
+    # on
     target = tmp_path / "photos" / "red" / "0.png"
-    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    original = target.read_bytes()
+    Image.fromarray(np.full((20, 20, 3), 7, dtype=np.uint8)).save(target)
     assert run_splits(run_dir).record["fingerprint"] == split["fingerprint"]
-    # ...but with the entry gone too, there is nothing honest to validate on
-    clear_entries(cache, [key])
-    with pytest.raises(RunDirError, match=f"cache entry {key}.* is gone, and the folder source "
-                                          "has changed"):
+    # The same bytes back under a new modification time (as a copy has them), and the entry
+    # gone: prepared again, and the same images and labels are all that counts
+    target.write_bytes(original)
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    clear_entries(cache)
+    assert run_splits(run_dir).record["fingerprint"] == split["fingerprint"]
+    # An image changed with every entry of the old data gone: nothing honest to validate on
+    Image.fromarray(np.full((20, 20, 3), 7, dtype=np.uint8)).save(target)
+    clear_entries(cache)
+    with pytest.raises(RunDirError, match="the folder source changed since .* images or labels"):
+        run_splits(run_dir)
+    shutil.rmtree(tmp_path / "photos")
+    clear_entries(cache)
+    with pytest.raises(RunDirError, match=f"cache entry {key}.* is gone, and its source cannot "
+                                          "be read"):
         run_splits(run_dir)

@@ -149,6 +149,9 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
         if row.status == "ok" and flops:
             row.gflops_per_second = flops * row.batch / (row.p50_ms / 1000.0) / 1e9
     parity = read_record(run_dir / PARITY) if (run_dir / PARITY).is_file() else None
+    if parity is None:
+        log(f"note: {run_dir / PARITY} is missing (not validated): nothing can be picked until "
+            f"`tledge validate {run_dir}` has run; a build does both")
     pick = choose(rows, parity, threads=threads[0], batch=batch_sizes[0],
                   checksums={entry["name"]: entry["sha256"] for entry in artifacts(manifest)})
     result = {"rows": [dataclasses.asdict(row) for row in rows], "pick": pick,
@@ -160,11 +163,11 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     devices = device_runs(run_dir)  # results imported from devices outlive a re-bench
     if devices:
         result["devices"] = devices
-    write_json(run_dir / BENCH, result)
+    written = write_json(run_dir / BENCH, result)
     manifest["pick"] = pick
     custom = bool(custom_runtimes or threads != settings.threads or batch_sizes != settings.batch_sizes)
-    record_stage(manifest, "bench", rows=len(rows),
-                 hash=None if custom else stage_hash(manifest, recipe, "bench"))
+    record_stage(manifest, "bench", outputs=[written], reads=[run_dir / PARITY],
+                 rows=len(rows), hash=None if custom else stage_hash(manifest, recipe, "bench"))
     write_manifest(run_dir, manifest)
     return result
 
@@ -177,7 +180,7 @@ def model_flops(run_dir, manifest) -> int | None:
     if entry is None:
         return None
     try:
-        return int(count_flops(load_model(Path(run_dir) / entry["path"])))
+        return int(count_flops(load_model(verified_artifact(run_dir, entry))))
     except (ValueError, TypeError):  # a graph the counter does not understand: no figure
         return None
 

@@ -29,8 +29,8 @@ import numpy as np
 
 from tledge import device_bench
 from tledge.errors import BundleError, RunDirError
-from tledge.rundir import (BENCH, artifacts, atomic_path, read_manifest, read_record,
-                           write_json)
+from tledge.rundir import (BENCH, artifacts, atomic_path, note_output, read_manifest,
+                           read_record, write_json, write_manifest)
 
 DEVICE_FAMILIES = ("tflite", "onnx")  # what bench_device.py runs
 
@@ -217,7 +217,9 @@ def import_device_result(run_dir, path) -> dict:
     stored = {key: document.get(key) for key in
               ("device", "settings", "rows", "accuracy", "artifacts", "measured", "bundle")}
     bench.setdefault("devices", {})[name] = stored
-    write_json(run_dir / BENCH, bench)
+    written = write_json(run_dir / BENCH, bench)
+    note_output(manifest, "bench", written)  # an import is not a reason to bench again
+    write_manifest(run_dir, manifest)
     return stored
 
 

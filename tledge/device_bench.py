@@ -116,23 +116,46 @@ def peak_rss_bytes() -> int:
 
 
 def machine_facts() -> dict:
-    """CPU model, cores, OS and Python of this machine; the board's model where it says."""
+    """CPU model, its vector ISA, cores, OS and Python of this machine; the board's model
+    where it says. The ISA matters: int8 kernels differ between AVX2, AVX-512 (VNNI) and
+    ARM's dot-product extensions, and so do their speed and, at times, their results."""
     cpu = platform.processor() or platform.machine()
+    flags = set()
     try:
         with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle
-                     if line.split(":", 1)[0].strip() in ("model name", "Model", "Hardware")]
+            lines = [line.split(":", 1) for line in handle if ":" in line]
+        names = [value.strip() for key, value in lines
+                 if key.strip() in ("model name", "Model", "Hardware")]
         cpu = names[0] if names else cpu
+        flags = {flag for key, value in lines if key.strip() in ("flags", "Features")
+                 for flag in value.split()}
     except OSError:
         pass
-    facts = {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(),
-             "arch": platform.machine(), "python": platform.python_version()}
+    facts = {"cpu": cpu, "isa": cpu_isa(flags, platform.machine()), "cores": os.cpu_count(),
+             "system": platform.platform(), "arch": platform.machine(),
+             "python": platform.python_version()}
     try:  # a Raspberry Pi or a Jetson names itself here
         with open("/proc/device-tree/model", "rb") as handle:
             facts["model"] = handle.read().decode("utf-8", "replace").strip("\x00 \n")
     except OSError:
         pass
     return facts
+
+
+def cpu_isa(flags, arch: str) -> str:
+    """The widest vector ISA in a CPU's /proc/cpuinfo flags, as people name it."""
+    if "avx512f" in flags:
+        extras = [name for flag, name in (("avx512_vnni", "VNNI"), ("amx_int8", "AMX"))
+                  if flag in flags]
+        return " ".join(["AVX-512", *extras])
+    for flag, name in (("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
+        if flag in flags:
+            return name
+    if "asimd" in flags or "neon" in flags:
+        extras = [name for flag, name in (("asimddp", "dotprod"), ("i8mm", "i8mm"),
+                                          ("sve", "SVE")) if flag in flags]
+        return " ".join(["NEON", *extras])
+    return arch or "unknown"
 
 
 # -- the device's runtimes -------------------------------------------------------------------

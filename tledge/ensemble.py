@@ -19,7 +19,6 @@ other.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -49,26 +48,39 @@ def build_members(recipe, run_dir, *, log=print, verbose="auto") -> list[dict]:
 
 
 def _describe_member(member, member_dir) -> dict:
-    """What the ensemble report shows of a member, copied from its own run's JSON files."""
+    """What the ensemble report shows of a member, read from its own run's records (each
+    checked, its model file verified against its manifest)."""
+    from tledge.report import own_runtime_rows
+    from tledge.rundir import (BENCH, HISTORY, PARITY, find_artifact, read_manifest,
+                               read_record, verified_artifact)
+
     def read(name):
         path = member_dir / name
-        return json.loads(path.read_text()) if path.is_file() else {}
-    history, parity, bench = read("history.json"), read("parity.json"), read("bench.json")
-    manifest = read("manifest.json")
-    from tledge.report import own_runtime_rows
+        return read_record(path) if path.is_file() else {}
+    history, parity, bench = read(HISTORY), read(PARITY), read(BENCH)
+    manifest = read_manifest(member_dir)
     own = own_runtime_rows(parity)
-    accuracy = {name: row["accuracy"] for name, row in own.items()}
+    accuracy = {name: row.get("accuracy") for name, row in own.items()}
     status = {name: row["status"] for name, row in own.items()}
-    latency = [{key: row[key] for key in ("artifact", "runtime", "threads", "batch", "p50_ms",
-                                           "p90_ms", "size_bytes")}
+    latency = [{key: row.get(key) for key in ("artifact", "runtime", "threads", "batch",
+                                               "p50_ms", "p90_ms", "size_bytes")}
                for row in bench.get("rows", []) if row["status"] == "ok"]
-    model = next(entry for entry in manifest["artifacts"] if entry["name"] == "keras")
+    model = find_artifact(manifest, "keras")
     return {"name": member.name, "run_dir": str(member_dir.resolve()),
             "recipe": member.path, "backbone": member.model.backbone,
             "image_size": list(member.data.image_size), "labels": manifest["labels"],
-            "model": str((member_dir / model["path"]).resolve()), "sha256": model["sha256"],
-            "test_accuracy": history.get("test_accuracy"), "accuracy": accuracy,
-            "parity": status, "latency": latency}
+            "model": str(verified_artifact(member_dir, model).resolve()),
+            "sha256": model["sha256"], "test_accuracy": history.get("test_accuracy"),
+            "accuracy": accuracy, "parity": status, "latency": latency}
+
+
+def portable_members(members, run_dir) -> list[dict]:
+    """Members as the ensemble's history.json keeps them: their paths relative to the
+    ensemble's run directory (see `rundir.portable`)."""
+    from tledge.rundir import portable
+    return [{**member, **{key: portable(member[key], run_dir)
+                          for key in ("run_dir", "recipe", "model") if member.get(key)}}
+            for member in members]
 
 
 def train_ensemble(recipe, splits, members, *, verbose="auto", log=print):

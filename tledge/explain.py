@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.errors import ArtifactError
+from tledge.errors import ArtifactError, RunDirError
 from tledge.plots import FIGURES, pyplot, save_figure
-from tledge.rundir import EXPLAIN, HISTORY, read_manifest, read_record, sha256, write_json
+from tledge.rundir import (EXPLAIN, HISTORY, find_artifact, portable, read_manifest, read_record,
+                           sha256, verified_artifact, write_json)
 PER_CLASS_CORRECT, PER_CLASS_WRONG = 2, 1
 
 
@@ -146,11 +147,11 @@ def _models_to_explain(run_dir, manifest):
     members = (history.get("ensemble") or {}).get("members")
     if members:
         return [(f"member {member['name']} ({member['backbone']})",
-                 f"gradcam_{member['name'].rsplit('.', 1)[-1]}", Path(member["model"]))
+                 f"gradcam_{member['name'].rsplit('.', 1)[-1]}", run_dir / member["model"])
                 for member in members]
-    keras_entry = next(entry for entry in manifest["artifacts"] if entry["name"] == "keras")
+    keras_entry = find_artifact(manifest, "keras")
     return [(f"reference model ({history.get('backbone', 'keras')})", "gradcam",
-             run_dir / keras_entry["path"])]
+             verified_artifact(run_dir, keras_entry))]
 
 
 def explain_is_current(run_dir) -> bool:
@@ -158,12 +159,18 @@ def explain_is_current(run_dir) -> bool:
     run_dir = Path(run_dir)
     if not (run_dir / EXPLAIN).is_file():
         return False
-    record = read_record(run_dir / EXPLAIN)
-    models = [str(path) for _, _, path in _models_to_explain(run_dir, read_manifest(run_dir))]
-    return (sorted(record.get("models", {})) == sorted(models)
-            and all(Path(path).is_file() and sha256(path) == record["models"][path]
-                    for path in models)
-            and all((run_dir / figure["file"]).is_file() for figure in record["figures"]))
+    try:
+        record = read_record(run_dir / EXPLAIN)
+    except RunDirError:
+        return False  # explain writes it again
+    models = {portable(path, run_dir): path
+              for _, _, path in _models_to_explain(run_dir, read_manifest(run_dir))}
+    recorded = record.get("models")
+    return (isinstance(recorded, dict) and sorted(recorded) == sorted(models)
+            and all(path.is_file() and sha256(path) == recorded[key]
+                    for key, path in models.items())
+            and all(isinstance(figure, dict) and isinstance(figure.get("file"), str)
+                    and (run_dir / figure["file"]).is_file() for figure in record["figures"]))
 
 
 def explain_run(run_dir, *, log=print) -> dict:
@@ -178,7 +185,7 @@ def explain_run(run_dir, *, log=print) -> dict:
     record = {"split": split, "figures": [], "models": {}}
     for title, stem, path in _models_to_explain(run_dir, manifest):
         model = load_model(path)
-        record["models"][str(path)] = sha256(path)
+        record["models"][portable(path, run_dir)] = sha256(path)
         size = tuple(model.inputs[0].shape[1:3])
         seen = images if images.shape[1:3] == size else resize_images(images, size)
         predicted = predict_in_batches(model, seen).argmax(axis=1)

@@ -141,14 +141,7 @@ def _describe_keras(path: Path) -> dict:
     try:
         model = load_model(path)  # safe_mode=True, always
     except TledgeError as error:
-        if "arbitrary code" in str(error):  # keras' hint to pass safe_mode=False: not here
-            raise ArtifactError(f"{path}: refused: loading it would run Python code stored "
-                                "in the file (a Lambda layer or custom object); tledge "
-                                "never enables unsafe deserialization") from None
         raise ArtifactError(str(error)) from None
-    except Exception as error:  # a zip that is not a Keras archive, a missing config
-        raise ArtifactError(f"{path}: not a readable .keras model ({first_line(error)})") \
-            from None
     operators = collections.Counter(type(layer).__name__ for layer in _layers(model))
     precision = "fp16" if any("float16" in str(weight.dtype) for weight in model.weights) \
         else "fp32"

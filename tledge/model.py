@@ -74,10 +74,7 @@ def _imagenet(backbone: Backbone, size, alpha):
 
 def _from_keras_file(backbone: Backbone, path: Path, size, alpha):
     import keras
-    try:
-        source = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except ValueError as error:
-        raise WeightsError(f"cannot load {path}: {first_line(error)}") from None
+    source = load_model(path)
     nested = [layer for layer in source.layers if isinstance(layer, keras.Model)]
     source_backbone = nested[0] if len(nested) == 1 else source
     fresh = backbone.create(size, weights=None, alpha=alpha)
@@ -160,11 +157,31 @@ def find_backbone(model):
 
 
 def load_model(path):
-    """Load a .keras model without ever enabling unsafe deserialization."""
+    """Load a .keras model without ever enabling unsafe deserialization.
+
+    Raises:
+        WeightsError: one line for every way the file can be unreadable: missing, truncated
+            or not a zip (Keras itself says "File not found"), damaged inside, or a model
+            that would run Python code stored in it.
+    """
+    import zipfile
     import keras
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such .keras file")
+    if not zipfile.is_zipfile(path):
+        raise WeightsError(f"{path}: not a readable .keras model (not a zip archive: "
+                           "truncated, damaged, or not saved by Keras 3)")
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except ValueError as error:
-        raise WeightsError(f"cannot load {path}: {first_line(error)} (tledge never enables "
-                           "unsafe deserialization)") from None
+        if "arbitrary code" in str(error):  # keras' hint to pass safe_mode=False: never here
+            raise WeightsError(f"{path}: refused: loading it would run Python code stored in "
+                               "the file (a Lambda layer or custom object); tledge never "
+                               "enables unsafe deserialization") from None
+        raise WeightsError(f"{path}: not a readable .keras model ({first_line(error)})") \
+            from None
+    except Exception as error:  # a bad CRC, a missing config or weights entry, h5py's errors
+        raise WeightsError(f"{path}: not a readable .keras model ({first_line(error)})") \
+            from None
 

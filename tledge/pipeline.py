@@ -15,10 +15,11 @@ from pathlib import Path
 
 from tledge.errors import RecipeError, RunDirError, TledgeError
 from tledge.formats import FORMATS
-from tledge.recipe import Recipe, dump_toml, load_recipe
+from tledge.recipe import Recipe, load_recipe, stored_recipe_text
 from tledge.rundir import (HISTORY, LOCK, MANIFEST, RECIPE, SPLIT, artifact_entry, atomic_path,
-                           new_manifest, read_manifest, record_stage, run_lock, set_artifact,
-                           write_json, write_manifest, write_text)
+                           new_manifest, portable, read_manifest, record_stage, run_lock,
+                           set_artifact, verified_artifact, write_json, write_manifest,
+                           write_text)
 
 MODELS_DIR = Path("models")
 
@@ -35,14 +36,21 @@ def models_root(run_dir) -> Path:
 
 
 def trained_model(run_dir) -> Path | None:
-    """The trained .keras file of a run directory, when it has one."""
+    """The trained .keras file of a run directory, when it has one and it is the file its
+    manifest records."""
     manifest_path = Path(run_dir) / MANIFEST
     if not manifest_path.is_file():
         return None
-    for entry in read_manifest(run_dir)["artifacts"]:
+    try:
+        entries = read_manifest(run_dir)["artifacts"]
+    except RunDirError:  # damaged: that run is trained again
+        return None
+    for entry in entries:
         if entry["name"] == "keras" and entry.get("status") == "ok":
-            path = Path(run_dir) / entry["path"]
-            return path if path.is_file() else None
+            try:
+                return verified_artifact(run_dir, entry)
+            except RunDirError:  # gone or changed since it was trained: trained again
+                return None
     return None
 
 
@@ -65,7 +73,7 @@ def resolve_weights(recipe, run_dir, *, log=print, verbose="auto", _chain=()) ->
     model_path = trained_model(source_dir)
     if model_path is not None:
         recorded = read_manifest(source_dir)["stages"].get("train", {}).get("hash")
-        if recorded == train_hash(source, [source_weights] if source_weights else []):
+        if recorded == train_hash(source, [source_weights] if source_weights else [], log=log):
             log(f"weights: reusing the trained model of {source.name} ({model_path})")
             return model_path
         log(f"weights: {source.name} changed since {source_dir} was trained; retraining it")
@@ -88,16 +96,22 @@ def prepare_run_dir(run_dir) -> Path:
     return run_dir
 
 
-def train_hash(recipe, starting_files) -> str:
-    """What the train stage depends on: its recipe sections, its data as it is now (the
-    cache key: file list, sizes and modification times, or a file's sha256) and the files
-    it starts from (the backbone weights, or an ensemble's member models)."""
+def train_hash(recipe, starting_files, *, log=None) -> str:
+    """What the train stage depends on: its recipe sections, what its data holds (the
+    prepared cache entry's pixel digests and labels, prepared now if the cache has none) and
+    the files it starts from (a weights file, the model of a weights recipe, or an
+    ensemble's member models). Content only: a moved or copied checkout hashes the same."""
     import hashlib
-    from tledge.data.sources import source_key
+    from tledge.data.sources import prepared_entry
     from tledge.rundir import sha256
     text = recipe.hash("seed", "data", "model", "train", "baseline", "ensemble")
-    text += ":" + source_key(recipe.data, recipe.seed)
-    for path in starting_files:
+    text += ":" + prepared_entry(recipe.data, recipe.seed, log=log).content_digest()
+    weights = recipe.model.weights
+    files = list(starting_files)
+    if recipe.ensemble is None and Path(weights).is_absolute() and Path(weights).is_file() \
+            and not weights.endswith(".toml"):
+        files.append(weights)
+    for path in files:
         text += ":" + sha256(path)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -180,15 +194,18 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting, 
         from tledge.report import baseline_warning
         for line in filter(None, [baseline_warning(history)]):
             log("!" * 78 + f"\n{line}\n" + "!" * 78)
-    write_text(run_dir / RECIPE, f"# resolved from {recipe.path}\n"
-                                 + dump_toml(recipe.to_dict()) + "\n")
+    write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))
     write_json(run_dir / SPLIT, splits.record)
+    if members is not None:
+        from tledge.ensemble import portable_members
+        history["ensemble"]["members"] = portable_members(history["ensemble"]["members"],
+                                                          run_dir)
     write_json(run_dir / HISTORY, history)
     model_path = run_dir / FORMATS["keras"].file_name
     with atomic_path(model_path) as temporary, quiet():
         model.save(temporary)
     _remove_stale_outputs(run_dir)
-    manifest = new_manifest(recipe, splits.class_names, recipe.data.image_size)
+    manifest = new_manifest(recipe, run_dir, splits.class_names, recipe.data.image_size)
     spec = {"shape": [-1, *recipe.data.image_size, 3], "dtype": "float32", "range": [0, 255]}
     entry = artifact_entry(run_dir, model_path, FORMATS["keras"],
                            recipe_hash=manifest["recipe"]["hash"], labels=splits.class_names,
@@ -201,9 +218,8 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting, 
                         "fingerprint": splits.record["fingerprint"]}
     record_stage(manifest, "train", hash=train_key,
                  wall_seconds=round(time.perf_counter() - start, 1),
-                 weights_from=[str(Path(path).resolve()) for path in files] if members
-                 else str(Path(weights_file).resolve()) if weights_file
-                 else recipe.model.weights)
+                 weights_from=[portable(path, run_dir) for path in files] if members
+                 else portable(weights_file or recipe.model.weights, run_dir))
     write_manifest(run_dir, manifest)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     accuracy = history["test_accuracy"]
@@ -229,19 +245,47 @@ def _train_as_worker(recipe, run_dir, role, *, log, verbose):
 
 
 def _remove_stale_outputs(run_dir) -> None:
-    """A new model makes every export, parity and bench result of the old one a lie."""
+    """A new model makes every export, parity and bench result of the old one a lie: the
+    files the manifest lists, or (when it is gone or damaged) every name tledge writes."""
     import shutil
     from tledge.rundir import BENCH, PARITY, REPORT
-    if (run_dir / MANIFEST).is_file():
-        for entry in read_manifest(run_dir)["artifacts"]:
-            if entry["name"] != "keras" and entry.get("path"):
-                stale = run_dir / entry["path"]
-                if stale.is_dir():  # a SavedModel folder
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    stale.unlink(missing_ok=True)
+    try:
+        paths = [entry["path"] for entry in read_manifest(run_dir)["artifacts"]
+                 if entry["name"] != "keras" and entry.get("path")]
+    except RunDirError:
+        paths = [row.file_name for row in FORMATS.values() if row.family != "keras"]
+    for path in paths:
+        stale = run_dir / path
+        if stale.is_dir():  # a SavedModel folder
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     for name in (PARITY, BENCH, REPORT):
         (run_dir / name).unlink(missing_ok=True)
+
+
+def set_aside_damaged_manifest(run_dir, log) -> bool:
+    """A manifest that is not what tledge wrote cannot vouch for any file of the run: keep it
+    as `manifest.json.damaged` (evidence, not trusted) and say the run is trained again.
+    Returns whether it did."""
+    import shutil
+    path = Path(run_dir) / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        return False
+    try:
+        read_manifest(run_dir)
+        return False
+    except RunDirError as error:
+        problem = str(error)
+    aside = path.with_name(MANIFEST + ".damaged")
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside)
+    else:
+        aside.unlink(missing_ok=True)
+    os.replace(path, aside)
+    log(f"warning: {problem.split('; ')[0]}: nothing in the run can be trusted without it; "
+        f"training again (the damaged file is kept as {aside.name})")
+    return True
 
 
 def build(recipe_path, *, out=None, log=print, verbose="auto", force=False):
@@ -279,10 +323,13 @@ def _build_locked(recipe, run_dir, *, log, verbose, force):
             return True
         return False
 
+    set_aside_damaged_manifest(run_dir, log)
     starting = starting_points(recipe, run_dir, log=log, verbose=verbose)
-    if force or not current("train", train_hash(recipe, starting[0])):
+    if force or not current("train", train_hash(recipe, starting[0], log=log)):
         log(f"== train  {recipe.name} -> {run_dir}")
         train_run(recipe, run_dir, log=log, verbose=verbose, restart=force, starting=starting)
+    else:  # the sections after train may have changed, and the stored copy may be damaged:
+        write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))  # later stages read it
     stages = (("export", lambda: export_run(run_dir, log=log)),
               ("validate", lambda: validate_run(run_dir, log=log)),
               ("bench", lambda: bench_run(run_dir, log=log)))

@@ -6,7 +6,6 @@ prediction sees pixels prepared exactly as in training, calibration and validati
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,8 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
     """Top-k classes of each image file under the artifact at `artifact_path`.
 
     Labels come from the artifact's embedded metadata, else from the `manifest.json` next to
-    it (the entry for this very file), else they are the class indices as strings.
+    it (the entry for this very file), else they are the class indices as strings. A file
+    that a run's manifest lists is checked against it first.
 
     Returns:
         One dict per image, in order: "image", "artifact", "runtime" and "top", a list of
@@ -28,6 +28,7 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
     Raises:
         ArtifactError: the artifact is missing, unreadable or refused, or its input size is
             not fixed.
+        RunDirError: the artifact sits in a run directory that records another sha256.
         DataError: an image file is missing or cannot be decoded.
         RuntimeUnavailable: the runtime cannot run the artifact here.
     """
@@ -37,6 +38,7 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
     if top_k < 1:
         raise ArtifactError(f"top_k must be at least 1, got {top_k}")
     artifact_path = Path(artifact_path)
+    entry = run_entry(artifact_path) if artifact_path.is_file() else None
     info = describe_file(artifact_path)
     shape = info["input"]["shape"]
     if len(shape) != 4 or shape[3] != 3 or min(shape[1:3]) < 1:
@@ -52,7 +54,7 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
     finally:
         runner.close()
     classes = probabilities.shape[1] if probabilities.ndim == 2 else 0
-    labels = _labels(info, artifact_path, classes)
+    labels = _labels(info, entry, classes)
     results = []
     for image, row in zip(images, probabilities):
         order = np.argsort(-row, kind="stable")[:min(top_k, classes)]
@@ -63,29 +65,33 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
     return results
 
 
-def _labels(info: dict, artifact_path: Path, classes: int) -> list[str]:
-    """Embedded labels, else the sibling manifest's for this file, else indices."""
-    candidates = [info.get("labels"), _manifest_labels(artifact_path)]
+def _labels(info: dict, entry: dict | None, classes: int) -> list[str]:
+    """Embedded labels, else the run's manifest's for this file, else indices."""
+    candidates = [info.get("labels"), entry.get("labels") if entry else None]
     for labels in candidates:
         if labels and len(labels) == classes:
             return [str(label) for label in labels]
     return [str(index) for index in range(classes)]
 
 
-def _manifest_labels(artifact_path: Path) -> list | None:
-    from tledge.rundir import MANIFEST, sha256
-    manifest_path = artifact_path.parent / MANIFEST
+def run_entry(artifact_path: Path) -> dict | None:
+    """The manifest entry of an artifact that sits in a run directory, after checking the
+    file is the one that manifest records; None for a file that travelled alone (no readable
+    manifest beside it, or one that does not list it).
+
+    Raises:
+        RunDirError: the run lists this file and its sha256 is not the one recorded.
+    """
+    from tledge.errors import RunDirError
+    from tledge.rundir import MANIFEST, read_manifest, verified_artifact
+    if not (artifact_path.parent / MANIFEST).is_file():
+        return None
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None  # no manifest beside it is normal for a file that travelled alone
-    digest = None
-    for entry in manifest.get("artifacts", []) if isinstance(manifest, dict) else []:
-        if entry.get("path") != artifact_path.name or entry.get("status", "ok") != "ok":
-            continue
-        if entry.get("sha256"):
-            digest = digest or sha256(artifact_path)
-            if digest != entry["sha256"]:
-                continue  # same name, another file: its labels may not be this model's
-        return entry.get("labels") or manifest.get("labels")
+        manifest = read_manifest(artifact_path.parent)
+    except RunDirError:
+        return None  # not a manifest tledge wrote: it vouches for nothing
+    for entry in manifest["artifacts"]:
+        if entry.get("status", "ok") == "ok" and entry["path"] == artifact_path.name:
+            verified_artifact(artifact_path.parent, entry)
+            return entry
     return None

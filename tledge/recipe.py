@@ -297,8 +297,9 @@ class Recipe:
     def image_size(self) -> tuple[int, int]:
         return self.data.image_size
 
-    def to_dict(self) -> dict:
-        out = to_dict(self)
+    def to_dict(self, paths=None) -> dict:
+        """The recipe as plain data; `paths` rewrites its file paths (see `schema.to_dict`)."""
+        out = to_dict(self, paths)
         out.pop("path", None)
         if self.ensemble is not None:  # its members carry the models and their training
             out.pop("model", None)
@@ -309,8 +310,14 @@ class Recipe:
         return out
 
     def hash(self, *sections: str) -> str:
-        """A stable hash of the given top-level sections (all of them when none is given)."""
-        data = self.to_dict()
+        """A stable hash of the given top-level sections (all of them when none is given).
+
+        File paths are left out: where a checkout lives is not what a run depends on. What
+        the files hold is hashed by the stages that read them (the data's cache key, the
+        sha256 of weights files and member models), so a moved or copied checkout hashes
+        the same and a changed file does not.
+        """
+        data = self.to_dict(paths=lambda path: "<file>")
         for section, key in _NOT_HASHED:  # where and how fast, not what: no stage redone
             data.get(section, {}).pop(key, None)
         chosen = {key: data.get(key) for key in sections} if sections else data
@@ -379,6 +386,16 @@ def _resolve(recipe: Recipe, path: Path) -> Recipe:
             train.fine_tune, unfreeze=backbone.default_unfreeze))
     return dataclasses.replace(recipe, data=data, model=model, train=train,
                                path=str(path.resolve()))
+
+
+def stored_recipe_text(recipe, folder) -> str:
+    """The resolved recipe as a run directory keeps it: its file paths relative to `folder`
+    (the run directory), so a run moved together with its data still finds it, and a copy
+    made anywhere loads (later stages read the data from the prepared-data cache)."""
+    import os
+    relative = lambda path: os.path.relpath(path, Path(folder).resolve())  # noqa: E731
+    return f"# resolved from {relative(recipe.path)}\n" + dump_toml(recipe.to_dict(relative)) \
+        + "\n"
 
 
 def dump_toml(data: dict, prefix: str = "") -> str:

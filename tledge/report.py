@@ -477,10 +477,13 @@ def _bench_section(bench, parity) -> list[str]:
     lines = ["## Latency", ""]
     if not bench or not bench["rows"]:
         return lines + ["(not benchmarked on this machine yet: `tledge bench RUN_DIR`)", ""]
-    machine = bench["machine"]
+    machine = bench.get("machine") if isinstance(bench.get("machine"), dict) else {}
     flops = bench.get("flops_per_image")
-    lines += [f"Measured on {machine['cpu']} ({machine['cores']} cores), {machine['system']}."
-              + (f" The model costs {flops / 1e9:.3f} GFLOPs per image." if flops else ""),
+    isa = f", {md(machine['isa'])}" if machine.get("isa") else ""
+    lines += [f"Measured on {md(machine.get('cpu', 'an unrecorded CPU'))}{isa} "
+              f"({md(machine.get('cores', '?'))} cores), {md(machine.get('system', '?'))}."
+              + (f" The model costs {flops / 1e9:.3f} GFLOPs per image."
+                 if isinstance(flops, (int, float)) and flops else ""),
               "Accuracy and parity are the validate stage's, for the same artifact. Each row "
               "ran in its own process; peak MiB is that process's peak resident memory.", "",
               "| artifact | runtime | threads | batch | status | parity | accuracy "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tledge.errors import RunDirError
+from tledge.errors import DataError, RunDirError, first_line
 from tledge.recipe import load_recipe
 from tledge.rundir import RECIPE, SPLIT, check_run_dir, read_record
 
@@ -19,15 +19,15 @@ def run_splits(run_dir, recipe=None, *, log=None):
     """The run's data split, read from the prepared-data cache entry it was trained on.
 
     No image file is decoded again while that entry exists, even if the source has changed
-    since (the run is judged on the data it was trained on). When the entry is gone, it is
-    prepared again from the source if the source is unchanged.
+    since (the run is judged on the data it was trained on). When the entry is gone, the
+    source is prepared again and must hold the same images and labels (its files may have
+    moved or been copied: content counts, not modification times).
 
     Raises:
-        RunDirError: the entry is gone and the source changed, or the data read back is not
-            the data the run was trained on.
+        RunDirError: the entry is gone and the source is unreadable or holds other data.
     """
     from tledge.data.cache import cache_root, open_entry
-    from tledge.data.sources import load_splits, prepared_entry, source_key
+    from tledge.data.sources import load_splits, prepared_entry
     recipe = recipe or run_recipe(run_dir)
     recorded = read_record(Path(run_dir) / SPLIT)
     cache = recorded.get("cache") if isinstance(recorded, dict) else None
@@ -39,20 +39,22 @@ def run_splits(run_dir, recipe=None, *, log=None):
             if entry is not None:
                 break
     if entry is None:
-        if key and source_key(recipe.data, recipe.seed) != key:
-            raise RunDirError(
-                f"the prepared data {run_dir} was trained on (cache entry {key}) is gone, and "
-                f"the {recipe.data.source} source has changed since; retrain with "
-                "`tledge build --force` so validation compares like with like")
         if log:
             log(f"data: the prepared data of {run_dir} is not in the cache; preparing it again "
-                "from the unchanged source")
-        entry = prepared_entry(recipe.data, recipe.seed, log=log)
+                "from its source")
+        try:
+            entry = prepared_entry(recipe.data, recipe.seed, log=log)
+        except DataError as error:
+            raise RunDirError(f"the prepared data {run_dir} was trained on (cache entry {key}) "
+                              f"is gone, and its source cannot be read ({first_line(error)}); "
+                              "put the data where the run's recipe.toml says, or retrain") \
+                from None
     splits = load_splits(recipe.data, seed=recipe.seed, entry=entry)
     if recorded.get("fingerprint") != splits.record.get("fingerprint"):
-        raise RunDirError(f"the data of {recipe.data.source} source changed since {run_dir} was "
-                          "trained (its fingerprint differs from split.json); retrain with "
-                          "`tledge build` so validation compares like with like")
+        raise RunDirError(f"the data of the {recipe.data.source} source changed since {run_dir} "
+                          "was trained (its images or labels differ from split.json's "
+                          "fingerprint); retrain with `tledge build` so validation compares "
+                          "like with like")
     return splits
 
 

@@ -8,6 +8,7 @@ what it made in `manifest.json`. Later stages read the manifest, never guess fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -43,6 +44,11 @@ def library_versions() -> dict:
     return versions
 
 
+# A full disk, a quota, a read-only or failing disk: the file cannot be written, and saying so
+# in one line is all a stage can do
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path`; rename it into place only if the block succeeds.
@@ -66,6 +72,12 @@ def atomic_path(path):
             import shutil
             shutil.rmtree(path)
         os.replace(temporary, path)
+    except OSError as error:
+        if error.errno not in _WRITE_ERRORS:
+            raise
+        raise RunDirError(f"cannot write {path}: {error.strerror}; nothing half-written was "
+                          "kept: free some space (or choose another --out) and run the same "
+                          "command again") from None
     finally:
         if os.path.exists(temporary):
             if os.path.isdir(temporary):
@@ -76,6 +88,7 @@ def atomic_path(path):
 
 
 LOCK = ".tledge.lock"
+LOCK_WRITE_SECONDS = 60  # a lock that holds no "host pid" line after this long is garbage
 
 
 @contextlib.contextmanager
@@ -83,8 +96,9 @@ def run_lock(run_dir):
     """Hold the run directory for this process: one build (or stage) at a time.
 
     The lock is a file holding the holder's host and pid. A lock whose process is gone (a
-    killed build) is stale and taken over; a live one is an error that names the holder. The
-    same process may take it again (a build calls its stages).
+    killed build), or that has held no readable holder for a minute, is stale and taken over;
+    a live one is an error that names the holder. The same process may take it again (a
+    build calls its stages).
     """
     import socket
     path = Path(run_dir) / LOCK
@@ -98,7 +112,9 @@ def run_lock(run_dir):
             holder = _lock_holder(path)
             if holder == mine:
                 break  # this process holds it already
-            if holder is None or _alive(holder):
+            # an unreadable lock is being written right now, or garbage left long ago
+            live = _alive(holder) if holder else _age(path) < LOCK_WRITE_SECONDS
+            if live:
                 raise RunDirError(f"{run_dir} is in use by another tledge "
                                   f"({holder or 'unreadable ' + LOCK}); wait for it to finish, "
                                   f"or stop it (a lock left by a killed run is taken over "
@@ -117,6 +133,13 @@ def run_lock(run_dir):
     finally:
         if taken:
             Path(path).unlink(missing_ok=True)
+
+
+def _age(path) -> float:
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _lock_holder(path) -> str | None:
@@ -325,9 +348,19 @@ def write_manifest(run_dir, manifest: dict) -> None:
     write_json(Path(run_dir) / MANIFEST, manifest)
 
 
-def new_manifest(recipe, labels, image_size) -> dict:
-    return empty_manifest({"name": recipe.name, "source": recipe.path, "file": RECIPE,
-                           "hash": recipe.hash()}, labels, image_size)
+def new_manifest(recipe, run_dir, labels, image_size) -> dict:
+    return empty_manifest({"name": recipe.name, "source": portable(recipe.path, run_dir),
+                           "file": RECIPE, "hash": recipe.hash()}, labels, image_size)
+
+
+def portable(path, run_dir) -> str:
+    """A path as a run's records keep it: relative to the run directory when it is a file
+    path (a run moved or copied elsewhere does not point into its old place), unchanged when
+    it is a keyword such as 'imagenet'."""
+    path = str(path)
+    if not Path(path).is_absolute():
+        return path
+    return os.path.relpath(path, Path(run_dir).resolve())
 
 
 def empty_manifest(recipe_facts: dict, labels, image_size) -> dict:
@@ -336,17 +369,43 @@ def empty_manifest(recipe_facts: dict, labels, image_size) -> dict:
             "stages": {}, "artifacts": []}
 
 
-def record_stage(manifest: dict, stage: str, **facts) -> None:
+def record_stage(manifest: dict, stage: str, *, outputs=(), reads=(), **facts) -> None:
+    """Enter a finished stage in the manifest (not saved): its facts, the sha256 of each
+    record it wrote (`outputs`) and of each run file it read (`reads`; None for one that was
+    not there). A stage is current only while both are still what they were (see
+    `stage_is_current`): a record rewritten after the manifest, or an input that changed or
+    appeared since, makes the stage run again."""
     manifest["stages"][stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **facts}
+    if reads:
+        manifest["stages"][stage]["reads"] = {Path(path).name: _sha256_or_none(path)
+                                              for path in reads}
+    for path in outputs:
+        note_output(manifest, stage, path)
+
+
+def _sha256_or_none(path) -> str | None:
+    return sha256(path) if Path(path).is_file() else None
+
+
+def note_output(manifest: dict, stage: str, path) -> None:
+    """Record the sha256 of a record `stage` (re)wrote in its manifest entry (not saved)."""
+    record = manifest["stages"].get(stage)
+    if record is not None:
+        record.setdefault("outputs", {})[Path(path).name] = sha256(path)
 
 
 # Each stage depends on the stage before it and on its own recipe section.
 STAGE_INPUTS = {"export": ("train", "export"), "validate": ("export", "validate"),
                 "bench": ("validate", "bench")}
+# The records each stage writes: a stage whose record is missing or damaged is not current
+STAGE_OUTPUTS = {"train": (SPLIT, HISTORY), "validate": (PARITY,), "bench": (BENCH,)}
 
 
 def stage_hash(manifest: dict, recipe, stage: str) -> str | None:
-    """The hash a stage's outputs carry: the previous stage's hash plus its recipe section.
+    """The hash a stage's outputs carry: the previous stage's hash, its recipe section, and
+    the files it reads: export the trained model, validate every artifact (and the runtimes
+    of [bench]), bench the machine it measures on (a bench from another machine is not
+    current here).
 
     None when the previous stage has not run.
     """
@@ -355,11 +414,21 @@ def stage_hash(manifest: dict, recipe, stage: str) -> str | None:
     if before is None:
         return None
     text = f"{before}:{recipe.hash(section)}"
-    if stage == "validate":  # a re-exported file, or a runtime added to [bench], is
-        text += ":" + ",".join(recipe.bench.runtimes)  # validated (and benchmarked) again
-        text += ":" + ",".join(sorted(f"{entry['name']}={entry.get('sha256')}"
-                                      for entry in artifacts(manifest)))
+    reads = {"export": [entry for entry in artifacts(manifest) if entry["name"] == "keras"],
+             "validate": artifacts(manifest)}.get(stage, [])
+    text += ":" + ",".join(sorted(f"{entry['name']}={entry.get('sha256')}" for entry in reads))
+    if stage == "validate":  # a runtime added to [bench] is validated (and benchmarked)
+        text += ":" + ",".join(recipe.bench.runtimes)
+    if stage == "bench":
+        text += ":" + machine_key()
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def machine_key() -> str:
+    """What makes a latency figure this machine's: the CPU, its vector ISA and core count."""
+    from tledge.device_bench import machine_facts
+    facts = machine_facts()
+    return "|".join(str(facts.get(key)) for key in ("cpu", "isa", "cores", "arch"))
 
 
 def stage_is_current(run_dir, manifest: dict, stage: str, expected: str | None) -> bool:
@@ -367,9 +436,17 @@ def stage_is_current(run_dir, manifest: dict, stage: str, expected: str | None) 
     record = manifest["stages"].get(stage)
     if expected is None or not record or record.get("hash") != expected:
         return False
-    outputs = {"validate": [PARITY], "bench": [BENCH]}.get(stage, [])
-    if any(not (Path(run_dir) / name).is_file() for name in outputs):
-        return False
+    for name in STAGE_OUTPUTS.get(stage, ()):
+        try:
+            read_record(Path(run_dir) / name)
+        except RunDirError:
+            return False
+    for name, digest in (record.get("outputs") or {}).items():
+        if _sha256_or_none(Path(run_dir) / str(name)) != digest:
+            return False  # rewritten since the stage recorded it
+    for name, digest in (record.get("reads") or {}).items():
+        if _sha256_or_none(Path(run_dir) / str(name)) != digest:
+            return False  # what it read changed since
     if stage == "export" and any(entry.get("status") == "failed"
                                  for entry in manifest["artifacts"]):
         return False  # a format that failed (a full disk?) is tried again

@@ -199,13 +199,26 @@ def _join(keypath: str, key: str) -> str:
     return f"{keypath}.{key}" if keypath else key
 
 
-def to_dict(obj) -> dict:
-    """A resolved recipe object as plain TOML-ready data (tuples become lists)."""
+def to_dict(obj, paths=None) -> dict:
+    """A resolved recipe object as plain TOML-ready data (tuples become lists).
+
+    `paths`, when given, rewrites every resolved (absolute) path a path option holds: to make
+    it relative to where a copy is stored, or to leave it out of a hash.
+    """
     if dataclasses.is_dataclass(obj):
-        return {field.name: to_dict(getattr(obj, field.name)) for field in dataclasses.fields(obj)
-                if getattr(obj, field.name) is not None}
+        out = {}
+        for field in dataclasses.fields(obj):
+            value = getattr(obj, field.name)
+            if value is None:
+                continue
+            if paths and field.metadata.get("path") and isinstance(value, str) \
+                    and Path(value).is_absolute():
+                out[field.name] = paths(value)
+            else:
+                out[field.name] = to_dict(value, paths)
+        return out
     if isinstance(obj, (tuple, list)):
-        return [to_dict(item) for item in obj]
+        return [to_dict(item, paths) for item in obj]
     if isinstance(obj, (dict, types.MappingProxyType)):
-        return {key: to_dict(value) for key, value in obj.items()}
+        return {key: to_dict(value, paths) for key, value in obj.items()}
     return obj

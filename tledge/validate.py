@@ -166,8 +166,8 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
             rows.append(ParityRow(entry["name"], "", "failed",
                                   problems=[f"export failed: {entry['error']}"]))
     report = ParityReport(split, len(labels), rows)
-    write_json(run_dir / PARITY, report.to_dict())
-    record_stage(manifest, "validate", split=split, images=len(labels),
+    written = write_json(run_dir / PARITY, report.to_dict())
+    record_stage(manifest, "validate", outputs=[written], split=split, images=len(labels),
                  hash=stage_hash(manifest, recipe, "validate"),
                  failed=[row.artifact for row in report.failed])
     write_manifest(run_dir, manifest)

@@ -209,6 +209,18 @@ class Entry:
     def bad_images(self) -> list:
         return self.meta.get("bad_images", [])
 
+    def content_digest(self) -> str:
+        """sha256 over the class names and every split's labels and pixel digests: what the
+        images are, wherever they came from (a copied folder has new modification times,
+        hence a new key, and the same digest)."""
+        digest = hashlib.sha256("\n".join(self.class_names).encode())
+        for name in sorted(self.splits):
+            split = self.splits[name]
+            digest.update(f"\n{name}:{len(split.labels)}\n".encode())
+            digest.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
+            digest.update(np.ascontiguousarray(split.images.digests, dtype=np.uint8).tobytes())
+        return digest.hexdigest()
+
 
 def open_entry(root, key) -> Entry | None:
     """The complete entry `key` under `root`, or None when there is none (or it is broken

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tledge.errors import ExportError, RunDirError, first_line
+from tledge.errors import ExportError, RunDirError, TledgeError, first_line
 from tledge.formats import FORMATS, format_for
 from tledge.quiet import quiet
 from tledge.rundir import (artifact_entry, atomic_path, failed_entry, find_artifact,
                            read_manifest, record_stage, set_artifact, stage_hash,
-                           write_manifest)
+                           verified_artifact, write_manifest)
 
 
 def _exporter(family):
@@ -95,7 +95,7 @@ def export_run(run_dir, *, only=None, precisions=None, log=print) -> list[dict]:
     reference = find_artifact(manifest, "keras")
     if reference.get("status") != "ok":
         raise RunDirError(f"{run_dir} has no trained model; run `tledge train` first")
-    model = load_model(run_dir / reference["path"])
+    model = load_model(verified_artifact(run_dir, reference))
     calibration = None
     if any(row.precision == "int8" for row in rows):
         splits = run_splits(run_dir, recipe)
@@ -136,7 +136,7 @@ def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_i
             log(f"  {row.name:<16} {entry['path']}  {entry['size_bytes'] / 1024:,.0f} KiB  "
                 f"{entry['export_seconds']:.1f} s")
         except Exception as error:  # one failed format must not stop the others
-            reason = str(error) if isinstance(error, ExportError) else \
+            reason = first_line(error) if isinstance(error, TledgeError) else \
                 f"{type(error).__name__}: {first_line(error)}"
             entry = failed_entry(row, reason)
             log(f"  {row.name:<16} FAILED: {reason}")
