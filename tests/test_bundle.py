@@ -89,7 +89,7 @@ def test_device_script_is_python_3_9_and_needs_only_numpy_and_a_runtime(device_r
     source = (folder / "bench_device.py").read_text()
     tree = ast.parse(source, feature_version=(3, 9))  # a SyntaxError fails the test
     allowed = set(sys.stdlib_module_names) | {"numpy", "ai_edge_litert", "tflite_runtime",
-                                              "onnxruntime"}
+                                              "onnxruntime", "openvino"}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             modules = [alias.name for alias in node.names]

@@ -157,6 +157,11 @@ def test_a_fused_model_builds_exports_passes_parity_and_reuses_its_members(tmp_p
         assert rows[name].status == "passed", rows[name]
     history = json.loads((run_dir / "history.json").read_text())
     assert [m["name"] for m in history["ensemble"]["members"]] == ["whole.wide", "whole.small"]
+    from tledge.inspect import describe_file  # the fused .tflite describes itself to clients
+    labels = json.loads((run_dir / "manifest.json").read_text())["labels"]
+    for name in ("model_fp32.tflite", "model_int8.tflite"):
+        standard = describe_file(run_dir / name)["standard_metadata"]
+        assert standard["name"] == "whole" and standard["labels"] == labels
     report = (run_dir / "report.md").read_text()
     assert "## Ensemble" in report and "| **fused** | weighted |" in report
     members_before = {p: p.stat().st_mtime_ns for p in run_dir.glob("members/*/model.keras")}

@@ -83,7 +83,8 @@ def test_bench_has_a_row_per_artifact_and_a_pick(built_run):
     rows = {(row["artifact"], row["runtime"]): row for row in bench["rows"]
             if row["runtime"] not in gpu}
     assert set(rows) == {("keras", "keras"), ("tflite_fp32", "litert"),
-                         ("tflite_int8", "litert"), ("onnx_fp32", "onnxruntime")}
+                         ("tflite_int8", "litert"), ("onnx_fp32", "onnxruntime"),
+                         ("onnx_fp32", "openvino")}  # OpenVINO is in the dev extras
     assert {row["runtime"] for row in bench["rows"]} >= gpu
     for row in rows.values():
         assert row["status"] == "ok", row

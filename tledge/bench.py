@@ -46,6 +46,7 @@ class BenchRow:
     gflops_per_second: float | None = None  # achieved: the model's FLOPs x images / p50
     peak_rss_mb: float | None = None  # the benchmark process's peak resident memory
     runtime_rss_mb: float | None = None  # of which added by loading and running the runtime
+    executed: str | None = None  # how the runtime ran it, where it says (OpenVINO's precision)
 
 
 def bench_artifact(entry, run_dir, runtime, *, threads, batch, images, warmup, min_runs,
@@ -63,6 +64,7 @@ def bench_artifact(entry, run_dir, runtime, *, threads, batch, images, warmup, m
         row.status, row.reason = "failed", f"{type(error).__name__}: {error}"
         return row
     row.load_ms = (time.perf_counter_ns() - start) / 1e6
+    row.executed = runner.executed
     try:
         reps = int(np.ceil(batch / len(images)))
         prepared = runner.prepare(np.concatenate([images] * reps)[:batch])
@@ -229,4 +231,5 @@ def format_row(row: BenchRow) -> str:
         return f"{head} {row.status}: {row.reason}"
     memory = f"  peak {row.peak_rss_mb:.0f} MiB" if row.peak_rss_mb is not None else ""
     return (f"{head} p50 {row.p50_ms:8.3f} ms  p90 {row.p90_ms:8.3f}  p99 {row.p99_ms:8.3f}  "
-            f"{row.throughput_ips:8.1f} img/s  load {row.load_ms:.0f} ms{memory}")
+            f"{row.throughput_ips:8.1f} img/s  load {row.load_ms:.0f} ms{memory}"
+            + (f"  ({row.executed})" if row.executed else ""))

@@ -38,7 +38,7 @@ README = """\
 tledge bundle of run {run!r} ({count} artifacts), made {created}.
 
 On the device (Python 3.9+, numpy, and ai-edge-litert or tflite-runtime for .tflite files,
-onnxruntime for .onnx files):
+onnxruntime or openvino for .onnx files):
 
     unzip {name} -d tledge_bundle && cd tledge_bundle
     python3 bench_device.py --name my-device          # writes result.json
@@ -99,6 +99,7 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 32, log=print) 
         finally:
             runner.close()
         listed.append({"name": entry["name"], "format": entry["format"],
+                       "precision": entry.get("precision"),
                        "file": f"artifacts/{Path(entry['path']).name}",
                        "sha256": entry["sha256"], "size_bytes": entry["size_bytes"],
                        "input": entry["input"], "output": entry["output"],

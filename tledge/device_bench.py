@@ -4,8 +4,8 @@ This file is two things at once. Inside tledge it is the one home of the benchma
 statistics, timing loop, input preparation and memory probe, which `tledge bench` uses too.
 Copied into a bundle (`tledge bundle`) as `bench_device.py`, it runs on a Raspberry Pi, a
 Jetson or any machine with Python 3.9+, numpy and one runtime: `ai-edge-litert` or
-`tflite-runtime` for .tflite files, `onnxruntime` for .onnx files. It needs nothing else,
-so it imports only the standard library and numpy at the top.
+`tflite-runtime` for .tflite files, `onnxruntime` or `openvino` for .onnx files. It needs
+nothing else, so it imports only the standard library and numpy at the top.
 
 On the device it reads `bundle.json` beside it, times every artifact it has a runtime for
 (each combination in a process of its own, as `tledge bench` does), checks each artifact's
@@ -208,6 +208,27 @@ class OnnxModel:
         return self.session.run(None, {self._input: prepared})[0]
 
 
+class OpenVinoModel:
+    """An .onnx file in OpenVINO on the CPU (Intel edge boxes), fp32 artifacts at f32."""
+
+    def __init__(self, path, threads, module="openvino", precision=None):
+        import openvino
+        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                  "INFERENCE_NUM_THREADS": int(threads)}
+        if precision != "int8":  # OpenVINO may run a float graph in bf16: not what was checked
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        core = openvino.Core()
+        self.request = core.compile_model(core.read_model(str(path)), "CPU",
+                                          config).create_infer_request()
+
+    def run(self, prepared):
+        self.request.infer({0: prepared})
+        return self.request.get_output_tensor(0).data.copy()
+
+
+ONNX_MODULES = ("onnxruntime", "openvino")
+
+
 def installed(module: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(module) is not None
@@ -215,7 +236,7 @@ def installed(module: str) -> bool:
 
 def runtime_for(file_name: str, wanted: str = "auto") -> str:
     """The runtime module this device runs `file_name` with, or raise Unavailable."""
-    candidates = TFLITE_MODULES if file_name.endswith(".tflite") else ("onnxruntime",)
+    candidates = TFLITE_MODULES if file_name.endswith(".tflite") else ONNX_MODULES
     if wanted != "auto":
         if wanted not in candidates:
             raise Unavailable(f"{wanted} does not run {Path(file_name).suffix} files")
@@ -227,13 +248,15 @@ def runtime_for(file_name: str, wanted: str = "auto") -> str:
     raise Unavailable(f"no runtime for {Path(file_name).suffix} here (pip install {hint})")
 
 
-def open_model(path, threads: int, module: str):
+def open_model(path, threads: int, module: str, precision=None):
+    if module == "openvino":
+        return OpenVinoModel(path, threads, module, precision)
     return (OnnxModel if module == "onnxruntime" else TFLiteModel)(path, threads, module)
 
 
 def runtime_versions() -> dict:
     versions = {"numpy": np.__version__}
-    for module in TFLITE_MODULES + ("onnxruntime",):
+    for module in TFLITE_MODULES + ONNX_MODULES:
         if installed(module):
             try:
                 from importlib.metadata import version
@@ -254,7 +277,7 @@ def bench_one(job: dict) -> dict:
     baseline = peak_rss_bytes()
     start = time.perf_counter_ns()
     try:
-        model = open_model(job["path"], job["threads"], job["runtime"])
+        model = open_model(job["path"], job["threads"], job["runtime"], job.get("precision"))
         row["load_ms"] = (time.perf_counter_ns() - start) / 1e6
         reps = -(-job["batch"] // len(images))
         prepared = prepare_pixels(np.concatenate([images] * reps)[:job["batch"]], job["input"])
@@ -304,7 +327,7 @@ def file_sha256(path) -> str:
 
 def check_accuracy(entry: dict, path, module: str, images, expected) -> dict:
     """Accuracy on the bundled images, and agreement with what the build machine predicted."""
-    model = open_model(path, 1, module)
+    model = open_model(path, 1, module, entry.get("precision"))
     predicted = []
     for start in range(len(images)):  # batch 1: every artifact takes it
         raw = model.run(prepare_pixels(images[start:start + 1], entry["input"]))
@@ -353,7 +376,8 @@ def bench_bundle(folder, *, threads=None, batch_sizes=None, wanted="auto", names
             for batch in settings["batch_sizes"]:
                 job = {"artifact": entry["name"], "path": str(path), "runtime": module,
                        "threads": count, "batch": batch, "size_bytes": entry["size_bytes"],
-                       "input": entry["input"], "images": str(folder / bundle["images"]["file"]),
+                       "input": entry["input"], "precision": entry.get("precision"),
+                       "images": str(folder / bundle["images"]["file"]),
                        "warmup": settings["warmup"], "min_runs": settings["min_runs"],
                        "min_seconds": settings["min_seconds"]}
                 row = bench_in_process(job, isolate)
@@ -406,7 +430,8 @@ def main(argv=None) -> int:
         prog="bench_device.py",
         description="Benchmark this tledge bundle's artifacts on this device and check their "
                     "accuracy on the bundled images. Needs numpy and ai-edge-litert or "
-                    "tflite-runtime (.tflite) or onnxruntime (.onnx). Bring the JSON it "
+                    "tflite-runtime (.tflite) or onnxruntime or openvino (.onnx). Bring the "
+                    "JSON it "
                     "writes back with: tledge bench RUN_DIR --import result.json")
     parser.add_argument("--out", default="result.json", help="where to write (result.json)")
     parser.add_argument("--name", help="the device's name in reports (default: hostname)")
@@ -414,8 +439,9 @@ def main(argv=None) -> int:
                         "(default: the recipe's)")
     parser.add_argument("--batch", type=_counts, help="batch sizes, e.g. 1,8")
     parser.add_argument("--runtime", default="auto",
-                        choices=("auto",) + TFLITE_MODULES + ("onnxruntime",),
-                        help="runtime to use (auto: whichever is installed)")
+                        choices=("auto",) + TFLITE_MODULES + ONNX_MODULES,
+                        help="runtime to use (auto: whichever is installed; .onnx files "
+                             "run in onnxruntime, else openvino)")
     parser.add_argument("--artifacts", help="comma-separated artifact names (default: all)")
     parser.add_argument("--min-runs", type=int, help="minimum timed runs per combination")
     parser.add_argument("--min-seconds", type=float, help="minimum timed seconds")

@@ -64,7 +64,8 @@ def describe_file(path) -> dict:
         described["precision"] = metadata["precision"]
     return {"format": family, "path": path.name, "file": str(path),
             "size_bytes": path.stat().st_size, **described, "metadata": metadata,
-            "labels": list(metadata["labels"]) if metadata and "labels" in metadata else None}
+            "labels": list(metadata["labels"]) if metadata and "labels" in metadata
+            else (described.get("standard_metadata") or {}).get("labels")}
 
 
 def _describe_tflite(path: Path) -> dict:
@@ -109,7 +110,31 @@ def _describe_tflite(path: Path) -> dict:
     else:
         precision = "fp32"
     return {"precision": precision, **spec, "operators": dict(operators.most_common()),
-            "not_on_xnnpack": sorted(name for name in operators if name not in XNNPACK_OPS)}
+            "not_on_xnnpack": sorted(name for name in operators if name not in XNNPACK_OPS),
+            "standard_metadata": _standard_metadata(path, data)}
+
+
+def _standard_metadata(path: Path, data: bytes) -> dict | None:
+    """The TFLite Model Metadata (what MediaPipe reads) and its labels file, if the model
+    has them; None when it has none."""
+    from tledge.export import tflite_standard as standard
+    from tledge.export.metadata import tflite_metadata_entries
+    raw = tflite_metadata_entries(path).get(standard.ENTRY)
+    if raw is None:
+        return None
+    try:
+        facts = standard.read_model_metadata(raw)
+    except (ValueError, IndexError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{path}: its TFLITE_METADATA entry is not readable "
+                            f"({first_line(error)})") from None
+    files = standard.associated_files(data)
+    outputs = facts["outputs"][0] if facts["outputs"] else {}
+    named = [item["name"] for item in outputs.get("associated_files", [])
+             if item["type"] == 2]  # TENSOR_AXIS_LABELS
+    text = files.get(named[0], b"").decode("utf-8", "replace") if named else ""
+    facts["labels"] = [line for line in text.splitlines() if line] if named else None
+    facts["labels_file"] = named[0] if named else None
+    return facts
 
 
 def _describe_onnx(path: Path) -> dict:
@@ -191,4 +216,20 @@ def format_description(info: dict) -> str:
         lines.append(f"  labels     {len(labels)}: {', '.join(labels)}")
     else:
         lines.append("  metadata   none embedded")
+    standard = info.get("standard_metadata")
+    if standard is not None:
+        image = (standard["inputs"] or [{}])[0]
+        normalization = image.get("normalization") or {}
+        labels = standard.get("labels")
+        lines.append(f"  standard   TFLite Model Metadata (read by MediaPipe): "
+                     f"{standard['name']!r}, {image.get('color_space') or '?'} "
+                     f"{image.get('content') or 'tensor'}, "
+                     f"mean {normalization.get('mean')} std {normalization.get('std')}, "
+                     f"values {image.get('range')}, "
+                     + (f"{len(labels)} labels in {standard['labels_file']}" if labels
+                        else "no labels file")
+                     + f", min parser {standard.get('min_parser_version')}")
+    elif info["format"] == "tflite":
+        lines.append("  standard   no TFLite Model Metadata (MediaPipe refuses a float input "
+                     "without it)")
     return "\n".join(lines)

@@ -193,6 +193,8 @@ class ExportRecipe:
                           help="TFLite int8 input/output: uint8 takes raw pixel bytes")
     calibration_samples: int = option(200, minimum=1, maximum=100_000,
                                       help="training images used to calibrate int8")
+    author: str = option("", help="the author named in each .tflite's standard metadata")
+    license: str = option("", help="the license named in each .tflite's standard metadata")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +231,7 @@ class ValidateRecipe:
 @dataclasses.dataclass(frozen=True)
 class BenchRecipe:
     runtimes: tuple[str, ...] = option(("keras", "keras_gpu", "litert", "onnxruntime",
-                                        "onnxruntime_cuda", "onnxruntime_tensorrt",
+                                        "onnxruntime_cuda", "onnxruntime_tensorrt", "openvino",
                                         "tensorflow"),
                                        choices=_runtime_names)
     threads: tuple[int, ...] = option((2,), minimum=1, maximum=256)

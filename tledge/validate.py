@@ -36,6 +36,7 @@ class ParityRow:
     problems: list = dataclasses.field(default_factory=list)
     sha256: str | None = None  # of the artifact file judged: a re-export makes the row stale
     confusion: list | None = None  # counts [true class][predicted class] on the split
+    executed: str | None = None  # how the runtime ran it, where it says (OpenVINO's precision)
 
 
 @dataclasses.dataclass
@@ -157,10 +158,12 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
                       thresholds)
         runner.close()
         row.artifact, row.runtime, row.sha256 = entry["name"], runtime, entry["sha256"]
+        row.executed = runner.executed
         rows.append(row)
         verdict = "passed" if row.status == "passed" else "FAILED: " + "; ".join(row.problems)
         log(f"  {shown:<16} accuracy {row.accuracy:.4f}  drop {row.accuracy_drop:+.4f}  "
-            f"agreement {row.agreement:.4f}  max|diff| {row.max_abs_diff:.1e}  {verdict}")
+            f"agreement {row.agreement:.4f}  max|diff| {row.max_abs_diff:.1e}  {verdict}"
+            + (f"  ({row.executed})" if row.executed else ""))
     for entry in artifacts(manifest, include_failed=True):
         if entry.get("status") == "failed":
             rows.append(ParityRow(entry["name"], "", "failed",

@@ -67,15 +67,28 @@ def requested_formats(recipe, only=None, precisions=None) -> list:
     return [row for row in listed if wanted(row)]
 
 
-def _embed(path, row, spec, manifest) -> None:
-    """Labels, input contract, recipe hash and version inside the artifact itself."""
+def _embed(path, row, spec, manifest, about) -> dict:
+    """Labels, input contract, recipe hash and version inside the artifact itself (and, in a
+    .tflite, the standard metadata clients read); returns the specs read back from the file
+    as written (a .tflite's tensors are renamed `image` and `probabilities`)."""
     from tledge.export.metadata import artifact_metadata, embed_onnx, embed_tflite
-    embed = {"tflite": embed_tflite, "onnx": embed_onnx}.get(row.family)
-    if embed is None:  # a SavedModel folder: the manifest describes it
-        return
-    embed(path, artifact_metadata(labels=manifest["labels"], input_spec=spec["input"],
-                                  recipe_hash=manifest["recipe"]["hash"],
-                                  precision=row.precision, fmt_name=row.name))
+    from tledge.export.tflite import tflite_spec
+    if row.family not in ("tflite", "onnx"):  # a SavedModel folder: the manifest describes it
+        return spec
+    facts = artifact_metadata(labels=manifest["labels"], input_spec=spec["input"],
+                              recipe_hash=manifest["recipe"]["hash"], precision=row.precision,
+                              fmt_name=row.name)
+    if row.family == "onnx":
+        embed_onnx(path, facts)
+        return spec
+    embed_tflite(path, facts, about)
+    return tflite_spec(path)
+
+
+def about_model(recipe) -> dict:
+    """What a .tflite's standard metadata says of the model, from the recipe."""
+    return {"name": recipe.name, "description": recipe.description,
+            "author": recipe.export.author, "license": recipe.export.license}
 
 
 def export_run(run_dir, *, only=None, precisions=None, log=print) -> list[dict]:
@@ -102,7 +115,8 @@ def export_run(run_dir, *, only=None, precisions=None, log=print) -> list[dict]:
         calibration = calibration_images(splits, recipe.export.calibration_samples,
                                          seed=recipe.seed)
     entries = export_artifacts(model, run_dir, manifest, rows, calibration=calibration,
-                               int8_io=recipe.export.int8_io, log=log)
+                               int8_io=recipe.export.int8_io, about=about_model(recipe),
+                               log=log)
     default = not only and not precisions
     earlier = [] if default else manifest["stages"].get("export", {}).get("formats", [])
     # a partial export leaves the stage without a hash: the next build redoes it and what
@@ -115,8 +129,9 @@ def export_run(run_dir, *, only=None, precisions=None, log=print) -> list[dict]:
 
 
 def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_io="uint8",
-                     log=print) -> list[dict]:
-    """Write each format of `rows` into `run_dir` and enter it in `manifest` (not saved)."""
+                     about=None, log=print) -> list[dict]:
+    """Write each format of `rows` into `run_dir` and enter it in `manifest` (not saved).
+    `about` is what a .tflite's standard metadata says of the model (`about_model`)."""
     entries = []
     for row in rows:
         path = Path(run_dir) / row.file_name
@@ -127,7 +142,7 @@ def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_i
             with atomic_path(path) as temporary, quiet():
                 spec = _exporter(row.family)(model, temporary, precision=row.precision,
                                              calibration=calibration, int8_io=int8_io)
-                _embed(temporary, row, spec, manifest)
+                spec = _embed(temporary, row, spec, manifest, about)
             extra = {"calibration_samples": len(calibration)} if row.precision == "int8" else {}
             entry = artifact_entry(run_dir, path, row, recipe_hash=manifest["recipe"]["hash"],
                                    labels=manifest["labels"], input_spec=spec["input"],
@@ -187,6 +202,6 @@ def export_model_file(model_path, out_dir=None, *, only=None, precisions=None,
                               [str(index) for index in range(classes)],
                               tuple(model.input_shape[1:3]))
     entries = export_artifacts(model, out_dir, manifest, rows, calibration=calibration,
-                               int8_io=int8_io, log=log)
+                               int8_io=int8_io, about={"name": model_path.stem}, log=log)
     write_manifest(out_dir, manifest)
     return out_dir, entries

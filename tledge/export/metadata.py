@@ -6,7 +6,9 @@ precision) are written into the artifact itself, as one JSON document:
 
 - TFLite: a flatbuffer `Metadata` entry named "tledge" whose buffer holds the JSON, written
   with TensorFlow's own generated schema (`tensorflow.lite.python.schema_py_generated`); the
-  interpreter ignores metadata it does not know, so the model runs exactly as before.
+  interpreter ignores metadata it does not know, so the model runs exactly as before. Beside
+  it, the standard "TFLITE_METADATA" entry and `labels.txt` that MediaPipe and the other
+  deployment clients read (`tflite_standard`).
 - ONNX: `metadata_props` key "tledge" (the JSON) and "labels" (comma-joined, for tools that
   only show strings).
 
@@ -56,8 +58,18 @@ def artifact_metadata(*, labels, input_spec: dict, recipe_hash, precision: str,
             "precision": precision}
 
 
-def embed_tflite(path, metadata: dict) -> Path:
-    """Write `metadata` into the .tflite flatbuffer at `path` (replacing an earlier one).
+def embed_tflite(path, metadata: dict, about: dict | None = None) -> Path:
+    """Write tledge's `metadata` and the standard TFLite Model Metadata into the .tflite
+    flatbuffer at `path`, and name its input `image` and its output `probabilities` (tensors
+    and signature), in one rewrite.
+
+    Both metadata entries are replaced together, other entries are kept, and the associated
+    files appended to the model (a zip) are carried over, with `labels.txt` written from the
+    labels: neither entry can clobber the other, whichever was written first.
+
+    Args:
+        about: name, description, version, author, license for the standard metadata (from
+            the recipe); None or missing keys leave those fields out.
 
     Raises:
         ExportError: the file is not a TFLite flatbuffer, or keeps its weights outside the
@@ -65,24 +77,57 @@ def embed_tflite(path, metadata: dict) -> Path:
             would break.
     """
     from tensorflow.lite.python import schema_py_generated as schema
+    from tledge.export import tflite_standard as standard
     path = Path(path)
-    model = _tflite_object(path, schema)
-    payload = np.frombuffer(json.dumps(metadata, sort_keys=True).encode("utf-8"),
-                            dtype=np.uint8)
-    entries = [entry for entry in (model.metadata or []) if _name(entry.name) != KEY]
-    buffer = schema.BufferT()
-    buffer.data = payload
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = KEY, len(model.buffers) - 1
-    model.metadata = entries + [entry]
-    # An earlier tledge buffer, if any, stays as an unreferenced buffer: removing it would
-    # renumber the buffers every tensor points at.
+    data = path.read_bytes()
+    model = _tflite_object(path, schema, data)
+    files = standard.associated_files(data)
+    _name_inputs_and_outputs(model)
+    payloads = {KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")}
+    labels = metadata.get("labels") or []
+    shape = metadata.get("input", {}).get("shape") or []
+    if labels and len(shape) == 4:
+        about = about or {}
+        payloads[standard.ENTRY] = standard.model_metadata(
+            name=about.get("name") or metadata.get("format") or path.stem,
+            description=about.get("description") or
+            f"Image classifier, {len(labels)} classes ({metadata.get('format')}, made by tledge)",
+            version=about.get("version") or metadata.get("recipe_hash"),
+            author=about.get("author"), license_text=about.get("license"),
+            height=int(shape[1]), width=int(shape[2]))
+        files[standard.LABELS_FILE] = "".join(f"{label}\n" for label in labels).encode("utf-8")
+    entries = [entry for entry in (model.metadata or []) if _name(entry.name) not in payloads]
+    for name, payload in payloads.items():
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(payload, dtype=np.uint8)
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = name, len(model.buffers) - 1
+        entries.append(entry)
+    model.metadata = entries
+    # Earlier metadata buffers stay as unreferenced buffers: removing them would renumber the
+    # buffers every tensor points at.
     model.buffers = [_AlignedBuffer.of(item, schema) for item in model.buffers]
-    builder = __import__("flatbuffers").Builder(max(1024, path.stat().st_size + len(payload)))
+    size = len(data) + sum(map(len, payloads.values()))
+    builder = __import__("flatbuffers").Builder(max(1024, size))
     builder.Finish(model.Pack(builder), file_identifier=_TFLITE_IDENTIFIER)
-    _replace(path, bytes(builder.Output()))
+    _replace(path, standard.with_associated_files(bytes(builder.Output()), files))
     return path
+
+
+def _name_inputs_and_outputs(model) -> None:
+    """`image` in, `probabilities` out, as in the ONNX file and the manifest: the tensors and
+    the signature (the converter calls them serving_default_image:0 and StatefulPartitionedCall
+    / output_0). Names only: the graph is untouched."""
+    from tledge.model import INPUT_NAME, OUTPUT_NAME
+    for subgraph in model.subgraphs or []:
+        if len(subgraph.inputs) == 1 and len(subgraph.outputs) == 1:
+            subgraph.tensors[subgraph.inputs[0]].name = INPUT_NAME
+            subgraph.tensors[subgraph.outputs[0]].name = OUTPUT_NAME
+    for signature in model.signatureDefs or []:
+        if len(signature.inputs) == 1 and len(signature.outputs) == 1:
+            signature.inputs[0].name = INPUT_NAME
+            signature.outputs[0].name = OUTPUT_NAME
 
 
 def embed_onnx(path, metadata: dict) -> Path:
@@ -161,8 +206,8 @@ def _tflite_root(data: bytes, path, schema, error=ArtifactError):
     return schema.Model.GetRootAs(data, 0)
 
 
-def _tflite_object(path, schema):
-    data = Path(path).read_bytes()
+def _tflite_object(path, schema, data=None):
+    data = Path(path).read_bytes() if data is None else data
     root = _tflite_root(data, path, schema, ExportError)
     model = schema.ModelT.InitFromObj(root)
     if any(buffer.offset > 1 for buffer in model.buffers or []) or model.externalBuffers \

@@ -49,9 +49,29 @@ def export_onnx(model, path, *, precision: str, calibration=None) -> dict:
         proto = convert_float_to_float16(proto, keep_io_types=True)
     if precision == "int8":
         _quantize_static(proto, path, calibration)
-    else:
-        onnx.save(proto, str(path))
+        proto = onnx.load(str(path))
+    onnx.save(_only_used_opsets(proto), str(path))
     return onnx_spec(path)
+
+
+def _only_used_opsets(proto):
+    """Drop opset imports no node uses (tf2onnx declares ai.onnx.ml, the quantizer a row of
+    Microsoft and training domains): a runtime that does not know a declared domain may
+    refuse the whole file."""
+    import onnx
+
+    def domains(graph):
+        for node in graph.node:
+            yield node.domain
+            for attribute in node.attribute:  # the bodies of If and Loop nodes
+                if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    for body in [attribute.g, *attribute.graphs]:
+                        yield from domains(body)
+    used = set(domains(proto.graph)) | {""}
+    kept = [entry for entry in proto.opset_import if entry.domain in used]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    return proto
 
 
 def _quantize_static(proto, path, calibration) -> None:

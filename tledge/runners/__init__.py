@@ -50,6 +50,8 @@ RUNTIMES: dict[str, Runtime] = {row.name: row for row in (
             "load_litert_builtin", "LiteRT interpreter, builtin kernels only (XNNPACK off)"),
     Runtime("onnxruntime", ("onnx",), "tledge.runners.ort_runner", "load_onnxruntime",
             "ONNX Runtime, CPU execution provider"),
+    Runtime("openvino", ("onnx",), "tledge.runners.openvino_runner", "load_openvino",
+            "OpenVINO on the CPU (the .onnx artifacts; pip install openvino)"),
     Runtime("tensorflow", ("savedmodel",), "tledge.runners.keras_runner", "load_savedmodel",
             "a SavedModel's serving signature, in TensorFlow"),
     Runtime("keras_gpu", ("keras",), "tledge.runners.keras_runner", "load_keras",
@@ -65,6 +67,8 @@ class Runner(abc.ABC):
     """A loaded artifact in one runtime. Subclasses implement `_run` on prepared input."""
 
     runtime = ""
+    executed: str | None = None  # how the runtime says it ran the graph, where it may differ
+    # from the artifact (OpenVINO's inference precision); recorded in parity and bench rows
 
     def __init__(self, spec: dict, threads: int, device: str):
         self.spec, self.threads, self.device = spec, threads, device
@@ -115,6 +119,7 @@ def load(artifact: dict, run_dir, runtime: str | None = None, *, threads: int | 
         raise RuntimeUnavailable(f"{runtime} does not run {artifact['format']} artifacts")
     path = verified_artifact(run_dir, artifact) if artifact.get("sha256") \
         else Path(run_dir) / artifact["path"]
-    spec = {"input": artifact["input"], "output": artifact["output"]}
+    spec = {"input": artifact["input"], "output": artifact["output"],
+            "precision": artifact.get("precision")}
     return row.load(path, spec, threads, device)
 
