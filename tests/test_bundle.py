@@ -133,11 +133,35 @@ def test_import_merges_the_device_into_bench_json_and_the_report(run_copy, devic
         assert f"| {row['artifact']} | {row['runtime']} | 1 | 1 | ok |" in section
         assert f"{row['p50_ms']:.3f}" in section
 
+    assert "int8 kernels differ" not in section  # the same CPU: the same int8 kernels
+
     # a new bench on this machine keeps what the devices measured
     answer = invoke("bench", run_copy, "--runtime", "litert", "--threads", "1")
     assert answer.exit_code == 0, answer.output
     bench = json.loads((run_copy / "bench.json").read_text())
     assert set(bench["devices"]) == {"bench-pi"} and bench["rows"]
+
+
+def test_a_device_whose_int8_kernels_disagree_is_flagged(run_copy, device_result, tmp_path):
+    """Another CPU's int8 kernels (no VNNI, an ARM core) can change top classes: the device's
+    agreement with the build machine below 1 is named in the report. No second kind of CPU is
+    at hand, so the device's answer is edited the way such a device would answer."""
+    folder, result, _ = device_result
+    changed = json.loads(json.dumps(result))
+    for check in changed["accuracy"]:
+        if check["artifact"] == "tflite_int8":
+            check["agreement_with_host"] = 0.875
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(changed))
+    answer = invoke("bench", run_copy, "--import", path)
+    assert answer.exit_code == 0, answer.output
+    report = (run_copy / "report.md").read_text()
+    section = report[report.index("## On devices"):]
+    assert "**int8 kernels differ**: on this device tflite_int8" in section, section
+    assert "for 12.5% of the bundled images" in section
+    parity = json.loads((run_copy / "parity.json").read_text())
+    assert all(row["machine"] and "(" in row["machine"] for row in parity["rows"]
+               if row["status"] != "skipped")
 
 
 def malformed(result):

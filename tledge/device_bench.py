@@ -391,7 +391,9 @@ def bench_bundle(folder, *, threads=None, batch_sizes=None, wanted="auto", names
             line = accuracy[-1]
             log(f"  {entry['name']:<16} accuracy {line['accuracy']:.3f} on {line['images']} "
                 f"images (build machine {line['host_accuracy']:.3f}), agreement with the "
-                f"build machine {line['agreement_with_host']:.3f}")
+                f"build machine {line['agreement_with_host']:.3f}"
+                + ("  <- int8 kernels here differ from the build machine's"
+                   if "int8" in entry["name"] and line["agreement_with_host"] < 1.0 else ""))
         except Exception as error:
             accuracy.append({"artifact": entry["name"], "runtime": module,
                              "error": f"{type(error).__name__}: {error}"})

@@ -439,8 +439,11 @@ def _parity_section(parity, checksums) -> list[str]:
     lines = ["## Parity", ""]
     if not parity:
         return lines + ["(not validated yet: `tledge validate RUN_DIR`)", ""]
+    machines = sorted({row["machine"] for row in parity["rows"] if row.get("machine")})
+    where = f" on {md(', '.join(machines))} (int8 results can differ on another CPU)" \
+        if machines else ""
     lines += [f"Every artifact ran the {parity['images']} {parity['split']} images in its own "
-              "runtime and was compared with the Keras model.", "",
+              f"runtime and was compared with the Keras model{where}.", "",
               "| artifact | runtime | status | accuracy | drop | agreement | max abs diff |",
               "|---|---|---|---:|---:|---:|---:|"]
     for row in parity["rows"]:
@@ -530,7 +533,25 @@ def _devices_section(bench, checksums) -> list[str]:
             lines.append(f"| {md(row['artifact'])} | {md(row['runtime'])} | {row['threads']} | "
                          f"{row['batch']} | {md(_status(row))} | {_num(check.get('accuracy'))} | "
                          f"{_num(check.get('agreement_with_host'))} | " + _latency_cells(row))
-        lines.append("")
+        lines += [""] + _kernel_differences(accuracy, bench)
+    return lines
+
+
+def _kernel_differences(accuracy: dict, bench) -> list[str]:
+    """A warning for each int8 artifact whose top class on the device differs from the build
+    machine's on some bundled image: int8 kernels differ between CPUs (VNNI or not, ARM dot
+    product or not), so parity measured on the build machine does not hold there."""
+    machine = (bench or {}).get("machine") or {}
+    host = f"{md(machine.get('cpu', 'the build machine'))}" + (
+        f", {md(machine['isa'])}" if machine.get("isa") else "")
+    lines = []
+    for name, check in accuracy.items():
+        agreement = check.get("agreement_with_host")
+        if "int8" in str(name) and isinstance(agreement, (int, float)) and agreement < 1.0:
+            lines += [f"**int8 kernels differ**: on this device {md(name)} predicts another "
+                      f"class than the build machine ({host}) for {1 - agreement:.1%} of the "
+                      "bundled images; its parity was measured on the build machine's kernels, "
+                      "so check its accuracy here before shipping it.", ""]
     return lines
 
 

@@ -37,6 +37,8 @@ class ParityRow:
     sha256: str | None = None  # of the artifact file judged: a re-export makes the row stale
     confusion: list | None = None  # counts [true class][predicted class] on the split
     executed: str | None = None  # how the runtime ran it, where it says (OpenVINO's precision)
+    machine: str | None = None  # the CPU and its vector ISA that produced the row: int8
+    # kernels differ between CPUs, and so, at times, do their results
 
 
 @dataclasses.dataclass
@@ -136,8 +138,11 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
     reference = predict_all(runner, images)
     runner.close()
     reference_accuracy = float(np.mean(reference.argmax(axis=1) == labels))
+    from tledge.device_bench import machine_facts
+    facts = machine_facts()
+    where = f"{facts['cpu']} ({facts['isa']})"
     rows = [ParityRow("keras", "keras", "reference", accuracy=reference_accuracy,
-                      sha256=reference_entry["sha256"],
+                      sha256=reference_entry["sha256"], machine=where,
                       confusion=confusion_matrix(labels, reference.argmax(axis=1),
                                                  reference.shape[1]))]
     log(f"  {'keras':<16} accuracy {reference_accuracy:.4f} on {len(labels)} {split} images "
@@ -158,7 +163,7 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
                       thresholds)
         runner.close()
         row.artifact, row.runtime, row.sha256 = entry["name"], runtime, entry["sha256"]
-        row.executed = runner.executed
+        row.executed, row.machine = runner.executed, where
         rows.append(row)
         verdict = "passed" if row.status == "passed" else "FAILED: " + "; ".join(row.problems)
         log(f"  {shown:<16} accuracy {row.accuracy:.4f}  drop {row.accuracy_drop:+.4f}  "
