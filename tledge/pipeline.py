@@ -264,17 +264,16 @@ def _remove_stale_outputs(run_dir) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def set_aside_damaged_manifest(run_dir, log) -> bool:
+def set_aside_damaged_manifest(run_dir, log) -> None:
     """A manifest that is not what tledge wrote cannot vouch for any file of the run: keep it
-    as `manifest.json.damaged` (evidence, not trusted) and say the run is trained again.
-    Returns whether it did."""
+    as `manifest.json.damaged` (evidence, not trusted) and say the run is trained again."""
     import shutil
     path = Path(run_dir) / MANIFEST
     if not path.exists() and not path.is_symlink():
-        return False
+        return
     try:
         read_manifest(run_dir)
-        return False
+        return
     except RunDirError as error:
         problem = str(error)
     aside = path.with_name(MANIFEST + ".damaged")
@@ -285,7 +284,6 @@ def set_aside_damaged_manifest(run_dir, log) -> bool:
     os.replace(path, aside)
     log(f"warning: {problem.split('; ')[0]}: nothing in the run can be trusted without it; "
         f"training again (the damaged file is kept as {aside.name})")
-    return True
 
 
 def build(recipe_path, *, out=None, log=print, verbose="auto", force=False):

@@ -259,6 +259,21 @@ def sha256(path) -> str:
 _CHECKED: dict = {}  # (path, size, mtime) -> sha256, so one command hashes a file once
 
 
+def checked_sha256(path) -> str | None:
+    """`sha256` of a run file, hashed once per command while its size and modification time
+    stay the same (a folder is hashed every time); None when it is not there."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.is_dir():
+        return sha256(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _CHECKED:
+        _CHECKED[key] = sha256(path)
+    return _CHECKED[key]
+
+
 def verified_artifact(run_dir, entry: dict) -> Path:
     """The path of a manifest artifact, after checking the file is the one recorded.
 
@@ -272,11 +287,7 @@ def verified_artifact(run_dir, entry: dict) -> Path:
     if not path.exists():
         raise RunDirError(f"{path} ({entry['name']}) is missing; {remake}, or run `tledge "
                           "build`, which redoes what is missing")
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if path.is_dir() or key not in _CHECKED:
-        _CHECKED[key] = sha256(path)
-    if _CHECKED[key] != entry.get("sha256"):
+    if checked_sha256(path) != entry.get("sha256"):
         raise RunDirError(f"{path} ({entry['name']}) is not the file the manifest records "
                           f"(sha256 differs: changed or replaced since it was written); "
                           f"{remake}, or run `tledge build`, which redoes it")
@@ -377,14 +388,10 @@ def record_stage(manifest: dict, stage: str, *, outputs=(), reads=(), **facts) -
     appeared since, makes the stage run again."""
     manifest["stages"][stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **facts}
     if reads:
-        manifest["stages"][stage]["reads"] = {Path(path).name: _sha256_or_none(path)
+        manifest["stages"][stage]["reads"] = {Path(path).name: checked_sha256(path)
                                               for path in reads}
     for path in outputs:
         note_output(manifest, stage, path)
-
-
-def _sha256_or_none(path) -> str | None:
-    return sha256(path) if Path(path).is_file() else None
 
 
 def note_output(manifest: dict, stage: str, path) -> None:
@@ -442,10 +449,10 @@ def stage_is_current(run_dir, manifest: dict, stage: str, expected: str | None) 
         except RunDirError:
             return False
     for name, digest in (record.get("outputs") or {}).items():
-        if _sha256_or_none(Path(run_dir) / str(name)) != digest:
+        if checked_sha256(Path(run_dir) / str(name)) != digest:
             return False  # rewritten since the stage recorded it
     for name, digest in (record.get("reads") or {}).items():
-        if _sha256_or_none(Path(run_dir) / str(name)) != digest:
+        if checked_sha256(Path(run_dir) / str(name)) != digest:
             return False  # what it read changed since
     if stage == "export" and any(entry.get("status") == "failed"
                                  for entry in manifest["artifacts"]):
@@ -454,8 +461,7 @@ def stage_is_current(run_dir, manifest: dict, stage: str, expected: str | None) 
         family = {"train": ("keras",), "export": ("tflite", "onnx", "savedmodel")}[stage]
         for entry in artifacts(manifest):
             if entry["format"] in family:
-                path = Path(run_dir) / entry["path"]
-                if not path.exists() or sha256(path) != entry["sha256"]:  # files, folders
+                if checked_sha256(Path(run_dir) / entry["path"]) != entry["sha256"]:
                     return False
     return True
 
