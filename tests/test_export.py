@@ -17,7 +17,10 @@ def trained(built_run):
     from tledge.model import load_model
     run_dir, _, _ = built_run
     images, _ = generate(["circle", "square", "triangle", "cross"], 8, (32, 32), 0.08, seed=5)
-    return load_model(run_dir / "model.keras"), images
+    # int8 is calibrated on other images than those it is judged on
+    calibration, _ = generate(["circle", "square", "triangle", "cross"], 8, (32, 32), 0.08,
+                              seed=6)
+    return load_model(run_dir / "model.keras"), images, calibration
 
 
 @pytest.mark.parametrize("fmt", EXPORTED, ids=[row.name for row in EXPORTED])
@@ -25,10 +28,10 @@ def test_round_trip_in_the_real_runtime(fmt, trained, tmp_path):
     from tledge.export import export_artifacts
     from tledge.rundir import empty_manifest
     from tledge.runners import load
-    model, images = trained
+    model, images, calibration = trained
     manifest = empty_manifest({"name": "x", "hash": "x"}, list("abcdefgh"), (32, 32))
     # the real export path: convert, embed the metadata, rename into place, enter it
-    [entry] = export_artifacts(model, tmp_path, manifest, [fmt], calibration=images,
+    [entry] = export_artifacts(model, tmp_path, manifest, [fmt], calibration=calibration,
                                log=lambda line: None)
     assert entry["status"] == "ok", entry
     assert entry["input"]["dtype"] == fmt.input_dtype
@@ -47,7 +50,7 @@ def test_round_trip_in_the_real_runtime(fmt, trained, tmp_path):
 def test_onnx_has_named_io_and_a_dynamic_batch(trained, tmp_path):
     import onnxruntime
     from tledge.export.onnx import export_onnx
-    model, images = trained
+    model, images, _ = trained
     spec = export_onnx(model, tmp_path / "m.onnx", precision="fp32")
     assert spec["input"]["name"] == "image" and spec["output"]["name"] == "probabilities"
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
@@ -84,10 +87,10 @@ def test_a_failed_format_is_recorded_and_the_others_still_export(built_run, tmp_
 def test_int8_with_other_io_types_takes_raw_pixels_through_the_runner(int8_io, trained, tmp_path):
     from tledge.export.tflite import export_tflite
     from tledge.runners import load
-    model, images = trained
+    model, images, calibration = trained
     row = FORMATS["tflite_int8"]
     path = tmp_path / row.file_name
-    spec = export_tflite(model, path, precision="int8", calibration=images, int8_io=int8_io)
+    spec = export_tflite(model, path, precision="int8", calibration=calibration, int8_io=int8_io)
     assert spec["input"]["dtype"] == int8_io
     entry = artifact_entry(tmp_path, path, row, recipe_hash="x", labels=list("abcdefgh"),
                            input_spec=spec["input"], output_spec=spec["output"])

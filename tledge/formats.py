@@ -34,11 +34,14 @@ def _tolerance(max_accuracy_drop, min_agreement, max_abs_diff):
                              "min_agreement": min_agreement, "max_abs_diff": max_abs_diff})
 
 
-# Float conversions must reproduce Keras almost exactly; full-integer ones are judged on what
-# they do to accuracy and on how often they pick the same class.
+# Float conversions must reproduce Keras almost exactly. Integer ones are judged on what they
+# do to accuracy (at most 1 point) and on how often they pick the same class (97 %): what a
+# deployer signs. Their largest probability difference is reported, not judged (None): one
+# near-tie image can differ by 0.3 in a model that classifies like the original, and a
+# threshold loose enough to allow that (as 1.0 once was) can never fail.
 _FLOAT = _tolerance(max_accuracy_drop=0.005, min_agreement=0.99, max_abs_diff=1e-4)
 _HALF = _tolerance(max_accuracy_drop=0.01, min_agreement=0.98, max_abs_diff=0.05)
-_INT8 = _tolerance(max_accuracy_drop=0.03, min_agreement=0.90, max_abs_diff=1.0)
+_INT8 = _tolerance(max_accuracy_drop=0.01, min_agreement=0.97, max_abs_diff=None)
 
 FORMATS: dict[str, Format] = {row.name: row for row in (
     Format("keras", "keras", "fp32", ".keras", ("keras",), "float32",

@@ -244,3 +244,29 @@ def sizes(entries, path) -> Path | None:
     axis.set_xlim(0, max(kib) * 1.25)
     axis.set_title("Artifact size", fontsize=10)
     return save_figure(figure, path)
+
+
+def quantization_error(diagnosis, name, path, worst: int = 3) -> Path | None:
+    """Error per layer of one int8 artifact, input to output, the worst layers named."""
+    layers = [layer for layer in (diagnosis or {}).get("layers", [])
+              if layer.get("error") is not None]
+    if not layers:
+        return None
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(8, 3.2))
+    errors = [layer["error"] for layer in layers]
+    ranked = sorted(range(len(layers)), key=lambda index: -errors[index])[:worst]
+    colors = ["#d62728" if index in ranked else "#1f77b4" for index in range(len(layers))]
+    axis.bar(range(len(layers)), errors, color=colors, width=0.8)
+    for place, index in enumerate(sorted(ranked)):
+        label = layers[index]["name"].split(";")[0].split("/")[-2:]
+        axis.annotate("/".join(label)[-32:], (index, errors[index]),
+                      xytext=(0, 4 + 10 * place), textcoords="offset points", ha="center",
+                      fontsize=7, color="#d62728")
+    axis.set_xlabel(f"layer, input to output ({len(layers)} measured on "
+                    f"{diagnosis.get('images', '?')} calibration images)")
+    axis.set_ylabel(diagnosis.get("metric", "error"), fontsize=8)
+    axis.set_ylim(0, max(errors) * 1.35 or 1)
+    axis.grid(axis="y", alpha=0.3)
+    axis.set_title(f"Where {name}'s quantization error comes from", fontsize=10)
+    return save_figure(figure, path)

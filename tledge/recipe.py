@@ -193,6 +193,13 @@ class ExportRecipe:
                           help="TFLite int8 input/output: uint8 takes raw pixel bytes")
     calibration_samples: int = option(200, minimum=1, maximum=100_000,
                                       help="training images used to calibrate int8")
+    int8_repair: str = option("auto", choices=("auto", "off"),
+                              help="when an int8 artifact fails parity, try other "
+                                   "quantization settings and keep the first that passes")
+    int8_repair_attempts: int = option(8, minimum=1, maximum=100,
+                                       help="int8 exports tried per format, the first included")
+    int8_repair_seconds: float = option(300.0, minimum=0.0, maximum=86_400.0,
+                                        help="time after which the int8 search stops")
     author: str = option("", help="the author named in each .tflite's standard metadata")
     license: str = option("", help="the license named in each .tflite's standard metadata")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tledge import report_int8
 from tledge.plots import FIGURES
 from tledge.rundir import (BENCH, EXPLAIN, HISTORY, PARITY, RECIPE, REPORT, REPORT_HTML, SPLIT,
                            artifacts, read_manifest, read_record, write_text)
@@ -58,6 +59,8 @@ def report_run(run_dir) -> Path:
     lines += _ensemble_section(history, bench)
     checksums = {entry["name"]: entry.get("sha256") for entry in manifest["artifacts"]}
     lines += _parity_section(parity, checksums)
+    lines += report_int8.section(manifest, own_runtime_rows(parity),
+                                 (parity or {}).get("split", "test"), figures, md)
     lines += _figure_lines(figures, "confusion_reference", "confusion_pick", "per_class")
     lines += _bench_section(bench, parity)
     lines += _figure_lines(figures, "pareto", "latency")
@@ -108,6 +111,7 @@ def draw_figures(run_dir, manifest, history, parity, bench) -> dict:
                                                             folder / "pareto.png")),
         "sizes": ("Artifact size", plots.sizes(artifacts(manifest), folder / "sizes.png")),
     }
+    drawn.update(report_int8.draw(run_dir, manifest, judged))
     return {key: (caption, path.relative_to(run_dir).as_posix())
             for key, (caption, path) in drawn.items() if path is not None}
 

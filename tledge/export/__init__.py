@@ -7,15 +7,19 @@ with its reason, and the others still export.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from tledge.errors import ExportError, RunDirError, TledgeError, first_line
 from tledge.formats import FORMATS, format_for
 from tledge.quiet import quiet
-from tledge.rundir import (artifact_entry, atomic_path, failed_entry, find_artifact,
-                           read_manifest, record_stage, set_artifact, stage_hash,
-                           verified_artifact, write_manifest)
+from tledge.rundir import (artifact_entry, artifacts, atomic_path, failed_entry,
+                           find_artifact, read_manifest, record_stage, set_artifact,
+                           stage_hash, verified_artifact, write_manifest)
 
 
 def _exporter(family):
@@ -25,8 +29,8 @@ def _exporter(family):
         return export_tflite
     if family == "onnx":
         from tledge.export.onnx import export_onnx
-        return lambda model, path, *, precision, calibration, **_: export_onnx(
-            model, path, precision=precision, calibration=calibration)
+        return lambda model, path, *, precision, calibration, settings=None, **_: export_onnx(
+            model, path, precision=precision, calibration=calibration, settings=settings)
     if family == "savedmodel":
         from tledge.export.savedmodel import export_savedmodel
         return lambda model, path, *, precision, calibration, **_: export_savedmodel(
@@ -109,14 +113,15 @@ def export_run(run_dir, *, only=None, precisions=None, log=print) -> list[dict]:
     if reference.get("status") != "ok":
         raise RunDirError(f"{run_dir} has no trained model; run `tledge train` first")
     model = load_model(verified_artifact(run_dir, reference))
-    calibration = None
+    calibration, plan = None, None
     if any(row.precision == "int8" for row in rows):
         splits = run_splits(run_dir, recipe)
         calibration = calibration_images(splits, recipe.export.calibration_samples,
                                          seed=recipe.seed)
+        plan = int8_plan(run_dir, manifest, recipe, splits, reference, log=log)
     entries = export_artifacts(model, run_dir, manifest, rows, calibration=calibration,
                                int8_io=recipe.export.int8_io, about=about_model(recipe),
-                               log=log)
+                               int8=plan, log=log)
     default = not only and not precisions
     earlier = [] if default else manifest["stages"].get("export", {}).get("formats", [])
     # a partial export leaves the stage without a hash: the next build redoes it and what
@@ -128,28 +133,127 @@ def export_run(run_dir, *, only=None, precisions=None, log=print) -> list[dict]:
     return entries
 
 
+@dataclasses.dataclass
+class Int8Plan:
+    """What an int8 export of a run needs to judge and repair itself (`tledge.export.int8`)."""
+    calibration_for: Callable  # count -> training images, the first `count` of one order
+    calibration_samples: int
+    train_images: int
+    judge: object  # an int8.Judge on the validation split; None with export.int8_repair off
+    thresholds: Callable  # format name -> parity thresholds
+    recorded: dict  # format name -> what its last export of this model kept
+    isa: str
+    max_attempts: int
+    max_seconds: float
+
+
+def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int8Plan:
+    """The int8 plan of a run: candidates are judged on the validation split (test if there
+    is none) against the Keras model, in the runtime each format runs in."""
+    from tledge.data import calibration_images
+    from tledge.device_bench import machine_facts
+    from tledge.export.int8 import Judge
+    from tledge.runners import load
+    from tledge.validate import predict_all
+    judge = None
+    if recipe.export.int8_repair == "auto":
+        split = "val" if len(splits.y_val) else "test"
+        images = np.asarray(splits.x_val if split == "val" else splits.x_test)
+        labels = np.asarray(splits.y_val if split == "val" else splits.y_test)
+        if len(labels):
+            runner = load(reference, run_dir)
+            judge = Judge(images, labels, predict_all(runner, images), split,
+                          threads=recipe.bench.threads[0])
+            runner.close()
+        else:
+            log("  int8: no validation or test images to judge int8 candidates on; "
+                "exported once, without repair")
+    recorded = {entry["name"]: {"settings": entry["quantization"]["settings"],
+                                "remedy": entry["quantization"]["remedy"]}
+                for entry in artifacts(manifest) if isinstance(entry.get("quantization"), dict)
+                and entry["quantization"].get("model_sha256") == reference["sha256"]
+                and entry["quantization"].get("passed")
+                and isinstance(entry["quantization"].get("settings"), dict)}
+    return Int8Plan(
+        calibration_for=lambda count: calibration_images(
+            splits, count or recipe.export.calibration_samples, seed=recipe.seed),
+        calibration_samples=recipe.export.calibration_samples,
+        train_images=len(splits.y_train), judge=judge, thresholds=recipe.validate.tolerance,
+        recorded=recorded, isa=machine_facts()["isa"],
+        max_attempts=recipe.export.int8_repair_attempts,
+        max_seconds=recipe.export.int8_repair_seconds)
+
+
+def _export_int8(row, model, path, plan, *, int8_io, model_sha256, log):
+    """The int8 artifact of `row` at `path` (judged and repaired when the plan has a judge);
+    returns (specs, the entry's `quantization` record)."""
+    from tledge.export.int8 import diagnose_onnx, diagnose_tflite, quantize_with_repair
+    exporter = _exporter(row.family)
+
+    def export(settings, candidate):
+        with quiet():
+            return exporter(model, candidate, precision="int8", int8_io=int8_io,
+                            calibration=plan.calibration_for(settings.get("calibration_samples")),
+                            settings=settings)
+
+    def diagnose(settings):
+        log(f"    int8 {row.name}: measuring the error layer by layer")
+        calibration = plan.calibration_for(settings.get("calibration_samples"))
+        if row.family == "onnx":
+            return diagnose_onnx(model, calibration, settings=settings)
+        return diagnose_tflite(model, calibration, int8_io=int8_io, settings=settings)
+
+    record = quantize_with_repair(
+        row, export, path, judge=plan.judge, thresholds=plan.thresholds(row.name),
+        calibration_samples=plan.calibration_samples, train_images=plan.train_images,
+        isa=plan.isa, diagnose=diagnose, recorded=plan.recorded.get(row.name),
+        max_attempts=plan.max_attempts, max_seconds=plan.max_seconds, log=log)
+    record["model_sha256"] = model_sha256
+    return record.pop("spec"), record
+
+
 def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_io="uint8",
-                     about=None, log=print) -> list[dict]:
+                     about=None, int8=None, log=print) -> list[dict]:
     """Write each format of `rows` into `run_dir` and enter it in `manifest` (not saved).
-    `about` is what a .tflite's standard metadata says of the model (`about_model`)."""
+    `about` is what a .tflite's standard metadata says of the model (`about_model`); `int8`
+    an `Int8Plan` (a run's export: int8 judged, repaired and explained), else int8 is
+    exported once with the default settings on `calibration`."""
     entries = []
+    model_sha256 = find_artifact(manifest, "keras").get("sha256") if int8 else None
     for row in rows:
         path = Path(run_dir) / row.file_name
         start = time.perf_counter()
         try:
             if row.precision == "int8" and calibration is None:
                 raise ExportError("int8 needs calibration images (--calibration-dir)")
-            with atomic_path(path) as temporary, quiet():
-                spec = _exporter(row.family)(model, temporary, precision=row.precision,
-                                             calibration=calibration, int8_io=int8_io)
-                spec = _embed(temporary, row, spec, manifest, about)
-            extra = {"calibration_samples": len(calibration)} if row.precision == "int8" else {}
+            extra = {}
+            with atomic_path(path) as temporary:
+                if row.precision == "int8" and int8 is not None:
+                    spec, extra["quantization"] = _export_int8(
+                        row, model, temporary, int8, int8_io=int8_io,
+                        model_sha256=model_sha256, log=log)
+                    extra["calibration_samples"] = \
+                        extra["quantization"]["settings"].get("calibration_samples") \
+                        or len(calibration)
+                else:
+                    with quiet():
+                        spec = _exporter(row.family)(model, temporary, precision=row.precision,
+                                                     calibration=calibration, int8_io=int8_io)
+                    if row.precision == "int8":
+                        extra["calibration_samples"] = len(calibration)
+                with quiet():
+                    spec = _embed(temporary, row, spec, manifest, about)
             entry = artifact_entry(run_dir, path, row, recipe_hash=manifest["recipe"]["hash"],
                                    labels=manifest["labels"], input_spec=spec["input"],
                                    output_spec=spec["output"],
                                    export_seconds=round(time.perf_counter() - start, 2), **extra)
             log(f"  {row.name:<16} {entry['path']}  {entry['size_bytes'] / 1024:,.0f} KiB  "
                 f"{entry['export_seconds']:.1f} s")
+            kept = entry.get("quantization") or {}
+            if kept.get("remedy", "plain") != "plain" or kept.get("passed") is False:
+                log(f"  {'':<16} kept: {kept['remedy']}" + (
+                    "" if kept["passed"] else " (the closest candidate; it still fails "
+                    f"parity on the {kept['split']} split)"))
         except Exception as error:  # one failed format must not stop the others
             reason = first_line(error) if isinstance(error, TledgeError) else \
                 f"{type(error).__name__}: {first_line(error)}"

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+
 from tledge.errors import ExportError, first_line
 from tledge.model import INPUT_NAME, OUTPUT_NAME
 
 OPSET = 17
 
 
-def export_onnx(model, path, *, precision: str, calibration=None) -> dict:
+def export_onnx(model, path, *, precision: str, calibration=None, settings=None) -> dict:
     """Convert a Keras model to ONNX at `path`.
 
     The input is named `image` with shape [batch, H, W, 3] (batch dynamic) and the output
@@ -16,8 +20,9 @@ def export_onnx(model, path, *, precision: str, calibration=None) -> dict:
     output stay float32 at every precision:
     - fp32: as converted;
     - fp16: float16 weights and compute (onnxruntime's converter, float32 I/O kept);
-    - int8: static QDQ quantization, per channel, calibrated on `calibration` (the same
-      training images as TFLite int8).
+    - int8: static QDQ quantization calibrated on `calibration` (the same training images as
+      TFLite int8), as `settings` says (`INT8_DEFAULTS`: per-channel int8 weights, uint8
+      activations, min-max ranges; `tledge.export.int8` searches other settings).
 
     Returns:
         The input and output tensor specs, read back from the written file.
@@ -26,6 +31,23 @@ def export_onnx(model, path, *, precision: str, calibration=None) -> dict:
         raise ExportError(f"unknown ONNX precision {precision!r}")
     if precision == "int8" and (calibration is None or len(calibration) == 0):
         raise ExportError("int8 export needs calibration images from the training split")
+    import onnx
+    proto = float_proto(model)
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        proto = convert_float_to_float16(proto, keep_io_types=True)
+    if precision == "int8":
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="tledge-onnx-") as folder:
+            prepared = prepare_for_quantization(proto, folder)
+            quantize(prepared, path, calibration, settings)
+        proto = onnx.load(str(path))
+    onnx.save(_only_used_opsets(proto), str(path))
+    return onnx_spec(path)
+
+
+def float_proto(model):
+    """The Keras model as a checked float32 ONNX graph with the contract's tensor names."""
     import onnx
     import tensorflow as tf
     import tf2onnx
@@ -44,14 +66,7 @@ def export_onnx(model, path, *, precision: str, calibration=None) -> dict:
         raise ExportError(f"ONNX conversion failed: {first_line(error)}") from None
     _rename(proto)
     onnx.checker.check_model(proto)
-    if precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-        proto = convert_float_to_float16(proto, keep_io_types=True)
-    if precision == "int8":
-        _quantize_static(proto, path, calibration)
-        proto = onnx.load(str(path))
-    onnx.save(_only_used_opsets(proto), str(path))
-    return onnx_spec(path)
+    return proto
 
 
 def _only_used_opsets(proto):
@@ -74,37 +89,73 @@ def _only_used_opsets(proto):
     return proto
 
 
-def _quantize_static(proto, path, calibration) -> None:
-    """QDQ int8 with per-channel weights, calibrated on training images (min-max)."""
-    import tempfile
-    from pathlib import Path
+# The settings of a plain int8 export; `tledge.export.int8` tries others when parity fails
+INT8_DEFAULTS = {"method": "minmax", "per_channel": True, "activations": "uint8",
+                 "reduce_range": False, "float_nodes": []}
+_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def prepare_for_quantization(proto, folder) -> Path:
+    """The float graph as quantization starts from it (shapes inferred, batch norms folded),
+    saved in `folder`; node names in `float_nodes` settings are this graph's."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
+    float_path, prepared = Path(folder) / "float.onnx", Path(folder) / "prepared.onnx"
+    onnx.save(proto, str(float_path))
+    try:
+        quant_pre_process(str(float_path), str(prepared))
+    except Exception:  # symbolic shape inference is optional; quantization still works
+        return float_path
+    return prepared
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            from tledge.export.tflite import pinned_calibration
-            self._images = iter(pinned_calibration(calibration))
 
-        def get_next(self):
-            image = next(self._images, None)
-            return None if image is None else {INPUT_NAME: image[None]}
+class _Images:
+    """Calibration images fed one at a time, pinned to the full 0-255 input range."""
 
-    with tempfile.TemporaryDirectory(prefix="tledge-onnx-") as folder:
-        float_path, prepared = Path(folder) / "float.onnx", Path(folder) / "prepared.onnx"
-        onnx.save(proto, str(float_path))
-        try:
-            quant_pre_process(str(float_path), str(prepared))
-        except Exception:  # symbolic shape inference is optional; quantization still works
-            prepared = float_path
-        try:
-            quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8)
-        except Exception as error:
-            raise ExportError(f"ONNX int8 quantization failed: {first_line(error)}") from None
+    def __init__(self, images, pin=True):
+        from tledge.export.tflite import pinned_calibration
+        images = pinned_calibration(images) if pin else np.asarray(images, np.float32)
+        self._images = iter(images)
+
+    def get_next(self):
+        image = next(self._images, None)
+        return None if image is None else {INPUT_NAME: image[None]}
+
+    def __iter__(self):  # ONNX Runtime's debugging helpers iterate the reader
+        return self
+
+    def __next__(self):
+        batch = self.get_next()
+        if batch is None:
+            raise StopIteration
+        return batch
+
+
+def quantize(prepared, path, calibration, settings=None) -> None:
+    """QDQ int8 of the prepared float graph at `path`, calibrated on training images."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
+                                          QuantFormat, QuantType, quantize_static)
+    chosen = {**INT8_DEFAULTS, **(settings or {})}
+    chosen.pop("calibration_samples", None)  # the caller chose the images already
+    unknown = set(chosen) - set(INT8_DEFAULTS)
+    if unknown or chosen["method"] not in _METHODS or \
+            chosen["activations"] not in ("uint8", "int8"):
+        raise ExportError(f"unknown ONNX int8 settings {settings!r}")
+
+    class Reader(_Images, CalibrationDataReader):
+        pass
+
+    try:
+        quantize_static(str(prepared), str(path), Reader(calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=chosen["per_channel"],
+                        reduce_range=chosen["reduce_range"],
+                        activation_type=QuantType.QUInt8 if chosen["activations"] == "uint8"
+                        else QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod,
+                                                 _METHODS[chosen["method"]]),
+                        nodes_to_exclude=list(chosen["float_nodes"]))
+    except Exception as error:
+        raise ExportError(f"ONNX int8 quantization failed: {first_line(error)}") from None
 
 
 def _rename(proto) -> None:

@@ -10,7 +10,8 @@ from tledge.errors import ExportError, first_line
 INT8_IO = ("uint8", "int8", "float32")
 
 
-def export_tflite(model, path, *, precision: str, calibration=None, int8_io="uint8") -> dict:
+def export_tflite(model, path, *, precision: str, calibration=None, int8_io="uint8",
+                  settings=None) -> dict:
     """Convert a Keras model to a .tflite file at `path`.
 
     Args:
@@ -21,37 +22,81 @@ def export_tflite(model, path, *, precision: str, calibration=None, int8_io="uin
         calibration: uint8 images [N, H, W, 3] from the training split; required for int8.
         int8_io: the int8 model's input and output type: "uint8" (raw pixel bytes in),
             "int8", or "float32" (quantize and dequantize inside the model).
+        settings: int8 only: `{"float_layers": [tensor names]}` keeps those layers in float
+            (selective quantization, as `tledge.export.int8` chooses them); input and
+            output keep the `int8_io` type.
 
     Returns:
         The input and output tensor specs, read back from the written file.
     """
+    float_layers = list((settings or {}).get("float_layers") or [])
+    converter = int8_converter(model, calibration, int8_io) if precision == "int8" \
+        else _converter(model, precision)
+    try:
+        if float_layers:
+            flatbuffer = _selective(converter, calibration, float_layers, int8_io)
+        else:
+            flatbuffer = converter.convert()
+    except Exception as error:  # the converter raises ConverterError and plain Exceptions
+        raise ExportError(f"TFLite {precision} conversion failed: {first_line(error)}") from None
+    with open(path, "wb") as handle:
+        handle.write(flatbuffer)
+    spec = tflite_spec(path)
+    if precision == "int8" and {spec["input"]["dtype"], spec["output"]["dtype"]} != {int8_io}:
+        raise ExportError(f"keeping {', '.join(float_layers) or 'no layer'} in float left the "
+                          f"model's input or output {spec['input']['dtype']}/"
+                          f"{spec['output']['dtype']}, not {int8_io} as export.int8_io says")
+    return spec
+
+
+def _converter(model, precision):
     import tensorflow as tf
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if precision == "int8":
-        if calibration is None or len(calibration) == 0:
-            raise ExportError("int8 export needs calibration images from the training split")
-        if int8_io not in INT8_IO:
-            raise ExportError(f"int8 I/O must be one of {', '.join(INT8_IO)}, not {int8_io!r}")
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = _representative(calibration)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if int8_io != "float32":
-            converter.inference_input_type = getattr(tf, int8_io)
-            converter.inference_output_type = getattr(tf, int8_io)
-    elif precision == "fp16":
+    if precision == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     elif precision == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no data: dynamic range
     elif precision != "fp32":
         raise ExportError(f"unknown TFLite precision {precision!r}")
-    try:
-        flatbuffer = converter.convert()
-    except Exception as error:  # the converter raises ConverterError and plain Exceptions
-        raise ExportError(f"TFLite {precision} conversion failed: {first_line(error)}") from None
-    with open(path, "wb") as handle:
-        handle.write(flatbuffer)
-    return tflite_spec(path)
+    return converter
+
+
+def int8_converter(model, calibration, int8_io="uint8"):
+    """A full-integer converter calibrated on `calibration` (training images)."""
+    import tensorflow as tf
+    if calibration is None or len(calibration) == 0:
+        raise ExportError("int8 export needs calibration images from the training split")
+    if int8_io not in INT8_IO:
+        raise ExportError(f"int8 I/O must be one of {', '.join(INT8_IO)}, not {int8_io!r}")
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = _representative(calibration)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if int8_io != "float32":
+        converter.inference_input_type = getattr(tf, int8_io)
+        converter.inference_output_type = getattr(tf, int8_io)
+    return converter
+
+
+def _selective(converter, calibration, float_layers, int8_io) -> bytes:
+    """Full integer except `float_layers`, through TFLite's quantization debugger (its
+    denylist is the supported way to keep chosen layers in float)."""
+    import tensorflow as tf
+    # the kept layers run on float kernels; the model's input and output stay integer
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                           tf.lite.OpsSet.TFLITE_BUILTINS]
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=float_layers)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=_representative(calibration[:1]),
+        debug_options=options)
+    flatbuffer = debugger.get_nondebug_quantized_model()  # float I/O around the int8 graph
+    if int8_io == "float32":
+        return flatbuffer
+    # the debugger has no I/O type option; the converter's own step sets it (uint8 input at
+    # scale 1, zero point 0, as the plain int8 export has)
+    from tensorflow.lite.python.util import modify_model_io_type
+    return modify_model_io_type(flatbuffer, getattr(tf, int8_io), getattr(tf, int8_io))
 
 
 def _representative(calibration):

@@ -1,0 +1,281 @@
+"""int8 that explains and repairs itself: per-layer diagnosis, the remedies, the bounded search,
+settings a rebuild reproduces, and the report's Quantization section. Every candidate is a
+real TFLite or ONNX Runtime quantization, run in its real runtime."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from tledge.formats import FORMATS
+
+
+@pytest.fixture(scope="module")
+def model_and_images(built_run):
+    """The session run's trained model, its calibration images (training split) and images
+    it was neither trained nor calibrated on (the test split)."""
+    from tledge.data import calibration_images
+    from tledge.model import load_model
+    from tledge.rundata import run_recipe, run_splits
+    run_dir, _, _ = built_run
+    recipe = run_recipe(run_dir)
+    splits = run_splits(run_dir, recipe)
+    calibration = calibration_images(splits, 64, seed=0)
+    return (load_model(run_dir / "model.keras"), calibration,
+            np.asarray(splits.x_test), np.asarray(splits.y_test))
+
+
+def _agreement(model, runner, images):
+    reference = model(images.astype(np.float32), training=False).numpy()
+    return float(np.mean(runner.predict(images).argmax(1) == reference.argmax(1)))
+
+
+# ---- the remedies --------------------------------------------------------------------------
+
+def test_remedies_follow_the_cpu_and_the_size_of_the_training_split():
+    from tledge.export.int8 import has_vnni, remedies
+    assert has_vnni("AVX-512 VNNI") and has_vnni("AVX-VNNI") and has_vnni("NEON")
+    assert not has_vnni("AVX2") and not has_vnni("AVX-512")
+    avx2 = remedies("onnx", isa="AVX2", calibration_samples=100, train_images=1000)
+    vnni = remedies("onnx", isa="AVX-512 VNNI", calibration_samples=100, train_images=1000)
+    assert avx2[0][1] == {"reduce_range": True} and "no VNNI" in avx2[0][0]
+    assert all("reduce_range" not in change for _, change in vnni)
+    assert [change for _, change in avx2[1:]] == [change for _, change in vnni]
+    # more calibration images first (no latency cost), never more than the training split has
+    tflite = remedies("tflite", isa="AVX2", calibration_samples=200, train_images=500)
+    assert [change for _, change in tflite] == [{"calibration_samples": 400},
+                                                {"calibration_samples": 500}]
+    assert remedies("tflite", isa="AVX2", calibration_samples=64, train_images=64) == []
+    onnx_methods = [change.get("method") for _, change in vnni if "method" in change]
+    assert onnx_methods == ["percentile", "entropy"]
+
+
+# ---- TFLite: selective quantization --------------------------------------------------------
+
+def test_tflite_diagnosis_ranks_layers_and_keeping_them_float_keeps_raw_pixel_io(
+        model_and_images, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+    from tledge.export.int8 import diagnose_tflite, worst_layers
+    from tledge.export.tflite import export_tflite
+    from tledge.runners import RUNTIMES
+    model, calibration, images, _ = model_and_images
+    diagnosis = diagnose_tflite(model, calibration)
+    assert diagnosis["format"] == "tflite" and diagnosis["images"] == len(calibration)
+    layers = diagnosis["layers"]
+    assert len(layers) >= 5 and all(layer["error"] is None or layer["error"] >= 0
+                                    for layer in layers)
+    worst = worst_layers(diagnosis, 2)
+    # the first layer reads the input: kept in float it would make the input float, so it is
+    # never offered
+    assert layers[0]["reads_input"] and layers[0] not in worst_layers(diagnosis, len(layers))
+    assert worst[0]["error"] >= worst[1]["error"] >= max(
+        layer["error"] for layer in layers[1:] if layer not in worst and layer["error"] is not None)
+
+    def float_tensors(path):
+        interpreter = Interpreter(model_path=str(path))
+        return {detail["name"] for detail in interpreter.get_tensor_details()
+                if np.dtype(detail["dtype"]) == np.float32}
+    plain, selective = tmp_path / "plain.tflite", tmp_path / "selective.tflite"
+    export_tflite(model, plain, precision="int8", calibration=calibration)
+    spec = export_tflite(model, selective, precision="int8", calibration=calibration,
+                         settings={"float_layers": [layer["name"] for layer in worst]})
+    # the named layers now run in float; input and output keep the uint8 contract
+    assert len(float_tensors(selective)) > len(float_tensors(plain))
+    assert spec["input"]["dtype"] == "uint8" and spec["output"]["dtype"] == "uint8"
+    assert spec["input"]["quantization"] == {"scale": 1.0, "zero_point": 0}
+    runner = RUNTIMES["litert"].load(selective, {**spec, "precision": "int8"}, None, "cpu")
+    assert _agreement(model, runner, images) >= 0.9
+
+
+# ---- ONNX: every setting a real quantization -----------------------------------------------
+
+def _onnx_graph(path):
+    import onnx
+    return onnx.load(str(path)).graph
+
+
+@pytest.mark.parametrize("change", [
+    {"reduce_range": True}, {"method": "percentile"}, {"method": "entropy"},
+    {"per_channel": False}, {"activations": "int8"}], ids=lambda change: "-".join(
+        f"{key}={value}" for key, value in change.items()))
+def test_each_onnx_int8_setting_quantizes_and_runs_in_onnx_runtime(change, model_and_images,
+                                                                  tmp_path):
+    import onnx
+    from tledge.export.onnx import export_onnx
+    from tledge.runners import RUNTIMES
+    model, calibration, images, _ = model_and_images
+    path = tmp_path / "m.onnx"
+    spec = export_onnx(model, path, precision="int8", calibration=calibration, settings=change)
+    graph = _onnx_graph(path)
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    weight_scales = [initializers[node.input[1]] for node in graph.node
+                     if node.op_type == "DequantizeLinear" and node.input[0] in initializers
+                     and initializers[node.input[0]].data_type == onnx.TensorProto.INT8]
+    assert weight_scales
+    if change.get("per_channel") is False:
+        assert all(len(scale.dims) == 0 for scale in weight_scales)
+    else:
+        assert any(len(scale.dims) == 1 for scale in weight_scales)
+    activation_points = [initializers[node.input[2]] for node in graph.node
+                         if node.op_type == "QuantizeLinear" and len(node.input) > 2
+                         and node.input[2] in initializers]
+    wanted = onnx.TensorProto.INT8 if change.get("activations") == "int8" \
+        else onnx.TensorProto.UINT8
+    assert activation_points and all(point.data_type == wanted for point in activation_points)
+    runner = RUNTIMES["onnxruntime"].load(path, {**spec, "precision": "int8"}, None, "cpu")
+    assert _agreement(model, runner, images) >= 0.9
+
+
+def test_onnx_diagnosis_names_nodes_that_can_be_kept_in_float(model_and_images, tmp_path):
+    from tledge.export.int8 import diagnose_onnx, worst_layers
+    from tledge.export.onnx import export_onnx
+    model, calibration, _, _ = model_and_images
+    diagnosis = diagnose_onnx(model, calibration)
+    assert diagnosis["format"] == "onnx" and len(diagnosis["layers"]) >= 5
+    assert all(0 <= layer["error"] <= layer["drift"] + 1e-9 for layer in diagnosis["layers"])
+    [worst] = worst_layers(diagnosis, 1)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, precision="int8", calibration=calibration,
+                settings={"float_nodes": worst["nodes"]})
+    graph = _onnx_graph(path)
+    producers = {output: node for node in graph.node for output in node.output}
+    kept = [node for node in graph.node if node.name in worst["nodes"]]
+    assert kept, worst["nodes"]
+    # a node kept in float takes float weights: none of its inputs is dequantized int8
+    for node in kept:
+        assert all(producers.get(name) is None or producers[name].op_type != "DequantizeLinear"
+                   for name in node.input[1:]), node
+
+
+# ---- the search ----------------------------------------------------------------------------
+
+def _repair(model, calibration, images, labels, tmp_path, *, fmt, thresholds, **options):
+    from tledge.export import _exporter
+    from tledge.export.int8 import Judge, diagnose_onnx, diagnose_tflite, quantize_with_repair
+    reference = model(images.astype(np.float32), training=False).numpy()
+    judge = Judge(images, labels, reference, "test")
+    exporter = _exporter(fmt.family)
+
+    def pick(settings):
+        count = settings.get("calibration_samples") or len(calibration)
+        return calibration[:count]
+
+    def export(settings, path):
+        return exporter(model, path, precision="int8", calibration=pick(settings),
+                        settings=settings)
+
+    def diagnose(settings):
+        return (diagnose_onnx if fmt.family == "onnx" else diagnose_tflite)(
+            model, pick(settings), settings=settings)
+    lines = []
+    record = quantize_with_repair(fmt, export, tmp_path / f"kept{fmt.suffix}", judge=judge,
+                                  thresholds=thresholds, calibration_samples=32,
+                                  train_images=len(calibration), isa="AVX2",
+                                  diagnose=diagnose, log=lines.append, **options)
+    return record, lines
+
+
+@pytest.mark.parametrize("name", ["tflite_int8", "onnx_int8"])
+def test_a_search_that_cannot_pass_is_bounded_and_keeps_the_closest(name, model_and_images,
+                                                                   tmp_path):
+    from tledge.export.int8 import _fast_enough, best
+    model, calibration, images, labels = model_and_images
+    impossible = {"max_accuracy_drop": 0.0, "min_agreement": 1.0, "max_abs_diff": 1e-9}
+    record, lines = _repair(model, calibration, images, labels, tmp_path, fmt=FORMATS[name],
+                            thresholds=impossible, max_attempts=4)
+    attempts = record["attempts"]
+    assert len(attempts) == 4 and record["passed"] is False and not record["repaired"]
+    assert attempts[0]["remedy"] == "plain"
+    assert any("stopped searching after 4 attempts" in line for line in lines)
+    assert all(row["agreement"] is not None and row["p50_ms"] > 0 for row in attempts)
+    # the kept file is the closest attempt that costs no latency, and it is the one written
+    assert record["settings"] == best(attempts, _fast_enough(attempts[0]))["settings"]
+    assert (tmp_path / f"kept{FORMATS[name].suffix}").is_file()
+    assert record["diagnosis"] and record["diagnosis"]["layers"]
+
+
+def test_recorded_settings_are_tried_first_and_reproduce_without_searching(model_and_images,
+                                                                          tmp_path):
+    model, calibration, images, labels = model_and_images
+    recorded = {"settings": {"calibration_samples": 48, "float_layers": []},
+                "remedy": "48 calibration images instead of 32"}
+    lenient = {"max_accuracy_drop": 1.0, "min_agreement": 0.0, "max_abs_diff": None}
+    record, _ = _repair(model, calibration, images, labels, tmp_path,
+                        fmt=FORMATS["tflite_int8"], thresholds=lenient, recorded=recorded)
+    assert len(record["attempts"]) == 1 and record["attempts"][0]["settings"] == \
+        recorded["settings"]
+    assert record["passed"] and record["repaired"] and record["remedy"] == recorded["remedy"]
+    assert record["diagnosis"] is None  # nothing failed: nothing to explain
+
+
+# ---- through the stages --------------------------------------------------------------------
+
+def _tighten(run_dir, table: str):
+    path = run_dir / "recipe.toml"
+    text = path.read_text()
+    text = text.replace("[validate.per_format]\n", "[validate.per_format]\n" + table)
+    path.write_text(re.sub(r"int8_repair_attempts = \d+", "int8_repair_attempts = 3", text))
+
+
+def test_an_int8_artifact_that_cannot_pass_is_explained_in_the_report(built_run, tmp_path):
+    from tledge.export import export_run
+    from tledge.report import report_run
+    from tledge.rundir import find_artifact, read_manifest
+    from tledge.validate import validate_run
+    run_dir = shutil.copytree(built_run[0], tmp_path / "run")
+    _tighten(run_dir, "\n[validate.per_format.tflite_int8]\nmin_agreement = 1.0\n"
+                      "max_abs_diff = 0.000001\n")
+    lines = []
+    export_run(run_dir, log=lines.append)
+    entry = find_artifact(read_manifest(run_dir), "tflite_int8")
+    record = entry["quantization"]
+    assert len(record["attempts"]) == 3 and record["passed"] is False
+    assert record["split"] == "val" and record["model_sha256"] == \
+        find_artifact(read_manifest(run_dir), "keras")["sha256"]
+    assert any("kept:" in line and "still fails parity" in line for line in lines)
+    report = validate_run(run_dir, log=lines.append)
+    assert "tflite_int8" in [row.artifact for row in report.failed]
+    text = report_run(run_dir).read_text()
+    section = text[text.index("## Quantization"):]
+    assert "**tflite_int8**: the plain export failed" in section
+    assert "no remedy passed" in section and "| 3 |" in section
+    assert "(figures/quantization_tflite_int8.png)" in section
+    assert (run_dir / "figures" / "quantization_tflite_int8.png").stat().st_size > 1000
+    worst = max((layer for layer in record["diagnosis"]["layers"] if layer["error"]),
+                key=lambda layer: layer["error"])
+    assert worst["name"].split(";")[0] in section
+
+
+def test_an_int8_that_fails_only_in_the_validate_stage_gets_its_diagnosis(built_run, tmp_path):
+    from tledge.export import export_run
+    from tledge.rundir import find_artifact, read_manifest
+    from tledge.validate import validate_run
+    run_dir = shutil.copytree(built_run[0], tmp_path / "run")
+    path = run_dir / "recipe.toml"
+    path.write_text(path.read_text().replace('int8_repair = "auto"', 'int8_repair = "off"'))
+    export_run(run_dir, log=lambda line: None)
+    assert "diagnosis" not in (find_artifact(read_manifest(run_dir), "tflite_int8")
+                               .get("quantization") or {}) or \
+        find_artifact(read_manifest(run_dir), "tflite_int8")["quantization"]["diagnosis"] is None
+    _tighten(run_dir, "\n[validate.per_format.tflite_int8]\nmin_agreement = 1.0\n"
+                      "max_abs_diff = 0.000001\n")
+    lines = []
+    validate_run(run_dir, log=lines.append)
+    assert any("measuring its quantization error layer by layer" in line for line in lines)
+    diagnosis = find_artifact(read_manifest(run_dir), "tflite_int8")["quantization"]["diagnosis"]
+    assert diagnosis["format"] == "tflite" and diagnosis["layers"]
+
+
+def test_only_a_remedy_that_changes_kernels_can_cost_latency():
+    from tledge.export.int8 import _fast_enough
+    plain = {"settings": {"calibration_samples": 100, "float_layers": []}, "p50_ms": 1.0}
+    fast = _fast_enough(plain)
+    # more calibration images change numbers, not kernels: a noisy timer cannot make it slow
+    assert fast({"settings": {"calibration_samples": 400, "float_layers": []}, "p50_ms": 1.5})
+    assert fast({"settings": {"calibration_samples": 100, "float_layers": ["a"]},
+                 "p50_ms": 1.09})
+    assert not fast({"settings": {"calibration_samples": 100, "float_layers": ["a"]},
+                     "p50_ms": 1.2})

@@ -1,0 +1,133 @@
+"""The report's Quantization section: for each int8 artifact, whether it passed as exported or
+what repaired it, every attempt as a row, and (when it failed or needed repair) where its
+error comes from, layer by layer. Everything comes from the manifest's `quantization` record
+of each int8 entry (written by `tledge.export.int8`) and parity.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tledge.rundir import artifacts
+
+
+def int8_records(manifest) -> list[tuple[dict, dict]]:
+    """(entry, quantization record) of each int8 artifact that has one, in manifest order."""
+    return [(entry, entry["quantization"]) for entry in artifacts(manifest)
+            if isinstance(entry.get("quantization"), dict)]
+
+
+def needs_explaining(record, parity_row) -> bool:
+    """An artifact whose diagnosis the report shows: it failed parity, or needed repair."""
+    failed = parity_row is not None and parity_row.get("status") == "failed"
+    return bool(record.get("diagnosis")) and (failed or record.get("remedy") != "plain"
+                                              or record.get("passed") is False)
+
+
+def draw(run_dir, manifest, parity_rows) -> dict:
+    """{key: (caption, path)} of the per-layer error figures the section shows."""
+    from tledge import plots
+    drawn = {}
+    for entry, record in int8_records(manifest):
+        if not needs_explaining(record, parity_rows.get(entry["name"])):
+            continue
+        path = plots.quantization_error(record["diagnosis"], entry["name"],
+                                        Path(run_dir) / plots.FIGURES /
+                                        f"quantization_{entry['name']}.png")
+        if path is not None:
+            worst = _worst(record["diagnosis"])
+            drawn[f"quantization_{entry['name']}"] = (
+                f"Error per layer of {entry['name']}; worst: {worst}", path)
+    return drawn
+
+
+def section(manifest, parity_rows, split, figures, md) -> list[str]:
+    """The "Quantization" section (empty when the run has no int8 artifact)."""
+    records = int8_records(manifest)
+    if not records:
+        return []
+    lines = ["## Quantization", ""]
+    for entry, record in records:
+        name = entry["name"]
+        lines += [f"**{name}**: " + sentence(record, parity_rows.get(name), split), ""]
+        attempts = record.get("attempts") or []
+        if len(attempts) > 1 or record.get("passed") is False:
+            split = record.get("split") or "validation"
+            lines += [f"Attempts, judged in the artifact's own runtime on the {split} split "
+                      "(the validate stage then judges the kept one on its own split):", "",
+                      "| # | remedy | accuracy | agreement | size KiB | p50 ms | result |",
+                      "|---:|---|---:|---:|---:|---:|---|"]
+            kept = _kept(record)
+            for number, row in enumerate(attempts, 1):
+                size = row["size_bytes"] / 1024 if row.get("size_bytes") else None
+                lines.append(f"| {number} | {md(row['remedy'])}"
+                             f"{' **(kept)**' if row is kept else ''} | "
+                             f"{_num(row.get('accuracy'))} | {_num(row.get('agreement'))} | "
+                             f"{_num(size, ',.0f')} | {_num(row.get('p50_ms'), '.3f')} | "
+                             f"{_result(row, md)} |")
+            lines.append("")
+        key = f"quantization_{name}"
+        if key in figures:
+            lines += [f"![{figures[key][0]}]({figures[key][1]})", ""]
+            lines += [f"Worst layers ({md(record['diagnosis']['metric'])}): "
+                      + ", ".join(f"`{md(layer['name'].split(';')[0])}` ({layer['op']}, "
+                                  f"{layer['error']:.3g})"
+                                  for layer in _ranked(record["diagnosis"])[:5]) + ".", ""]
+    return lines
+
+
+def sentence(record, parity_row, split="test") -> str:
+    """What happened to one int8 artifact, in one sentence."""
+    attempts = record.get("attempts") or []
+    plain, kept = (attempts[0] if attempts else {}), _kept(record)
+    final = ""
+    if parity_row and parity_row.get("agreement") is not None:
+        verdict = "passes" if parity_row["status"] == "passed" else "FAILS"
+        final = (f"; on the {split} split it {verdict} "
+                 f"parity (accuracy {parity_row['accuracy']:.4f}, agreement "
+                 f"{parity_row['agreement']:.4f})")
+    if len(attempts) <= 1:
+        how = "exported with the plain settings" + (
+            ", which passed on the " + (record.get("split") or "validation") + " split"
+            if plain.get("passed") else "")
+        return how + final + "."
+    if plain.get("remedy") != "plain":  # a rebuild reproduced an earlier repair
+        return (f"reproduced the settings an earlier export kept ({record['remedy']})"
+                + final + ".")
+    why = "; ".join(plain.get("problems") or []) or "it failed parity"
+    cost = ""
+    if kept.get("p50_ms") and plain.get("p50_ms"):
+        change = kept["p50_ms"] / plain["p50_ms"] - 1
+        cost = (f", p50 {kept['p50_ms']:.3f} ms against {plain['p50_ms']:.3f} ms "
+                f"({change:+.0%})")
+    outcome = "repaired by" if record.get("passed") else \
+        "no remedy passed; kept the closest attempt,"
+    kept_name = "the plain export itself" if record["remedy"] == "plain" else record["remedy"]
+    return (f"the plain export failed ({why}); {outcome} {kept_name} "
+            f"(agreement {kept.get('agreement', 0):.4f}{cost}){final}.")
+
+
+def _kept(record) -> dict:
+    attempts = record.get("attempts") or []
+    return next((row for row in reversed(attempts) if row.get("remedy") == record.get("remedy")
+                 and row.get("settings") == record.get("settings")),
+                attempts[-1] if attempts else {})
+
+
+def _ranked(diagnosis) -> list[dict]:
+    return sorted((layer for layer in diagnosis.get("layers", [])
+                   if layer.get("error") is not None), key=lambda layer: -layer["error"])
+
+
+def _worst(diagnosis) -> str:
+    ranked = _ranked(diagnosis)
+    return ranked[0]["name"].split(";")[0] if ranked else "?"
+
+
+def _result(row, md) -> str:
+    if row.get("passed"):
+        return "passed"
+    return "failed: " + md("; ".join(row.get("problems") or ["no result"]))
+
+
+def _num(value, spec=".4f") -> str:
+    return "-" if value is None else format(value, spec)
