@@ -71,6 +71,46 @@ def test_pick_ignores_other_settings_and_rows_that_did_not_run():
     assert pick["artifact"] == "tflite_int8"
 
 
+def _judged(*rows):
+    """Parity rows with accuracies: (artifact, runtime, accuracy), the reference first."""
+    return {"rows": [{"artifact": artifact, "runtime": runtime, "accuracy": accuracy,
+                      "status": "reference" if artifact == "keras" else "passed"}
+                     for artifact, runtime, accuracy in rows]}
+
+
+def test_the_pick_weighs_every_model_by_the_recipes_objective_and_constraints():
+    from tledge.bench import candidates
+    from tledge.recipe import PickRecipe
+    rows = [row("keras", 5.0), row("tflite_int8", 0.4), row("onnx_fp32", 0.8)]
+    parity = _judged(("keras", "keras", 0.60), ("tflite_int8", "litert", 0.59),
+                     ("onnx_fp32", "onnxruntime", 0.60))
+    baseline = candidates([row("keras", 2.0), row("tflite_fp32", 0.2)],
+                          _judged(("keras", "keras", 0.70), ("tflite_fp32", "litert", 0.70)),
+                          threads=1, batch=1, model="baseline")
+    # by default only the most accurate model ships: the baseline, in its fastest artifact
+    pick = choose(rows, parity, threads=1, batch=1, others=[baseline])
+    assert (pick["model"], pick["artifact"]) == ("baseline", "tflite_fp32")
+    # a model 10 points less accurate may ship only when the recipe allows it
+    loose = PickRecipe(max_accuracy_drop=0.1)
+    pick = choose(rows, parity, threads=1, batch=1, others=[baseline], settings=loose)
+    assert (pick["model"], pick["artifact"]) == ("baseline", "tflite_fp32")  # still faster
+    slow_baseline = [dict(c, p50_ms=c["p50_ms"] * 10) for c in baseline]
+    pick = choose(rows, parity, threads=1, batch=1, others=[slow_baseline], settings=loose)
+    assert (pick["model"], pick["artifact"]) == ("model", "tflite_int8")
+    assert [(c["why"], c["model"], c["artifact"]) for c in pick["alternatives"]] == [
+        ("most_accurate", "baseline", "tflite_fp32")]
+    # the most accurate objective, and latency and size limits
+    pick = choose(rows, parity, threads=1, batch=1,
+                  settings=PickRecipe(objective="most_accurate"))
+    assert pick["artifact"] == "onnx_fp32"  # as accurate as Keras, and faster
+    assert choose(rows, parity, threads=1, batch=1,
+                  settings=PickRecipe(max_latency_ms=0.5))["artifact"] == "tflite_int8"
+    assert choose(rows, parity, threads=1, batch=1,
+                  settings=PickRecipe(max_latency_ms=0.1)) is None
+    assert choose(rows, parity, threads=1, batch=1,
+                  settings=PickRecipe(max_size_kb=0.001)) is None
+
+
 def test_without_parity_only_the_reference_qualifies():
     rows = [row("keras", 5.0), row("tflite_fp32", 1.0)]
     assert choose(rows, None, threads=1, batch=1)["artifact"] == "keras"

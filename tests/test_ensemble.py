@@ -42,10 +42,6 @@ epochs = 3
 [export]
 calibration_samples = 32
 
-[validate.per_format.tflite_int8]
-max_accuracy_drop = 0.1
-min_agreement = 0.8
-
 [bench]
 threads = [1]
 min_runs = 3

@@ -200,15 +200,17 @@ def test_a_search_that_cannot_pass_is_bounded_and_keeps_the_closest(name, model_
 def test_recorded_settings_are_tried_first_and_reproduce_without_searching(model_and_images,
                                                                           tmp_path):
     model, calibration, images, labels = model_and_images
+    earlier = {"format": "tflite", "metric": "m", "images": 32, "layers": [
+        {"name": "a", "op": "CONV_2D", "error": 0.3}]}
     recorded = {"settings": {"calibration_samples": 48, "float_layers": []},
-                "remedy": "48 calibration images instead of 32"}
+                "remedy": "48 calibration images instead of 32", "diagnosis": earlier}
     lenient = {"max_accuracy_drop": 1.0, "min_agreement": 0.0, "max_abs_diff": None}
     record, _ = _repair(model, calibration, images, labels, tmp_path,
                         fmt=FORMATS["tflite_int8"], thresholds=lenient, recorded=recorded)
     assert len(record["attempts"]) == 1 and record["attempts"][0]["settings"] == \
         recorded["settings"]
     assert record["passed"] and record["repaired"] and record["remedy"] == recorded["remedy"]
-    assert record["diagnosis"] is None  # nothing failed: nothing to explain
+    assert record["diagnosis"] == earlier  # what explained the repair still explains it
 
 
 # ---- through the stages --------------------------------------------------------------------

@@ -161,10 +161,62 @@ def test_baseline_is_trained_and_reported_beside_the_transfer(base_model, tmp_pa
     assert history["baseline"]["backbone"] == "small_cnn"
     assert len(history["baseline"]["phase"]["epochs"]) == 2
     assert 0.0 <= history["baseline"]["test_accuracy"] <= 1.0
-    assert (run_dir / "baseline.keras").is_file()
+    # the baseline is a run directory of its own, which later stages export and judge
+    assert (run_dir / "baseline" / "model.keras").is_file()
+    baseline = json.loads((run_dir / "baseline" / "manifest.json").read_text())
+    assert [entry["name"] for entry in baseline["artifacts"]] == ["keras"]
+    assert baseline["recipe"]["name"] == "transfer.baseline"
     report = report_run(run_dir).read_text()
     assert "Transfer against a from-scratch baseline" in report
     assert "baseline (small_cnn, from scratch)" in report
+
+
+def test_a_baseline_that_beats_the_transfer_is_exported_judged_and_shipped(base_model,
+                                                                           tmp_path):
+    from tledge.pipeline import build
+    from tledge.rundir import read_manifest
+    # a transfer head trained at a learning rate too small to learn: the baseline wins
+    recipe = transfer_recipe(tmp_path, base_model, fe_epochs=1, fe_lr=1e-7, samples=60,
+                             extra_tables="[baseline]\nepochs = 12\nlearning_rate = 3e-3\n")
+    lines = []
+    run_dir, _ = build(recipe, out=tmp_path / "run", log=lines.append, verbose=0)
+    history = json.loads((run_dir / "history.json").read_text())
+    assert history["baseline"]["test_accuracy"] > history["test_accuracy"] + 0.1
+    baseline = run_dir / "baseline"
+    exported = {entry["name"] for entry in read_manifest(baseline)["artifacts"]}
+    assert {"keras", "tflite_fp32", "tflite_int8", "onnx_fp32"} <= exported
+    assert (baseline / "parity.json").is_file() and (baseline / "bench.json").is_file()
+    pick = read_manifest(run_dir)["pick"]
+    assert pick["model"] == "baseline", pick  # the report calls the transfer worse: not shipped
+    parity = json.loads((baseline / "parity.json").read_text())
+    assert any(row["artifact"] == pick["artifact"] and row["status"] in ("passed", "reference")
+               for row in parity["rows"])
+    report = (run_dir / "report.md").read_text()
+    assert f"**Ship `baseline/{pick['artifact']}` on {pick['runtime']}**" in report
+    assert "of the most accurate model (transfer or baseline)" in report
+    assert "The trade: picked" in report
+    # a second build finds every stage of both models current
+    again = []
+    build(recipe, out=run_dir, log=again.append, verbose=0)
+    for stage in ("export", "validate", "bench"):
+        assert any(line.startswith(f"== {stage}: up to date") for line in again), again
+        assert any(line.startswith(f"== {stage} (baseline): up to date") for line in again)
+    # asked for the fastest of any model, the pick may be the transfer's
+    text = open(recipe.path).read() + "\n[pick]\nmax_accuracy_drop = 1.0\n"
+    open(recipe.path, "w").write(text)
+    lines = []
+    build(recipe.path, out=run_dir, log=lines.append, verbose=0)
+    assert "== bench" in lines  # what the pick weighs changed: the run's bench ran again
+    pick = read_manifest(run_dir)["pick"]
+    candidates = [row for folder in (run_dir, baseline)
+                  for row in json.loads((folder / "bench.json").read_text())["rows"]
+                  if row["status"] == "ok"]
+    assert pick["p50_ms"] <= min(row["p50_ms"] for row in candidates
+                                 if row["artifact"] == "keras") + 1e-9
+    if pick["model"] == "model":  # then the report says what that costs
+        report = (run_dir / "report.md").read_text()
+        assert "points less accurate than the best one (allowed by [pick] " \
+               "max_accuracy_drop = 1.0)" in report
 
 
 def test_report_says_loudly_when_the_baseline_wins():

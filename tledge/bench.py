@@ -17,7 +17,7 @@ import numpy as np
 
 from tledge.device_bench import machine_facts, summarize, time_runner
 from tledge.errors import RunDirError, RuntimeUnavailable
-from tledge.rundir import (BENCH, PARITY, artifacts, find_artifact, read_manifest,
+from tledge.rundir import (BENCH, MANIFEST, PARITY, artifacts, find_artifact, read_manifest,
                            read_record, record_stage, stage_hash, verified_artifact,
                            write_json, write_manifest)
 from tledge.runners import RUNTIMES, load
@@ -154,8 +154,14 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     if parity is None:
         log(f"note: {run_dir / PARITY} is missing (not validated): nothing can be picked until "
             f"`tledge validate {run_dir}` has run; a build does both")
+    others, read = other_candidates(run_dir, threads=threads[0], batch=batch_sizes[0], log=log)
     pick = choose(rows, parity, threads=threads[0], batch=batch_sizes[0],
-                  checksums={entry["name"]: entry["sha256"] for entry in artifacts(manifest)})
+                  checksums={entry["name"]: entry["sha256"] for entry in artifacts(manifest)},
+                  settings=recipe.pick, others=others)
+    if pick is None and parity and choose(rows, parity, threads=threads[0], batch=batch_sizes[0],
+                                          others=others) is not None:
+        log("note: no candidate meets the recipe's [pick] constraints (max_latency_ms, "
+            "max_size_kb): nothing is picked")
     result = {"rows": [dataclasses.asdict(row) for row in rows], "pick": pick,
               "settings": {"threads": list(threads), "batch_sizes": list(batch_sizes),
                            "warmup": settings.warmup, "min_runs": settings.min_runs,
@@ -168,7 +174,8 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     written = write_json(run_dir / BENCH, result)
     manifest["pick"] = pick
     custom = bool(custom_runtimes or threads != settings.threads or batch_sizes != settings.batch_sizes)
-    record_stage(manifest, "bench", outputs=[written], reads=[run_dir / PARITY],
+    record_stage(manifest, "bench", outputs=[written], reads=[run_dir / PARITY, *read],
+                 run_dir=run_dir,
                  rows=len(rows), hash=None if custom else stage_hash(manifest, recipe, "bench"))
     write_manifest(run_dir, manifest)
     return result
@@ -187,6 +194,44 @@ def model_flops(run_dir, manifest) -> int | None:
         return None
 
 
+def other_candidates(run_dir, *, threads: int, batch: int, log=print):
+    """([candidates of each other model the run trained], the files read): the baseline's
+    benchmarked, validated artifacts, when its stages have run; its files are verified."""
+    from tledge.rundir import INNER_RUNS
+    pools, read = [], []
+    for name in INNER_RUNS:
+        folder = Path(run_dir) / name
+        if not (folder / MANIFEST).is_file():
+            continue
+        read += [folder / BENCH, folder / PARITY]
+        if not (folder / BENCH).is_file() or not (folder / PARITY).is_file():
+            log(f"note: {folder} is not validated and benchmarked yet: the pick does not "
+                "weigh it (a build does both)")
+            continue
+        manifest = read_manifest(folder)
+        checksums = {}
+        for entry in artifacts(manifest):
+            verified_artifact(folder, entry)
+            checksums[entry["name"]] = entry["sha256"]
+        pools.append(candidates(read_record(folder / BENCH)["rows"],
+                                read_record(folder / PARITY), threads=threads, batch=batch,
+                                checksums=checksums, model=name))
+    return pools, read
+
+
+def pick_name(pick) -> str:
+    """How a pick is named: its artifact, behind its model's folder when that is not the
+    run's own model (`baseline/tflite_int8`)."""
+    model = pick.get("model", "model")
+    return pick["artifact"] if model == "model" else f"{model}/{pick['artifact']}"
+
+
+def pick_folder(run_dir, pick) -> Path:
+    """The run directory that holds the pick's file."""
+    model = pick.get("model", "model")
+    return Path(run_dir) if model == "model" else Path(run_dir) / model
+
+
 def load_pick(run_dir) -> dict | None:
     """The pick the last bench of a run wrote (None when nothing qualified), after checking
     that its file is still the one that was benchmarked."""
@@ -198,31 +243,89 @@ def load_pick(run_dir) -> dict | None:
         raise RunDirError(f"{Path(run_dir) / BENCH} is not a bench result tledge wrote; run "
                           f"`tledge bench {run_dir}` again")
     if pick is not None:
-        verified_artifact(run_dir, find_artifact(read_manifest(run_dir), pick["artifact"]))
+        folder = pick_folder(run_dir, pick)
+        verified_artifact(folder, find_artifact(read_manifest(folder), pick["artifact"]))
     return pick
 
 
-def choose(rows, parity, *, threads: int, batch: int, checksums=None) -> dict | None:
-    """The fastest (p50) combination at `threads` and `batch` whose (artifact, runtime) pair
-    passed parity: a pair that validation did not run never ships.
+def candidates(rows, parity, *, threads: int, batch: int, checksums=None,
+               model: str = "model") -> list[dict]:
+    """Every combination at `threads` and `batch` that ran and whose (artifact, runtime) pair
+    passed parity, with its accuracy and its model's: what the pick chooses from.
 
     The Keras model in Keras is the reference: it always qualifies. Without a parity report no
     exported artifact qualifies, since nothing says it still classifies correctly; nor does
     one whose file changed since it was validated (`checksums`: artifact name -> sha256).
+    Rows are `BenchRow`s or their dicts (another model's bench.json).
     """
-    passed = {("keras", "keras")}
-    if parity:
-        passed |= {(row["artifact"], row["runtime"]) for row in parity["rows"]
-                   if row["status"] == "passed" and (checksums is None or row.get("sha256")
-                                                     == checksums.get(row["artifact"]))}
-    candidates = [row for row in rows if row.status == "ok"
-                  and (row.artifact, row.runtime) in passed
-                  and row.threads == threads and row.batch == batch]
-    if not candidates:
+    rows = [row if isinstance(row, dict) else dataclasses.asdict(row) for row in rows]
+    parity_rows = (parity or {}).get("rows", [])
+    reference = next((row.get("accuracy") for row in parity_rows
+                      if row["status"] == "reference"), None)
+    accuracy = {("keras", "keras"): reference}
+    accuracy.update({(row["artifact"], row["runtime"]): row.get("accuracy")
+                     for row in parity_rows if row["status"] == "passed"
+                     and (checksums is None or row.get("sha256") == checksums.get(row["artifact"]))})
+    return [{"model": model, "artifact": row["artifact"], "runtime": row["runtime"],
+             "threads": row["threads"], "batch": row["batch"], "p50_ms": row["p50_ms"],
+             "size_bytes": row.get("size_bytes"),
+             "accuracy": accuracy[(row["artifact"], row["runtime"])],
+             "model_accuracy": reference}
+            for row in rows if row["status"] == "ok" and row["threads"] == threads
+            and row["batch"] == batch and (row["artifact"], row["runtime"]) in accuracy]
+
+
+OBJECTIVES = {  # the candidate each objective prefers: smallest key
+    "fastest": lambda c: (c["p50_ms"], -(c["accuracy"] or 0.0)),
+    "most_accurate": lambda c: (-(c["accuracy"] or 0.0), c["p50_ms"]),
+}
+
+
+def choose(rows, parity, *, threads: int, batch: int, checksums=None, settings=None,
+           others=()) -> dict | None:
+    """The pick: among `candidates` of this run and of the other trained models (`others`,
+    their `candidates` lists: the from-scratch baseline), the best by `settings.objective`
+    ("fastest" by default) that meets the recipe's [pick] constraints:
+
+    - its model's accuracy is at most `max_accuracy_drop` below the most accurate model's
+      (default 0: the most accurate model ships, in its fastest artifact that passed
+      parity; parity already bounds how far each artifact is from its own model);
+    - `max_latency_ms` and `max_size_kb`, when set.
+
+    The pick names `alternatives`: the most accurate and the fastest of all qualified
+    candidates, where they are not the pick, so the report can state the trade.
+    """
+    from tledge.recipe import PickRecipe
+    settings = settings or PickRecipe()
+    pool = candidates(rows, parity, threads=threads, batch=batch, checksums=checksums)
+    pool += [candidate for other in others for candidate in other]
+    if not pool:
         return None
-    best = min(candidates, key=lambda row: row.p50_ms)
-    return {"artifact": best.artifact, "runtime": best.runtime, "threads": best.threads,
-            "batch": best.batch, "p50_ms": best.p50_ms, "size_bytes": best.size_bytes}
+    models = [c["model_accuracy"] for c in pool if c["model_accuracy"] is not None]
+    best_model = max(models) if models else None
+    eligible = [c for c in pool
+                if (best_model is None or c["model_accuracy"] is None
+                    or c["model_accuracy"] >= best_model - settings.max_accuracy_drop - 1e-12)
+                and (settings.max_latency_ms is None or c["p50_ms"] <= settings.max_latency_ms)
+                and (settings.max_size_kb is None or c["size_bytes"] is None
+                     or c["size_bytes"] / 1024 <= settings.max_size_kb)]
+    if not eligible:
+        return None
+    pick = dict(min(eligible, key=OBJECTIVES[settings.objective]))
+    alternatives = []
+    for objective in ("most_accurate", "fastest"):
+        best = min(pool, key=OBJECTIVES[objective])
+        if all(_which(best) != _which(shown) for shown in [pick, *alternatives]):
+            alternatives.append({**best, "why": objective})
+    return {**pick, "objective": settings.objective, "alternatives": alternatives,
+            "best_model_accuracy": best_model,
+            "constraints": {"max_accuracy_drop": settings.max_accuracy_drop,
+                            "max_latency_ms": settings.max_latency_ms,
+                            "max_size_kb": settings.max_size_kb}}
+
+
+def _which(candidate) -> tuple:
+    return candidate["model"], candidate["artifact"], candidate["runtime"]
 
 
 def format_row(row: BenchRow) -> str:

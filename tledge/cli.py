@@ -397,7 +397,7 @@ def bench(run_dir, runtimes, threads, batch, pick_only, device_result):
               tledge bench models/quickstart --pick
               tledge bench models/quickstart --import result.json
     """
-    from tledge.bench import bench_run, load_pick
+    from tledge.bench import bench_run, load_pick, pick_folder, pick_name
     if device_result:
         from tledge.bundle import import_device_result
         from tledge.report import report_run
@@ -408,14 +408,15 @@ def bench(run_dir, runtimes, threads, batch, pick_only, device_result):
         return
     if pick_only:
         pick = load_pick(run_dir)
-        click.echo(f"{pick['artifact']} {pick['runtime']} threads={pick['threads']} "
+        click.echo(f"{pick_name(pick)} {pick['runtime']} threads={pick['threads']} "
                    f"batch={pick['batch']} p50_ms={pick['p50_ms']:.3f} "
-                   f"path={_artifact_path(run_dir, pick['artifact'])}" if pick else "none")
+                   f"path={_artifact_path(pick_folder(run_dir, pick), pick['artifact'])}"
+                   if pick else "none")
         return
     result = bench_run(run_dir, runtimes=runtimes or None, threads=threads, batch_sizes=batch,
                        log=click.echo)
     pick = result["pick"]
-    click.echo(f"pick: {pick['artifact']} on {pick['runtime']}" if pick else
+    click.echo(f"pick: {pick_name(pick)} on {pick['runtime']}" if pick else
                "pick: none (no artifact passed parity and ran)")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tledge.errors import RecipeError, RunDirError, TledgeError
 from tledge.formats import FORMATS
 from tledge.recipe import Recipe, load_recipe, stored_recipe_text
-from tledge.rundir import (HISTORY, LOCK, MANIFEST, RECIPE, SPLIT, artifact_entry, atomic_path,
+from tledge.rundir import (HISTORY, INNER_RUNS, LOCK, MANIFEST, RECIPE, SPLIT, artifact_entry, atomic_path,
                            new_manifest, portable, read_manifest, record_stage, run_lock,
                            set_artifact, verified_artifact, write_json, write_manifest,
                            write_text)
@@ -151,7 +151,6 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting, 
     import shutil
     from tledge.data import load_splits
     from tledge.data.sources import BAD_IMAGES
-    from tledge.quiet import quiet
     from tledge.train import train_baseline, train_model
     run_dir = prepare_run_dir(run_dir)
     try:
@@ -186,11 +185,10 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting, 
         raise
     for line in filter(None, [history["verdict"]["message"]]):
         log("!" * 78 + f"\n{line}\n" + "!" * 78)
+    baseline_model = None
     if recipe.baseline is not None:
         history["baseline"], baseline_model = train_baseline(recipe, splits, verbose=verbose,
                                                              log=log)
-        with atomic_path(run_dir / "baseline.keras") as temporary, quiet():
-            baseline_model.save(temporary)
         from tledge.report import baseline_warning
         for line in filter(None, [baseline_warning(history)]):
             log("!" * 78 + f"\n{line}\n" + "!" * 78)
@@ -201,13 +199,34 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting, 
         history["ensemble"]["members"] = portable_members(history["ensemble"]["members"],
                                                           run_dir)
     write_json(run_dir / HISTORY, history)
+    _remove_stale_outputs(run_dir)
+    manifest = _trained_manifest(run_dir, recipe, model, splits)
+    record_stage(manifest, "train", hash=train_key,
+                 wall_seconds=round(time.perf_counter() - start, 1),
+                 weights_from=[portable(path, run_dir) for path in files] if members
+                 else portable(weights_file or recipe.model.weights, run_dir))
+    write_manifest(run_dir, manifest)
+    if baseline_model is not None:
+        _write_baseline_run(run_dir, recipe, baseline_model, splits, train_key,
+                            history["baseline"])
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     model_path = run_dir / FORMATS["keras"].file_name
+    accuracy = history["test_accuracy"]
+    log(f"train: wrote {model_path} ({time.perf_counter() - start:.0f} s"
+        + (f", test accuracy {accuracy:.1%})" if accuracy is not None else ")"))
+    return run_dir
+
+
+def _trained_manifest(folder, recipe, model, splits) -> dict:
+    """Save a trained model as `model.keras` in `folder` and return a new manifest listing it
+    (not saved; the caller records the train stage)."""
+    from tledge.quiet import quiet
+    model_path = Path(folder) / FORMATS["keras"].file_name
     with atomic_path(model_path) as temporary, quiet():
         model.save(temporary)
-    _remove_stale_outputs(run_dir)
-    manifest = new_manifest(recipe, run_dir, splits.class_names, recipe.data.image_size)
+    manifest = new_manifest(recipe, folder, splits.class_names, recipe.data.image_size)
     spec = {"shape": [-1, *recipe.data.image_size, 3], "dtype": "float32", "range": [0, 255]}
-    entry = artifact_entry(run_dir, model_path, FORMATS["keras"],
+    entry = artifact_entry(folder, model_path, FORMATS["keras"],
                            recipe_hash=manifest["recipe"]["hash"], labels=splits.class_names,
                            input_spec={"name": model.inputs[0].name, **spec},
                            output_spec={"name": "probabilities",
@@ -216,16 +235,50 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting, 
     manifest["data"] = {"cache_key": splits.record["cache"]["key"],
                         "cache_root": splits.record["cache"]["root"],
                         "fingerprint": splits.record["fingerprint"]}
-    record_stage(manifest, "train", hash=train_key,
-                 wall_seconds=round(time.perf_counter() - start, 1),
-                 weights_from=[portable(path, run_dir) for path in files] if members
-                 else portable(weights_file or recipe.model.weights, run_dir))
-    write_manifest(run_dir, manifest)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    accuracy = history["test_accuracy"]
-    log(f"train: wrote {model_path} ({time.perf_counter() - start:.0f} s"
-        + (f", test accuracy {accuracy:.1%})" if accuracy is not None else ")"))
-    return run_dir
+    return manifest
+
+
+BASELINE_DIR = INNER_RUNS[0]  # a run's [baseline] model: a run directory of its own inside it
+
+
+def baseline_recipe(recipe) -> Recipe:
+    """The recipe a run's `[baseline]` model is exported, validated and benchmarked under:
+    the same data, split, export, validation and bench, its own model and training."""
+    import dataclasses
+    from tledge.recipe import PhaseRecipe
+    settings = recipe.baseline
+    return dataclasses.replace(
+        recipe, name=f"{recipe.name}.baseline", baseline=None, ensemble=None,
+        model=dataclasses.replace(recipe.model, backbone=settings.backbone, weights="none",
+                                  alpha=None),
+        train=dataclasses.replace(recipe.train, feature_extraction=PhaseRecipe(
+            epochs=settings.epochs, learning_rate=settings.learning_rate,
+            optimizer=settings.optimizer, early_stopping=settings.early_stopping),
+            fine_tune=dataclasses.replace(recipe.train.fine_tune, epochs=0)))
+
+
+def _write_baseline_run(run_dir, recipe, model, splits, train_key, summary) -> None:
+    """The baseline model as `<run>/baseline/`, a run directory that the later stages export,
+    validate and benchmark like the run itself, so the pick can ship it when it is better."""
+    import shutil
+    folder = Path(run_dir) / BASELINE_DIR
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    derived = baseline_recipe(recipe)
+    write_text(folder / RECIPE, stored_recipe_text(derived, folder))
+    write_json(folder / SPLIT, splits.record)
+    write_json(folder / HISTORY, {"phases": [summary["phase"]], "backbone": summary["backbone"],
+                                  "test_accuracy": summary["test_accuracy"],
+                                  "baseline_of": ".."})
+    manifest = _trained_manifest(folder, derived, model, splits)
+    record_stage(manifest, "train", hash=f"{train_key}-baseline")
+    write_manifest(folder, manifest)
+
+
+def candidate_runs(run_dir) -> list[Path]:
+    """The run directory and those of the other models it trained (its baseline)."""
+    baseline = Path(run_dir) / BASELINE_DIR
+    return [Path(run_dir)] + ([baseline] if (baseline / MANIFEST).is_file() else [])
 
 
 def _train_as_worker(recipe, run_dir, role, *, log, verbose):
@@ -262,6 +315,8 @@ def _remove_stale_outputs(run_dir) -> None:
             stale.unlink(missing_ok=True)
     for name in (PARITY, BENCH, REPORT):
         (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / BASELINE_DIR, ignore_errors=True)  # trained again, if still asked
+    (run_dir / "baseline.keras").unlink(missing_ok=True)  # where earlier versions kept it
 
 
 def set_aside_damaged_manifest(run_dir, log) -> None:
@@ -313,28 +368,32 @@ def _build_locked(recipe, run_dir, *, log, verbose, force):
     from tledge.validate import load_parity, validate_run
     started = time.perf_counter()
 
-    def current(stage, expected):
-        if force or not (run_dir / MANIFEST).is_file():
+    def current(folder, stage, expected, label):
+        if force or not (folder / MANIFEST).is_file():
             return False
-        if stage_is_current(run_dir, read_manifest(run_dir), stage, expected):
-            log(f"== {stage}: up to date (hash {expected}), skipped; --force redoes it")
+        if stage_is_current(folder, read_manifest(folder), stage, expected):
+            log(f"== {stage}{label}: up to date (hash {expected}), skipped; --force redoes it")
             return True
         return False
 
     set_aside_damaged_manifest(run_dir, log)
     starting = starting_points(recipe, run_dir, log=log, verbose=verbose)
-    if force or not current("train", train_hash(recipe, starting[0], log=log)):
+    if force or not current(run_dir, "train", train_hash(recipe, starting[0], log=log), ""):
         log(f"== train  {recipe.name} -> {run_dir}")
         train_run(recipe, run_dir, log=log, verbose=verbose, restart=force, starting=starting)
     else:  # the sections after train may have changed, and the stored copy may be damaged:
         write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))  # later stages read it
-    stages = (("export", lambda: export_run(run_dir, log=log)),
-              ("validate", lambda: validate_run(run_dir, log=log)),
-              ("bench", lambda: bench_run(run_dir, log=log)))
-    for stage, run in stages:
-        if not current(stage, stage_hash(read_manifest(run_dir), recipe, stage)):
-            log(f"== {stage}")
-            run()
+    from tledge.rundata import run_recipe
+    runs = candidate_runs(run_dir)  # the baseline's stages run too, and it is benchmarked
+    for stage, run in (("export", export_run), ("validate", validate_run),  # before the run
+                       ("bench", bench_run)):  # itself, whose pick weighs both
+        for folder in reversed(runs) if stage == "bench" else runs:
+            label = "" if folder == run_dir else f" ({folder.name})"
+            folder_recipe = recipe if folder == run_dir else run_recipe(folder)
+            if not current(folder, stage, stage_hash(read_manifest(folder), folder_recipe,
+                                                     stage), label):
+                log(f"== {stage}{label}")
+                run(folder, log=log)
     if force or not explain_is_current(run_dir):
         log("== explain")
         explain_run(run_dir, log=log)
@@ -343,6 +402,7 @@ def _build_locked(recipe, run_dir, *, log, verbose, force):
     pick = read_manifest(run_dir).get("pick")
     log(f"== report {path}")
     if pick:
-        log(f"pick: {pick['artifact']} on {pick['runtime']} (p50 {pick['p50_ms']:.3f} ms)")
+        from tledge.bench import pick_name
+        log(f"pick: {pick_name(pick)} on {pick['runtime']} (p50 {pick['p50_ms']:.3f} ms)")
     log(f"built {recipe.name} in {time.perf_counter() - started:.0f} s")
     return run_dir, parity

@@ -266,6 +266,10 @@ def quantization_error(diagnosis, name, path, worst: int = 3) -> Path | None:
     axis.set_xlabel(f"layer, input to output ({len(layers)} measured on "
                     f"{diagnosis.get('images', '?')} calibration images)")
     axis.set_ylabel(diagnosis.get("metric", "error"), fontsize=8)
+    if diagnosis.get("metric", "").startswith("RMSE / quantization step"):
+        axis.axhline(12 ** -0.5, color="#7f7f7f", linestyle="--", linewidth=1,
+                     label="rounding alone (0.29)")
+        axis.legend(fontsize=7, loc="lower right")
     axis.set_ylim(0, max(errors) * 1.35 or 1)
     axis.grid(axis="y", alpha=0.3)
     axis.set_title(f"Where {name}'s quantization error comes from", fontsize=10)

@@ -250,6 +250,23 @@ class BenchRecipe:
                                       "of its own, TensorFlow's thread count honoured")
 
 
+@dataclasses.dataclass(frozen=True)
+class PickRecipe:
+    """What the pick optimises among every trained model's artifacts that passed parity."""
+
+    objective: str = option("fastest", choices=("fastest", "most_accurate"),
+                            help="fastest (p50 at the first [bench] threads and batch) | "
+                                 "most_accurate (accuracy on the evaluation split)")
+    max_accuracy_drop: float = option(
+        0.0, minimum=0.0, maximum=1.0,
+        help="how far below the most accurate model (the transfer or the [baseline]) a "
+             "model may be and still ship; 0: only the most accurate model ships")
+    max_latency_ms: float | None = option(None, minimum=0.0, maximum=1e6,
+                                          help="only artifacts at most this slow (p50)")
+    max_size_kb: float | None = option(None, minimum=0.0, maximum=1e9,
+                                       help="only artifacts at most this large, in KiB")
+
+
 FUSIONS = ("mean", "weighted", "concat")
 
 
@@ -300,6 +317,7 @@ class Recipe:
     export: ExportRecipe = option(ExportRecipe())
     validate: ValidateRecipe = option(ValidateRecipe())
     bench: BenchRecipe = option(BenchRecipe())
+    pick: PickRecipe = option(PickRecipe())
     path: str = ""  # the file it came from; not a recipe key
 
     @property

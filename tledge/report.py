@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tledge import report_int8
+from tledge.bench import pick_name
 from tledge.plots import FIGURES
 from tledge.rundir import (BENCH, EXPLAIN, HISTORY, PARITY, RECIPE, REPORT, REPORT_HTML, SPLIT,
                            artifacts, read_manifest, read_record, write_text)
@@ -88,6 +89,7 @@ def draw_figures(run_dir, manifest, history, parity, bench) -> dict:
     reference = judged.get("keras", {}).get("confusion")
     picked = judged.get((pick or {}).get("artifact"), {})
     quantized_pick = picked.get("confusion") if pick and \
+        pick.get("model", "model") == "model" and \
         pick["artifact"].rsplit("_", 1)[-1] in QUANTIZED else None
     split = (parity or {}).get("split", "test")
     drawn = {
@@ -262,9 +264,19 @@ def _headline(manifest, history, parity, bench) -> list[str]:
         lines.append("")
     pick = (bench or {}).get("pick")
     if pick:
-        lines.append(f"**Ship `{pick['artifact']}` on {pick['runtime']}**: the fastest artifact "
-                     f"that passed parity, p50 {pick['p50_ms']:.3f} ms at batch {pick['batch']} "
-                     f"with {pick['threads']} thread(s), {pick['size_bytes'] / 1024:,.0f} KiB.")
+        lines.append(f"**Ship `{md(pick_name(pick))}` on {pick['runtime']}**: "
+                     f"{_pick_reason(pick, history)}, p50 {pick['p50_ms']:.3f} ms at batch "
+                     f"{pick['batch']} with {pick['threads']} thread(s), "
+                     f"{(pick.get('size_bytes') or 0) / 1024:,.0f} KiB."
+                     + (report_int8.repair_note(manifest, pick["artifact"])
+                        if pick.get("model", "model") == "model" else ""))
+        if pick.get("alternatives"):
+            lines.append("The trade: " + "; ".join(
+                f"{label} `{md(pick_name(candidate))}` on {candidate['runtime']}: "
+                f"{candidate['p50_ms']:.3f} ms, {_percent(candidate.get('accuracy'))}"
+                for label, candidate in [("picked", pick)] + [
+                    ({"most_accurate": "most accurate", "fastest": "fastest"}[c["why"]], c)
+                    for c in pick["alternatives"]]) + ".")
     elif bench is not None:
         lines.append("**No artifact to recommend**: none was benchmarked successfully after "
                      "passing parity.")
@@ -274,6 +286,29 @@ def _headline(manifest, history, parity, bench) -> list[str]:
         lines.append(f"Reference (Keras) accuracy: {reference['accuracy']:.4f} on "
                      f"{parity['images']} {parity['split']} images.")
     return lines + [""]
+
+
+def _pick_reason(pick, history) -> str:
+    """Why the pick is the pick, in the words of the recipe's [pick] objective and
+    constraints; it says so when the pick's model is less accurate than another."""
+    constraints = pick.get("constraints") or {}
+    limits = [f"{key} = {constraints[key]}" for key in ("max_latency_ms", "max_size_kb")
+              if constraints.get(key) is not None]
+    within = f" within [pick] {', '.join(limits)}" if limits else ""
+    if pick.get("objective") == "most_accurate":
+        return f"the most accurate candidate that passed parity{within}"
+    best, own = pick.get("best_model_accuracy"), pick.get("model_accuracy")
+    if best is not None and own is not None and own < best - 1e-12:
+        return (f"the fastest artifact that passed parity{within}, from a model "
+                f"{(best - own) * 100:.1f} points less accurate than the best one (allowed by "
+                f"[pick] max_accuracy_drop = {constraints.get('max_accuracy_drop')})")
+    models = "" if not (history or {}).get("baseline") else \
+        " of the most accurate model (transfer or baseline)"
+    return f"the fastest artifact{models} that passed parity{within}"
+
+
+def _percent(value) -> str:
+    return "accuracy n/a" if value is None else f"{value:.1%}"
 
 
 def _data_section(manifest, split) -> list[str]:

@@ -51,8 +51,8 @@ def section(manifest, parity_rows, split, figures, md) -> list[str]:
         lines += [f"**{name}**: " + sentence(record, parity_rows.get(name), split), ""]
         attempts = record.get("attempts") or []
         if len(attempts) > 1 or record.get("passed") is False:
-            split = record.get("split") or "validation"
-            lines += [f"Attempts, judged in the artifact's own runtime on the {split} split "
+            judged_on = record.get("split") or "validation"
+            lines += [f"Attempts, judged in the artifact's own runtime on the {judged_on} split "
                       "(the validate stage then judges the kept one on its own split):", "",
                       "| # | remedy | accuracy | agreement | size KiB | p50 ms | result |",
                       "|---:|---|---:|---:|---:|---:|---|"]
@@ -71,8 +71,19 @@ def section(manifest, parity_rows, split, figures, md) -> list[str]:
             lines += [f"Worst layers ({md(record['diagnosis']['metric'])}): "
                       + ", ".join(f"`{md(layer['name'].split(';')[0])}` ({layer['op']}, "
                                   f"{layer['error']:.3g})"
-                                  for layer in _ranked(record["diagnosis"])[:5]) + ".", ""]
+                                  for layer in _ranked(record["diagnosis"])[:5]) + "."
+                      + _verdict(record["diagnosis"]), ""]
     return lines
+
+
+def repair_note(manifest, name) -> str:
+    """" It needed repair: ..." for an artifact whose plain int8 export failed parity."""
+    record = next((record for entry, record in int8_records(manifest) if entry["name"] == name),
+                  None)
+    if not record or record.get("remedy") == "plain" or not record.get("passed"):
+        return ""
+    return (f" Its plain int8 export failed parity; it passes with {record['remedy']} "
+            "(see Quantization).")
 
 
 def sentence(record, parity_row, split="test") -> str:
@@ -95,10 +106,12 @@ def sentence(record, parity_row, split="test") -> str:
                 + final + ".")
     why = "; ".join(plain.get("problems") or []) or "it failed parity"
     cost = ""
-    if kept.get("p50_ms") and plain.get("p50_ms"):
+    if same_kernels(kept, plain):
+        cost = ", the same kernels as the plain file, so the same speed"
+    elif kept.get("p50_ms") and plain.get("p50_ms"):
         change = kept["p50_ms"] / plain["p50_ms"] - 1
         cost = (f", p50 {kept['p50_ms']:.3f} ms against {plain['p50_ms']:.3f} ms "
-                f"({change:+.0%})")
+                + ("unrepaired" if abs(change) < 0.005 else f"unrepaired, {change:+.0%}"))
     outcome = "repaired by" if record.get("passed") else \
         "no remedy passed; kept the closest attempt,"
     kept_name = "the plain export itself" if record["remedy"] == "plain" else record["remedy"]
@@ -106,11 +119,40 @@ def sentence(record, parity_row, split="test") -> str:
             f"(agreement {kept.get('agreement', 0):.4f}{cost}){final}.")
 
 
+def same_kernels(row, plain) -> bool:
+    """Whether an attempt runs the plain file's kernels (only numbers changed)."""
+    from tledge.export.int8 import GRAPH_SETTINGS
+    return all((row.get("settings") or {}).get(key) == (plain.get("settings") or {}).get(key)
+               for key in GRAPH_SETTINGS)
+
+
 def _kept(record) -> dict:
     attempts = record.get("attempts") or []
     return next((row for row in reversed(attempts) if row.get("remedy") == record.get("remedy")
                  and row.get("settings") == record.get("settings")),
                 attempts[-1] if attempts else {})
+
+
+ROUNDING_ONLY = 0.5  # RMSE in quantization steps below which a layer adds rounding alone
+
+
+def _verdict(diagnosis) -> str:
+    """What the per-layer figures say, where they say something plain."""
+    ranked = _ranked(diagnosis)
+    if not ranked or not diagnosis.get("metric", "").startswith("RMSE / quantization step"):
+        return ""
+    if ranked[0]["error"] < ROUNDING_ONLY:
+        return (f" No layer stands out: each adds about rounding alone (at most "
+                f"{ranked[0]['error']:.2f} of a step, 0.29 being rounding), so the images that "
+                "flip are those the float model itself barely separates; more calibration "
+                "images or a more confident model help more than layers kept in float.")
+    return (f" `{md_name(ranked[0]['name'])}` adds {ranked[0]['error']:.2f} steps of error, "
+            f"well above rounding alone (0.29): the layer to look at first, and the first a "
+            f"repair keeps in float.")
+
+
+def md_name(name: str) -> str:
+    return name.split(";")[0].replace("`", "'")
 
 
 def _ranked(diagnosis) -> list[dict]:

@@ -87,6 +87,7 @@ def atomic_path(path):
                 os.unlink(temporary)
 
 
+INNER_RUNS = ("baseline",)  # run directories inside a run: the other models it trained
 LOCK = ".tledge.lock"
 LOCK_WRITE_SECONDS = 60  # a lock that holds no "host pid" line after this long is garbage
 
@@ -380,16 +381,18 @@ def empty_manifest(recipe_facts: dict, labels, image_size) -> dict:
             "stages": {}, "artifacts": []}
 
 
-def record_stage(manifest: dict, stage: str, *, outputs=(), reads=(), **facts) -> None:
+def record_stage(manifest: dict, stage: str, *, outputs=(), reads=(), run_dir=None,
+                 **facts) -> None:
     """Enter a finished stage in the manifest (not saved): its facts, the sha256 of each
     record it wrote (`outputs`) and of each run file it read (`reads`; None for one that was
-    not there). A stage is current only while both are still what they were (see
-    `stage_is_current`): a record rewritten after the manifest, or an input that changed or
-    appeared since, makes the stage run again."""
+    not there; kept by name, or by path from `run_dir` when given). A stage is current
+    only while both are still what they were (see `stage_is_current`): a record rewritten after
+    the manifest, or an input that changed or appeared since, makes the stage run again."""
     manifest["stages"][stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **facts}
     if reads:
-        manifest["stages"][stage]["reads"] = {Path(path).name: checked_sha256(path)
-                                              for path in reads}
+        manifest["stages"][stage]["reads"] = {
+            Path(os.path.relpath(path, run_dir)).as_posix() if run_dir else Path(path).name:
+            checked_sha256(path) for path in reads}
     for path in outputs:
         note_output(manifest, stage, path)
 
@@ -426,8 +429,8 @@ def stage_hash(manifest: dict, recipe, stage: str) -> str | None:
     text += ":" + ",".join(sorted(f"{entry['name']}={entry.get('sha256')}" for entry in reads))
     if stage == "validate":  # a runtime added to [bench] is validated (and benchmarked)
         text += ":" + ",".join(recipe.bench.runtimes)
-    if stage == "bench":
-        text += ":" + machine_key()
+    if stage == "bench":  # the pick is made there too
+        text += ":" + machine_key() + ":" + recipe.hash("pick")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

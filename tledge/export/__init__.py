@@ -147,6 +147,9 @@ class Int8Plan:
     max_seconds: float
 
 
+JUDGE_IMAGES = 2000  # at most this many validation images judge each int8 candidate
+
+
 def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int8Plan:
     """The int8 plan of a run: candidates are judged on the validation split (test if there
     is none) against the Keras model, in the runtime each format runs in."""
@@ -158,8 +161,13 @@ def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int
     judge = None
     if recipe.export.int8_repair == "auto":
         split = "val" if len(splits.y_val) else "test"
-        images = np.asarray(splits.x_val if split == "val" else splits.x_test)
-        labels = np.asarray(splits.y_val if split == "val" else splits.y_test)
+        images, labels = (splits.x_val, splits.y_val) if split == "val" \
+            else (splits.x_test, splits.y_test)
+        chosen = np.arange(len(labels))
+        if len(chosen) > JUDGE_IMAGES:  # a seeded sample, every class in its proportion
+            chosen = np.sort(np.random.default_rng(recipe.seed).choice(
+                len(chosen), JUDGE_IMAGES, replace=False))
+        images, labels = np.asarray(images[chosen]), np.asarray(labels)[chosen]
         if len(labels):
             runner = load(reference, run_dir)
             judge = Judge(images, labels, predict_all(runner, images), split,
@@ -169,7 +177,8 @@ def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int
             log("  int8: no validation or test images to judge int8 candidates on; "
                 "exported once, without repair")
     recorded = {entry["name"]: {"settings": entry["quantization"]["settings"],
-                                "remedy": entry["quantization"]["remedy"]}
+                                "remedy": entry["quantization"]["remedy"],
+                                "diagnosis": entry["quantization"].get("diagnosis")}
                 for entry in artifacts(manifest) if isinstance(entry.get("quantization"), dict)
                 and entry["quantization"].get("model_sha256") == reference["sha256"]
                 and entry["quantization"].get("passed")

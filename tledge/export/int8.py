@@ -79,15 +79,11 @@ class Judge:
     threads: int | None = None
 
     def __call__(self, path, fmt, spec, thresholds) -> dict:
-        from tledge.device_bench import summarize, time_runner
-        from tledge.runners import RUNTIMES, runtimes_for
         from tledge.validate import compare, predict_all
-        runner = RUNTIMES[runtimes_for(fmt.family)[0]].load(
-            path, {**spec, "precision": fmt.precision}, self.threads, "cpu")
+        runner = self._load(path, fmt, spec)
         try:
             probabilities = predict_all(runner, self.images)
-            _, samples = time_runner(runner, runner.prepare(self.images[:1]), warmup=5,
-                                     min_runs=100, min_seconds=0.3)
+            p50 = self._p50(runner)
         finally:
             runner.close()
         accuracy = float(np.mean(self.reference.argmax(1) == self.labels))
@@ -95,8 +91,34 @@ class Judge:
         return {"accuracy": row.accuracy, "accuracy_drop": row.accuracy_drop,
                 "agreement": row.agreement, "max_abs_diff": row.max_abs_diff,
                 "passed": row.status == "passed", "problems": row.problems,
-                "p50_ms": summarize(samples, 1)["p50_ms"],
-                "size_bytes": Path(path).stat().st_size}
+                "p50_ms": p50, "size_bytes": Path(path).stat().st_size}
+
+    def side_by_side(self, candidates, fmt, rounds: int = 3) -> list[float]:
+        """p50 of each (path, spec), timed in turns (the median of `rounds` turns each), so
+        that a machine busy at one moment does not make one file look slower than another."""
+        turns = [[self._timed(path, fmt, spec) for path, spec in candidates]
+                 for _ in range(rounds)]
+        return [float(np.median(column)) for column in zip(*turns)]
+
+    def _timed(self, path, fmt, spec) -> float:
+        """One file's p50, loaded alone (a second loaded runtime's idle threads would
+        compete with it on a small CPU)."""
+        runner = self._load(path, fmt, spec)
+        try:
+            return self._p50(runner, seconds=0.2)
+        finally:
+            runner.close()
+
+    def _load(self, path, fmt, spec):
+        from tledge.runners import RUNTIMES, runtimes_for
+        return RUNTIMES[runtimes_for(fmt.family)[0]].load(
+            path, {**spec, "precision": fmt.precision}, self.threads, "cpu")
+
+    def _p50(self, runner, seconds=0.5) -> float:
+        from tledge.device_bench import summarize, time_runner
+        _, samples = time_runner(runner, runner.prepare(self.images[:1]), warmup=30,
+                                 min_runs=100, min_seconds=seconds)
+        return summarize(samples, 1)["p50_ms"]
 
 
 def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibration_samples,
@@ -108,8 +130,9 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
         export: `export(settings, path) -> spec`: one int8 export with these settings.
         judge: a `Judge`; None exports once with `recorded` or the default settings.
         diagnose: `diagnose(settings) -> diagnosis`, called when the plain export fails.
-        recorded: what a previous export of this model kept (`{"settings", "remedy"}`):
-            tried first, so a rebuild reproduces a repaired artifact without searching.
+        recorded: what a previous export of this model kept (`{"settings", "remedy",
+            "diagnosis"}`): tried first, so a rebuild reproduces a repaired artifact without
+            searching (and keeps the diagnosis that explained it).
 
     Returns:
         The record kept in the manifest entry: settings, remedy, attempts, diagnosis, spec.
@@ -118,6 +141,8 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
     start = time.perf_counter()
     attempts: list[dict] = []
     diagnosis, diagnosed = None, False
+
+    files = []  # (path, spec) of each attempt
 
     def attempt(remedy, settings, folder):
         path = Path(folder) / f"candidate{len(attempts)}{fmt.suffix}"
@@ -130,6 +155,7 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
         row = {"remedy": remedy, "settings": settings, **verdict,
                "seconds": round(time.perf_counter() - began, 1)}
         attempts.append(row)
+        files.append((path, spec))
         if judge:
             log(f"    int8 {fmt.name}: {remedy}: " + _attempt_line(row))
         return path, spec, row
@@ -137,6 +163,8 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
     with tempfile.TemporaryDirectory(prefix="tledge-int8-") as folder:
         first = recorded["settings"] if recorded else base
         kept = attempt(recorded["remedy"] if recorded else "plain", first, folder)
+        if recorded and kept[2]["passed"]:  # reproduced: what explained it still does
+            diagnosis, diagnosed = recorded.get("diagnosis"), True
         fast = _fast_enough(kept[2])
         if judge is not None and not kept[2]["passed"]:
             for remedy, settings in _search(fmt, base, kept[2], isa=isa,
@@ -162,6 +190,12 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
                 if candidate[2]["passed"] and fast(candidate[2]):
                     break  # a pass that costs latency is kept only if no cheaper one passes
         path, spec, row = kept
+        if judge is not None and row is not attempts[0] and files[0][1] is not None \
+                and spec is not None:  # the latency cost of the remedy, measured in turns
+            attempts[0]["p50_ms"], row["p50_ms"] = judge.side_by_side(
+                [files[0], (path, spec)], fmt)
+            log(f"    int8 {fmt.name}: p50 side by side: plain {attempts[0]['p50_ms']:.3f} ms, "
+                f"kept {row['p50_ms']:.3f} ms")
         if spec is None:
             raise ExportError(row["problems"][0] if row.get("problems") else
                               f"{fmt.name}: no int8 candidate could be written")
@@ -289,7 +323,7 @@ def diagnose_tflite(model, calibration, *, int8_io="uint8", settings=None) -> di
                        "error": _round(np.sqrt(mse) / scale) if scale > 0 else None})
     if layers:  # kept in float, the first layer would leave the input float: never chosen
         layers[0]["reads_input"] = True
-    return {"format": "tflite", "metric": "RMSE / quantization step (op by op)",
+    return {"format": "tflite", "metric": "RMSE / quantization step, op by op",
             "images": len(images), "settings": settings or {}, "layers": layers}
 
 
