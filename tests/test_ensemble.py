@@ -42,6 +42,9 @@ epochs = 3
 [export]
 calibration_samples = 32
 
+[pick]
+members = true
+
 [bench]
 threads = [1]
 min_runs = 3
@@ -160,6 +163,16 @@ def test_a_fused_model_builds_exports_passes_parity_and_reuses_its_members(tmp_p
         assert standard["name"] == "whole" and standard["labels"] == labels
     report = (run_dir / "report.md").read_text()
     assert "## Ensemble" in report and "| **fused** | weighted |" in report
+    # [pick] members = true: each member is a candidate; the pick is of the most accurate model
+    pick = json.loads((run_dir / "manifest.json").read_text())["pick"]
+    assert pick["models"] == ["model", "members/small", "members/wide"]
+    accuracies = [json.loads((folder / "parity.json").read_text())["rows"][0]["accuracy"]
+                  for folder in (run_dir, run_dir / "members" / "small",
+                                 run_dir / "members" / "wide")]
+    assert pick["model_accuracy"] == max(accuracies)
+    from tledge.bench import load_pick, pick_name
+    assert load_pick(run_dir) == pick  # its file verified, in the model's own folder
+    assert f"**Ship `{pick_name(pick)}` on {pick['runtime']}**" in report
     members_before = {p: p.stat().st_mtime_ns for p in run_dir.glob("members/*/model.keras")}
     assert len(members_before) == 2
     lines.clear()

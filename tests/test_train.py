@@ -193,7 +193,7 @@ def test_a_baseline_that_beats_the_transfer_is_exported_judged_and_shipped(base_
                for row in parity["rows"])
     report = (run_dir / "report.md").read_text()
     assert f"**Ship `baseline/{pick['artifact']}` on {pick['runtime']}**" in report
-    assert "of the most accurate model (transfer or baseline)" in report
+    assert "of the most accurate model (weighed: this run's model, baseline)" in report
     assert "The trade: picked" in report
     # a second build finds every stage of both models current
     again = []

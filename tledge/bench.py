@@ -154,7 +154,8 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     if parity is None:
         log(f"note: {run_dir / PARITY} is missing (not validated): nothing can be picked until "
             f"`tledge validate {run_dir}` has run; a build does both")
-    others, read = other_candidates(run_dir, threads=threads[0], batch=batch_sizes[0], log=log)
+    others, read = other_candidates(run_dir, threads=threads[0], batch=batch_sizes[0],
+                                    members=recipe.pick.members, log=log)
     pick = choose(rows, parity, threads=threads[0], batch=batch_sizes[0],
                   checksums={entry["name"]: entry["sha256"] for entry in artifacts(manifest)},
                   settings=recipe.pick, others=others)
@@ -194,12 +195,17 @@ def model_flops(run_dir, manifest) -> int | None:
         return None
 
 
-def other_candidates(run_dir, *, threads: int, batch: int, log=print):
+def other_candidates(run_dir, *, threads: int, batch: int, members=False, log=print):
     """([candidates of each other model the run trained], the files read): the baseline's
-    benchmarked, validated artifacts, when its stages have run; its files are verified."""
+    benchmarked, validated artifacts, when its stages have run, and (`members`) those of an
+    ensemble's inline members; their files are verified."""
     from tledge.rundir import INNER_RUNS
     pools, read = [], []
-    for name in INNER_RUNS:
+    names = list(INNER_RUNS)
+    if members:
+        names += sorted(f"members/{folder.name}" for folder in
+                        (Path(run_dir) / "members").glob("*") if (folder / MANIFEST).is_file())
+    for name in names:
         folder = Path(run_dir) / name
         if not (folder / MANIFEST).is_file():
             continue
@@ -319,6 +325,7 @@ def choose(rows, parity, *, threads: int, batch: int, checksums=None, settings=N
             alternatives.append({**best, "why": objective})
     return {**pick, "objective": settings.objective, "alternatives": alternatives,
             "best_model_accuracy": best_model,
+            "models": list(dict.fromkeys(c["model"] for c in pool)),
             "constraints": {"max_accuracy_drop": settings.max_accuracy_drop,
                             "max_latency_ms": settings.max_latency_ms,
                             "max_size_kb": settings.max_size_kb}}

@@ -265,6 +265,8 @@ class PickRecipe:
                                           help="only artifacts at most this slow (p50)")
     max_size_kb: float | None = option(None, minimum=0.0, maximum=1e9,
                                        help="only artifacts at most this large, in KiB")
+    members: bool = option(False, help="an ensemble's inline members are candidates too "
+                                       "(each is a run directory in members/)")
 
 
 FUSIONS = ("mean", "weighted", "concat")

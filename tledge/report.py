@@ -302,8 +302,10 @@ def _pick_reason(pick, history) -> str:
         return (f"the fastest artifact that passed parity{within}, from a model "
                 f"{(best - own) * 100:.1f} points less accurate than the best one (allowed by "
                 f"[pick] max_accuracy_drop = {constraints.get('max_accuracy_drop')})")
-    models = "" if not (history or {}).get("baseline") else \
-        " of the most accurate model (transfer or baseline)"
+    weighed = [("this run's model" if name == "model" else name)
+               for name in pick.get("models") or []]
+    models = "" if len(weighed) < 2 else \
+        f" of the most accurate model (weighed: {', '.join(weighed)})"
     return f"the fastest artifact{models} that passed parity{within}"
 
 
