@@ -157,7 +157,7 @@ def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int
     from tledge.device_bench import machine_facts
     from tledge.export.int8 import Judge
     from tledge.runners import load
-    from tledge.validate import predict_all
+    from tledge.parity import predict_all
     judge = None
     if recipe.export.int8_repair == "auto":
         split = "val" if len(splits.y_val) else "test"

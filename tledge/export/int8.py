@@ -79,7 +79,7 @@ class Judge:
     threads: int | None = None
 
     def __call__(self, path, fmt, spec, thresholds) -> dict:
-        from tledge.validate import compare, predict_all
+        from tledge.parity import compare, predict_all
         runner = self._load(path, fmt, spec)
         try:
             probabilities = predict_all(runner, self.images)
