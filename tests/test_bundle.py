@@ -68,7 +68,14 @@ def test_device_script_times_and_checks_every_artifact(built_run, device_result)
     bundle = json.loads((folder / "bundle.json").read_text())
     assert result["format"] == "tledge-device-bench" and result["device"]["name"] == "bench-pi"
     assert result["device"]["cores"] >= 1 and result["device"]["python"]
-    assert {"numpy", "ai_edge_litert", "onnxruntime"} <= set(result["device"]["runtimes"])
+    versions = result["device"]["runtimes"]
+    assert {"numpy", "ai_edge_litert", "onnxruntime"} <= set(versions)
+    import ai_edge_litert
+    import onnxruntime
+    # the version of the module that runs (onnxruntime-gpu holds `onnxruntime` under another
+    # distribution name), not a distribution's metadata
+    assert versions["onnxruntime"] == onnxruntime.__version__
+    assert versions["ai_edge_litert"] == ai_edge_litert.__version__
     rows = {row["artifact"]: row for row in result["rows"]}
     assert set(rows) == {entry["name"] for entry in bundle["artifacts"]}
     for name, row in rows.items():

@@ -255,14 +255,22 @@ def open_model(path, threads: int, module: str, precision=None):
 
 
 def runtime_versions() -> dict:
+    """The version of each runtime module as imported here: the module's own `__version__`
+    (onnxruntime-gpu installs the module `onnxruntime` under another distribution name, and
+    two distributions can hold it at once), else its distribution's metadata."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
     versions = {"numpy": np.__version__}
     for module in TFLITE_MODULES + ONNX_MODULES:
         if installed(module):
             try:
-                from importlib.metadata import version
-                versions[module] = version(module.replace("_", "-"))
-            except Exception:  # a runtime built from source may carry no metadata
-                versions[module] = "unknown"
+                # OpenVINO's carries its build: "2026.4.1-22982-e213a147257-releases/..."
+                versions[module] = importlib.import_module(module).__version__.split("-")[0]
+            except (ImportError, AttributeError):
+                try:
+                    versions[module] = version(module.replace("_", "-"))
+                except PackageNotFoundError:  # built from source, without metadata
+                    versions[module] = "unknown"
     return versions
 
 

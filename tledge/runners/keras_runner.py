@@ -12,9 +12,12 @@ from tledge.runners import Runner
 
 def unavailable(device, loader=None) -> str | None:
     """Why TensorFlow cannot run on `device` here (None when it can)."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return "tensorflow is not installed (pip install tensorflow)"
     if device != "gpu":
         return None
-    import tensorflow as tf
     return None if tf.config.list_physical_devices("GPU") else "TensorFlow sees no GPU"
 
 
@@ -23,11 +26,11 @@ class KerasRunner(Runner):
 
     def __init__(self, path, spec, threads, device):
         super().__init__(spec, threads, device)
-        import tensorflow as tf
-        from tledge.model import load_model
         reason = unavailable(device)
         if reason:
             raise RuntimeUnavailable(reason)
+        import tensorflow as tf
+        from tledge.model import load_model
         if threads is not None:
             _set_threads(tf, threads)
         self._device = "/GPU:0" if device == "gpu" else "/CPU:0"
