@@ -55,8 +55,8 @@ def main():
 
     from tledge.backbones import BACKBONES
     from tledge.data import load_splits
-    from tledge.recipe import load_recipe
-    from tledge.train import train_model
+    from tledge.recipe.spec import load_recipe
+    from tledge.train.stage import train_model
 
     folder = Path(tempfile.mkdtemp(prefix="tledge-bottleneck-"))
     # Stand-in "pretrained" weights: the timing does not depend on their values, and there

@@ -36,7 +36,7 @@ CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "hbars", "ch
 
 
 def cpu_name() -> str:
-    from tledge.device_bench import machine_facts
+    from tledge.bench.core import machine_facts
     facts = machine_facts()
     return f"{facts['cpu']} ({facts['isa']})"
 
@@ -72,7 +72,7 @@ def recipe_text(name, folder, size, backbone, alpha, augment) -> str:
 def prepare(recipe_path, workers) -> tuple[float, object]:
     from tledge.data import load_splits
     from tledge.data.cache import clear_entries
-    from tledge.recipe import load_recipe
+    from tledge.recipe.spec import load_recipe
     import dataclasses
     from tledge.data.sources import source_key
     recipe = load_recipe(recipe_path)
@@ -87,8 +87,8 @@ def prepare(recipe_path, workers) -> tuple[float, object]:
 
 
 def pipeline_rate(splits, augment: bool, images: int) -> float:
-    from tledge.data.pipeline import augmentation, make_dataset
-    from tledge.recipe import AugmentRecipe
+    from tledge.data.feed import augmentation, make_dataset
+    from tledge.recipe.spec import AugmentRecipe
     layers = augmentation(AugmentRecipe(flip="horizontal", rotation=0.05, zoom=0.1), 0) \
         if augment else None
     data = make_dataset(splits.x_train, splits.y_train, len(splits.class_names),
@@ -124,7 +124,7 @@ def train_peak_rss(recipe_path, run_dir) -> tuple[float, float]:
 
 def first_batch_seconds(run_dir) -> float:
     """A later stage's start to its first batch of evaluation images, from the cache."""
-    from tledge.rundata import evaluation_split, run_recipe, run_splits
+    from tledge.run_inputs import evaluation_split, run_recipe, run_splits
     start = time.perf_counter()
     recipe = run_recipe(run_dir)
     images = evaluation_split(run_splits(run_dir, recipe))[0]

@@ -48,20 +48,20 @@ def main():
     args = parser.parse_args()
 
     import numpy as np
-    from tledge.bench import summarize, time_runner
+    from tledge.bench.stage import summarize, time_runner
     from tledge.data import calibration_images, load_splits
     from tledge.export import _exporter
     from tledge.formats import FORMATS
     from tledge.quiet import quiet
-    from tledge.recipe import load_recipe
+    from tledge.recipe.spec import load_recipe
     from tledge.rundir import artifact_entry
     from tledge.runners import load
-    from tledge.train import train_model
+    from tledge.train.stage import train_model
 
     folder = Path(tempfile.mkdtemp(prefix="tledge-matrix-"))
     if args.run:
         from tledge.model import load_model
-        from tledge.rundata import run_recipe, run_splits
+        from tledge.run_inputs import run_recipe, run_splits
         recipe = run_recipe(args.run)
         splits = run_splits(args.run, recipe)
         model = load_model(Path(args.run) / "model.keras")

@@ -79,10 +79,10 @@ def main():
     batches = [int(b) for b in args.batch.split(",")]
 
     import numpy as np
-    from tledge.device_bench import machine_facts, runtime_versions, summarize, time_runner
+    from tledge.bench.core import machine_facts, runtime_versions, summarize, time_runner
     from tledge.errors import RunDirError, RuntimeUnavailable, first_line
     from tledge.parity import predict_all
-    from tledge.rundata import run_splits, evaluation_split
+    from tledge.run_inputs import run_splits, evaluation_split
     from tledge.rundir import artifacts, read_manifest, verified_artifact
     from tledge.runners import load
 

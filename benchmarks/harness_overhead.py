@@ -61,7 +61,7 @@ def main():
     args = parser.parse_args()
 
     import numpy as np
-    from tledge.bench import bench_artifact, summarize
+    from tledge.bench.stage import bench_artifact, summarize
     from tledge.rundir import find_artifact, read_manifest
 
     run_dir = Path(args.run)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 
 def main():
-    from tledge.device_bench import machine_facts
+    from tledge.bench.core import machine_facts
     from tledge.rundir import PARITY, read_manifest, read_record
-    from tledge.report_int8 import int8_records
+    from tledge.report.int8 import int8_records
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="*", default=["models/quickstart"])
     args = parser.parse_args()

@@ -77,7 +77,7 @@ def small_recipe(tmp_path_factory):
 @pytest.fixture(scope="session")
 def built_run(small_recipe, tmp_path_factory):
     """A complete run directory: trained, exported, validated, benchmarked, reported."""
-    from tledge.pipeline import build
+    from tledge.stages import build
     run_dir = tmp_path_factory.mktemp("models") / "small"
     lines = []
     _, parity = build(small_recipe, out=run_dir, log=lines.append, verbose=0)

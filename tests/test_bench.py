@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tledge.bench import BenchRow, bench_artifact, choose, summarize, time_runner
+from tledge.bench.stage import BenchRow, bench_artifact, choose, summarize, time_runner
 
 
 def test_summarize_against_known_samples():
@@ -79,8 +79,8 @@ def _judged(*rows):
 
 
 def test_the_pick_weighs_every_model_by_the_recipes_objective_and_constraints():
-    from tledge.bench import candidates
-    from tledge.recipe import PickRecipe
+    from tledge.bench.stage import candidates
+    from tledge.recipe.spec import PickRecipe
     rows = [row("keras", 5.0), row("tflite_int8", 0.4), row("onnx_fp32", 0.8)]
     parity = _judged(("keras", "keras", 0.60), ("tflite_int8", "litert", 0.59),
                      ("onnx_fp32", "onnxruntime", 0.60))
@@ -213,7 +213,7 @@ def test_litert_with_xnnpack_off_is_its_own_runtime_with_the_same_answers(built_
 
 def test_each_combination_runs_in_its_own_process_with_its_memory(built_run, tmp_path):
     import json
-    from tledge.bench import bench_isolated
+    from tledge.bench.stage import bench_isolated
     from tledge.rundir import find_artifact, read_manifest
     run_dir, _, _ = built_run
     bench = json.loads((run_dir / "bench.json").read_text())

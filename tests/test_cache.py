@@ -14,7 +14,7 @@ from tledge.cli import main
 from tledge.data import load_image, load_splits
 from tledge.data.cache import cache_root, list_entries, open_entry
 from tledge.errors import DataError
-from tledge.recipe import CsvRecipe, DataRecipe
+from tledge.recipe.spec import CsvRecipe, DataRecipe
 
 SIZE = (20, 24)
 

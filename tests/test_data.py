@@ -19,7 +19,7 @@ from tledge.data.sources import carve
 from tledge.data.synthetic import SHAPES, generate
 from tledge.errors import DataError
 
-from tledge.recipe import DataRecipe, SyntheticRecipe
+from tledge.recipe.spec import DataRecipe, SyntheticRecipe
 
 SIZE = (24, 20)  # height != width, to catch a swapped (width, height)
 

@@ -60,8 +60,8 @@ def cache(tmp_path, monkeypatch):
 
 def test_training_streams_the_split_a_batch_at_a_time(tmp_path, cache):
     from tledge.data import load_splits
-    from tledge.recipe import load_recipe
-    from tledge.train import train_model
+    from tledge.recipe.spec import load_recipe
+    from tledge.train.stage import train_model
     photos(tmp_path / "photos")
     recipe = load_recipe(write_recipe(tmp_path, RECIPE.format(epochs=2)))
     splits = load_splits(recipe.data, seed=recipe.seed)
@@ -73,9 +73,9 @@ def test_training_streams_the_split_a_batch_at_a_time(tmp_path, cache):
 
 def test_later_stages_read_the_cache_not_the_source(tmp_path, cache):
     from tledge.export import export_run
-    from tledge.pipeline import train_run
-    from tledge.recipe import load_recipe
-    from tledge.rundata import run_splits
+    from tledge.stages import train_run
+    from tledge.recipe.spec import load_recipe
+    from tledge.run_inputs import run_splits
     from tledge.validate import validate_run
     photos(tmp_path / "photos")
     recipe = load_recipe(write_recipe(tmp_path, RECIPE.format(epochs=1)))

@@ -34,7 +34,7 @@ def every_tflite(built_run, tmp_path_factory):
                                   "tflite_int8"])
 def test_every_tflite_carries_the_standard_metadata_and_real_names(every_tflite, name):
     from ai_edge_litert.interpreter import Interpreter
-    from tledge.inspect import describe_file
+    from tledge.inspection import describe_file
     paths, labels = entries(every_tflite)
     info = describe_file(paths[name])
     standard = info["standard_metadata"]
@@ -90,7 +90,7 @@ def _run(path):
 @pytest.fixture(scope="module")
 def photos(built_run, tmp_path_factory):
     """Test-split images of the session run as PNG files at the model's own size."""
-    from tledge.rundata import run_splits
+    from tledge.run_inputs import run_splits
     folder = tmp_path_factory.mktemp("photos")
     splits = run_splits(built_run[0])
     paths = []

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import write_recipe
 from tledge.errors import RecipeError
-from tledge.recipe import load_recipe
+from tledge.recipe.spec import load_recipe
 
 ENSEMBLE = """
 name = "{name}"
@@ -63,7 +63,7 @@ def ensemble_recipe(folder, fusion="mean", name="fused"):
 def members(tmp_path_factory):
     """Two members built once (full builds), and the data split they share."""
     from tledge.data import load_splits
-    from tledge.ensemble import build_members
+    from tledge.train.ensemble import build_members
     folder = tmp_path_factory.mktemp("ensemble")
     recipe = ensemble_recipe(folder)
     built = build_members(recipe, folder / "models" / "fused", log=lambda line: None,
@@ -88,7 +88,7 @@ def member_outputs(members_info, images):
 
 @pytest.mark.parametrize("fusion", ["mean", "weighted", "concat"])
 def test_fused_output_is_the_fusion_of_the_members_outputs(members, fusion):
-    from tledge.ensemble import train_ensemble
+    from tledge.train.ensemble import train_ensemble
     recipe, built, splits = members
     recipe = dataclasses.replace(recipe, ensemble=dataclasses.replace(recipe.ensemble,
                                                                       fusion=fusion))
@@ -104,7 +104,7 @@ def test_fused_output_is_the_fusion_of_the_members_outputs(members, fusion):
         expected = sum(w * p for w, p in zip(weights, member_outputs(built, images)))
     else:
         import tensorflow as tf
-        from tledge.bottlenecks import feature_extractor
+        from tledge.train.bottlenecks import feature_extractor
         from tledge.model import load_model
         features = []
         for member in built:
@@ -120,7 +120,7 @@ def test_fused_output_is_the_fusion_of_the_members_outputs(members, fusion):
 
 
 def test_weighted_fusion_never_looks_at_the_test_split(members):
-    from tledge.ensemble import train_ensemble
+    from tledge.train.ensemble import train_ensemble
     recipe, built, splits = members
     recipe = dataclasses.replace(recipe, ensemble=dataclasses.replace(recipe.ensemble,
                                                                       fusion="weighted"))
@@ -134,7 +134,7 @@ def test_weighted_fusion_never_looks_at_the_test_split(members):
 
 
 def test_fit_weights_trusts_the_member_that_is_right():
-    from tledge.ensemble import fit_weights
+    from tledge.train.ensemble import fit_weights
     labels = np.array([0, 1, 2, 0, 1, 2])
     right = np.eye(3)[labels] * 0.9 + 0.1 / 3
     wrong = np.full((6, 3), 1 / 3)
@@ -145,7 +145,7 @@ def test_fit_weights_trusts_the_member_that_is_right():
 
 
 def test_a_fused_model_builds_exports_passes_parity_and_reuses_its_members(tmp_path):
-    from tledge.pipeline import build
+    from tledge.stages import build
     recipe = ensemble_recipe(tmp_path, fusion="weighted", name="whole")
     run_dir = tmp_path / "models" / "whole"
     lines = []
@@ -156,7 +156,7 @@ def test_a_fused_model_builds_exports_passes_parity_and_reuses_its_members(tmp_p
         assert rows[name].status == "passed", rows[name]
     history = json.loads((run_dir / "history.json").read_text())
     assert [m["name"] for m in history["ensemble"]["members"]] == ["whole.wide", "whole.small"]
-    from tledge.inspect import describe_file  # the fused .tflite describes itself to clients
+    from tledge.inspection import describe_file  # the fused .tflite describes itself to clients
     labels = json.loads((run_dir / "manifest.json").read_text())["labels"]
     for name in ("model_fp32.tflite", "model_int8.tflite"):
         standard = describe_file(run_dir / name)["standard_metadata"]
@@ -170,7 +170,7 @@ def test_a_fused_model_builds_exports_passes_parity_and_reuses_its_members(tmp_p
                   for folder in (run_dir, run_dir / "members" / "small",
                                  run_dir / "members" / "wide")]
     assert pick["model_accuracy"] == max(accuracies)
-    from tledge.bench import load_pick, pick_name
+    from tledge.bench.stage import load_pick, pick_name
     assert load_pick(run_dir) == pick  # its file verified, in the model's own folder
     assert f"**Ship `{pick_name(pick)}` on {pick['runtime']}**" in report
     members_before = {p: p.stat().st_mtime_ns for p in run_dir.glob("members/*/model.keras")}
@@ -185,8 +185,8 @@ def test_a_fused_model_builds_exports_passes_parity_and_reuses_its_members(tmp_p
 
 
 def test_recipe_members_are_built_beside_the_ensemble(tmp_path):
-    from tledge.ensemble import member_run_dir
-    from tledge.members import member_recipes
+    from tledge.train.ensemble import member_run_dir
+    from tledge.recipe.members import member_recipes
     write_recipe(tmp_path, ENSEMBLE.split("[ensemble]")[0].replace('"{name}"', '"solo"')
                  .replace("{{", "{").replace("}}", "}") +
                  '[model]\nbackbone = "small_cnn"\nweights = "none"\n', name="solo.toml")
@@ -275,7 +275,7 @@ def test_weighted_fusion_without_a_validation_split_is_refused_at_check_time(tmp
 
 def test_concat_fine_tuning_keeps_nested_batchnorm_frozen(members):
     import keras
-    from tledge.ensemble import _all_layers, train_ensemble
+    from tledge.train.ensemble import _all_layers, train_ensemble
     recipe, built, splits = members
     concat = dataclasses.replace(recipe.ensemble.concat, epochs=1, fine_tune_epochs=1)
     recipe = dataclasses.replace(recipe, ensemble=dataclasses.replace(

@@ -28,7 +28,7 @@ def copied(built_run, tmp_path):
 
 def _metadata(path, fmt_name, precision):
     from tledge.export.metadata import artifact_metadata
-    from tledge.inspect import describe_file
+    from tledge.inspection import describe_file
     return artifact_metadata(labels=CLASSES, input_spec=describe_file(path)["input"],
                              recipe_hash="abc123", precision=precision, fmt_name=fmt_name)
 
@@ -141,7 +141,7 @@ def test_inspect_keras(copied):
 @pytest.mark.parametrize("name", ARTIFACTS)
 def test_a_description_loads_as_a_manifest_entry(copied, name):
     from tledge.data.synthetic import generate
-    from tledge.inspect import describe_file
+    from tledge.inspection import describe_file
     from tledge.runners import load
     images, _ = generate(CLASSES[:2], 2, (32, 32), 0.08, seed=3)
     probabilities = load(describe_file(copied / name), copied).predict(images)

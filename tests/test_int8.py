@@ -19,7 +19,7 @@ def model_and_images(built_run):
     it was neither trained nor calibrated on (the test split)."""
     from tledge.data import calibration_images
     from tledge.model import load_model
-    from tledge.rundata import run_recipe, run_splits
+    from tledge.run_inputs import run_recipe, run_splits
     run_dir, _, _ = built_run
     recipe = run_recipe(run_dir)
     splits = run_splits(run_dir, recipe)
@@ -224,7 +224,7 @@ def _tighten(run_dir, table: str):
 
 def test_an_int8_artifact_that_cannot_pass_is_explained_in_the_report(built_run, tmp_path):
     from tledge.export import export_run
-    from tledge.report import report_run
+    from tledge.report.document import report_run
     from tledge.rundir import find_artifact, read_manifest
     from tledge.validate import validate_run
     run_dir = shutil.copytree(built_run[0], tmp_path / "run")

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SMALL_RECIPE, write_recipe
 from tledge.errors import RecipeError, WeightsError
-from tledge.recipe import load_recipe
+from tledge.recipe.spec import load_recipe
 
 MOBILENET = """
 name = "mobile"
@@ -60,7 +60,7 @@ def refuse(*args, **kwargs):
 urllib.request.urlretrieve = refuse
 urllib.request.urlopen = refuse
 from tledge.model import build_backbone
-from tledge.recipe import load_recipe
+from tledge.recipe.spec import load_recipe
 from tledge.errors import WeightsError
 try:
     backbone = build_backbone(load_recipe(sys.argv[1] if len(sys.argv) > 1 else {recipe!r}))
@@ -161,7 +161,7 @@ def test_fine_tuning_keeps_batchnorm_frozen_and_the_lower_layers_fixed(tmp_path)
     import keras
     from tledge.data import load_splits
     from tledge.model import find_backbone
-    from tledge.train import train_model
+    from tledge.train.stage import train_model
     source = keras.applications.MobileNetV2(input_shape=(96, 96, 3), include_top=False,
                                             weights=None, alpha=0.35)
     source.save_weights(tmp_path / "start.weights.h5")
@@ -184,7 +184,7 @@ def test_fine_tuning_keeps_batchnorm_frozen_and_the_lower_layers_fixed(tmp_path)
 
 
 def test_a_fine_tune_that_made_things_worse_is_undone_loudly():
-    from tledge.train import PhaseResult, _verdict
+    from tledge.train.stage import PhaseResult, _verdict
     extraction = PhaseResult("feature_extraction", [], 3, 0.80, 1.0, 1.0, 1, 1)
     worse = PhaseResult("fine_tune", [], 2, 0.60, 1.0, 1.0, 1, 1)
     verdict = _verdict([extraction, worse])
@@ -197,7 +197,7 @@ def test_a_fine_tune_that_made_things_worse_is_undone_loudly():
 
 
 def test_weights_from_another_recipe_train_it_first_then_reuse_it(tmp_path):
-    from tledge.pipeline import train_run
+    from tledge.stages import train_run
     tiny = SMALL_RECIPE.format(name="base", epochs=1, threads=1).replace(
         "samples_per_class = 60", "samples_per_class = 8")
     write_recipe(tmp_path, tiny, name="base.toml")
@@ -217,7 +217,7 @@ def test_weights_from_another_recipe_train_it_first_then_reuse_it(tmp_path):
 
 
 def test_recipes_whose_weights_refer_to_each_other_are_a_cycle(tmp_path):
-    from tledge.pipeline import train_run
+    from tledge.stages import train_run
     for name, other in (("left", "right"), ("right", "left")):
         write_recipe(tmp_path, SMALL_RECIPE.format(name=name, epochs=1, threads=1).replace(
             'weights = "none"', f'weights = "{other}.toml"'), name=f"{name}.toml")

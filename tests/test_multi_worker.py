@@ -19,12 +19,12 @@ from conftest import SMALL_RECIPE, write_recipe
 WORKER = """
 import json, sys
 import numpy as np
-import tledge.train
-from tledge.pipeline import train_run
-from tledge.recipe import load_recipe
+import tledge.train.stage
+from tledge.stages import train_run
+from tledge.recipe.spec import load_recipe
 
 recipe_path, run_dir, observed = sys.argv[1:4]
-real = tledge.train.train_model
+real = tledge.train.stage.train_model
 
 def observing(recipe, splits, **kwargs):
     model, history = real(recipe, splits, **kwargs)
@@ -35,7 +35,7 @@ def observing(recipe, splits, **kwargs):
                    "devices": history["devices"]}, handle)
     return model, history
 
-tledge.train.train_model = observing
+tledge.train.stage.train_model = observing
 train_run(load_recipe(recipe_path), run_dir, verbose=0)
 """
 

@@ -42,7 +42,7 @@ def test_openvino_rows_are_validated_and_timed_with_what_ran(onnx_run):
 
 
 def test_the_pick_takes_an_openvino_row_only_when_it_passed(onnx_run):
-    from tledge.bench import BenchRow, choose
+    from tledge.bench.stage import BenchRow, choose
     parity = json.loads((onnx_run / "parity.json").read_text())
     bench = json.loads((onnx_run / "bench.json").read_text())
     rows = [BenchRow(**row) for row in bench["rows"] if row["runtime"] == "openvino"]
@@ -56,7 +56,7 @@ def test_the_pick_takes_an_openvino_row_only_when_it_passed(onnx_run):
 
 def test_without_openvino_its_rows_are_skipped_with_the_reason(onnx_run, tmp_path,
                                                                monkeypatch):
-    from tledge.bench import bench_run
+    from tledge.bench.stage import bench_run
     from tledge.validate import validate_run
     run_dir = shutil.copytree(onnx_run, tmp_path / "run")
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed

@@ -90,13 +90,13 @@ def test_a_moved_checkout_and_a_copied_run_need_nothing_redone(tmp_path):
 
 def test_a_bench_from_another_machine_is_not_current_here(built_run, tmp_path, small_recipe,
                                                           monkeypatch):
-    import tledge.bench
-    import tledge.device_bench
+    import tledge.bench.stage
+    import tledge.bench.core
     run_dir = shutil.copytree(built_run[0], tmp_path / "run")
     result = invoke("build", small_recipe, "--out", run_dir)
     assert stages_redone(result.output) == set(), result.output
-    real = tledge.device_bench.machine_facts
-    for module in (tledge.device_bench, tledge.bench):  # another machine, as bench sees it
+    real = tledge.bench.core.machine_facts
+    for module in (tledge.bench.core, tledge.bench.stage):  # another machine, as bench sees it
         monkeypatch.setattr(module, "machine_facts",
                             lambda: {**real(), "cpu": "Another CPU", "isa": "AVX2"})
     result = invoke("build", small_recipe, "--out", run_dir)

@@ -41,8 +41,8 @@ onnx = []
 @pytest.fixture
 def hostile_run(tmp_path, monkeypatch):
     from tledge.export import export_run
-    from tledge.pipeline import train_run
-    from tledge.recipe import load_recipe
+    from tledge.stages import train_run
+    from tledge.recipe.spec import load_recipe
     from tledge.validate import validate_run
     monkeypatch.setenv("TLEDGE_CACHE_DIR", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
@@ -62,7 +62,7 @@ def hostile_run(tmp_path, monkeypatch):
 def hostile_device(run_dir, tmp_path):
     """A device result whose every free-text field is hostile (it passes the format checks:
     nothing forces a device's name or CPU string to be plain text)."""
-    from tledge import device_bench
+    from tledge.bench import core as device_bench
     row = {"artifact": "<script>alert('row')</script>", "runtime": "<b onmouseover=x()>",
            "threads": 1, "batch": 1, "status": "ok", "p50_ms": 1.0, "p90_ms": 1.0,
            "p99_ms": 1.0, "mean_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0, "throughput_ips": 1.0}
@@ -78,8 +78,8 @@ def hostile_device(run_dir, tmp_path):
 
 
 def test_no_tag_or_attribute_from_data_or_a_device_survives(hostile_run, tmp_path):
-    from tledge.bundle import import_device_result
-    from tledge.report import report_run
+    from tledge.bench.bundle import import_device_result
+    from tledge.report.document import report_run
     import_device_result(hostile_run, hostile_device(hostile_run, tmp_path))
     # An explain record pointing out of the run directory
     secret = tmp_path / "secret.png"

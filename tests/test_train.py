@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import SMALL_RECIPE, write_recipe
-from tledge.recipe import load_recipe
+from tledge.recipe.spec import load_recipe
 
 TRANSFER_TABLES = """
 [train.feature_extraction]
@@ -49,7 +49,7 @@ def base_model(built_run):
 
 def train(recipe, **kwargs):
     from tledge.data import load_splits
-    from tledge.train import train_model
+    from tledge.train.stage import train_model
     splits = load_splits(recipe.data, seed=recipe.seed)
     model, history = train_model(recipe, splits, verbose=0, log=lambda line: None, **kwargs)
     return model, history, splits
@@ -71,7 +71,7 @@ def test_bottlenecks_train_the_same_head_and_are_cached(base_model, tmp_path):
 
 
 def test_augmentation_turns_the_cache_off_unless_the_recipe_allows_it(base_model, tmp_path):
-    from tledge.train import _use_bottlenecks
+    from tledge.train.stage import _use_bottlenecks
     augmented = transfer_recipe(tmp_path, base_model).data.augment.__class__(flip="horizontal")
     import dataclasses
     recipe = transfer_recipe(tmp_path, base_model)
@@ -83,7 +83,7 @@ def test_augmentation_turns_the_cache_off_unless_the_recipe_allows_it(base_model
 
 
 def test_the_head_on_cached_features_equals_the_full_model(base_model, tmp_path):
-    from tledge.bottlenecks import compute_features, feature_extractor, head_model
+    from tledge.train.bottlenecks import compute_features, feature_extractor, head_model
     model, _, splits = train(transfer_recipe(tmp_path, base_model, fe_epochs=1))
     images = splits.x_test[:8]
     features = compute_features(feature_extractor(model), images)
@@ -118,15 +118,15 @@ def test_every_optimizer_trains_with_label_smoothing(base_model, tmp_path, optim
 
 
 def test_balanced_class_weights():
-    from tledge.data.pipeline import class_weights
+    from tledge.data.feed import class_weights
     weights = class_weights(np.array([0, 0, 0, 1, 2, 2]), 4)
     np.testing.assert_allclose(weights, [6 / 9, 2.0, 1.0, 0.0])
     assert np.sum(weights[[0, 0, 0, 1, 2, 2]]) == pytest.approx(6.0)
 
 
 def test_augmentation_layers_change_training_images_only_within_pixel_range():
-    from tledge.data.pipeline import augmentation, make_dataset
-    from tledge.recipe import AugmentRecipe
+    from tledge.data.feed import augmentation, make_dataset
+    from tledge.recipe.spec import AugmentRecipe
     augment = augmentation(AugmentRecipe(flip="horizontal", rotation=0.1, zoom=0.1,
                                          translation=0.1, contrast=0.3, brightness=0.2), seed=0)
     assert len(augment.layers) == 6
@@ -146,14 +146,14 @@ def test_fine_tune_that_regresses_restores_the_extraction_weights(base_model, tm
     model, history, splits = train(recipe)
     verdict = history["verdict"]
     assert verdict["regressed"] and verdict["kept"] == "feature_extraction"
-    from tledge.train import evaluate
+    from tledge.train.stage import evaluate
     assert evaluate(model, splits.x_val, splits.y_val) == pytest.approx(
         history["phases"][0]["best_val_accuracy"], abs=1e-6)
 
 
 def test_baseline_is_trained_and_reported_beside_the_transfer(base_model, tmp_path):
-    from tledge.pipeline import train_run
-    from tledge.report import report_run
+    from tledge.stages import train_run
+    from tledge.report.document import report_run
     recipe = transfer_recipe(tmp_path, base_model, fe_epochs=2,
                              extra_tables="[baseline]\nepochs = 2\n")
     run_dir = train_run(recipe, tmp_path / "run", log=lambda line: None, verbose=0)
@@ -173,7 +173,7 @@ def test_baseline_is_trained_and_reported_beside_the_transfer(base_model, tmp_pa
 
 def test_a_baseline_that_beats_the_transfer_is_exported_judged_and_shipped(base_model,
                                                                            tmp_path):
-    from tledge.pipeline import build
+    from tledge.stages import build
     from tledge.rundir import read_manifest
     # a transfer head trained at a learning rate too small to learn: the baseline wins
     recipe = transfer_recipe(tmp_path, base_model, fe_epochs=1, fe_lr=1e-7, samples=60,
@@ -220,7 +220,7 @@ def test_a_baseline_that_beats_the_transfer_is_exported_judged_and_shipped(base_
 
 
 def test_report_says_loudly_when_the_baseline_wins():
-    from tledge.report import baseline_warning
+    from tledge.report.document import baseline_warning
     history = {"test_accuracy": 0.33, "baseline": {"test_accuracy": 0.63}}
     assert "THE FROM-SCRATCH BASELINE BEATS THE TRANSFER MODEL: 63.0% against 33.0%" in \
         baseline_warning(history)
@@ -232,8 +232,8 @@ import sys, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * {n})
 from tledge.data import load_splits
-from tledge.recipe import load_recipe
-from tledge.train import train_model
+from tledge.recipe.spec import load_recipe
+from tledge.train.stage import train_model
 from tledge.errors import TrainError
 recipe = load_recipe(sys.argv[1])
 try:
@@ -261,7 +261,7 @@ def test_mirrored_strategy_on_logical_cpus(tmp_path, devices):
 
 
 def test_multi_worker_without_tf_config_is_a_clear_error(tmp_path, monkeypatch):
-    from tledge.distribute import strategy_for
+    from tledge.train.distribute import strategy_for
     from tledge.errors import TrainError
     monkeypatch.delenv("TF_CONFIG", raising=False)
     recipe = load_recipe(write_recipe(tmp_path, SMALL_RECIPE.format(
@@ -284,7 +284,7 @@ def test_mixed_precision_trains_and_hands_over_a_float32_model(tmp_path):
 
 
 def test_a_second_build_skips_current_stages_and_force_redoes_them(base_model, tmp_path):
-    from tledge.pipeline import build
+    from tledge.stages import build
     recipe = transfer_recipe(tmp_path, base_model, fe_epochs=1, ft_epochs=1, samples=10)
     text = open(recipe.path).read().replace("calibration_samples = 64",
                                             "calibration_samples = 64\nsavedmodel = true")
@@ -304,7 +304,7 @@ def test_a_second_build_skips_current_stages_and_force_redoes_them(base_model, t
 
 
 def test_a_changed_section_redoes_its_stage_and_the_ones_after(base_model, tmp_path):
-    from tledge.pipeline import build
+    from tledge.stages import build
     recipe = transfer_recipe(tmp_path, base_model, fe_epochs=1, samples=10)
     build(recipe.path, out=tmp_path / "run", log=lambda line: None, verbose=0)
     text = open(recipe.path).read().replace("min_runs = 5", "min_runs = 6")
@@ -335,7 +335,7 @@ def test_unfreeze_by_count_name_or_all_and_batchnorm_on_request():
     import keras
     from tledge.backbones import BACKBONES
     from tledge.errors import TrainError
-    from tledge.train import unfreeze_top
+    from tledge.train.stage import unfreeze_top
     backbone = BACKBONES["small_cnn"].create((32, 32))
 
     def trainable_names():
@@ -379,8 +379,8 @@ with socket.socket() as probe:
 os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{port}"]},
                                       "task": {"type": "worker", "index": 0}})
 from tledge.data import load_splits
-from tledge.recipe import load_recipe
-from tledge.train import train_model
+from tledge.recipe.spec import load_recipe
+from tledge.train.stage import train_model
 recipe = load_recipe(sys.argv[1])
 model, history = train_model(recipe, load_splits(recipe.data, seed=0), verbose=0)
 print("STRATEGY", history["distribute"], "DEVICES", history["devices"])

@@ -7,12 +7,12 @@ def small_classifier(folder, classes: int, size=(32, 32)):
     """tledge's small_cnn classifier, from scratch, built the way a recipe builds it."""
     from tledge.backbones import BACKBONES
     from tledge.model import build_classifier
-    from tledge.recipe import parse_recipe
+    from tledge.recipe.spec import parse_recipe
     recipe = parse_recipe({"name": "probe", "seed": 0,
                            "data": {"source": "synthetic", "image_size": list(size)},
                            "model": {"backbone": "small_cnn", "weights": "none"}},
                           folder / "recipe.toml")
-    from tledge.train import _fast_batchnorm
+    from tledge.train.stage import _fast_batchnorm
     backbone = BACKBONES["small_cnn"].create(size, weights=None, alpha=None)
     _fast_batchnorm(backbone)  # as training from scratch does: inference must work too
     return build_classifier(recipe, classes, backbone)

@@ -4,12 +4,12 @@ Importing tledge does not import TensorFlow; each stage imports what it needs.
 """
 
 from tledge.errors import TledgeError
-from tledge.recipe import load_recipe
+from tledge.recipe.spec import load_recipe
 
 __all__ = ["TledgeError", "load_recipe", "build"]
 
 
 def build(recipe_path, *, out=None, log=print):
-    """Run every stage for a recipe; see `tledge.pipeline.build`."""
-    from tledge.pipeline import build as _build
+    """Run every stage for a recipe; see `tledge.stages.build`."""
+    from tledge.stages import build as _build
     return _build(recipe_path, out=out, log=log)

@@ -138,7 +138,7 @@ def check(recipe):
 
     Example: tledge check recipes/quickstart.toml
     """
-    from tledge.recipe import dump_toml, load_recipe
+    from tledge.recipe.spec import dump_toml, load_recipe
     resolved = load_recipe(recipe)
     click.echo(f"# {recipe}: valid\n" + dump_toml(resolved.to_dict()))
 
@@ -188,8 +188,8 @@ def build(recipe, out, force):
 
     Example: tledge build recipes/quickstart.toml --out models/quickstart
     """
-    from tledge.pipeline import build as build_recipe
-    from tledge.recipe import load_recipe
+    from tledge.stages import build as build_recipe
+    from tledge.recipe.spec import load_recipe
     load_recipe(recipe)  # a bad recipe fails in a blink, not after TensorFlow's import
     _quiet_tensorflow()
     run_dir, parity = build_recipe(recipe, out=out, log=click.echo, verbose=_progress(),
@@ -206,8 +206,8 @@ def train(source, out):
     Examples: tledge train recipes/quickstart.toml
               tledge train models/quickstart
     """
-    from tledge.pipeline import default_run_dir, train_run
-    from tledge.recipe import load_recipe
+    from tledge.stages import default_run_dir, train_run
+    from tledge.recipe.spec import load_recipe
     from tledge.rundir import RECIPE as RECIPE_FILE
     from tledge.rundir import check_run_dir
     recipe_file = check_run_dir(source) / RECIPE_FILE if source.is_dir() else source
@@ -290,7 +290,7 @@ def cache_prepare(recipe):
     Example: tledge cache prepare recipes/quickstart.toml
     """
     from tledge.data import load_splits
-    from tledge.recipe import load_recipe
+    from tledge.recipe.spec import load_recipe
     resolved = load_recipe(recipe)
     splits = load_splits(resolved.data, seed=resolved.seed, log=click.echo)
     counts = ", ".join(f"{name} {len(labels)}" for name, labels in
@@ -397,10 +397,10 @@ def bench(run_dir, runtimes, threads, batch, pick_only, device_result):
               tledge bench models/quickstart --pick
               tledge bench models/quickstart --import result.json
     """
-    from tledge.bench import bench_run, load_pick, pick_folder, pick_name
+    from tledge.bench.stage import bench_run, load_pick, pick_folder, pick_name
     if device_result:
-        from tledge.bundle import import_device_result
-        from tledge.report import report_run
+        from tledge.bench.bundle import import_device_result
+        from tledge.report.document import report_run
         stored = import_device_result(run_dir, device_result)
         ran = sum(row["status"] == "ok" for row in stored["rows"])
         click.echo(f"imported {stored['device']['name']}: {ran} of {len(stored['rows'])} "
@@ -445,7 +445,7 @@ def bundle(run_dir, out, names, image_count):
 
     Example: tledge bundle models/quickstart --artifacts tflite_int8 --out pi.zip
     """
-    from tledge.bundle import write_bundle
+    from tledge.bench.bundle import write_bundle
     wanted = [name.strip() for group in names for name in group.split(",") if name.strip()]
     path = write_bundle(run_dir, out, names=wanted or None, image_count=image_count,
                         log=click.echo)
@@ -474,7 +474,7 @@ def explain(images, run_dir, out):
         for path in explain_images(list(images), run_dir, out=out):
             click.echo(f"wrote {path}")
         return
-    from tledge.report import report_run
+    from tledge.report.document import report_run
     explain_run(run_dir, log=click.echo)
     click.echo(f"wrote {report_run(run_dir)}")
 
@@ -486,7 +486,7 @@ def report(run_dir):
 
     Example: tledge report models/quickstart
     """
-    from tledge.report import report_run
+    from tledge.report.document import report_run
     click.echo(f"wrote {report_run(run_dir)}")
 
 
@@ -510,7 +510,7 @@ def inspect_artifact(artifact, as_json):
     Example: tledge inspect models/quickstart/model_int8.tflite
     """
     import json
-    from tledge.inspect import describe_file, format_description
+    from tledge.inspection import describe_file, format_description
     info = describe_file(artifact)
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 

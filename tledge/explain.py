@@ -177,7 +177,7 @@ def explain_run(run_dir, *, log=print) -> dict:
     """Grad-CAM grids (and one image's feature maps) for the run's evaluation split."""
     from tledge.data.images import resize_images
     from tledge.model import load_model, predict_in_batches
-    from tledge.rundata import evaluation_split, run_splits
+    from tledge.run_inputs import evaluation_split, run_splits
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     names = manifest["labels"]

@@ -33,7 +33,7 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
         RuntimeUnavailable: the runtime cannot run the artifact here.
     """
     from tledge.data import load_images
-    from tledge.inspect import describe_file
+    from tledge.inspection import describe_file
     from tledge.runners import load, runtimes_for
     if top_k < 1:
         raise ArtifactError(f"top_k must be at least 1, got {top_k}")

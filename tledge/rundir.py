@@ -436,7 +436,7 @@ def stage_hash(manifest: dict, recipe, stage: str) -> str | None:
 
 def machine_key() -> str:
     """What makes a latency figure this machine's: the CPU, its vector ISA and core count."""
-    from tledge.device_bench import machine_facts
+    from tledge.bench.core import machine_facts
     facts = machine_facts()
     return "|".join(str(facts.get(key)) for key in ("cpu", "isa", "cores", "arch"))
 

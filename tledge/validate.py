@@ -70,7 +70,7 @@ def parity_pairs(entries, bench_runtimes) -> list[tuple[dict, str]]:
 
 def validate_run(run_dir, *, log=print) -> ParityReport:
     """Run every artifact of the run over the evaluation split; write parity.json."""
-    from tledge.rundata import evaluation_split, run_recipe, run_splits
+    from tledge.run_inputs import evaluation_split, run_recipe, run_splits
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     recipe = run_recipe(run_dir)
@@ -81,7 +81,7 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
     reference = predict_all(runner, images)
     runner.close()
     reference_accuracy = float(np.mean(reference.argmax(axis=1) == labels))
-    from tledge.device_bench import machine_facts
+    from tledge.bench.core import machine_facts
     facts = machine_facts()
     where = f"{facts['cpu']} ({facts['isa']})"
     rows = [ParityRow("keras", "keras", "reference", accuracy=reference_accuracy,

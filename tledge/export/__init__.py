@@ -99,7 +99,7 @@ def export_run(run_dir, *, only=None, precisions=None, log=print) -> list[dict]:
     """Export the run's trained model to every requested format; returns manifest entries."""
     from tledge.data import calibration_images
     from tledge.model import load_model
-    from tledge.rundata import run_recipe, run_splits
+    from tledge.run_inputs import run_recipe, run_splits
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     recipe = run_recipe(run_dir)
@@ -154,7 +154,7 @@ def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int
     """The int8 plan of a run: candidates are judged on the validation split (test if there
     is none) against the Keras model, in the runtime each format runs in."""
     from tledge.data import calibration_images
-    from tledge.device_bench import machine_facts
+    from tledge.bench.core import machine_facts
     from tledge.export.int8 import Judge
     from tledge.runners import load
     from tledge.parity import predict_all

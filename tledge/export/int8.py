@@ -115,7 +115,7 @@ class Judge:
             path, {**spec, "precision": fmt.precision}, self.threads, "cpu")
 
     def _p50(self, runner, seconds=0.5) -> float:
-        from tledge.device_bench import summarize, time_runner
+        from tledge.bench.core import summarize, time_runner
         _, samples = time_runner(runner, runner.prepare(self.images[:1]), warmup=30,
                                  min_runs=100, min_seconds=seconds)
         return summarize(samples, 1)["p50_ms"]
@@ -393,7 +393,7 @@ def diagnose_entry(run_dir, entry, recipe) -> dict:
     one that failed parity in the validate stage without having been diagnosed at export)."""
     from tledge.data import calibration_images
     from tledge.model import load_model
-    from tledge.rundata import run_splits
+    from tledge.run_inputs import run_splits
     from tledge.rundir import find_artifact, read_manifest, verified_artifact
     manifest = read_manifest(run_dir)
     model = load_model(verified_artifact(run_dir, find_artifact(manifest, "keras")))

@@ -17,7 +17,7 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
-from tledge.device_bench import dequantize, prepare_pixels
+from tledge.bench.core import dequantize, prepare_pixels
 from tledge.errors import RuntimeUnavailable
 from tledge.rundir import verified_artifact
 

@@ -4,7 +4,7 @@ A bundle is a zip a user copies to a Raspberry Pi or a Jetson and runs there wit
 Python, numpy and one runtime:
 
     bundle.zip
-      bench_device.py     the benchmark (tledge/device_bench.py, verbatim)
+      bench_device.py     the benchmark (tledge/bench/core.py, verbatim)
       bundle.json         artifacts (file, sha256, input/output spec), labels, settings, and
                           what the build machine predicted for each bundled image
       images.npy          a few evaluation images, uint8 [N, H, W, 3]
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge import device_bench
+from tledge.bench import core as device_bench
 from tledge.errors import BundleError, RunDirError
 from tledge.rundir import (BENCH, artifacts, atomic_path, note_output, read_manifest,
                            read_record, write_json, write_manifest)
@@ -72,15 +72,15 @@ def select_artifacts(manifest: dict, names=None) -> list[dict]:
 
 def bundle_images(run_dir, recipe, count: int):
     """The first `count` images of the evaluation split and their classes."""
-    from tledge.rundata import evaluation_split, run_splits
+    from tledge.run_inputs import evaluation_split, run_splits
     images, labels, _ = evaluation_split(run_splits(run_dir, recipe))
     return images[:count], labels[:count]
 
 
 def write_bundle(run_dir, out, *, names=None, image_count: int = 32, log=print) -> Path:
     """Write the bundle of `run_dir` to `out` (a .zip file)."""
-    from tledge.bench import model_flops
-    from tledge.rundata import run_recipe
+    from tledge.bench.stage import model_flops
+    from tledge.run_inputs import run_recipe
     from tledge.runners import load
     run_dir, out = Path(run_dir), Path(out)
     if out.is_dir():

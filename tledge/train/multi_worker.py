@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from tledge.errors import TrainError
-from tledge.phase import PhaseResult, current_learning_rate, learning_rate, make_optimizer
+from tledge.train.phase import PhaseResult, current_learning_rate, learning_rate, make_optimizer
 
 
 def fit_across_workers(model, name, phase, train_data, val_data, *, train_count,

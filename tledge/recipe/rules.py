@@ -21,7 +21,7 @@ def check_together(recipe, *, stored=False) -> list[str]:
     a run directory) is not asked for its data to exist: later stages read the data cache.
     """
     import functools
-    from tledge.members import check_ensemble
+    from tledge.recipe.members import check_ensemble
     problems = []
     check_data = functools.partial(_check_data, need_path=not stored)
     rules = (_check_name, check_data, _check_weights, _check_training, _check_bench,
@@ -84,7 +84,7 @@ def _check_weights(recipe) -> list[str]:
         return ["model.weights: a recipe cannot take its weights from itself"]
     try:
         document = tomllib.loads(weights_path.read_text(encoding="utf-8"))
-        from tledge.recipe import Recipe
+        from tledge.recipe.spec import Recipe
         from tledge.schema import Parser
         parser = Parser(weights_path.resolve().parent)
         parser.parse(Recipe, document)

@@ -1,7 +1,7 @@
-"""One benchmark combination in a process of its own: `python -m tledge.bench_worker`.
+"""One benchmark combination in a process of its own: `python -m tledge.bench.worker`.
 
 Reads a JSON job on stdin (artifact entry, run directory, runtime, threads, batch, timing
-settings, and an .npy file of images), runs `tledge.bench.bench_artifact` and prints the row
+settings, and an .npy file of images), runs `tledge.bench.stage.bench_artifact` and prints the row
 as JSON, with the process's resident memory before loading the runtime and at its peak.
 A process per combination keeps one runtime's memory out of another's figure, and lets
 TensorFlow size its thread pool for this row alone.
@@ -14,14 +14,14 @@ import json
 import os
 import sys
 
-from tledge.device_bench import peak_rss_bytes
+from tledge.bench.core import peak_rss_bytes
 
 
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # this process's own output is JSON
     job = json.loads(sys.stdin.read())
     import numpy as np
-    from tledge.bench import bench_artifact
+    from tledge.bench.stage import bench_artifact
     images = np.load(job["images"])
     baseline = peak_rss_bytes()
     row = bench_artifact(job["entry"], job["run_dir"], job["runtime"], threads=job["threads"],

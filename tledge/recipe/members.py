@@ -20,7 +20,7 @@ def member_recipes(recipe) -> list:
     Raises:
         RecipeError: a member recipe file is missing or invalid.
     """
-    from tledge.recipe import load_recipe
+    from tledge.recipe.spec import load_recipe
     members = []
     for member in recipe.ensemble.members:
         if member.recipe:
@@ -32,7 +32,7 @@ def member_recipes(recipe) -> list:
 
 def inline_recipe(recipe, member):
     """An inline member as a recipe of its own, resolved like a recipe file would be."""
-    from tledge.recipe import Recipe, _resolve
+    from tledge.recipe.spec import Recipe, _resolve
     # an inline member without a size of its own sees the ensemble's images as they are
     data = dataclasses.replace(recipe.data, image_size=member.image_size or recipe.data.image_size)
     inline = Recipe(name=f"{recipe.name}.{member.name}", seed=recipe.seed,
@@ -45,7 +45,7 @@ def inline_recipe(recipe, member):
 def check_ensemble(recipe) -> list[str]:
     """Every problem with an ensemble's members, each with its key path."""
     from tledge.errors import RecipeError
-    from tledge.checks import check_together
+    from tledge.recipe.rules import check_together
     ensemble = recipe.ensemble
     problems = []
     if ensemble.fusion == "weighted" and recipe.data.val_fraction == 0 and \
@@ -86,7 +86,7 @@ def check_ensemble(recipe) -> list[str]:
 
 def _check_member_file(recipe, path, key) -> list[str]:
     from tledge.errors import RecipeError
-    from tledge.recipe import load_recipe
+    from tledge.recipe.spec import load_recipe
     path = Path(path)
     if path.suffix != ".toml":
         return [f"{key}: expected a recipe .toml file, found {path.name!r}"]

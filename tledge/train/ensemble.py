@@ -28,7 +28,7 @@ from tledge.errors import TrainError
 
 def member_run_dir(recipe, member_recipe, run_dir) -> Path:
     """Where a member is built: beside the ensemble for a recipe file, inside it when inline."""
-    from tledge.pipeline import models_root
+    from tledge.stages import models_root
     if member_recipe.path and Path(member_recipe.path).resolve() != Path(recipe.path).resolve():
         return models_root(run_dir) / member_recipe.name
     return Path(run_dir) / "members" / member_recipe.name.split(".", 1)[1]
@@ -36,8 +36,8 @@ def member_run_dir(recipe, member_recipe, run_dir) -> Path:
 
 def build_members(recipe, run_dir, *, log=print, verbose="auto") -> list[dict]:
     """Build every member (stages that are current are skipped); describe each one."""
-    from tledge.members import member_recipes
-    from tledge.pipeline import build
+    from tledge.recipe.members import member_recipes
+    from tledge.stages import build
     members = []
     for member in member_recipes(recipe):
         member_dir = member_run_dir(recipe, member, run_dir)
@@ -50,7 +50,7 @@ def build_members(recipe, run_dir, *, log=print, verbose="auto") -> list[dict]:
 def _describe_member(member, member_dir) -> dict:
     """What the ensemble report shows of a member, read from its own run's records (each
     checked, its model file verified against its manifest)."""
-    from tledge.report import own_runtime_rows
+    from tledge.report.document import own_runtime_rows
     from tledge.rundir import (BENCH, HISTORY, PARITY, find_artifact, read_manifest,
                                read_record, verified_artifact)
 
@@ -91,7 +91,7 @@ def train_ensemble(recipe, splits, members, *, verbose="auto", log=print):
     """
     import keras
     from tledge.model import load_model, predict_in_batches
-    from tledge.train import evaluate
+    from tledge.train.stage import evaluate
     for member in members:
         if tuple(member["labels"]) != tuple(splits.class_names):
             raise TrainError(f"member {member['name']} ({member['recipe']}) knows the classes "
@@ -165,10 +165,10 @@ def fit_weights(probabilities, labels, *, steps=2000, rate=0.5) -> np.ndarray:
 def _concat(recipe, splits, models, inputs, branches, verbose, log):
     """A new head on the members' concatenated pooled features, members frozen."""
     import keras
-    from tledge.bottlenecks import compute_features, feature_extractor
-    from tledge.data.pipeline import make_dataset
-    from tledge.fit import fit_phase, steps_per_epoch
-    from tledge.recipe import PhaseRecipe
+    from tledge.train.bottlenecks import compute_features, feature_extractor
+    from tledge.data.feed import make_dataset
+    from tledge.train.loop import fit_phase, steps_per_epoch
+    from tledge.recipe.spec import PhaseRecipe
     settings = recipe.ensemble.concat
     for model in models:
         model.trainable = False

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.device_bench import machine_facts, summarize, time_runner
+from tledge.bench.core import machine_facts, summarize, time_runner
 from tledge.errors import RunDirError, RuntimeUnavailable
 from tledge.rundir import (BENCH, MANIFEST, PARITY, artifacts, find_artifact, read_manifest,
                            read_record, record_stage, stage_hash, verified_artifact,
@@ -82,7 +82,7 @@ def bench_artifact(entry, run_dir, runtime, *, threads, batch, images, warmup, m
 
 def bench_isolated(entry, run_dir, runtime, *, threads, batch, images, warmup, min_runs,
                    min_seconds, timeout=900) -> BenchRow:
-    """`bench_artifact` in a fresh process (see tledge.bench_worker); adds memory figures."""
+    """`bench_artifact` in a fresh process (see tledge.bench.worker); adds memory figures."""
     import json
     import subprocess
     import sys
@@ -94,7 +94,7 @@ def bench_isolated(entry, run_dir, runtime, *, threads, batch, images, warmup, m
                "threads": threads, "batch": batch, "images": str(images_path),
                "warmup": warmup, "min_runs": min_runs, "min_seconds": min_seconds}
         try:
-            done = subprocess.run([sys.executable, "-m", "tledge.bench_worker"],
+            done = subprocess.run([sys.executable, "-m", "tledge.bench.worker"],
                                   input=json.dumps(job), capture_output=True, text=True,
                                   timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -110,7 +110,7 @@ def bench_isolated(entry, run_dir, runtime, *, threads, batch, images, warmup, m
 
 def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=print) -> dict:
     """Benchmark every artifact of the run; write bench.json and the pick to the manifest."""
-    from tledge.rundata import evaluation_split, run_recipe, run_splits
+    from tledge.run_inputs import evaluation_split, run_recipe, run_splits
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     recipe = run_recipe(run_dir)
@@ -168,7 +168,7 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                            "warmup": settings.warmup, "min_runs": settings.min_runs,
                            "min_seconds": settings.min_seconds},
               "flops_per_image": flops, "machine": machine_facts()}
-    from tledge.bundle import device_runs
+    from tledge.bench.bundle import device_runs
     devices = device_runs(run_dir)  # results imported from devices outlive a re-bench
     if devices:
         result["devices"] = devices
@@ -301,7 +301,7 @@ def choose(rows, parity, *, threads: int, batch: int, checksums=None, settings=N
     The pick names `alternatives`: the most accurate and the fastest of all qualified
     candidates, where they are not the pick, so the report can state the trade.
     """
-    from tledge.recipe import PickRecipe
+    from tledge.recipe.spec import PickRecipe
     settings = settings or PickRecipe()
     pool = candidates(rows, parity, threads=threads, batch=batch, checksums=checksums)
     pool += [candidate for other in others for candidate in other]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tledge import report_int8
-from tledge.bench import pick_name
+from tledge.report import int8 as report_int8
+from tledge.bench.stage import pick_name
 from tledge.plots import FIGURES
 from tledge.rundir import (BENCH, EXPLAIN, HISTORY, PARITY, RECIPE, REPORT, REPORT_HTML, SPLIT,
                            artifacts, read_manifest, read_record, write_text)

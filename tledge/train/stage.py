@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 
 from tledge.errors import TrainError
-from tledge.fit import PhaseResult, fit_phase, skipped, steps_per_epoch
+from tledge.train.loop import PhaseResult, fit_phase, skipped, steps_per_epoch
 from tledge.model import build_backbone, build_classifier, find_backbone, is_pretrained
 
 
@@ -36,7 +36,7 @@ def train_model(recipe, splits, *, weights_file=None, verbose="auto", checkpoint
         WeightsError: the backbone weights cannot be obtained.
     """
     import keras
-    from tledge.distribute import precision, strategy_for
+    from tledge.train.distribute import precision, strategy_for
     if len(splits.y_train) == 0:
         raise TrainError("the training split is empty; lower data.val_fraction and "
                          "data.test_fraction or add images")
@@ -63,8 +63,8 @@ def train_model(recipe, splits, *, weights_file=None, verbose="auto", checkpoint
 
 def _train_phases(recipe, splits, model, backbone, *, weights_file, verbose, checkpoint_dir,
                   cache_dir, log, strategy):
-    from tledge.data.pipeline import augmentation, class_weights, make_dataset
-    from tledge.distribute import per_worker_input
+    from tledge.data.feed import augmentation, class_weights, make_dataset
+    from tledge.train.distribute import per_worker_input
     pretrained = is_pretrained(recipe)
     if not pretrained:
         _fast_batchnorm(backbone)
@@ -131,7 +131,7 @@ def _use_bottlenecks(recipe) -> bool:
 def _fit_on_bottlenecks(recipe, splits, model, datasets, weights_file, common, cache_dir, log):
     """Feature extraction on cached backbone features: the same head, many times faster."""
     import time
-    from tledge.bottlenecks import (bottleneck_key, cached_features, compute_features,
+    from tledge.train.bottlenecks import (bottleneck_key, cached_features, compute_features,
                                     feature_extractor, head_model)
     start = time.perf_counter()
     extractor = feature_extractor(model)
@@ -245,8 +245,8 @@ def train_baseline(recipe, splits, *, verbose="auto", log=print):
     """
     import time
     import keras
-    from tledge.data.pipeline import augmentation, make_dataset
-    from tledge.recipe import PhaseRecipe
+    from tledge.data.feed import augmentation, make_dataset
+    from tledge.recipe.spec import PhaseRecipe
     settings = recipe.baseline
     baseline_recipe = dataclasses.replace(
         recipe, model=dataclasses.replace(recipe.model, backbone=settings.backbone,

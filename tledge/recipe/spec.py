@@ -387,7 +387,7 @@ def parse_recipe(document: Mapping, path, *, stored=False) -> Recipe:
         problems += [f"{key}: an ensemble recipe takes its models from [[ensemble.members]] "
                      f"(each may have its own {key} table); remove [{key}]"
                      for key in ("model", "train") if key in document]
-    from tledge.checks import check_together
+    from tledge.recipe.rules import check_together
     joint = check_together(recipe, stored=stored)
     reported = {problem.split(":")[0].split("[")[0] for problem in problems}
     problems += [problem for problem in joint if problem.split(":")[0] not in reported]
@@ -400,7 +400,7 @@ def _resolve(recipe: Recipe, path: Path) -> Recipe:
     """Fill in the defaults that depend on other keys."""
     from tledge.backbones import BACKBONES
     if recipe.ensemble is not None:
-        from tledge.members import resolve_ensemble
+        from tledge.recipe.members import resolve_ensemble
         return dataclasses.replace(resolve_ensemble(recipe), path=str(path.resolve()))
     backbone = BACKBONES[recipe.model.backbone]
     data = recipe.data

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.phase import (PhaseResult, current_learning_rate, learning_rate,
+from tledge.train.phase import (PhaseResult, current_learning_rate, learning_rate,
                           make_optimizer, skipped)
 
 
@@ -39,7 +39,7 @@ def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_pe
     if phase.epochs == 0:
         return skipped(name, "0 epochs")
     if _across_workers():
-        from tledge.fit_workers import fit_across_workers
+        from tledge.train.multi_worker import fit_across_workers
         return fit_across_workers(model, name, phase, train_data, val_data,
                                   train_count=train_count, steps_per_epoch=steps_per_epoch,
                                   initial_epoch=initial_epoch,
@@ -85,7 +85,7 @@ def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_pe
 
 
 def _across_workers() -> bool:
-    """Whether this phase runs under MultiWorkerMirroredStrategy (see tledge.fit_workers)."""
+    """Whether this phase runs under MultiWorkerMirroredStrategy (see tledge.train.multi_worker)."""
     import tensorflow as tf
     return isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy)
 

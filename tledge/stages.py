@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tledge.errors import RecipeError, RunDirError, TledgeError
 from tledge.formats import FORMATS
-from tledge.recipe import Recipe, load_recipe, stored_recipe_text
+from tledge.recipe.spec import Recipe, load_recipe, stored_recipe_text
 from tledge.rundir import (HISTORY, INNER_RUNS, LOCK, MANIFEST, RECIPE, SPLIT, artifact_entry, atomic_path,
                            new_manifest, portable, read_manifest, record_stage, run_lock,
                            set_artifact, verified_artifact, write_json, write_manifest,
@@ -120,7 +120,7 @@ def starting_points(recipe, run_dir, *, log=print, verbose="auto", _chain=()):
     """(files the model starts from, ensemble members or None), building what they need:
     the recipe named as weights, or every member of an ensemble."""
     if recipe.ensemble is not None:
-        from tledge.ensemble import build_members
+        from tledge.train.ensemble import build_members
         members = build_members(recipe, run_dir, log=log, verbose=verbose)
         return [Path(member["model"]) for member in members], members
     weights_file = resolve_weights(recipe, run_dir, log=log, verbose=verbose, _chain=_chain)
@@ -135,7 +135,7 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, star
     resumes from its last finished epoch when the same recipe is trained again (unless
     `restart`). `starting` is what `starting_points` returned, when the caller has it.
     """
-    from tledge.distribute import worker_role
+    from tledge.train.distribute import worker_role
     role = worker_role(recipe.train)
     if not role.chief:
         return _train_as_worker(recipe, run_dir, role, log=log, verbose=verbose)
@@ -151,7 +151,7 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting, 
     import shutil
     from tledge.data import load_splits
     from tledge.data.sources import BAD_IMAGES
-    from tledge.train import train_baseline, train_model
+    from tledge.train.stage import train_baseline, train_model
     run_dir = prepare_run_dir(run_dir)
     try:
         files, members = starting or starting_points(recipe, run_dir, log=log, verbose=verbose,
@@ -170,7 +170,7 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting, 
         elif checkpoints.is_dir():
             log(f"train: resuming from the checkpoints in {checkpoints}")
         if members is not None:
-            from tledge.ensemble import train_ensemble
+            from tledge.train.ensemble import train_ensemble
             model, history = train_ensemble(recipe, splits, members, verbose=verbose, log=log)
         else:
             model, history = train_model(recipe, splits, weights_file=weights_file,
@@ -189,13 +189,13 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting, 
     if recipe.baseline is not None:
         history["baseline"], baseline_model = train_baseline(recipe, splits, verbose=verbose,
                                                              log=log)
-        from tledge.report import baseline_warning
+        from tledge.report.document import baseline_warning
         for line in filter(None, [baseline_warning(history)]):
             log("!" * 78 + f"\n{line}\n" + "!" * 78)
     write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))
     write_json(run_dir / SPLIT, splits.record)
     if members is not None:
-        from tledge.ensemble import portable_members
+        from tledge.train.ensemble import portable_members
         history["ensemble"]["members"] = portable_members(history["ensemble"]["members"],
                                                           run_dir)
     write_json(run_dir / HISTORY, history)
@@ -245,7 +245,7 @@ def baseline_recipe(recipe) -> Recipe:
     """The recipe a run's `[baseline]` model is exported, validated and benchmarked under:
     the same data, split, export, validation and bench, its own model and training."""
     import dataclasses
-    from tledge.recipe import PhaseRecipe
+    from tledge.recipe.spec import PhaseRecipe
     settings = recipe.baseline
     return dataclasses.replace(
         recipe, name=f"{recipe.name}.baseline", baseline=None, ensemble=None,
@@ -285,7 +285,7 @@ def _train_as_worker(recipe, run_dir, role, *, log, verbose):
     """A multi-worker run's non-chief task: train its shard in step with the others and
     write nothing; the chief writes the run directory. Returns None."""
     from tledge.data import load_splits
-    from tledge.train import train_model
+    from tledge.train.stage import train_model
     if recipe.ensemble is not None or recipe.model.weights.endswith(".toml"):
         raise RecipeError(recipe.path, ["train.distribute = \"multi_worker\": build the "
                                         "ensemble members or the weights recipe first, on one "
@@ -360,10 +360,10 @@ def build(recipe_path, *, out=None, log=print, verbose="auto", force=False):
 
 
 def _build_locked(recipe, run_dir, *, log, verbose, force):
-    from tledge.bench import bench_run
+    from tledge.bench.stage import bench_run
     from tledge.explain import explain_is_current, explain_run
     from tledge.export import export_run
-    from tledge.report import report_run
+    from tledge.report.document import report_run
     from tledge.rundir import read_manifest, stage_hash, stage_is_current
     from tledge.validate import load_parity, validate_run
     started = time.perf_counter()
@@ -383,7 +383,7 @@ def _build_locked(recipe, run_dir, *, log, verbose, force):
         train_run(recipe, run_dir, log=log, verbose=verbose, restart=force, starting=starting)
     else:  # the sections after train may have changed, and the stored copy may be damaged:
         write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))  # later stages read it
-    from tledge.rundata import run_recipe
+    from tledge.run_inputs import run_recipe
     runs = candidate_runs(run_dir)  # the baseline's stages run too, and it is benchmarked
     for stage, run in (("export", export_run), ("validate", validate_run),  # before the run
                        ("bench", bench_run)):  # itself, whose pick weighs both
@@ -402,7 +402,7 @@ def _build_locked(recipe, run_dir, *, log, verbose, force):
     pick = read_manifest(run_dir).get("pick")
     log(f"== report {path}")
     if pick:
-        from tledge.bench import pick_name
+        from tledge.bench.stage import pick_name
         log(f"pick: {pick_name(pick)} on {pick['runtime']} (p50 {pick['p50_ms']:.3f} ms)")
     log(f"built {recipe.name} in {time.perf_counter() - started:.0f} s")
     return run_dir, parity

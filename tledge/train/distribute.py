@@ -78,7 +78,7 @@ def per_worker_input(strategy, make, batch_size):
     Under multi_worker every worker builds its own input, `make(per-replica batch size,
     (shards, this shard))`, reading only its shard of the training rows rather than every
     worker reading everything and dropping what is not its own (the loop in
-    `tledge.fit_workers` consumes it). Elsewhere `make(batch_size, None)`, for `model.fit`.
+    `tledge.train.multi_worker` consumes it). Elsewhere `make(batch_size, None)`, for `model.fit`.
     """
     import tensorflow as tf
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
