@@ -55,7 +55,7 @@ def main():
 
     from tledge.backbones import BACKBONES
     from tledge.data import load_splits
-    from tledge.recipe.spec import load_recipe
+    from tledge.recipe.load import load_recipe
     from tledge.train.stage import train_model
 
     folder = Path(tempfile.mkdtemp(prefix="tledge-bottleneck-"))

@@ -72,7 +72,7 @@ def recipe_text(name, folder, size, backbone, alpha, augment) -> str:
 def prepare(recipe_path, workers) -> tuple[float, object]:
     from tledge.data import load_splits
     from tledge.data.cache import clear_entries
-    from tledge.recipe.spec import load_recipe
+    from tledge.recipe.load import load_recipe
     import dataclasses
     from tledge.data.sources import source_key
     recipe = load_recipe(recipe_path)

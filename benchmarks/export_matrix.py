@@ -53,7 +53,7 @@ def main():
     from tledge.export import _exporter
     from tledge.formats import FORMATS
     from tledge.quiet import quiet
-    from tledge.recipe.spec import load_recipe
+    from tledge.recipe.load import load_recipe
     from tledge.rundir import artifact_entry
     from tledge.runners import load
     from tledge.train.stage import train_model

@@ -16,7 +16,7 @@ def small_size(backbone) -> tuple[int, int]:
 
 
 def recipe_for(name, tmp_path, size):
-    from tledge.recipe.spec import parse_recipe
+    from tledge.recipe.load import parse_recipe
     document = {
         "name": f"test_{name}", "seed": 0,
         "data": {"source": "synthetic", "image_size": list(size), "batch_size": 4,

@@ -126,13 +126,16 @@ def test_device_script_skips_a_runtime_it_does_not_have_and_reports_a_crash(devi
     assert "is not the file that was bundled" in printed
 
 
-def test_import_merges_the_device_into_bench_json_and_the_report(run_copy, device_result):
+def test_import_stores_the_device_beside_bench_json_and_in_the_report(run_copy,
+                                                                      device_result):
     folder, result, _ = device_result
     answer = invoke("bench", run_copy, "--import", folder / "result.json")
     assert answer.exit_code == 0, answer.output
     assert "imported bench-pi" in answer.output
-    bench = json.loads((run_copy / "bench.json").read_text())
-    assert bench["devices"]["bench-pi"]["rows"] == result["rows"]
+    before = (run_copy / "bench.json").read_bytes()
+    devices = json.loads((run_copy / "devices.json").read_text())
+    assert devices["devices"]["bench-pi"]["rows"] == result["rows"]
+    assert (run_copy / "bench.json").read_bytes() == before  # one writer: the bench stage
     report = (run_copy / "report.md").read_text()
     section = report[report.index("## On devices"):]
     assert "### bench-pi" in section
@@ -145,8 +148,9 @@ def test_import_merges_the_device_into_bench_json_and_the_report(run_copy, devic
     # a new bench on this machine keeps what the devices measured
     answer = invoke("bench", run_copy, "--runtime", "litert", "--threads", "1")
     assert answer.exit_code == 0, answer.output
-    bench = json.loads((run_copy / "bench.json").read_text())
-    assert set(bench["devices"]) == {"bench-pi"} and bench["rows"]
+    devices = json.loads((run_copy / "devices.json").read_text())
+    assert set(devices["devices"]) == {"bench-pi"}
+    assert json.loads((run_copy / "bench.json").read_text())["rows"]
 
 
 def test_a_device_whose_int8_kernels_disagree_is_flagged(run_copy, device_result, tmp_path):

@@ -60,7 +60,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_training_streams_the_split_a_batch_at_a_time(tmp_path, cache):
     from tledge.data import load_splits
-    from tledge.recipe.spec import load_recipe
+    from tledge.recipe.load import load_recipe
     from tledge.train.stage import train_model
     photos(tmp_path / "photos")
     recipe = load_recipe(write_recipe(tmp_path, RECIPE.format(epochs=2)))
@@ -74,7 +74,7 @@ def test_training_streams_the_split_a_batch_at_a_time(tmp_path, cache):
 def test_later_stages_read_the_cache_not_the_source(tmp_path, cache):
     from tledge.export import export_run
     from tledge.stages import train_run
-    from tledge.recipe.spec import load_recipe
+    from tledge.recipe.load import load_recipe
     from tledge.run_inputs import run_splits
     from tledge.validate import validate_run
     photos(tmp_path / "photos")

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import write_recipe
 from tledge.errors import RecipeError
-from tledge.recipe.spec import load_recipe
+from tledge.recipe.load import load_recipe
 
 ENSEMBLE = """
 name = "{name}"
@@ -63,7 +63,7 @@ def ensemble_recipe(folder, fusion="mean", name="fused"):
 def members(tmp_path_factory):
     """Two members built once (full builds), and the data split they share."""
     from tledge.data import load_splits
-    from tledge.train.ensemble import build_members
+    from tledge.stages import build_members
     folder = tmp_path_factory.mktemp("ensemble")
     recipe = ensemble_recipe(folder)
     built = build_members(recipe, folder / "models" / "fused", log=lambda line: None,
@@ -185,8 +185,8 @@ def test_a_fused_model_builds_exports_passes_parity_and_reuses_its_members(tmp_p
 
 
 def test_recipe_members_are_built_beside_the_ensemble(tmp_path):
-    from tledge.train.ensemble import member_run_dir
-    from tledge.recipe.members import member_recipes
+    from tledge.stages import member_run_dir
+    from tledge.recipe.load import member_recipes
     write_recipe(tmp_path, ENSEMBLE.split("[ensemble]")[0].replace('"{name}"', '"solo"')
                  .replace("{{", "{").replace("}}", "}") +
                  '[model]\nbackbone = "small_cnn"\nweights = "none"\n', name="solo.toml")

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SMALL_RECIPE, write_recipe
 from tledge.errors import RecipeError, WeightsError
-from tledge.recipe.spec import load_recipe
+from tledge.recipe.load import load_recipe
 
 MOBILENET = """
 name = "mobile"
@@ -60,7 +60,7 @@ def refuse(*args, **kwargs):
 urllib.request.urlretrieve = refuse
 urllib.request.urlopen = refuse
 from tledge.model import build_backbone
-from tledge.recipe.spec import load_recipe
+from tledge.recipe.load import load_recipe
 from tledge.errors import WeightsError
 try:
     backbone = build_backbone(load_recipe(sys.argv[1] if len(sys.argv) > 1 else {recipe!r}))

@@ -21,7 +21,7 @@ import json, sys
 import numpy as np
 import tledge.train.stage
 from tledge.stages import train_run
-from tledge.recipe.spec import load_recipe
+from tledge.recipe.load import load_recipe
 
 recipe_path, run_dir, observed = sys.argv[1:4]
 real = tledge.train.stage.train_model

@@ -118,7 +118,7 @@ def test_report_names_the_pick_and_every_section(built_run):
 
 
 def test_run_directory_records_split_history_and_resolved_recipe(built_run):
-    from tledge.recipe.spec import load_recipe
+    from tledge.recipe.load import load_recipe
     run_dir, _, _ = built_run
     split = json.loads((run_dir / "split.json").read_text())
     assert split["fingerprint"] and split["splits"]["test"]["count"] == 120

@@ -14,7 +14,9 @@ import pytest
 from tledge.backbones import BACKBONES
 from tledge.errors import RecipeError
 from tledge.formats import FORMATS
-from tledge.recipe.spec import Recipe, dump_toml, load_recipe
+from tledge.recipe.spec import Recipe
+from tledge.recipe.dump import dump_toml
+from tledge.recipe.load import load_recipe
 
 SHIPPED = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
 
@@ -74,10 +76,10 @@ def test_shipped_recipe_loads(path):
 def test_importing_and_loading_recipes_does_not_import_tensorflow():
     code = textwrap.dedent(f"""
         import sys
-        import tledge.recipe.spec
-        assert "tensorflow" not in sys.modules, "import tledge.recipe.spec imported tensorflow"
+        import tledge.recipe.load
+        assert "tensorflow" not in sys.modules, "import tledge.recipe.load imported tensorflow"
         for path in {[str(path) for path in SHIPPED]!r}:
-            tledge.recipe.spec.load_recipe(path)
+            tledge.recipe.load.load_recipe(path)
         heavy = sorted(name for name in ("tensorflow", "keras", "onnxruntime", "tf2onnx")
                        if name in sys.modules)
         assert not heavy, heavy
@@ -502,7 +504,7 @@ def test_hash_is_stable_and_ignores_layout(tmp_path):
 def test_hash_is_the_same_in_another_process(tmp_path):
     path = write(tmp_path, recipe_text(tables="[validate.per_format.tflite_int8]\n"
                                               "min_agreement = 0.8"))
-    code = f"from tledge.recipe.spec import load_recipe; print(load_recipe({str(path)!r}).hash())"
+    code = f"from tledge.recipe.load import load_recipe; print(load_recipe({str(path)!r}).hash())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONHASHSEED": "123", "PATH": ""}, check=True)
     assert result.stdout.strip() == load_recipe(path).hash()

@@ -42,7 +42,7 @@ onnx = []
 def hostile_run(tmp_path, monkeypatch):
     from tledge.export import export_run
     from tledge.stages import train_run
-    from tledge.recipe.spec import load_recipe
+    from tledge.recipe.load import load_recipe
     from tledge.validate import validate_run
     monkeypatch.setenv("TLEDGE_CACHE_DIR", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)

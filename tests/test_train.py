@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import SMALL_RECIPE, write_recipe
-from tledge.recipe.spec import load_recipe
+from tledge.recipe.load import load_recipe
 
 TRANSFER_TABLES = """
 [train.feature_extraction]
@@ -232,7 +232,7 @@ import sys, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * {n})
 from tledge.data import load_splits
-from tledge.recipe.spec import load_recipe
+from tledge.recipe.load import load_recipe
 from tledge.train.stage import train_model
 from tledge.errors import TrainError
 recipe = load_recipe(sys.argv[1])
@@ -379,7 +379,7 @@ with socket.socket() as probe:
 os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{port}"]},
                                       "task": {"type": "worker", "index": 0}})
 from tledge.data import load_splits
-from tledge.recipe.spec import load_recipe
+from tledge.recipe.load import load_recipe
 from tledge.train.stage import train_model
 recipe = load_recipe(sys.argv[1])
 model, history = train_model(recipe, load_splits(recipe.data, seed=0), verbose=0)

@@ -7,7 +7,7 @@ def small_classifier(folder, classes: int, size=(32, 32)):
     """tledge's small_cnn classifier, from scratch, built the way a recipe builds it."""
     from tledge.backbones import BACKBONES
     from tledge.model import build_classifier
-    from tledge.recipe.spec import parse_recipe
+    from tledge.recipe.load import parse_recipe
     recipe = parse_recipe({"name": "probe", "seed": 0,
                            "data": {"source": "synthetic", "image_size": list(size)},
                            "model": {"backbone": "small_cnn", "weights": "none"}},

@@ -138,7 +138,8 @@ def check(recipe):
 
     Example: tledge check recipes/quickstart.toml
     """
-    from tledge.recipe.spec import dump_toml, load_recipe
+    from tledge.recipe.dump import dump_toml
+    from tledge.recipe.load import load_recipe
     resolved = load_recipe(recipe)
     click.echo(f"# {recipe}: valid\n" + dump_toml(resolved.to_dict()))
 
@@ -189,7 +190,7 @@ def build(recipe, out, force):
     Example: tledge build recipes/quickstart.toml --out models/quickstart
     """
     from tledge.stages import build as build_recipe
-    from tledge.recipe.spec import load_recipe
+    from tledge.recipe.load import load_recipe
     load_recipe(recipe)  # a bad recipe fails in a blink, not after TensorFlow's import
     _quiet_tensorflow()
     run_dir, parity = build_recipe(recipe, out=out, log=click.echo, verbose=_progress(),
@@ -207,7 +208,7 @@ def train(source, out):
               tledge train models/quickstart
     """
     from tledge.stages import default_run_dir, train_run
-    from tledge.recipe.spec import load_recipe
+    from tledge.recipe.load import load_recipe
     from tledge.rundir import RECIPE as RECIPE_FILE
     from tledge.rundir import check_run_dir
     recipe_file = check_run_dir(source) / RECIPE_FILE if source.is_dir() else source
@@ -290,7 +291,7 @@ def cache_prepare(recipe):
     Example: tledge cache prepare recipes/quickstart.toml
     """
     from tledge.data import load_splits
-    from tledge.recipe.spec import load_recipe
+    from tledge.recipe.load import load_recipe
     resolved = load_recipe(recipe)
     splits = load_splits(resolved.data, seed=resolved.seed, log=click.echo)
     counts = ", ".join(f"{name} {len(labels)}" for name, labels in

@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from tledge.model import load_model
+from tledge.rundir import artifacts, verified_artifact
+
 
 @dataclasses.dataclass(frozen=True)
 class BackboneCost:
@@ -119,3 +122,15 @@ def _layer_macs(layer, node) -> int:
         raise ValueError(f"count_flops: layer '{layer.name}' has an undefined output shape "
                          f"{tuple(shape)}; build the model with a fixed input size")
     return math.prod(positions) * sum(math.prod(kernel.shape) for kernel in kernels)
+
+
+def model_flops(run_dir, manifest) -> int | None:
+    """FLOPs per image of a run's Keras model, counted once from its verified file; None for
+    a run without one, or a graph the counter does not understand."""
+    entry = next((e for e in artifacts(manifest) if e["name"] == "keras"), None)
+    if entry is None:
+        return None
+    try:
+        return int(count_flops(load_model(verified_artifact(run_dir, entry))))
+    except (ValueError, TypeError):
+        return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tledge.errors import DataError, RunDirError, first_line
-from tledge.recipe.spec import load_recipe
+from tledge.recipe.load import load_recipe
 from tledge.rundir import RECIPE, SPLIT, check_run_dir, read_record
 
 

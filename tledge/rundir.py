@@ -28,6 +28,7 @@ BENCH = "bench.json"
 REPORT = "report.md"
 REPORT_HTML = "report.html"
 EXPLAIN = "explain.json"
+DEVICES = "devices.json"  # results measured on devices and imported (`tledge bench --import`)
 
 _LIBRARIES = ("tledge", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime",
               "ai-edge-litert", "numpy")
@@ -198,7 +199,8 @@ _RECORDS = {PARITY: ({"split": str, "images": int, "rows": list}, "validate"),
             BENCH: ({"rows": list}, "bench"),
             SPLIT: ({"splits": dict, "fingerprint": str}, "train"),
             HISTORY: ({"phases": list}, "train"),
-            EXPLAIN: ({"figures": list}, "explain")}
+            EXPLAIN: ({"figures": list}, "explain"),
+            DEVICES: ({"devices": dict}, "bench {run} --import")}
 
 
 def read_record(path):
@@ -227,8 +229,9 @@ def read_record(path):
                 problem = f"rows[{number}] has no {missing[0]}"
                 break
     if problem:
-        raise RunDirError(f"{path} is not what tledge writes ({problem}); run `tledge {stage} "
-                          f"{path.parent}` again (or `tledge build`)")
+        command = stage.format(run=path.parent) if "{run}" in stage else f"{stage} {path.parent}"
+        raise RunDirError(f"{path} is not what tledge writes ({problem}); run `tledge {command}` "
+                          "again (or `tledge build`)")
     return record
 
 

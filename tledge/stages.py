@@ -15,7 +15,9 @@ from pathlib import Path
 
 from tledge.errors import RecipeError, RunDirError, TledgeError
 from tledge.formats import FORMATS
-from tledge.recipe.spec import Recipe, load_recipe, stored_recipe_text
+from tledge.recipe.spec import Recipe
+from tledge.recipe.load import load_recipe
+from tledge.recipe.dump import stored_recipe_text
 from tledge.rundir import (HISTORY, INNER_RUNS, LOCK, MANIFEST, RECIPE, SPLIT, artifact_entry, atomic_path,
                            new_manifest, portable, read_manifest, record_stage, run_lock,
                            set_artifact, verified_artifact, write_json, write_manifest,
@@ -54,22 +56,20 @@ def trained_model(run_dir) -> Path | None:
     return None
 
 
-def resolve_weights(recipe, run_dir, *, log=print, verbose="auto", _chain=()) -> Path | None:
+def resolve_weights(recipe, run_dir, *, log=print, verbose="auto") -> Path | None:
     """When the recipe's weights name another recipe, the trained model file it supplies.
 
     The other recipe is trained first, into `<models root>/<its name>`, unless that
     directory already holds a model trained from the same recipe and starting weights.
+    Loading a recipe refuses recipes that refer to each other in a cycle
+    (`tledge.recipe.rules.recipe_cycle`), so this recursion ends.
     """
     weights = recipe.model.weights
     if not weights.endswith(".toml"):
         return None
-    chain = _chain + (str(Path(recipe.path).resolve()),)
-    if str(Path(weights).resolve()) in chain:
-        raise RecipeError(recipe.path, ["model.weights: recipes refer to each other in a cycle: "
-                                        + " -> ".join(Path(p).name for p in chain + (weights,))])
     source = load_recipe(weights)
     source_dir = models_root(run_dir) / source.name
-    source_weights = resolve_weights(source, source_dir, log=log, verbose=verbose, _chain=chain)
+    source_weights = resolve_weights(source, source_dir, log=log, verbose=verbose)
     model_path = trained_model(source_dir)
     if model_path is not None:
         recorded = read_manifest(source_dir)["stages"].get("train", {}).get("hash")
@@ -79,7 +79,7 @@ def resolve_weights(recipe, run_dir, *, log=print, verbose="auto", _chain=()) ->
         log(f"weights: {source.name} changed since {source_dir} was trained; retraining it")
     else:
         log(f"weights: {source.name} is not trained yet; training it first into {source_dir}")
-    train_run(source, source_dir, log=log, verbose=verbose, _chain=chain)
+    train_run(source, source_dir, log=log, verbose=verbose)
     return trained_model(source_dir)
 
 
@@ -116,19 +116,76 @@ def train_hash(recipe, starting_files, *, log=None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def starting_points(recipe, run_dir, *, log=print, verbose="auto", _chain=()):
+# -- ensemble members: each built as a run of its own --------------------------------------
+
+
+def member_run_dir(recipe, member_recipe, run_dir) -> Path:
+    """Where a member is built: beside the ensemble for a recipe file, inside it when inline."""
+    if member_recipe.path and Path(member_recipe.path).resolve() != Path(recipe.path).resolve():
+        return models_root(run_dir) / member_recipe.name
+    return Path(run_dir) / "members" / member_recipe.name.split(".", 1)[1]
+
+
+def build_members(recipe, run_dir, *, log=print, verbose="auto") -> list[dict]:
+    """Build every member (stages that are current are skipped); describe each one."""
+    from tledge.recipe.load import member_recipes
+    members = []
+    for member in member_recipes(recipe):
+        member_dir = member_run_dir(recipe, member, run_dir)
+        log(f"== member {member.name} -> {member_dir}")
+        build(member, out=member_dir, log=lambda line: log(f"   {line}"), verbose=verbose)
+        members.append(_describe_member(member, member_dir))
+    return members
+
+
+def _describe_member(member, member_dir) -> dict:
+    """What the ensemble report shows of a member, read from its own run's records (each
+    checked, its model file verified against its manifest)."""
+    from tledge.report.document import own_runtime_rows
+    from tledge.rundir import (BENCH, HISTORY, PARITY, find_artifact, read_manifest,
+                               read_record, verified_artifact)
+
+    def read(name):
+        path = member_dir / name
+        return read_record(path) if path.is_file() else {}
+    history, parity, bench = read(HISTORY), read(PARITY), read(BENCH)
+    manifest = read_manifest(member_dir)
+    own = own_runtime_rows(parity)
+    accuracy = {name: row.get("accuracy") for name, row in own.items()}
+    status = {name: row["status"] for name, row in own.items()}
+    latency = [{key: row.get(key) for key in ("artifact", "runtime", "threads", "batch",
+                                               "p50_ms", "p90_ms", "size_bytes")}
+               for row in bench.get("rows", []) if row["status"] == "ok"]
+    model = find_artifact(manifest, "keras")
+    return {"name": member.name, "run_dir": str(member_dir.resolve()),
+            "recipe": member.path, "backbone": member.model.backbone,
+            "image_size": list(member.data.image_size), "labels": manifest["labels"],
+            "model": str(verified_artifact(member_dir, model).resolve()),
+            "sha256": model["sha256"], "test_accuracy": history.get("test_accuracy"),
+            "accuracy": accuracy, "parity": status, "latency": latency}
+
+
+def portable_members(members, run_dir) -> list[dict]:
+    """Members as the ensemble's history.json keeps them: their paths relative to the
+    ensemble's run directory (see `rundir.portable`)."""
+    from tledge.rundir import portable
+    return [{**member, **{key: portable(member[key], run_dir)
+                          for key in ("run_dir", "recipe", "model") if member.get(key)}}
+            for member in members]
+
+
+def starting_points(recipe, run_dir, *, log=print, verbose="auto"):
     """(files the model starts from, ensemble members or None), building what they need:
     the recipe named as weights, or every member of an ensemble."""
     if recipe.ensemble is not None:
-        from tledge.train.ensemble import build_members
         members = build_members(recipe, run_dir, log=log, verbose=verbose)
         return [Path(member["model"]) for member in members], members
-    weights_file = resolve_weights(recipe, run_dir, log=log, verbose=verbose, _chain=_chain)
+    weights_file = resolve_weights(recipe, run_dir, log=log, verbose=verbose)
     return ([weights_file] if weights_file else []), None
 
 
-def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, starting=None,
-              _chain=()) -> Path:
+def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False,
+              starting=None) -> Path:
     """The train stage: data split, two-phase training (and the baseline), a fresh manifest.
 
     Every epoch is checkpointed under `checkpoints/<train hash>/`: a run killed mid-training
@@ -144,18 +201,17 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False, star
     created = not Path(run_dir).exists() or not set(os.listdir(run_dir)) - {LOCK}
     with run_lock(run_dir):
         return _train_locked(recipe, run_dir, created, log=log, verbose=verbose,
-                             restart=restart, starting=starting, _chain=_chain)
+                             restart=restart, starting=starting)
 
 
-def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting, _chain):
+def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting):
     import shutil
     from tledge.data import load_splits
     from tledge.data.sources import BAD_IMAGES
     from tledge.train.stage import train_baseline, train_model
     run_dir = prepare_run_dir(run_dir)
     try:
-        files, members = starting or starting_points(recipe, run_dir, log=log, verbose=verbose,
-                                                     _chain=_chain)
+        files, members = starting or starting_points(recipe, run_dir, log=log, verbose=verbose)
         weights_file = files[0] if files and members is None else None
         splits = load_splits(recipe.data, seed=recipe.seed, log=log, report_dir=run_dir)
         counts = ", ".join(f"{name} {len(labels)}" for name, labels in
@@ -195,7 +251,6 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting, 
     write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))
     write_json(run_dir / SPLIT, splits.record)
     if members is not None:
-        from tledge.train.ensemble import portable_members
         history["ensemble"]["members"] = portable_members(history["ensemble"]["members"],
                                                           run_dir)
     write_json(run_dir / HISTORY, history)

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from tledge.bench import core as device_bench
-from tledge.errors import BundleError, RunDirError
-from tledge.rundir import (BENCH, artifacts, atomic_path, note_output, read_manifest,
-                           read_record, write_json, write_manifest)
+from tledge.errors import BundleError
+from tledge.flops import model_flops
+from tledge.rundir import DEVICES, artifacts, atomic_path, read_manifest, read_record, write_json
 
 DEVICE_FAMILIES = ("tflite", "onnx")  # what bench_device.py runs
 
@@ -79,7 +79,6 @@ def bundle_images(run_dir, recipe, count: int):
 
 def write_bundle(run_dir, out, *, names=None, image_count: int = 32, log=print) -> Path:
     """Write the bundle of `run_dir` to `out` (a .zip file)."""
-    from tledge.bench.stage import model_flops
     from tledge.run_inputs import run_recipe
     from tledge.runners import load
     run_dir, out = Path(run_dir), Path(out)
@@ -213,29 +212,11 @@ def import_device_result(run_dir, path) -> dict:
             raise BundleError(f"{path} measured a different {name} than {run_dir} has now "
                               "(sha256 differs): the run was re-exported since the bundle was "
                               "made; make a new bundle")
-    bench = read_record(run_dir / BENCH) if (run_dir / BENCH).is_file() else empty_bench()
+    record = run_dir / DEVICES  # written here alone: bench.json is the bench stage's
+    devices = read_record(record)["devices"] if record.is_file() else {}
     name = document["device"]["name"].strip()
     stored = {key: document.get(key) for key in
               ("device", "settings", "rows", "accuracy", "artifacts", "measured", "bundle")}
-    bench.setdefault("devices", {})[name] = stored
-    written = write_json(run_dir / BENCH, bench)
-    note_output(manifest, "bench", written)  # an import is not a reason to bench again
-    write_manifest(run_dir, manifest)
+    devices[name] = stored
+    write_json(record, {"devices": devices})
     return stored
-
-
-def empty_bench() -> dict:
-    """bench.json of a run not benchmarked on this machine: only device results so far."""
-    return {"rows": [], "pick": None, "settings": None, "flops_per_image": None,
-            "machine": None}
-
-
-def device_runs(run_dir) -> dict:
-    """The device results stored in a run's bench.json, by device name."""
-    path = Path(run_dir) / BENCH
-    if not path.is_file():
-        return {}
-    try:
-        return read_record(path).get("devices", {})
-    except RunDirError:
-        return {}

@@ -17,6 +17,7 @@ import numpy as np
 
 from tledge.bench.core import machine_facts, summarize, time_runner
 from tledge.errors import RunDirError, RuntimeUnavailable
+from tledge.flops import model_flops
 from tledge.rundir import (BENCH, MANIFEST, PARITY, artifacts, find_artifact, read_manifest,
                            read_record, record_stage, stage_hash, verified_artifact,
                            write_json, write_manifest)
@@ -168,10 +169,6 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                            "warmup": settings.warmup, "min_runs": settings.min_runs,
                            "min_seconds": settings.min_seconds},
               "flops_per_image": flops, "machine": machine_facts()}
-    from tledge.bench.bundle import device_runs
-    devices = device_runs(run_dir)  # results imported from devices outlive a re-bench
-    if devices:
-        result["devices"] = devices
     written = write_json(run_dir / BENCH, result)
     manifest["pick"] = pick
     custom = bool(custom_runtimes or threads != settings.threads or batch_sizes != settings.batch_sizes)
@@ -180,19 +177,6 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                  rows=len(rows), hash=None if custom else stage_hash(manifest, recipe, "bench"))
     write_manifest(run_dir, manifest)
     return result
-
-
-def model_flops(run_dir, manifest) -> int | None:
-    """FLOPs per image of the run's Keras model, counted once from its graph."""
-    from tledge.flops import count_flops
-    from tledge.model import load_model
-    entry = next((e for e in artifacts(manifest) if e["name"] == "keras"), None)
-    if entry is None:
-        return None
-    try:
-        return int(count_flops(load_model(verified_artifact(run_dir, entry))))
-    except (ValueError, TypeError):  # a graph the counter does not understand: no figure
-        return None
 
 
 def other_candidates(run_dir, *, threads: int, batch: int, members=False, log=print):

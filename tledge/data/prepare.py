@@ -178,11 +178,10 @@ def _decode_in_parallel(tasks, workers, take) -> None:
     import concurrent.futures
     import subprocess
     import threading
-    import tledge
     from tledge.data.prepare_worker import decode_chunk
     lock = threading.Lock()
     pending = iter(tasks)
-    package_parent = str(Path(tledge.__file__).resolve().parent.parent)
+    package_parent = str(Path(__file__).resolve().parents[2])  # the folder holding tledge/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
 

@@ -6,29 +6,33 @@ skipping a rule whose own inputs are invalid, so every problem is reported in on
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from pathlib import Path
 
+from tledge.backbones import BACKBONES
+from tledge.recipe.spec import Recipe
+from tledge.schema import Parser
+
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def check_together(recipe, *, stored=False) -> list[str]:
+def check_together(recipe, *, stored=False, more=()) -> list[str]:
     """Rules that involve more than one key, each run on its own.
 
     A rule whose inputs are themselves invalid (None after a type error) is skipped; the
     others still run, so every problem is reported in one go. A `stored` recipe (the copy in
     a run directory) is not asked for its data to exist: later stages read the data cache.
+    `more` are rules that load other recipes (an ensemble's members: `tledge.recipe.load`).
     """
-    import functools
-    from tledge.recipe.members import check_ensemble
     problems = []
     check_data = functools.partial(_check_data, need_path=not stored)
     rules = (_check_name, check_data, _check_weights, _check_training, _check_bench,
              _check_model_backbone, _check_baseline)
     if recipe.ensemble is not None:  # its models are its members'
-        rules = (_check_name, check_data, _check_bench, _check_baseline, check_ensemble)
-    for rule in rules:
+        rules = (_check_name, check_data, _check_bench, _check_baseline)
+    for rule in (*rules, *more):
         try:
             problems += rule(recipe)
         except (TypeError, AttributeError, KeyError):
@@ -82,10 +86,12 @@ def _check_weights(recipe) -> list[str]:
         return []
     if recipe.path and weights_path.resolve() == Path(recipe.path).resolve():
         return ["model.weights: a recipe cannot take its weights from itself"]
+    cycle = recipe_cycle(Path(recipe.path), weights_path) if recipe.path else None
+    if cycle:
+        return ["model.weights: recipes refer to each other in a cycle: "
+                + " -> ".join(path.name for path in cycle)]
     try:
         document = tomllib.loads(weights_path.read_text(encoding="utf-8"))
-        from tledge.recipe.spec import Recipe
-        from tledge.schema import Parser
         parser = Parser(weights_path.resolve().parent)
         parser.parse(Recipe, document)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
@@ -123,13 +129,11 @@ def _check_bench(recipe) -> list[str]:
 
 
 def _check_model_backbone(recipe) -> list[str]:
-    from tledge.backbones import BACKBONES
     backbone = BACKBONES.get(recipe.model.backbone)
     return _check_backbone(recipe, backbone) if backbone is not None else []
 
 
 def _check_baseline(recipe) -> list[str]:
-    from tledge.backbones import BACKBONES
     if recipe.baseline is None:
         return []
     backbone = BACKBONES.get(recipe.baseline.backbone)
@@ -162,3 +166,26 @@ def _check_backbone(recipe, backbone) -> list[str]:
         problems.append(f"train.fine_tune.unfreeze: '{model.backbone}' has {backbone.layers} "
                         f"layers, found {unfreeze}; use a smaller count or 'all'")
     return problems
+
+
+def recipe_cycle(start: Path, path: Path, seen=()) -> list | None:
+    """The chain of recipe files that leads from `path` back to `start`, if there is one."""
+    seen = seen + (path.resolve(),)
+    if path.resolve() == start.resolve():
+        return [start, *[Path(p) for p in seen]]
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    references = [document.get("model", {}).get("weights", "")]
+    references += [member.get("recipe", "") for member in
+                    document.get("ensemble", {}).get("members", []) if isinstance(member, dict)]
+    for reference in references:
+        if isinstance(reference, str) and reference.endswith(".toml"):
+            target = (path.resolve().parent / reference).resolve()
+            if target in seen:
+                continue
+            found = recipe_cycle(start, target, seen)
+            if found:
+                return found
+    return None

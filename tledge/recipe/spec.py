@@ -1,8 +1,6 @@
-"""Recipes: one TOML file that says what to train, export, validate and benchmark.
-
-`load_recipe(path)` reads the file with `tomllib`, checks every key against the dataclasses
-below and raises one `RecipeError` listing every problem (file, key path, expected, found).
-Relative paths are resolved against the recipe file's folder. The result is frozen.
+"""What a recipe is: one frozen dataclass per TOML table, each key with its default, type,
+bounds and help (the schema reads them). Loading and checking live in `tledge.recipe.load`
+and `tledge.recipe.rules`; writing a recipe back as TOML in `tledge.recipe.dump`.
 """
 
 from __future__ import annotations
@@ -10,46 +8,40 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
-from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
 
-from tledge.errors import RecipeError
-from tledge.schema import Parser, option, to_dict
+from tledge.backbones import BACKBONES
+from tledge.data.synthetic import SHAPES
+from tledge.formats import FORMATS, precisions
+from tledge.runners import RUNTIMES
+from tledge.schema import option, to_dict
 
 SOURCES = ("synthetic", "folder", "csv", "npz", "cifar10")
 BAD_IMAGE_POLICIES = ("error", "skip")
 FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 
 
-def _backbone_names():
-    from tledge.backbones import BACKBONES
+def _backbone_names():  # called when a recipe is checked: a backbone registered later counts
     return tuple(BACKBONES)
 
 
 def _synthetic_names():
-    from tledge.data.synthetic import SHAPES
     return SHAPES
 
 
 def _tflite_precisions():
-    from tledge.formats import precisions
     return precisions("tflite")
 
 
 def _onnx_precisions():
-    from tledge.formats import precisions
     return precisions("onnx")
 
 
 def _format_names():
-    from tledge.formats import FORMATS
     return tuple(FORMATS)
 
 
 def _runtime_names():
-    from tledge.runners import RUNTIMES
     return tuple(RUNTIMES)
 
 
@@ -357,104 +349,3 @@ class Recipe:
 
 
 _NOT_HASHED = (("data", "cache_dir"), ("data", "workers"))
-
-
-def load_recipe(path, *, stored=False) -> Recipe:
-    """Read, check and resolve a recipe file.
-
-    Raises:
-        RecipeError: listing every problem found, each with its key path.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(path, ["no such recipe file; check the path "
-                                 "(recipes live in recipes/, e.g. recipes/quickstart.toml)"])
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise RecipeError(path, [f"not valid TOML: {error}"]) from None
-    return parse_recipe(document, path, stored=stored)
-
-
-def parse_recipe(document: Mapping, path, *, stored=False) -> Recipe:
-    """Check a recipe already read into a dict; `path` anchors relative paths and messages."""
-    path = Path(path)
-    parser = Parser(path.resolve().parent)
-    recipe = dataclasses.replace(parser.parse(Recipe, dict(document)),
-                                 path=str(path.resolve()))  # for the self-reference check
-    problems = list(parser.problems)
-    if "ensemble" in document:
-        problems += [f"{key}: an ensemble recipe takes its models from [[ensemble.members]] "
-                     f"(each may have its own {key} table); remove [{key}]"
-                     for key in ("model", "train") if key in document]
-    from tledge.recipe.rules import check_together
-    joint = check_together(recipe, stored=stored)
-    reported = {problem.split(":")[0].split("[")[0] for problem in problems}
-    problems += [problem for problem in joint if problem.split(":")[0] not in reported]
-    if problems:
-        raise RecipeError(path, problems)
-    return _resolve(recipe, path)
-
-
-def _resolve(recipe: Recipe, path: Path) -> Recipe:
-    """Fill in the defaults that depend on other keys."""
-    from tledge.backbones import BACKBONES
-    if recipe.ensemble is not None:
-        from tledge.recipe.members import resolve_ensemble
-        return dataclasses.replace(resolve_ensemble(recipe), path=str(path.resolve()))
-    backbone = BACKBONES[recipe.model.backbone]
-    data = recipe.data
-    if data.image_size is None:
-        data = dataclasses.replace(data, image_size=backbone.default_size)
-    model = recipe.model
-    if backbone.alphas and model.alpha is None:
-        model = dataclasses.replace(model, alpha=1.0)
-    train = recipe.train
-    if train.fine_tune.unfreeze is None:
-        train = dataclasses.replace(train, fine_tune=dataclasses.replace(
-            train.fine_tune, unfreeze=backbone.default_unfreeze))
-    return dataclasses.replace(recipe, data=data, model=model, train=train,
-                               path=str(path.resolve()))
-
-
-def stored_recipe_text(recipe, folder) -> str:
-    """The resolved recipe as a run directory keeps it: its file paths relative to `folder`
-    (the run directory), so a run moved together with its data still finds it, and a copy
-    made anywhere loads (later stages read the data from the prepared-data cache)."""
-    import os
-    relative = lambda path: os.path.relpath(path, Path(folder).resolve())  # noqa: E731
-    return f"# resolved from {relative(recipe.path)}\n" + dump_toml(recipe.to_dict(relative)) \
-        + "\n"
-
-
-def dump_toml(data: dict, prefix: str = "") -> str:
-    """Write plain data (the resolved recipe) back as TOML, for `tledge check`."""
-    blocks = [_dump_table(data, prefix.rstrip("."), header=None)]
-    return "\n\n".join(block for block in blocks if block)
-
-
-def _dump_table(data: dict, name: str, header) -> str:
-    """One table: its header, its plain keys, then its sub-tables and arrays of tables."""
-    lines = [header] if header else []
-    nested = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            nested.append(_dump_table(value, f"{name}.{key}" if name else key,
-                                      f"[{name}.{key}]" if name else f"[{key}]"))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            path = f"{name}.{key}" if name else key
-            nested += [_dump_table(item, path, f"[[{path}]]") for item in value]
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
-    return "\n\n".join(part for part in ["\n".join(lines), *nested] if part)
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        # raw UTF-8: TOML rejects the surrogate-pair escapes json writes beyond U+FFFF
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    return repr(value)

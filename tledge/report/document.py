@@ -7,8 +7,8 @@ from pathlib import Path
 from tledge.report import int8 as report_int8
 from tledge.bench.stage import pick_name
 from tledge.plots import FIGURES
-from tledge.rundir import (BENCH, EXPLAIN, HISTORY, PARITY, RECIPE, REPORT, REPORT_HTML, SPLIT,
-                           artifacts, read_manifest, read_record, write_text)
+from tledge.rundir import (BENCH, DEVICES, EXPLAIN, HISTORY, PARITY, RECIPE, REPORT,
+                           REPORT_HTML, SPLIT, artifacts, read_manifest, read_record, write_text)
 
 
 def md(value) -> str:
@@ -47,6 +47,7 @@ def report_run(run_dir) -> Path:
     parity = _optional(run_dir / PARITY)
     bench = _optional(run_dir / BENCH)
     explain = _optional(run_dir / EXPLAIN)
+    devices = _optional(run_dir / DEVICES)
     figures = draw_figures(run_dir, manifest, history, parity, bench)
     title = f"tledge report: {manifest['recipe']['name']}"
     lines = [f"# tledge report: {md(manifest['recipe']['name'])}", ""]
@@ -65,7 +66,7 @@ def report_run(run_dir) -> Path:
     lines += _figure_lines(figures, "confusion_reference", "confusion_pick", "per_class")
     lines += _bench_section(bench, parity)
     lines += _figure_lines(figures, "pareto", "latency")
-    lines += _devices_section(bench, checksums)
+    lines += _devices_section(devices, bench, checksums)
     lines += _explain_section(run_dir, explain)
     lines += _artifacts_section(manifest)
     lines += _figure_lines(figures, "sizes")
@@ -542,9 +543,9 @@ def _bench_section(bench, parity) -> list[str]:
     return lines + [""]
 
 
-def _devices_section(bench, checksums) -> list[str]:
+def _devices_section(record, bench, checksums) -> list[str]:
     """Results measured on devices with `tledge bundle` and imported with `--import`."""
-    devices = (bench or {}).get("devices") or {}
+    devices = (record or {}).get("devices") or {}
     if not devices:
         return []
     lines = ["## On devices", "",

@@ -19,68 +19,10 @@ other.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
 from tledge.errors import TrainError
-
-
-def member_run_dir(recipe, member_recipe, run_dir) -> Path:
-    """Where a member is built: beside the ensemble for a recipe file, inside it when inline."""
-    from tledge.stages import models_root
-    if member_recipe.path and Path(member_recipe.path).resolve() != Path(recipe.path).resolve():
-        return models_root(run_dir) / member_recipe.name
-    return Path(run_dir) / "members" / member_recipe.name.split(".", 1)[1]
-
-
-def build_members(recipe, run_dir, *, log=print, verbose="auto") -> list[dict]:
-    """Build every member (stages that are current are skipped); describe each one."""
-    from tledge.recipe.members import member_recipes
-    from tledge.stages import build
-    members = []
-    for member in member_recipes(recipe):
-        member_dir = member_run_dir(recipe, member, run_dir)
-        log(f"== member {member.name} -> {member_dir}")
-        build(member, out=member_dir, log=lambda line: log(f"   {line}"), verbose=verbose)
-        members.append(_describe_member(member, member_dir))
-    return members
-
-
-def _describe_member(member, member_dir) -> dict:
-    """What the ensemble report shows of a member, read from its own run's records (each
-    checked, its model file verified against its manifest)."""
-    from tledge.report.document import own_runtime_rows
-    from tledge.rundir import (BENCH, HISTORY, PARITY, find_artifact, read_manifest,
-                               read_record, verified_artifact)
-
-    def read(name):
-        path = member_dir / name
-        return read_record(path) if path.is_file() else {}
-    history, parity, bench = read(HISTORY), read(PARITY), read(BENCH)
-    manifest = read_manifest(member_dir)
-    own = own_runtime_rows(parity)
-    accuracy = {name: row.get("accuracy") for name, row in own.items()}
-    status = {name: row["status"] for name, row in own.items()}
-    latency = [{key: row.get(key) for key in ("artifact", "runtime", "threads", "batch",
-                                               "p50_ms", "p90_ms", "size_bytes")}
-               for row in bench.get("rows", []) if row["status"] == "ok"]
-    model = find_artifact(manifest, "keras")
-    return {"name": member.name, "run_dir": str(member_dir.resolve()),
-            "recipe": member.path, "backbone": member.model.backbone,
-            "image_size": list(member.data.image_size), "labels": manifest["labels"],
-            "model": str(verified_artifact(member_dir, model).resolve()),
-            "sha256": model["sha256"], "test_accuracy": history.get("test_accuracy"),
-            "accuracy": accuracy, "parity": status, "latency": latency}
-
-
-def portable_members(members, run_dir) -> list[dict]:
-    """Members as the ensemble's history.json keeps them: their paths relative to the
-    ensemble's run directory (see `rundir.portable`)."""
-    from tledge.rundir import portable
-    return [{**member, **{key: portable(member[key], run_dir)
-                          for key in ("run_dir", "recipe", "model") if member.get(key)}}
-            for member in members]
 
 
 def train_ensemble(recipe, splits, members, *, verbose="auto", log=print):

@@ -1,4 +1,9 @@
-"""Ensemble members as recipes: resolving them, and the checks that involve them.
+"""Loading a recipe: read the TOML, check every key and rule, resolve the defaults that depend
+on other keys, and follow its references to other recipes (a weights recipe, the members of
+an ensemble), which are recipes loaded the same way.
+
+`load_recipe(path)` raises one `RecipeError` listing every problem (file, key path, expected,
+found). Relative paths are resolved against the recipe file's folder. The result is frozen.
 
 An ensemble member is either another recipe file or an inline `[[ensemble.members]]` table.
 Either way it becomes a full `Recipe` that shares the ensemble's data source (each member at
@@ -9,7 +14,73 @@ is reused from its run directory.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from pathlib import Path
+from typing import Mapping
+
+from tledge.backbones import BACKBONES
+from tledge.errors import RecipeError
+from tledge.recipe.rules import check_together, recipe_cycle
+from tledge.recipe.spec import Recipe
+from tledge.schema import Parser, to_dict
+
+def load_recipe(path, *, stored=False) -> Recipe:
+    """Read, check and resolve a recipe file.
+
+    Raises:
+        RecipeError: listing every problem found, each with its key path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(path, ["no such recipe file; check the path "
+                                 "(recipes live in recipes/, e.g. recipes/quickstart.toml)"])
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise RecipeError(path, [f"not valid TOML: {error}"]) from None
+    return parse_recipe(document, path, stored=stored)
+
+
+def parse_recipe(document: Mapping, path, *, stored=False) -> Recipe:
+    """Check a recipe already read into a dict; `path` anchors relative paths and messages."""
+    path = Path(path)
+    parser = Parser(path.resolve().parent)
+    recipe = dataclasses.replace(parser.parse(Recipe, dict(document)),
+                                 path=str(path.resolve()))  # for the self-reference check
+    problems = list(parser.problems)
+    if "ensemble" in document:
+        problems += [f"{key}: an ensemble recipe takes its models from [[ensemble.members]] "
+                     f"(each may have its own {key} table); remove [{key}]"
+                     for key in ("model", "train") if key in document]
+    ensemble_rules = (check_ensemble,) if recipe.ensemble is not None else ()
+    joint = check_together(recipe, stored=stored, more=ensemble_rules)
+    reported = {problem.split(":")[0].split("[")[0] for problem in problems}
+    problems += [problem for problem in joint if problem.split(":")[0] not in reported]
+    if problems:
+        raise RecipeError(path, problems)
+    return _resolve(recipe, path)
+
+
+def _resolve(recipe: Recipe, path: Path) -> Recipe:
+    """Fill in the defaults that depend on other keys."""
+    if recipe.ensemble is not None:
+        return dataclasses.replace(resolve_ensemble(recipe), path=str(path.resolve()))
+    backbone = BACKBONES[recipe.model.backbone]
+    data = recipe.data
+    if data.image_size is None:
+        data = dataclasses.replace(data, image_size=backbone.default_size)
+    model = recipe.model
+    if backbone.alphas and model.alpha is None:
+        model = dataclasses.replace(model, alpha=1.0)
+    train = recipe.train
+    if train.fine_tune.unfreeze is None:
+        train = dataclasses.replace(train, fine_tune=dataclasses.replace(
+            train.fine_tune, unfreeze=backbone.default_unfreeze))
+    return dataclasses.replace(recipe, data=data, model=model, train=train,
+                               path=str(path.resolve()))
+
+
+# -- ensemble members -----------------------------------------------------------------------
 
 IGNORED_IN_COMPARISON = ("image_size", "batch_size", "augment")
 
@@ -20,7 +91,6 @@ def member_recipes(recipe) -> list:
     Raises:
         RecipeError: a member recipe file is missing or invalid.
     """
-    from tledge.recipe.spec import load_recipe
     members = []
     for member in recipe.ensemble.members:
         if member.recipe:
@@ -32,7 +102,6 @@ def member_recipes(recipe) -> list:
 
 def inline_recipe(recipe, member):
     """An inline member as a recipe of its own, resolved like a recipe file would be."""
-    from tledge.recipe.spec import Recipe, _resolve
     # an inline member without a size of its own sees the ensemble's images as they are
     data = dataclasses.replace(recipe.data, image_size=member.image_size or recipe.data.image_size)
     inline = Recipe(name=f"{recipe.name}.{member.name}", seed=recipe.seed,
@@ -44,8 +113,6 @@ def inline_recipe(recipe, member):
 
 def check_ensemble(recipe) -> list[str]:
     """Every problem with an ensemble's members, each with its key path."""
-    from tledge.errors import RecipeError
-    from tledge.recipe.rules import check_together
     ensemble = recipe.ensemble
     problems = []
     if ensemble.fusion == "weighted" and recipe.data.val_fraction == 0 and \
@@ -85,15 +152,13 @@ def check_ensemble(recipe) -> list[str]:
 
 
 def _check_member_file(recipe, path, key) -> list[str]:
-    from tledge.errors import RecipeError
-    from tledge.recipe.spec import load_recipe
     path = Path(path)
     if path.suffix != ".toml":
         return [f"{key}: expected a recipe .toml file, found {path.name!r}"]
     if not path.is_file():
         return [f"{key}: no such recipe '{path}' (relative paths are read from the recipe's "
                 "folder)"]
-    cycle = _cycle(Path(recipe.path), path)
+    cycle = recipe_cycle(Path(recipe.path), path)
     if cycle:
         return [f"{key}: recipes refer to each other in a cycle: "
                 + " -> ".join(p.name for p in cycle)]
@@ -107,33 +172,8 @@ def _check_member_file(recipe, path, key) -> list[str]:
     return []
 
 
-def _cycle(start: Path, path: Path, seen=()) -> list | None:
-    """The chain of recipe files that leads from `path` back to `start`, if there is one."""
-    import tomllib
-    seen = seen + (path.resolve(),)
-    if path.resolve() == start.resolve():
-        return [start, *[Path(p) for p in seen]]
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    references = [document.get("model", {}).get("weights", "")]
-    references += [member.get("recipe", "") for member in
-                    document.get("ensemble", {}).get("members", []) if isinstance(member, dict)]
-    for reference in references:
-        if isinstance(reference, str) and reference.endswith(".toml"):
-            target = (path.resolve().parent / reference).resolve()
-            if target in seen:
-                continue
-            found = _cycle(start, target, seen)
-            if found:
-                return found
-    return None
-
-
 def _check_same_data(recipe, members) -> list[str]:
     """Members must read the same data, with the same classes in the same order."""
-    from tledge.schema import to_dict
     ours = {key: value for key, value in to_dict(recipe.data).items()
             if key not in IGNORED_IN_COMPARISON}
     problems = []
