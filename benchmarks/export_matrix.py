@@ -48,9 +48,9 @@ def main():
     args = parser.parse_args()
 
     import numpy as np
-    from tledge.bench.stage import summarize, time_runner
+    from tledge.bench.core import summarize, time_runner
     from tledge.data import calibration_images, load_splits
-    from tledge.export import _exporter
+    from tledge.export.stage import _exporter
     from tledge.formats import FORMATS
     from tledge.quiet import quiet
     from tledge.recipe.load import load_recipe

@@ -95,9 +95,9 @@ def main():
     for run in args.runs:
         images, labels, split = evaluation_split(run_splits(run))
         for entry in artifacts(read_manifest(run)):
-            if entry["format"] not in PAIRS:
+            if entry["family"] not in PAIRS:
                 continue
-            cpu_name, gpu_names = PAIRS[entry["format"]]
+            cpu_name, gpu_names = PAIRS[entry["family"]]
             try:
                 cpu = load(entry, run, cpu_name, threads=args.threads)
             except (RuntimeUnavailable, RunDirError) as error:

@@ -61,7 +61,8 @@ def main():
     args = parser.parse_args()
 
     import numpy as np
-    from tledge.bench.stage import bench_artifact, summarize
+    from tledge.bench.core import summarize
+    from tledge.bench.stage import bench_artifact
     from tledge.rundir import find_artifact, read_manifest
 
     run_dir = Path(args.run)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tledge.bench.stage import BenchRow, bench_artifact, choose, summarize, time_runner
+from tledge.bench.core import summarize, time_runner
+from tledge.bench.stage import BenchRow, bench_artifact, choose
 
 
 def test_summarize_against_known_samples():

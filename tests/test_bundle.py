@@ -49,7 +49,7 @@ def test_bundle_holds_what_the_device_needs(built_run, device_result):
     bundle = json.loads((folder / "bundle.json").read_text())
     device_formats = {"tflite", "onnx"}
     expected = {entry["name"] for entry in manifest["artifacts"]
-                if entry["format"] in device_formats}
+                if entry["family"] in device_formats}
     assert {entry["name"] for entry in bundle["artifacts"]} == expected  # no .keras
     from tledge.rundir import sha256
     for entry in bundle["artifacts"]:

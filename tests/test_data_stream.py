@@ -72,7 +72,7 @@ def test_training_streams_the_split_a_batch_at_a_time(tmp_path, cache):
 
 
 def test_later_stages_read_the_cache_not_the_source(tmp_path, cache):
-    from tledge.export import export_run
+    from tledge.export.stage import export_run
     from tledge.stages import train_run
     from tledge.recipe.load import load_recipe
     from tledge.run_inputs import run_splits

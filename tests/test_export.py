@@ -25,7 +25,7 @@ def trained(built_run):
 
 @pytest.mark.parametrize("fmt", EXPORTED, ids=[row.name for row in EXPORTED])
 def test_round_trip_in_the_real_runtime(fmt, trained, tmp_path):
-    from tledge.export import export_artifacts
+    from tledge.export.stage import export_artifacts
     from tledge.rundir import empty_manifest
     from tledge.runners import load
     model, images, calibration = trained
@@ -68,7 +68,7 @@ def test_int8_without_calibration_is_an_export_error(trained, tmp_path):
 
 def test_a_failed_format_is_recorded_and_the_others_still_export(built_run, tmp_path):
     import shutil
-    from tledge.export import export_run
+    from tledge.export.stage import export_run
     from tledge.rundir import read_manifest
     run_dir = tmp_path / "run"
     shutil.copytree(built_run[0], run_dir)
@@ -103,7 +103,7 @@ def test_int8_with_other_io_types_takes_raw_pixels_through_the_runner(int8_io, t
 def test_a_keras_file_tledge_did_not_train_exports_with_calibration_images(built_run, tmp_path):
     from PIL import Image
     from tledge.data.synthetic import generate
-    from tledge.export import export_model_file
+    from tledge.export.stage import export_model_file
     from tledge.rundir import read_manifest, sha256
     images, _ = generate(["circle", "ring", "star", "cross"], 6, (40, 40), 0.08, seed=3)
     (tmp_path / "calib" / "sub").mkdir(parents=True)

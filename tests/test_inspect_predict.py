@@ -104,7 +104,7 @@ def _inspect(path):
 
 def test_inspect_int8_tflite(copied):
     info = _inspect(copied / "model_int8.tflite")[1]
-    assert info["format"] == "tflite" and info["precision"] == "int8"
+    assert info["family"] == "tflite" and info["precision"] == "int8"
     assert info["input"]["dtype"] == "uint8" and info["input"]["shape"] == [-1, 32, 32, 3]
     assert info["input"]["quantization"] == {"scale": 1.0, "zero_point": 0}
     assert info["output"]["dtype"] == "uint8" and info["output"]["shape"] == [-1, 8]
@@ -119,21 +119,21 @@ def test_inspect_fp32_tflite_text_and_embedded_metadata(copied):
     embed_tflite(path, _metadata(path, "tflite_fp32", "fp32"))
     result = CliRunner().invoke(main, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
-    for fragment in ("format     tflite", "precision fp32", "float32", "CONV_2D",
+    for fragment in ("family     tflite", "precision fp32", "float32", "CONV_2D",
                      "not on XNNPACK", "labels     8: circle, square", "abc123"):
         assert fragment in result.output, (fragment, result.output)
 
 
 def test_inspect_onnx(copied):
     info = _inspect(copied / "model_fp32.onnx")[1]
-    assert info["format"] == "onnx" and info["precision"] == "fp32"
+    assert info["family"] == "onnx" and info["precision"] == "fp32"
     assert info["input"] == {"name": "image", "shape": [-1, 32, 32, 3], "dtype": "float32"}
     assert info["operators"].get("Conv") and "not_on_xnnpack" not in info
 
 
 def test_inspect_keras(copied):
     info = _inspect(copied / "model.keras")[1]
-    assert info["format"] == "keras" and info["precision"] == "fp32"
+    assert info["family"] == "keras" and info["precision"] == "fp32"
     assert info["input"]["shape"] == [-1, 32, 32, 3] and info["output"]["shape"] == [-1, 8]
     assert info["operators"].get("Dense") and info["metadata"] is None
 

@@ -63,7 +63,7 @@ def test_tflite_diagnosis_ranks_layers_and_keeping_them_float_keeps_raw_pixel_io
     from tledge.runners import RUNTIMES
     model, calibration, images, _ = model_and_images
     diagnosis = diagnose_tflite(model, calibration)
-    assert diagnosis["format"] == "tflite" and diagnosis["images"] == len(calibration)
+    assert diagnosis["family"] == "tflite" and diagnosis["images"] == len(calibration)
     layers = diagnosis["layers"]
     assert len(layers) >= 5 and all(layer["error"] is None or layer["error"] >= 0
                                     for layer in layers)
@@ -134,7 +134,7 @@ def test_onnx_diagnosis_names_nodes_that_can_be_kept_in_float(model_and_images, 
     from tledge.export.onnx import export_onnx
     model, calibration, _, _ = model_and_images
     diagnosis = diagnose_onnx(model, calibration)
-    assert diagnosis["format"] == "onnx" and len(diagnosis["layers"]) >= 5
+    assert diagnosis["family"] == "onnx" and len(diagnosis["layers"]) >= 5
     assert all(0 <= layer["error"] <= layer["drift"] + 1e-9 for layer in diagnosis["layers"])
     [worst] = worst_layers(diagnosis, 1)
     path = tmp_path / "m.onnx"
@@ -153,7 +153,7 @@ def test_onnx_diagnosis_names_nodes_that_can_be_kept_in_float(model_and_images, 
 # ---- the search ----------------------------------------------------------------------------
 
 def _repair(model, calibration, images, labels, tmp_path, *, fmt, thresholds, **options):
-    from tledge.export import _exporter
+    from tledge.export.stage import _exporter
     from tledge.export.int8 import Judge, diagnose_onnx, diagnose_tflite, quantize_with_repair
     reference = model(images.astype(np.float32), training=False).numpy()
     judge = Judge(images, labels, reference, "test")
@@ -200,7 +200,7 @@ def test_a_search_that_cannot_pass_is_bounded_and_keeps_the_closest(name, model_
 def test_recorded_settings_are_tried_first_and_reproduce_without_searching(model_and_images,
                                                                           tmp_path):
     model, calibration, images, labels = model_and_images
-    earlier = {"format": "tflite", "metric": "m", "images": 32, "layers": [
+    earlier = {"family": "tflite", "metric": "m", "images": 32, "layers": [
         {"name": "a", "op": "CONV_2D", "error": 0.3}]}
     recorded = {"settings": {"calibration_samples": 48, "float_layers": []},
                 "remedy": "48 calibration images instead of 32", "diagnosis": earlier}
@@ -223,7 +223,7 @@ def _tighten(run_dir, table: str):
 
 
 def test_an_int8_artifact_that_cannot_pass_is_explained_in_the_report(built_run, tmp_path):
-    from tledge.export import export_run
+    from tledge.export.stage import export_run
     from tledge.report.document import report_run
     from tledge.rundir import find_artifact, read_manifest
     from tledge.validate import validate_run
@@ -252,7 +252,7 @@ def test_an_int8_artifact_that_cannot_pass_is_explained_in_the_report(built_run,
 
 
 def test_an_int8_that_fails_only_in_the_validate_stage_gets_its_diagnosis(built_run, tmp_path):
-    from tledge.export import export_run
+    from tledge.export.stage import export_run
     from tledge.rundir import find_artifact, read_manifest
     from tledge.validate import validate_run
     run_dir = shutil.copytree(built_run[0], tmp_path / "run")
@@ -268,7 +268,7 @@ def test_an_int8_that_fails_only_in_the_validate_stage_gets_its_diagnosis(built_
     validate_run(run_dir, log=lines.append)
     assert any("measuring its quantization error layer by layer" in line for line in lines)
     diagnosis = find_artifact(read_manifest(run_dir), "tflite_int8")["quantization"]["diagnosis"]
-    assert diagnosis["format"] == "tflite" and diagnosis["layers"]
+    assert diagnosis["family"] == "tflite" and diagnosis["layers"]
 
 
 def test_only_a_remedy_that_changes_kernels_can_cost_latency():

@@ -136,7 +136,7 @@ def test_every_exported_file_carries_its_own_metadata(built_run):
     run_dir, _, _ = built_run
     manifest = manifest_of(run_dir)
     for entry in manifest["artifacts"]:
-        if entry["format"] not in ("tflite", "onnx"):
+        if entry["family"] not in ("tflite", "onnx"):
             continue
         metadata = read_metadata(run_dir / entry["path"])
         assert metadata["labels"] == manifest["labels"]

@@ -40,7 +40,7 @@ onnx = []
 
 @pytest.fixture
 def hostile_run(tmp_path, monkeypatch):
-    from tledge.export import export_run
+    from tledge.export.stage import export_run
     from tledge.stages import train_run
     from tledge.recipe.load import load_recipe
     from tledge.validate import validate_run

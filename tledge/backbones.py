@@ -11,6 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from tledge.errors import WeightsError
+
+# Keras is imported inside the functions that use it: the CLI imports this
+# module at start-up, and it takes seconds to load.
+
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
 
@@ -246,7 +251,6 @@ def _small_cnn(input_shape, weights, alpha):
     import keras
     from keras import layers
     if weights == "imagenet":
-        from tledge.errors import WeightsError
         raise WeightsError("small_cnn has no ImageNet weights; use weights = \"none\", a "
                            "weights file or a recipe")
     inputs = keras.Input(input_shape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import sys
 import warnings
@@ -11,9 +12,28 @@ from pathlib import Path
 
 import click
 
+from tledge.backbones import BACKBONES
+from tledge.bench.bundle import import_device_result, write_bundle
+from tledge.bench.core import parse_counts
+from tledge.bench.stage import bench_run, load_pick, pick_folder, pick_name
+from tledge.data import load_splits
+from tledge.data.cache import cache_root, clear_entries, list_entries
 from tledge.errors import TledgeError
+from tledge.explain import explain_images, explain_run
+from tledge.export.stage import export_model_file, export_run
+from tledge.flops import backbone_cost
 from tledge.formats import FORMATS
+from tledge.inspection import describe_file, format_description
+from tledge.predict import predict_files
+from tledge.quiet import quiet
+from tledge.recipe.dump import dump_toml
+from tledge.recipe.load import load_recipe
+from tledge.report.document import report_run
+from tledge.rundir import (check_run_dir, find_artifact, read_manifest, RECIPE as RECIPE_FILE,
+                           run_lock)
 from tledge.runners import RUNTIMES
+from tledge.stages import build as build_recipe, default_run_dir, train_run
+from tledge.validate import validate_run
 
 
 INTERRUPTED = 130  # 128 + SIGINT, as shells report it; not 1, which means failed parity
@@ -60,7 +80,6 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" in sys.modules:
         return
-    from tledge.quiet import quiet
     with quiet():
         import tensorflow  # noqa: F401
     for module in ("tensorflow", "keras", "tf2onnx", "absl", "google", "onnx"):
@@ -88,7 +107,6 @@ def command(needs_tensorflow=True, group=None, lock=None, **settings):
                 if needs_tensorflow:
                     _quiet_tensorflow()
                 if lock and Path(kwargs[lock]).is_dir():
-                    from tledge.rundir import run_lock
                     with run_lock(kwargs[lock]):
                         return function(*args, **kwargs)
                 return function(*args, **kwargs)
@@ -138,8 +156,6 @@ def check(recipe):
 
     Example: tledge check recipes/quickstart.toml
     """
-    from tledge.recipe.dump import dump_toml
-    from tledge.recipe.load import load_recipe
     resolved = load_recipe(recipe)
     click.echo(f"# {recipe}: valid\n" + dump_toml(resolved.to_dict()))
 
@@ -155,8 +171,6 @@ def backbones(size):
 
     Example: tledge backbones
     """
-    from tledge.backbones import BACKBONES
-    from tledge.flops import backbone_cost
     click.echo(f"{'name':<19} {'size':>7} {'min':>4} {'layers':>6} {'params':>11} "
                f"{'GFLOPs':>7}  description")
     for backbone in BACKBONES.values():
@@ -189,8 +203,6 @@ def build(recipe, out, force):
 
     Example: tledge build recipes/quickstart.toml --out models/quickstart
     """
-    from tledge.stages import build as build_recipe
-    from tledge.recipe.load import load_recipe
     load_recipe(recipe)  # a bad recipe fails in a blink, not after TensorFlow's import
     _quiet_tensorflow()
     run_dir, parity = build_recipe(recipe, out=out, log=click.echo, verbose=_progress(),
@@ -207,10 +219,6 @@ def train(source, out):
     Examples: tledge train recipes/quickstart.toml
               tledge train models/quickstart
     """
-    from tledge.stages import default_run_dir, train_run
-    from tledge.recipe.load import load_recipe
-    from tledge.rundir import RECIPE as RECIPE_FILE
-    from tledge.rundir import check_run_dir
     recipe_file = check_run_dir(source) / RECIPE_FILE if source.is_dir() else source
     recipe = load_recipe(recipe_file)
     run_dir = out or (source if source.is_dir() else default_run_dir(recipe))
@@ -246,7 +254,6 @@ def cache_list(cache_dir):
 
     Example: tledge cache list
     """
-    from tledge.data.cache import cache_root, list_entries
     root = cache_root(cache_dir)
     rows = list_entries(root)
     click.echo(f"{root}: {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}, "
@@ -270,7 +277,6 @@ def cache_clear(keys, everything, cache_dir):
 
     Example: tledge cache clear 2d4df494851158fc99530ae9
     """
-    from tledge.data.cache import cache_root, clear_entries
     if not keys and not everything:
         raise UsageFailure("name the entries to delete (see `tledge cache list`), or --all")
     if keys and everything:
@@ -290,8 +296,6 @@ def cache_prepare(recipe):
 
     Example: tledge cache prepare recipes/quickstart.toml
     """
-    from tledge.data import load_splits
-    from tledge.recipe.load import load_recipe
     resolved = load_recipe(recipe)
     splits = load_splits(resolved.data, seed=resolved.seed, log=click.echo)
     counts = ", ".join(f"{name} {len(labels)}" for name, labels in
@@ -308,7 +312,15 @@ _EXPORT_CHOICES = ["all"] + sorted(({row.family for row in FORMATS.values()} | s
 _PRECISIONS = list(dict.fromkeys(row.precision for row in FORMATS.values()))
 
 
-@command(name="export", lock="source")
+def _table_epilog(title: str, rows) -> str:
+    """A help section listing a registry's rows (click keeps lines after \\b as they are)."""
+    width = max(len(name) for name, _ in rows)
+    return "\b\n" + title + "\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in rows)
+
+
+@command(name="export", lock="source", epilog=_table_epilog(
+    "Formats (tledge.formats.FORMATS):",
+    [(row.name, row.description) for row in FORMATS.values() if row.family != "keras"]))
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "formats", multiple=True, type=click.Choice(_EXPORT_CHOICES),
               help="A family (tflite, onnx, savedmodel), a format (tflite_int8, ...) or all. "
@@ -332,7 +344,6 @@ def export(source, formats, precisions, calibration_dir, out):
               tledge export models/quickstart --format onnx --precision int8
               tledge export model.keras --format all --calibration-dir photos/
     """
-    from tledge.export import export_model_file, export_run
     if source.is_file():
         if source.suffix != ".keras":
             raise UsageFailure(f"{source}: expected a run directory or a .keras file")
@@ -356,7 +367,6 @@ def validate(run_dir):
 
     Example: tledge validate models/quickstart
     """
-    from tledge.validate import validate_run
     _exit_on_parity(validate_run(run_dir, log=click.echo))
 
 
@@ -364,15 +374,14 @@ def _parse_counts(ctx, param, value):
     if value is None:
         return None
     try:
-        counts = tuple(int(item) for item in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if any(count < 1 for count in counts):
-        raise click.BadParameter(f"every value must be at least 1, got {value!r}")
-    return counts
+        return tuple(parse_counts(value))
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
-@command(name="bench", lock="run_dir")
+@command(name="bench", lock="run_dir", epilog=_table_epilog(
+    "Runtimes (tledge.runners.RUNTIMES):",
+    [(name, row.description) for name, row in RUNTIMES.items()]))
 @click.argument("run_dir", type=RUN_DIR)
 @click.option("--runtime", "runtimes", multiple=True, type=click.Choice(list(RUNTIMES)),
               help="Runtime to use. Repeatable. Default: the recipe's bench.runtimes.")
@@ -384,8 +393,8 @@ def _parse_counts(ctx, param, value):
               help="Batch sizes, e.g. 1,8. Default: the recipe's bench.batch_sizes.")
 @click.option("--import", "device_result", type=click.Path(dir_okay=False, path_type=Path),
               metavar="RESULT.json",
-              help="Merge a device's result (from a bundle's bench_device.py) into the run's "
-                   "bench table and report, under the device's name (runs nothing).")
+              help="Store a device's result (from a bundle's bench_device.py) in the run's "
+                   "devices.json and report, under the device's name (runs nothing).")
 def bench(run_dir, runtimes, threads, batch, pick_only, device_result):
     """Time every artifact in every runtime it runs on, and name the pick.
 
@@ -398,10 +407,7 @@ def bench(run_dir, runtimes, threads, batch, pick_only, device_result):
               tledge bench models/quickstart --pick
               tledge bench models/quickstart --import result.json
     """
-    from tledge.bench.stage import bench_run, load_pick, pick_folder, pick_name
     if device_result:
-        from tledge.bench.bundle import import_device_result
-        from tledge.report.document import report_run
         stored = import_device_result(run_dir, device_result)
         ran = sum(row["status"] == "ok" for row in stored["rows"])
         click.echo(f"imported {stored['device']['name']}: {ran} of {len(stored['rows'])} "
@@ -422,7 +428,6 @@ def bench(run_dir, runtimes, threads, batch, pick_only, device_result):
 
 
 def _artifact_path(run_dir, name) -> str:
-    from tledge.rundir import find_artifact, read_manifest
     return str(Path(run_dir) / find_artifact(read_manifest(run_dir), name)["path"])
 
 
@@ -446,7 +451,6 @@ def bundle(run_dir, out, names, image_count):
 
     Example: tledge bundle models/quickstart --artifacts tflite_int8 --out pi.zip
     """
-    from tledge.bench.bundle import write_bundle
     wanted = [name.strip() for group in names for name in group.split(",") if name.strip()]
     path = write_bundle(run_dir, out, names=wanted or None, image_count=image_count,
                         log=click.echo)
@@ -470,12 +474,10 @@ def explain(images, run_dir, out):
     Examples: tledge explain photo.jpg --run models/quickstart
               tledge explain --run models/quickstart
     """
-    from tledge.explain import explain_images, explain_run
     if images:
         for path in explain_images(list(images), run_dir, out=out):
             click.echo(f"wrote {path}")
         return
-    from tledge.report.document import report_run
     explain_run(run_dir, log=click.echo)
     click.echo(f"wrote {report_run(run_dir)}")
 
@@ -487,7 +489,6 @@ def report(run_dir):
 
     Example: tledge report models/quickstart
     """
-    from tledge.report.document import report_run
     click.echo(f"wrote {report_run(run_dir)}")
 
 
@@ -510,8 +511,6 @@ def inspect_artifact(artifact, as_json):
 
     Example: tledge inspect models/quickstart/model_int8.tflite
     """
-    import json
-    from tledge.inspection import describe_file, format_description
     info = describe_file(artifact)
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
@@ -530,8 +529,6 @@ def predict(images, artifact, top_k, as_json):
 
     Example: tledge predict photo.jpg --model models/quickstart/model_int8.tflite --top-k 3
     """
-    import json
-    from tledge.predict import predict_files
     results = predict_files(list(images), artifact, top_k=top_k)
     if as_json:
         click.echo(json.dumps(results, indent=2))

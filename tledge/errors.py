@@ -60,10 +60,6 @@ class BundleError(TledgeError):
     """A device bundle cannot be made, or a device's result cannot be imported."""
 
 
-class ParityError(TledgeError):
-    """One or more artifacts failed accuracy parity against the reference model."""
-
-
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (libraries' messages run to pages)."""
     text = str(error).strip()

@@ -15,16 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
+from tledge.data.images import load_image, resize_images
 from tledge.errors import ArtifactError, RunDirError
+from tledge.model import find_backbone, load_model, predict_in_batches
 from tledge.plots import FIGURES, pyplot, save_figure
-from tledge.rundir import (EXPLAIN, HISTORY, find_artifact, portable, read_manifest, read_record,
+from tledge.run_inputs import evaluation_split, run_splits
+from tledge.rundir import (EXPLAIN, find_artifact, HISTORY, portable, read_manifest, read_record,
                            sha256, verified_artifact, write_json)
+
+# TensorFlow, Keras and matplotlib are imported inside the functions that use them: the CLI imports this
+# module at start-up, and they take seconds to load.
 PER_CLASS_CORRECT, PER_CLASS_WRONG = 2, 1
 
 
 def _stages(model):
     """(layers before the backbone, the backbone, the head's layers) of a tledge classifier."""
-    from tledge.model import find_backbone
     backbone = find_backbone(model)
     chain = [layer for layer in model.layers if not layer.__class__.__name__ == "InputLayer"]
     at = chain.index(backbone)
@@ -175,9 +180,6 @@ def explain_is_current(run_dir) -> bool:
 
 def explain_run(run_dir, *, log=print) -> dict:
     """Grad-CAM grids (and one image's feature maps) for the run's evaluation split."""
-    from tledge.data.images import resize_images
-    from tledge.model import load_model, predict_in_batches
-    from tledge.run_inputs import evaluation_split, run_splits
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     names = manifest["labels"]
@@ -210,8 +212,6 @@ def explain_run(run_dir, *, log=print) -> dict:
 
 def explain_images(paths, run_dir, *, out=None) -> list[Path]:
     """An overlay PNG for each image file, for the class the run's model predicts."""
-    from tledge.data.images import load_image
-    from tledge.model import load_model
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     _, _, path = _models_to_explain(run_dir, manifest)[0]

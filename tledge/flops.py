@@ -13,6 +13,9 @@ import math
 from tledge.model import load_model
 from tledge.rundir import artifacts, verified_artifact
 
+# Keras is imported inside the functions that use it: the CLI imports this
+# module at start-up, and it takes seconds to load.
+
 
 @dataclasses.dataclass(frozen=True)
 class BackboneCost:

@@ -1,7 +1,8 @@
 """The table of artifact formats: one row per format x precision.
 
 This one table feeds the recipe's choices, the export dispatch, the default parity
-tolerances, the runtime each artifact runs in and the parametrized tests. A new precision is
+tolerances, `tledge export --help` and the parametrized tests. Which runtimes run a family is
+the runners' table (`tledge.runners.RUNTIMES`). A new precision is
 a new row here plus its branch in the exporter module of its family.
 """
 
@@ -17,10 +18,9 @@ class Format:
     family: str          # "keras" | "tflite" | "onnx": which exporter module and file kind
     precision: str       # "fp32" | "int8" | ...
     suffix: str          # file name ending
-    runtimes: tuple[str, ...]  # runners that can execute it, preferred first
-    input_dtype: str     # what the artifact's input tensor takes (DESIGN.md contract)
+    input_dtype: str     # what the artifact's input tensor takes (the input contract)
     tolerance: MappingProxyType  # default parity thresholds (see ValidateRecipe)
-    description: str = ""
+    description: str = ""  # one line for `tledge export --help`
 
     @property
     def file_name(self) -> str:
@@ -44,23 +44,23 @@ _HALF = _tolerance(max_accuracy_drop=0.01, min_agreement=0.98, max_abs_diff=0.05
 _INT8 = _tolerance(max_accuracy_drop=0.01, min_agreement=0.97, max_abs_diff=None)
 
 FORMATS: dict[str, Format] = {row.name: row for row in (
-    Format("keras", "keras", "fp32", ".keras", ("keras",), "float32",
+    Format("keras", "keras", "fp32", ".keras", "float32",
            _tolerance(0.0, 1.0, 0.0), "the trained Keras model: the reference"),
-    Format("tflite_fp32", "tflite", "fp32", ".tflite", ("litert",), "float32", _FLOAT,
+    Format("tflite_fp32", "tflite", "fp32", ".tflite", "float32", _FLOAT,
            "TFLite, float32"),
-    Format("tflite_fp16", "tflite", "fp16", ".tflite", ("litert",), "float32", _HALF,
+    Format("tflite_fp16", "tflite", "fp16", ".tflite", "float32", _HALF,
            "TFLite, float16 weights"),
-    Format("tflite_dynamic", "tflite", "dynamic", ".tflite", ("litert",), "float32", _INT8,
+    Format("tflite_dynamic", "tflite", "dynamic", ".tflite", "float32", _INT8,
            "TFLite, dynamic range: int8 weights, float activations"),
-    Format("tflite_int8", "tflite", "int8", ".tflite", ("litert",), "uint8", _INT8,
+    Format("tflite_int8", "tflite", "int8", ".tflite", "uint8", _INT8,
            "TFLite, full integer, uint8 input and output (export.int8_io)"),
-    Format("onnx_fp32", "onnx", "fp32", ".onnx", ("onnxruntime",), "float32", _FLOAT,
+    Format("onnx_fp32", "onnx", "fp32", ".onnx", "float32", _FLOAT,
            "ONNX, float32, dynamic batch"),
-    Format("onnx_fp16", "onnx", "fp16", ".onnx", ("onnxruntime",), "float32", _HALF,
+    Format("onnx_fp16", "onnx", "fp16", ".onnx", "float32", _HALF,
            "ONNX, float16 weights and compute, float32 input and output"),
-    Format("onnx_int8", "onnx", "int8", ".onnx", ("onnxruntime",), "float32", _INT8,
+    Format("onnx_int8", "onnx", "int8", ".onnx", "float32", _INT8,
            "ONNX, static QDQ int8, per-channel weights, float32 input and output"),
-    Format("savedmodel_fp32", "savedmodel", "fp32", "", ("tensorflow",), "float32", _FLOAT,
+    Format("savedmodel_fp32", "savedmodel", "fp32", "", "float32", _FLOAT,
            "TensorFlow SavedModel folder"),
 )}
 

@@ -1,7 +1,7 @@
 """What an artifact file is, read from the file alone: `tledge inspect`.
 
 Works on any .tflite, .onnx or .keras file, tledge's or not. The description doubles as a
-manifest-like entry ("format", "path", "input", "output"), so
+manifest-like entry ("family", "path", "input", "output"), so
 `tledge.runners.load(describe_file(path), path.parent)` runs the file in its real runtime.
 """
 
@@ -10,7 +10,15 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from tledge.errors import ArtifactError, TledgeError, first_line
+from tledge.errors import ArtifactError, first_line, TledgeError
+from tledge.export import tflite_standard as standard
+from tledge.export.metadata import read_metadata, tflite_metadata_entries
+from tledge.export.onnx import onnx_spec
+from tledge.export.tflite import tflite_spec
+from tledge.model import load_model
+
+# TensorFlow and onnx are imported inside the functions that use them: the CLI imports this
+# module at start-up, and they take seconds to load.
 
 SUFFIXES = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras"}
 
@@ -40,7 +48,8 @@ def describe_file(path) -> dict:
     """Describe one artifact file: format, precision, tensors, operators, size, metadata.
 
     Returns:
-        A dict with "format", "path" (file name, relative to its folder), "file", "size_bytes",
+        A dict with "family" (tflite, onnx or keras), "path" (file name, relative to its
+        folder), "file", "size_bytes",
         "precision", "input", "output" (specs as in the manifest), "operators" (name -> count),
         "metadata" (embedded tledge metadata or None), "labels" (or None) and, for TFLite,
         "not_on_xnnpack" (operator names outside XNNPACK_OPS).
@@ -49,7 +58,6 @@ def describe_file(path) -> dict:
         ArtifactError: the file is missing, of an unknown kind, or cannot be read; a .keras
             file that needs unsafe deserialization is refused.
     """
-    from tledge.export.metadata import read_metadata
     path = Path(path)
     family = SUFFIXES.get(path.suffix.lower())
     if family is None:
@@ -62,7 +70,7 @@ def describe_file(path) -> dict:
     metadata = read_metadata(path)
     if metadata and metadata.get("precision"):
         described["precision"] = metadata["precision"]
-    return {"format": family, "path": path.name, "file": str(path),
+    return {"family": family, "path": path.name, "file": str(path),
             "size_bytes": path.stat().st_size, **described, "metadata": metadata,
             "labels": list(metadata["labels"]) if metadata and "labels" in metadata
             else (described.get("standard_metadata") or {}).get("labels")}
@@ -72,7 +80,6 @@ def _describe_tflite(path: Path) -> dict:
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.python.schema_util import get_builtin_code_from_operator_code
 
-    from tledge.export.tflite import tflite_spec
     data = path.read_bytes()
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise ArtifactError(f"{path}: not a TFLite flatbuffer (no TFL3 identifier)")
@@ -117,8 +124,6 @@ def _describe_tflite(path: Path) -> dict:
 def _standard_metadata(path: Path, data: bytes) -> dict | None:
     """The TFLite Model Metadata (what MediaPipe reads) and its labels file, if the model
     has them; None when it has none."""
-    from tledge.export import tflite_standard as standard
-    from tledge.export.metadata import tflite_metadata_entries
     raw = tflite_metadata_entries(path).get(standard.ENTRY)
     if raw is None:
         return None
@@ -140,7 +145,6 @@ def _standard_metadata(path: Path, data: bytes) -> dict | None:
 def _describe_onnx(path: Path) -> dict:
     import onnx
 
-    from tledge.export.onnx import onnx_spec
     try:
         model = onnx.load(str(path), load_external_data=False)
         spec = onnx_spec(path)
@@ -162,7 +166,6 @@ def _describe_onnx(path: Path) -> dict:
 
 
 def _describe_keras(path: Path) -> dict:
-    from tledge.model import load_model
     try:
         model = load_model(path)  # safe_mode=True, always
     except TledgeError as error:
@@ -190,7 +193,7 @@ def _layers(model):
 def format_description(info: dict) -> str:
     """`describe_file`'s result as the text `tledge inspect` prints."""
     lines = [f"{info['file']}",
-             f"  format     {info['format']}  precision {info['precision']}  "
+             f"  family     {info['family']}  precision {info['precision']}  "
              f"size {info['size_bytes']:,} bytes"]
     for role in ("input", "output"):
         tensor = info[role]
@@ -229,7 +232,7 @@ def format_description(info: dict) -> str:
                      + (f"{len(labels)} labels in {standard['labels_file']}" if labels
                         else "no labels file")
                      + f", min parser {standard.get('min_parser_version')}")
-    elif info["format"] == "tflite":
+    elif info["family"] == "tflite":
         lines.append("  standard   no TFLite Model Metadata (MediaPipe refuses a float input "
                      "without it)")
     return "\n".join(lines)

@@ -2,16 +2,20 @@
 
 Every tledge model has one input, `image`: raw pixels [batch, H, W, 3] valued 0-255, and
 one output, `probabilities`. The backbone's preprocessing is a layer inside the graph (the
-DESIGN.md input contract), so no artifact needs to be fed differently.
+input contract of docs/architecture.md), so no artifact needs to be fed differently.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 from tledge.backbones import BACKBONES, Backbone
 from tledge.errors import WeightsError, first_line
+
+# TensorFlow and Keras are imported inside the functions that use them: the CLI imports this
+# module at start-up, and they take seconds to load.
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
@@ -164,7 +168,6 @@ def load_model(path):
             or not a zip (Keras itself says "File not found"), damaged inside, or a model
             that would run Python code stored in it.
     """
-    import zipfile
     import keras
     path = Path(path)
     if not path.is_file():

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tledge.rundir import atomic_path
+
+# matplotlib is imported inside the functions that use it: the CLI imports this
+# module at start-up, and it takes seconds to load.
+
 FIGURES = "figures"
 DPI = 110
 _PNG = {"Software": None}  # no library version in the file: same JSON, same bytes
@@ -24,7 +29,6 @@ def pyplot():
 
 
 def save_figure(figure, path) -> Path:
-    from tledge.rundir import atomic_path
     path = Path(path)
     if figure.get_layout_engine() is None:  # grids with a title use constrained layout
         figure.tight_layout()

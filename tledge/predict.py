@@ -10,7 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.errors import ArtifactError
+from tledge.data import load_images
+from tledge.errors import ArtifactError, RunDirError
+from tledge.inspection import describe_file
+from tledge.rundir import MANIFEST, read_manifest, verified_artifact
+from tledge.runners import load, runtimes_for
 
 
 def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None = None,
@@ -32,9 +36,6 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
         DataError: an image file is missing or cannot be decoded.
         RuntimeUnavailable: the runtime cannot run the artifact here.
     """
-    from tledge.data import load_images
-    from tledge.inspection import describe_file
-    from tledge.runners import load, runtimes_for
     if top_k < 1:
         raise ArtifactError(f"top_k must be at least 1, got {top_k}")
     artifact_path = Path(artifact_path)
@@ -45,7 +46,7 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
         raise ArtifactError(f"{artifact_path}: input shape {shape} is not [batch, H, W, 3] with "
                             "a fixed H and W; tledge predict feeds raw RGB images")
     pixels = load_images(images, (shape[1], shape[2]))  # every image read before any model
-    runtime = runtime or runtimes_for(info["format"])[0]
+    runtime = runtime or runtimes_for(info["family"])[0]
     runner = load(info, artifact_path.parent, runtime, threads=threads)
     try:
         probabilities = np.concatenate([runner.predict(pixels[index:index + 1])
@@ -82,8 +83,6 @@ def run_entry(artifact_path: Path) -> dict | None:
     Raises:
         RunDirError: the run lists this file and its sha256 is not the one recorded.
     """
-    from tledge.errors import RunDirError
-    from tledge.rundir import MANIFEST, read_manifest, verified_artifact
     if not (artifact_path.parent / MANIFEST).is_file():
         return None
     try:

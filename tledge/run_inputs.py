@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tledge.errors import DataError, RunDirError, first_line
+from tledge.data.cache import cache_root, open_entry
+from tledge.data.sources import load_splits, prepared_entry
+from tledge.errors import DataError, first_line, RunDirError
 from tledge.recipe.load import load_recipe
-from tledge.rundir import RECIPE, SPLIT, check_run_dir, read_record
+from tledge.rundir import check_run_dir, read_record, RECIPE, SPLIT
 
 
 def run_recipe(run_dir):
@@ -26,8 +28,6 @@ def run_splits(run_dir, recipe=None, *, log=None):
     Raises:
         RunDirError: the entry is gone and the source is unreadable or holds other data.
     """
-    from tledge.data.cache import cache_root, open_entry
-    from tledge.data.sources import load_splits, prepared_entry
     recipe = recipe or run_recipe(run_dir)
     recorded = read_record(Path(run_dir) / SPLIT)
     cache = recorded.get("cache") if isinstance(recorded, dict) else None

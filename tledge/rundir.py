@@ -12,11 +12,13 @@ import errno
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
+from tledge.bench.core import machine_facts
 from tledge.errors import RunDirError
 
 MANIFEST = "manifest.json"
@@ -102,7 +104,6 @@ def run_lock(run_dir):
     a live one is an error that names the holder. The same process may take it again (a
     build calls its stages).
     """
-    import socket
     path = Path(run_dir) / LOCK
     mine = f"{socket.gethostname()} {os.getpid()}"
     taken = False
@@ -155,7 +156,6 @@ def _lock_holder(path) -> str | None:
 
 def _alive(holder: str) -> bool:
     """Whether the lock's process still runs (a lock from another host counts as alive)."""
-    import socket
     host, pid = holder.split()
     if host != socket.gethostname():
         return True
@@ -318,6 +318,9 @@ def read_manifest(run_dir) -> dict:
     """The run's manifest, checked to be what tledge writes (see `manifest_problem`)."""
     path = check_run_dir(run_dir) / MANIFEST
     manifest = read_json(path)
+    for entry in manifest.get("artifacts", []) if isinstance(manifest, dict) else []:
+        if isinstance(entry, dict) and "format" in entry and "family" not in entry:
+            entry["family"] = entry.pop("format")  # the key before tledge 0.1.0 (issue 14)
     problem = manifest_problem(manifest)
     if problem:
         raise RunDirError(f"{path} is not a manifest tledge wrote ({problem}); rebuild the run "
@@ -351,7 +354,7 @@ def manifest_problem(manifest) -> str | None:
         parts = Path(path).parts
         if Path(path).is_absolute() or ".." in parts:
             return f"{where} ({entry['name']}) points outside the run directory: {path}"
-        for key in ("format", "sha256"):
+        for key in ("family", "sha256"):
             if not isinstance(entry.get(key), str):
                 return f"{where} ({entry['name']}) has no {key}"
     if manifest.get("pick") is not None and not isinstance(manifest["pick"], dict):
@@ -439,7 +442,6 @@ def stage_hash(manifest: dict, recipe, stage: str) -> str | None:
 
 def machine_key() -> str:
     """What makes a latency figure this machine's: the CPU, its vector ISA and core count."""
-    from tledge.bench.core import machine_facts
     facts = machine_facts()
     return "|".join(str(facts.get(key)) for key in ("cpu", "isa", "cores", "arch"))
 
@@ -466,7 +468,7 @@ def stage_is_current(run_dir, manifest: dict, stage: str, expected: str | None) 
     if stage in ("train", "export"):
         family = {"train": ("keras",), "export": ("tflite", "onnx", "savedmodel")}[stage]
         for entry in artifacts(manifest):
-            if entry["format"] in family:
+            if entry["family"] in family:
                 if checked_sha256(Path(run_dir) / entry["path"]) != entry["sha256"]:
                     return False
     return True
@@ -496,12 +498,12 @@ def artifact_entry(run_dir, path, fmt, *, recipe_hash, labels, input_spec, outpu
     """The manifest entry of one written artifact: what it is and how to feed it."""
     path = Path(path)
     return {"name": fmt.name, "status": "ok", "path": str(path.relative_to(run_dir)),
-            "format": fmt.family, "precision": fmt.precision,
+            "family": fmt.family, "precision": fmt.precision,
             "size_bytes": size_bytes(path), "sha256": sha256(path),
             "input": input_spec, "output": output_spec, "labels": list(labels),
             "recipe_hash": recipe_hash, "versions": library_versions(), **extra}
 
 
 def failed_entry(fmt, reason: str) -> dict:
-    return {"name": fmt.name, "status": "failed", "format": fmt.family,
+    return {"name": fmt.name, "status": "failed", "family": fmt.family,
             "precision": fmt.precision, "error": reason}

@@ -1,6 +1,6 @@
 """`build`: carry a recipe through every stage, and the train stage that starts a run.
 
-    recipe ─▶ data ─▶ train ─▶ export ─▶ validate ─▶ bench ─▶ report
+    recipe ─▶ data ─▶ train ─▶ export ─▶ validate ─▶ bench ─▶ explain ─▶ report
 
 Each stage is a plain function over the run directory; `build` calls them in order. A recipe
 whose weights name another recipe gets that recipe trained first, into a sibling run
@@ -9,19 +9,35 @@ directory, unless a trained model is already there.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 
+from tledge.bench.stage import bench_run, pick_name
+from tledge.data import load_splits
+from tledge.data.sources import BAD_IMAGES, prepared_entry
 from tledge.errors import RecipeError, RunDirError, TledgeError
+from tledge.explain import explain_is_current, explain_run
+from tledge.export.stage import export_run
 from tledge.formats import FORMATS
-from tledge.recipe.spec import Recipe
-from tledge.recipe.load import load_recipe
+from tledge.quiet import quiet
 from tledge.recipe.dump import stored_recipe_text
-from tledge.rundir import (HISTORY, INNER_RUNS, LOCK, MANIFEST, RECIPE, SPLIT, artifact_entry, atomic_path,
-                           new_manifest, portable, read_manifest, record_stage, run_lock,
-                           set_artifact, verified_artifact, write_json, write_manifest,
-                           write_text)
+from tledge.recipe.load import load_recipe, member_recipes
+from tledge.recipe.spec import PhaseRecipe, Recipe
+from tledge.report.document import baseline_warning, own_runtime_rows, report_run
+from tledge.run_inputs import run_recipe
+from tledge.rundir import (artifact_entry, atomic_path, BENCH, find_artifact, HISTORY, INNER_RUNS,
+                           LOCK, MANIFEST, new_manifest, PARITY, portable, read_manifest,
+                           read_record, RECIPE, record_stage, REPORT, run_lock, set_artifact,
+                           sha256, SPLIT, stage_hash, stage_is_current, verified_artifact,
+                           write_json, write_manifest, write_text)
+from tledge.train.distribute import worker_role
+from tledge.train.ensemble import train_ensemble
+from tledge.train.stage import train_baseline, train_model
+from tledge.validate import load_parity, validate_run
 
 MODELS_DIR = Path("models")
 
@@ -101,9 +117,6 @@ def train_hash(recipe, starting_files, *, log=None) -> str:
     prepared cache entry's pixel digests and labels, prepared now if the cache has none) and
     the files it starts from (a weights file, the model of a weights recipe, or an
     ensemble's member models). Content only: a moved or copied checkout hashes the same."""
-    import hashlib
-    from tledge.data.sources import prepared_entry
-    from tledge.rundir import sha256
     text = recipe.hash("seed", "data", "model", "train", "baseline", "ensemble")
     text += ":" + prepared_entry(recipe.data, recipe.seed, log=log).content_digest()
     weights = recipe.model.weights
@@ -128,7 +141,6 @@ def member_run_dir(recipe, member_recipe, run_dir) -> Path:
 
 def build_members(recipe, run_dir, *, log=print, verbose="auto") -> list[dict]:
     """Build every member (stages that are current are skipped); describe each one."""
-    from tledge.recipe.load import member_recipes
     members = []
     for member in member_recipes(recipe):
         member_dir = member_run_dir(recipe, member, run_dir)
@@ -141,9 +153,6 @@ def build_members(recipe, run_dir, *, log=print, verbose="auto") -> list[dict]:
 def _describe_member(member, member_dir) -> dict:
     """What the ensemble report shows of a member, read from its own run's records (each
     checked, its model file verified against its manifest)."""
-    from tledge.report.document import own_runtime_rows
-    from tledge.rundir import (BENCH, HISTORY, PARITY, find_artifact, read_manifest,
-                               read_record, verified_artifact)
 
     def read(name):
         path = member_dir / name
@@ -168,7 +177,6 @@ def _describe_member(member, member_dir) -> dict:
 def portable_members(members, run_dir) -> list[dict]:
     """Members as the ensemble's history.json keeps them: their paths relative to the
     ensemble's run directory (see `rundir.portable`)."""
-    from tledge.rundir import portable
     return [{**member, **{key: portable(member[key], run_dir)
                           for key in ("run_dir", "recipe", "model") if member.get(key)}}
             for member in members]
@@ -192,7 +200,6 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False,
     resumes from its last finished epoch when the same recipe is trained again (unless
     `restart`). `starting` is what `starting_points` returned, when the caller has it.
     """
-    from tledge.train.distribute import worker_role
     role = worker_role(recipe.train)
     if not role.chief:
         return _train_as_worker(recipe, run_dir, role, log=log, verbose=verbose)
@@ -205,10 +212,6 @@ def train_run(recipe, run_dir, *, log=print, verbose="auto", restart=False,
 
 
 def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting):
-    import shutil
-    from tledge.data import load_splits
-    from tledge.data.sources import BAD_IMAGES
-    from tledge.train.stage import train_baseline, train_model
     run_dir = prepare_run_dir(run_dir)
     try:
         files, members = starting or starting_points(recipe, run_dir, log=log, verbose=verbose)
@@ -226,7 +229,6 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting):
         elif checkpoints.is_dir():
             log(f"train: resuming from the checkpoints in {checkpoints}")
         if members is not None:
-            from tledge.train.ensemble import train_ensemble
             model, history = train_ensemble(recipe, splits, members, verbose=verbose, log=log)
         else:
             model, history = train_model(recipe, splits, weights_file=weights_file,
@@ -245,7 +247,6 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting):
     if recipe.baseline is not None:
         history["baseline"], baseline_model = train_baseline(recipe, splits, verbose=verbose,
                                                              log=log)
-        from tledge.report.document import baseline_warning
         for line in filter(None, [baseline_warning(history)]):
             log("!" * 78 + f"\n{line}\n" + "!" * 78)
     write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))
@@ -275,7 +276,6 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting):
 def _trained_manifest(folder, recipe, model, splits) -> dict:
     """Save a trained model as `model.keras` in `folder` and return a new manifest listing it
     (not saved; the caller records the train stage)."""
-    from tledge.quiet import quiet
     model_path = Path(folder) / FORMATS["keras"].file_name
     with atomic_path(model_path) as temporary, quiet():
         model.save(temporary)
@@ -299,8 +299,6 @@ BASELINE_DIR = INNER_RUNS[0]  # a run's [baseline] model: a run directory of its
 def baseline_recipe(recipe) -> Recipe:
     """The recipe a run's `[baseline]` model is exported, validated and benchmarked under:
     the same data, split, export, validation and bench, its own model and training."""
-    import dataclasses
-    from tledge.recipe.spec import PhaseRecipe
     settings = recipe.baseline
     return dataclasses.replace(
         recipe, name=f"{recipe.name}.baseline", baseline=None, ensemble=None,
@@ -315,7 +313,6 @@ def baseline_recipe(recipe) -> Recipe:
 def _write_baseline_run(run_dir, recipe, model, splits, train_key, summary) -> None:
     """The baseline model as `<run>/baseline/`, a run directory that the later stages export,
     validate and benchmark like the run itself, so the pick can ship it when it is better."""
-    import shutil
     folder = Path(run_dir) / BASELINE_DIR
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
@@ -339,8 +336,6 @@ def candidate_runs(run_dir) -> list[Path]:
 def _train_as_worker(recipe, run_dir, role, *, log, verbose):
     """A multi-worker run's non-chief task: train its shard in step with the others and
     write nothing; the chief writes the run directory. Returns None."""
-    from tledge.data import load_splits
-    from tledge.train.stage import train_model
     if recipe.ensemble is not None or recipe.model.weights.endswith(".toml"):
         raise RecipeError(recipe.path, ["train.distribute = \"multi_worker\": build the "
                                         "ensemble members or the weights recipe first, on one "
@@ -355,8 +350,6 @@ def _train_as_worker(recipe, run_dir, role, *, log, verbose):
 def _remove_stale_outputs(run_dir) -> None:
     """A new model makes every export, parity and bench result of the old one a lie: the
     files the manifest lists, or (when it is gone or damaged) every name tledge writes."""
-    import shutil
-    from tledge.rundir import BENCH, PARITY, REPORT
     try:
         paths = [entry["path"] for entry in read_manifest(run_dir)["artifacts"]
                  if entry["name"] != "keras" and entry.get("path")]
@@ -377,7 +370,6 @@ def _remove_stale_outputs(run_dir) -> None:
 def set_aside_damaged_manifest(run_dir, log) -> None:
     """A manifest that is not what tledge wrote cannot vouch for any file of the run: keep it
     as `manifest.json.damaged` (evidence, not trusted) and say the run is trained again."""
-    import shutil
     path = Path(run_dir) / MANIFEST
     if not path.exists() and not path.is_symlink():
         return
@@ -415,12 +407,6 @@ def build(recipe_path, *, out=None, log=print, verbose="auto", force=False):
 
 
 def _build_locked(recipe, run_dir, *, log, verbose, force):
-    from tledge.bench.stage import bench_run
-    from tledge.explain import explain_is_current, explain_run
-    from tledge.export import export_run
-    from tledge.report.document import report_run
-    from tledge.rundir import read_manifest, stage_hash, stage_is_current
-    from tledge.validate import load_parity, validate_run
     started = time.perf_counter()
 
     def current(folder, stage, expected, label):
@@ -438,7 +424,6 @@ def _build_locked(recipe, run_dir, *, log, verbose, force):
         train_run(recipe, run_dir, log=log, verbose=verbose, restart=force, starting=starting)
     else:  # the sections after train may have changed, and the stored copy may be damaged:
         write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))  # later stages read it
-    from tledge.run_inputs import run_recipe
     runs = candidate_runs(run_dir)  # the baseline's stages run too, and it is benchmarked
     for stage, run in (("export", export_run), ("validate", validate_run),  # before the run
                        ("bench", bench_run)):  # itself, whose pick weighs both
@@ -457,7 +442,6 @@ def _build_locked(recipe, run_dir, *, log, verbose, force):
     pick = read_manifest(run_dir).get("pick")
     log(f"== report {path}")
     if pick:
-        from tledge.bench.stage import pick_name
         log(f"pick: {pick_name(pick)} on {pick['runtime']} (p50 {pick['p50_ms']:.3f} ms)")
     log(f"built {recipe.name} in {time.perf_counter() - started:.0f} s")
     return run_dir, parity

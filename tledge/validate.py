@@ -14,11 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.errors import RunDirError, RuntimeUnavailable, first_line
-from tledge.rundir import (PARITY, artifacts, read_manifest, read_record, record_stage,
-                           stage_hash, write_json, write_manifest)
-from tledge.parity import ParityRow, compare, confusion_matrix, predict_all
-from tledge.runners import RUNTIMES, load, runtimes_for
+from tledge.bench.core import machine_facts
+from tledge.errors import first_line, RunDirError, RuntimeUnavailable
+from tledge.export.int8 import diagnose_entry
+from tledge.parity import compare, confusion_matrix, ParityRow, predict_all
+from tledge.run_inputs import evaluation_split, run_recipe, run_splits
+from tledge.rundir import (artifacts, PARITY, read_manifest, read_record, record_stage, stage_hash,
+                           write_json, write_manifest)
+from tledge.runners import load, RUNTIMES, runtimes_for
 
 @dataclasses.dataclass
 class ParityReport:
@@ -54,14 +57,14 @@ def parity_pairs(entries, bench_runtimes) -> list[tuple[dict, str]]:
     own runtime, then every other runtime of the recipe's [bench] that runs it and is present
     on this machine (Keras included: on a GPU it is another code path). Bench times no pair
     that is not here, and the pick takes only pairs that passed."""
-    exported = [(entry, runtimes_for(entry["format"])[0]) for entry in entries
+    exported = [(entry, runtimes_for(entry["family"])[0]) for entry in entries
                 if entry["name"] != "keras"]
     others = []
     for entry in entries:
-        own = runtimes_for(entry["format"])[0]
+        own = runtimes_for(entry["family"])[0]
         for runtime in bench_runtimes:
             row = RUNTIMES.get(runtime)
-            if runtime == own or row is None or entry["format"] not in row.families:
+            if runtime == own or row is None or entry["family"] not in row.families:
                 continue
             if row.unavailable() is None:
                 others.append((entry, runtime))
@@ -70,7 +73,6 @@ def parity_pairs(entries, bench_runtimes) -> list[tuple[dict, str]]:
 
 def validate_run(run_dir, *, log=print) -> ParityReport:
     """Run every artifact of the run over the evaluation split; write parity.json."""
-    from tledge.run_inputs import evaluation_split, run_recipe, run_splits
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     recipe = run_recipe(run_dir)
@@ -81,7 +83,6 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
     reference = predict_all(runner, images)
     runner.close()
     reference_accuracy = float(np.mean(reference.argmax(axis=1) == labels))
-    from tledge.bench.core import machine_facts
     facts = machine_facts()
     where = f"{facts['cpu']} ({facts['isa']})"
     rows = [ParityRow("keras", "keras", "reference", accuracy=reference_accuracy,
@@ -94,7 +95,7 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
         # Keras elsewhere (a GPU) is float32 on other kernels: judged as an fp32 export
         thresholds = recipe.validate.tolerance("tflite_fp32" if entry["name"] == "keras"
                                                else entry["name"])
-        shown = entry["name"] if runtime == runtimes_for(entry["format"])[0] \
+        shown = entry["name"] if runtime == runtimes_for(entry["family"])[0] \
             else f"{entry['name']} on {runtime}"
         try:
             runner = load(entry, run_dir, runtime)
@@ -130,7 +131,6 @@ def _diagnose_failed_int8(run_dir, manifest, recipe, rows, log) -> None:
     """An int8 artifact that fails parity gets its per-layer diagnosis (into its manifest
     entry, not saved), when its export did not already make one: the report then shows where
     the error comes from."""
-    from tledge.export.int8 import diagnose_entry
     failed = {row.artifact for row in rows if row.status == "failed" and row.runtime}
     for entry in artifacts(manifest):
         record = entry.get("quantization")

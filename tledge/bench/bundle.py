@@ -30,7 +30,9 @@ import numpy as np
 from tledge.bench import core as device_bench
 from tledge.errors import BundleError
 from tledge.flops import model_flops
-from tledge.rundir import DEVICES, artifacts, atomic_path, read_manifest, read_record, write_json
+from tledge.run_inputs import evaluation_split, run_recipe, run_splits
+from tledge.rundir import artifacts, atomic_path, DEVICES, read_manifest, read_record, write_json
+from tledge.runners import load
 
 DEVICE_FAMILIES = ("tflite", "onnx")  # what bench_device.py runs
 
@@ -53,7 +55,7 @@ Then, on the build machine:
 def select_artifacts(manifest: dict, names=None) -> list[dict]:
     """The artifacts to bundle: those named, else every one a device script can run."""
     runnable = {entry["name"]: entry for entry in artifacts(manifest)
-                if entry["format"] in DEVICE_FAMILIES}
+                if entry["family"] in DEVICE_FAMILIES}
     if not names:
         if not runnable:
             raise BundleError("the run has no .tflite or .onnx artifact to bundle; run "
@@ -72,15 +74,12 @@ def select_artifacts(manifest: dict, names=None) -> list[dict]:
 
 def bundle_images(run_dir, recipe, count: int):
     """The first `count` images of the evaluation split and their classes."""
-    from tledge.run_inputs import evaluation_split, run_splits
     images, labels, _ = evaluation_split(run_splits(run_dir, recipe))
     return images[:count], labels[:count]
 
 
 def write_bundle(run_dir, out, *, names=None, image_count: int = 32, log=print) -> Path:
     """Write the bundle of `run_dir` to `out` (a .zip file)."""
-    from tledge.run_inputs import run_recipe
-    from tledge.runners import load
     run_dir, out = Path(run_dir), Path(out)
     if out.is_dir():
         raise BundleError(f"{out} is a directory; give the bundle a file name, e.g. "
@@ -97,7 +96,7 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 32, log=print) 
                          for i in range(len(images))]
         finally:
             runner.close()
-        listed.append({"name": entry["name"], "format": entry["format"],
+        listed.append({"name": entry["name"], "family": entry["family"],
                        "precision": entry.get("precision"),
                        "file": f"artifacts/{Path(entry['path']).name}",
                        "sha256": entry["sha256"], "size_bytes": entry["size_bytes"],
@@ -149,7 +148,7 @@ _OK_FIELDS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "thro
 
 
 def check_device_result(document, source) -> list[str]:
-    """Every way `document` is not a device result tledge can merge (empty when it is)."""
+    """Every way `document` is not a device result tledge can import (empty when it is)."""
     if not isinstance(document, dict) or document.get("format") != device_bench.RESULT_FORMAT:
         return [f"{source} is not a tledge device benchmark (bench_device.py from `tledge "
                 "bundle` writes one, with \"format\": \"tledge-device-bench\")"]
@@ -187,7 +186,8 @@ def check_device_result(document, source) -> list[str]:
 
 
 def import_device_result(run_dir, path) -> dict:
-    """Merge a device's result.json into the run's bench.json; returns the stored entry."""
+    """Store a device's result.json in the run's devices.json, under the device's name
+    (replacing an earlier result of that name); returns the stored entry."""
     run_dir, path = Path(run_dir), Path(path)
     try:
         document = json.loads(path.read_text(encoding="utf-8"))

@@ -10,7 +10,7 @@ nothing else, so it imports only the standard library and numpy at the top.
 On the device it reads `bundle.json` beside it, times every artifact it has a runtime for
 (each combination in a process of its own, as `tledge bench` does), checks each artifact's
 accuracy on the bundled images, and writes one JSON file with the statistics and the
-device's facts. `tledge bench RUN_DIR --import result.json` merges that file into the run.
+device's facts. `tledge bench RUN_DIR --import result.json` stores that file in the run (devices.json).
 """
 
 from __future__ import annotations
@@ -168,40 +168,51 @@ class Unavailable(Exception):
 
 
 class TFLiteModel:
-    """A .tflite file in ai-edge-litert's or tflite-runtime's interpreter."""
+    """A .tflite file in ai-edge-litert's or tflite-runtime's interpreter: with its default
+    delegate (XNNPACK), or LiteRT's builtin kernels alone (`builtin_only`)."""
 
-    def __init__(self, path, threads, module):
+    def __init__(self, path, threads, module="ai_edge_litert", builtin_only=False):
         if module == "ai_edge_litert":
-            from ai_edge_litert.interpreter import Interpreter
+            from ai_edge_litert.interpreter import Interpreter, OpResolverType
         else:
-            from tflite_runtime.interpreter import Interpreter
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            from tflite_runtime.interpreter import Interpreter, OpResolverType
+        resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if builtin_only \
+            else OpResolverType.AUTO
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
+                                       experimental_op_resolver_type=resolver)
         self._input = self.interpreter.get_input_details()[0]["index"]
         self._output = self.interpreter.get_output_details()[0]["index"]
-        self._batch = None
+        self.batch = None
+
+    def resize(self, batch: int) -> None:
+        """Re-plan the graph for a batch size: once per size, never per call."""
+        shape = list(self.interpreter.get_input_details()[0]["shape"])
+        self.interpreter.resize_tensor_input(self._input, [batch, *shape[1:]], strict=False)
+        self.interpreter.allocate_tensors()
+        self.batch = batch
 
     def run(self, prepared):
-        if prepared.shape[0] != self._batch:  # re-plans the graph once per batch size
-            self.interpreter.resize_tensor_input(self._input, list(prepared.shape),
-                                                 strict=False)
-            self.interpreter.allocate_tensors()
-            self._batch = prepared.shape[0]
+        if prepared.shape[0] != self.batch:
+            self.resize(prepared.shape[0])
         self.interpreter.set_tensor(self._input, prepared)
         self.interpreter.invoke()
         return self.interpreter.get_tensor(self._output)
 
 
 class OnnxModel:
-    """An .onnx file in ONNX Runtime on the CPU."""
+    """An .onnx file in ONNX Runtime, on one execution provider (the CPU's by default).
+    `threads` None leaves ONNX Runtime's own default."""
 
-    def __init__(self, path, threads, module="onnxruntime"):
+    def __init__(self, path, threads, module="onnxruntime", provider="CPUExecutionProvider",
+                 settings=None):
         import onnxruntime
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.session = onnxruntime.InferenceSession(str(path), options,
-                                                    providers=["CPUExecutionProvider"])
+                                                    providers=[(provider, settings or {})])
         self._input = self.session.get_inputs()[0].name
 
     def run(self, prepared):
@@ -209,17 +220,22 @@ class OnnxModel:
 
 
 class OpenVinoModel:
-    """An .onnx file in OpenVINO on the CPU (Intel edge boxes), fp32 artifacts at f32."""
+    """An .onnx file in OpenVINO on the CPU (Intel edge boxes). OpenVINO may run a float graph
+    in bf16: an fp32 artifact is compiled at f32, what parity judges; `executed` says what
+    OpenVINO chose."""
 
     def __init__(self, path, threads, module="openvino", precision=None):
         import openvino
-        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-                  "INFERENCE_NUM_THREADS": int(threads)}
-        if precision != "int8":  # OpenVINO may run a float graph in bf16: not what was checked
+        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if precision != "int8":
             config["INFERENCE_PRECISION_HINT"] = "f32"
         core = openvino.Core()
-        self.request = core.compile_model(core.read_model(str(path)), "CPU",
-                                          config).create_infer_request()
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        chosen = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.executed = f"inference precision {getattr(chosen, 'get_type_name', str)()}"
 
     def run(self, prepared):
         self.request.infer({0: prepared})
@@ -277,49 +293,93 @@ def runtime_versions() -> dict:
 # -- one combination, in a process of its own ------------------------------------------------
 
 
-def bench_one(job: dict) -> dict:
-    """One row: load, first inference and steady-state latency, or why it could not run."""
-    row = {"artifact": job["artifact"], "runtime": job["runtime"], "threads": job["threads"],
-           "batch": job["batch"], "status": "ok", "reason": "", "size_bytes": job["size_bytes"]}
-    images = np.load(job["images"])
+ROW_MARKER = "TLEDGE-ROW "
+
+
+def measure(row: dict, load, prepare, images, *, warmup: int, min_runs: int,
+            min_seconds: float, skip=()) -> dict:
+    """Fill in one combination's `row`: load time, first inference, steady-state latency and
+    the process's memory, or why it could not run. The one measurement of tledge, used by
+    `tledge bench` (with tledge's runners) and by bench_device.py (with the models above).
+
+    `load()` opens the artifact (an exception of `skip` makes a "skipped" row, any other a
+    "failed" one); `prepare(model, images)` turns uint8 images into its input, outside the
+    clock.
+    """
     baseline = peak_rss_bytes()
     start = time.perf_counter_ns()
     try:
-        model = open_model(job["path"], job["threads"], job["runtime"], job.get("precision"))
-        row["load_ms"] = (time.perf_counter_ns() - start) / 1e6
-        reps = -(-job["batch"] // len(images))
-        prepared = prepare_pixels(np.concatenate([images] * reps)[:job["batch"]], job["input"])
-        row["first_ms"], samples = time_runner(model, prepared, warmup=job["warmup"],
-                                               min_runs=job["min_runs"],
-                                               min_seconds=job["min_seconds"])
-    except Exception as error:  # a crash is a row, the other combinations go on
-        row["status"], row["reason"] = "failed", f"{type(error).__name__}: {error}"
-        return row
-    row.update(summarize(samples, job["batch"]))
+        model = load()
+    except skip as error:
+        return {**row, "status": "skipped", "reason": str(error)}
+    except Exception as error:  # an artifact its runtime rejects is a row, not a crash
+        return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
+    row = {**row, "load_ms": (time.perf_counter_ns() - start) / 1e6,
+           "executed": getattr(model, "executed", None)}
+    try:
+        batch = row["batch"]
+        reps = -(-batch // len(images))
+        prepared = prepare(model, np.concatenate([images] * reps)[:batch])
+        row["first_ms"], samples = time_runner(model, prepared, warmup=warmup,
+                                               min_runs=min_runs, min_seconds=min_seconds)
+    except Exception as error:  # a runtime crash is a row, the other combinations go on
+        return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
+    finally:
+        getattr(model, "close", lambda: None)()
+    row.update(summarize(samples, batch))
     row["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
     row["runtime_rss_mb"] = round((peak_rss_bytes() - baseline) / 2**20, 1)
     return row
+
+
+def emit_row(row: dict) -> None:
+    """A child process's answer: one marked line on stdout (libraries print there too)."""
+    sys.stdout.write("\n" + ROW_MARKER + json.dumps(row) + "\n")
+    sys.stdout.flush()
+
+
+def run_child(command, job: dict, row: dict, timeout: float = 900) -> dict:
+    """Run one combination in a fresh process: `command` reads the JSON `job` on stdin and
+    emits its row. A process per combination keeps one runtime's memory and threads out of
+    another's figures. A child that dies or hangs is a "failed" `row` saying so."""
+    try:
+        done = subprocess.run(command, input=json.dumps(job), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**row, "status": "failed", "reason": f"no result within {timeout} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(ROW_MARKER)]
+    if lines:
+        return json.loads(lines[-1][len(ROW_MARKER):])
+    why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+    return {**row, "status": "failed", "reason": f"the benchmark process died: {why}"}
+
+
+def gflops_per_second(flops, batch: int, p50_ms: float) -> float:
+    """Achieved GFLOP/s: the model's FLOPs per image x images per call / p50."""
+    return flops * batch / (p50_ms / 1000.0) / 1e9
+
+
+def _first_row(job: dict) -> dict:
+    return {"artifact": job["artifact"], "runtime": job["runtime"], "threads": job["threads"],
+            "batch": job["batch"], "status": "ok", "reason": "", "size_bytes": job["size_bytes"]}
+
+
+def bench_one(job: dict) -> dict:
+    """One bundle combination, in this process."""
+    return measure(_first_row(job),
+                   lambda: open_model(job["path"], job["threads"], job["runtime"],
+                                      job.get("precision")),
+                   lambda model, images: prepare_pixels(images, job["input"]),
+                   np.load(job["images"]), warmup=job["warmup"], min_runs=job["min_runs"],
+                   min_seconds=job["min_seconds"])
 
 
 def bench_in_process(job: dict, isolate: bool, timeout: float = 900) -> dict:
     if not isolate:
         return bench_one(job)
     flags = ["-I"] if sys.flags.isolated else []
-    try:
-        done = subprocess.run([sys.executable, *flags, os.path.abspath(__file__), "--job",
-                               json.dumps(job)], capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        done = None
-    lines = [line for line in (done.stdout if done else "").splitlines()
-             if line.startswith("TLEDGE-ROW ")]
-    if lines:
-        return json.loads(lines[-1][len("TLEDGE-ROW "):])
-    why = f"no result within {timeout} s" if done is None else \
-        (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-    return {"artifact": job["artifact"], "runtime": job["runtime"], "threads": job["threads"],
-            "batch": job["batch"], "status": "failed", "size_bytes": job["size_bytes"],
-            "reason": f"the benchmark process died: {why}"}
+    return run_child([sys.executable, *flags, os.path.abspath(__file__), "--job"], job,
+                     _first_row(job), timeout)
 
 
 # -- the whole bundle ------------------------------------------------------------------------
@@ -391,7 +451,7 @@ def bench_bundle(folder, *, threads=None, batch_sizes=None, wanted="auto", names
                 row = bench_in_process(job, isolate)
                 flops = bundle.get("flops_per_image")
                 if row["status"] == "ok" and flops:
-                    row["gflops_per_second"] = flops * batch / (row["p50_ms"] / 1000.0) / 1e9
+                    row["gflops_per_second"] = gflops_per_second(flops, batch, row["p50_ms"])
                 rows.append(row)
                 log(format_line(row))
         try:
@@ -416,23 +476,34 @@ def bench_bundle(folder, *, threads=None, batch_sizes=None, wanted="auto", names
 
 
 def format_line(row: dict) -> str:
-    head = (f"  {row['artifact']:<16} {row['runtime']:<16} threads {row['threads']:<2} "
+    """One benchmark row as `tledge bench` and bench_device.py print it."""
+    head = (f"  {row['artifact']:<16} {row['runtime']:<18} threads {row['threads']:<2} "
             f"batch {row['batch']:<3}")
     if row["status"] != "ok":
         return f"{head} {row['status']}: {row['reason']}"
+    memory = f"  peak {row['peak_rss_mb']:.0f} MiB" if row.get("peak_rss_mb") is not None else ""
     return (f"{head} p50 {row['p50_ms']:8.3f} ms  p90 {row['p90_ms']:8.3f}  "
             f"p99 {row['p99_ms']:8.3f}  {row['throughput_ips']:8.1f} img/s  "
-            f"load {row['load_ms']:.0f} ms  peak {row['peak_rss_mb']:.0f} MiB")
+            f"load {row['load_ms']:.0f} ms{memory}"
+            + (f"  ({row['executed']})" if row.get("executed") else ""))
+
+
+def parse_counts(text: str) -> list:
+    """"1,2,4" -> [1, 2, 4]: thread counts or batch sizes, each at least 1 (ValueError)."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"every value must be at least 1, got {text!r}")
+    return counts
 
 
 def _counts(text: str):
     try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"every value must be at least 1, got {text!r}")
-    return counts
+        return parse_counts(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv=None) -> int:
@@ -458,10 +529,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-isolate", action="store_true",
                         help="run every combination in this process (no memory figures "
                              "per combination)")
-    parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--job", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.job:  # a child process: one combination
-        sys.stdout.write("\nTLEDGE-ROW " + json.dumps(bench_one(json.loads(args.job))) + "\n")
+    if args.job:  # a child process: one combination, its job on stdin
+        emit_row(bench_one(json.loads(sys.stdin.read())))
         return 0
     names = [name.strip() for name in args.artifacts.split(",")] if args.artifacts else None
     result = bench_bundle(Path(os.path.abspath(__file__)).parent, threads=args.threads,

@@ -10,18 +10,22 @@ cannot run here is a "skipped" row with its reason; one that crashes is a "faile
 from __future__ import annotations
 
 import dataclasses
-import time
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from tledge.bench.core import machine_facts, summarize, time_runner
+from tledge.bench.core import (format_line, gflops_per_second, machine_facts, measure,
+                               run_child)
 from tledge.errors import RunDirError, RuntimeUnavailable
 from tledge.flops import model_flops
-from tledge.rundir import (BENCH, MANIFEST, PARITY, artifacts, find_artifact, read_manifest,
-                           read_record, record_stage, stage_hash, verified_artifact,
+from tledge.recipe.spec import PickRecipe
+from tledge.run_inputs import evaluation_split, run_recipe, run_splits
+from tledge.rundir import (artifacts, BENCH, find_artifact, INNER_RUNS, MANIFEST, PARITY,
+                           read_manifest, read_record, record_stage, stage_hash, verified_artifact,
                            write_json, write_manifest)
-from tledge.runners import RUNTIMES, load
+from tledge.runners import load, RUNTIMES
 
 
 @dataclasses.dataclass
@@ -52,66 +56,36 @@ class BenchRow:
 
 def bench_artifact(entry, run_dir, runtime, *, threads, batch, images, warmup, min_runs,
                    min_seconds) -> BenchRow:
-    """One row: load, first inference and steady-state latency, or why it could not run."""
-    row = BenchRow(entry["name"], runtime, threads, batch, "ok",
-                   size_bytes=entry.get("size_bytes"))
-    start = time.perf_counter_ns()
-    try:
-        runner = load(entry, run_dir, runtime, threads=threads)
-    except RuntimeUnavailable as error:
-        row.status, row.reason = "skipped", str(error)
-        return row
-    except Exception as error:  # an artifact its runtime rejects is a row, not a crash
-        row.status, row.reason = "failed", f"{type(error).__name__}: {error}"
-        return row
-    row.load_ms = (time.perf_counter_ns() - start) / 1e6
-    row.executed = runner.executed
-    try:
-        reps = int(np.ceil(batch / len(images)))
-        prepared = runner.prepare(np.concatenate([images] * reps)[:batch])
-        row.first_ms, samples = time_runner(runner, prepared, warmup=warmup, min_runs=min_runs,
-                                            min_seconds=min_seconds)
-    except Exception as error:  # a runtime crash is a row, the other combinations go on
-        row.status, row.reason = "failed", f"{type(error).__name__}: {error}"
-        return row
-    finally:
-        runner.close()
-    for key, value in summarize(samples, batch).items():
-        setattr(row, key, value)
-    return row
+    """One row, in this process: load, first inference, steady-state latency and memory, or
+    why it could not run (`tledge.bench.core.measure` through tledge's runners)."""
+    row = measure(dataclasses.asdict(_first_row(entry, runtime, threads, batch)),
+                  lambda: load(entry, run_dir, runtime, threads=threads),
+                  lambda runner, chosen: runner.prepare(chosen), images, warmup=warmup,
+                  min_runs=min_runs, min_seconds=min_seconds, skip=(RuntimeUnavailable,))
+    return BenchRow(**row)
 
 
 def bench_isolated(entry, run_dir, runtime, *, threads, batch, images, warmup, min_runs,
                    min_seconds, timeout=900) -> BenchRow:
-    """`bench_artifact` in a fresh process (see tledge.bench.worker); adds memory figures."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
+    """`bench_artifact` in a fresh process (`python -m tledge.bench.worker`)."""
     with tempfile.TemporaryDirectory(prefix="tledge-bench-") as folder:
         images_path = Path(folder) / "images.npy"
         np.save(images_path, images)
         job = {"entry": entry, "run_dir": str(Path(run_dir).resolve()), "runtime": runtime,
                "threads": threads, "batch": batch, "images": str(images_path),
                "warmup": warmup, "min_runs": min_runs, "min_seconds": min_seconds}
-        try:
-            done = subprocess.run([sys.executable, "-m", "tledge.bench.worker"],
-                                  input=json.dumps(job), capture_output=True, text=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return BenchRow(entry["name"], runtime, threads, batch, "failed",
-                            reason=f"no result within {timeout} s")
-    marker = [line for line in done.stdout.splitlines() if line.startswith("TLEDGE-ROW ")]
-    if done.returncode != 0 or not marker:
-        tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        return BenchRow(entry["name"], runtime, threads, batch, "failed",
-                        reason=f"the benchmark process died: {tail}")
-    return BenchRow(**json.loads(marker[-1][len("TLEDGE-ROW "):]))
+        row = run_child([sys.executable, "-m", "tledge.bench.worker"], job,
+                        dataclasses.asdict(_first_row(entry, runtime, threads, batch)), timeout)
+    return BenchRow(**row)
+
+
+def _first_row(entry, runtime, threads, batch) -> BenchRow:
+    return BenchRow(entry["name"], runtime, threads, batch, "ok",
+                    size_bytes=entry.get("size_bytes"))
 
 
 def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=print) -> dict:
     """Benchmark every artifact of the run; write bench.json and the pick to the manifest."""
-    from tledge.run_inputs import evaluation_split, run_recipe, run_splits
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     recipe = run_recipe(run_dir)
@@ -129,7 +103,7 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     rows = []
     for entry in artifacts(manifest):
         for runtime in runtimes:
-            if entry["format"] not in RUNTIMES[runtime].families:
+            if entry["family"] not in RUNTIMES[runtime].families:
                 continue
             for thread_count in threads:
                 for batch in batch_sizes:
@@ -150,7 +124,7 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     flops = model_flops(run_dir, manifest)
     for row in rows:
         if row.status == "ok" and flops:
-            row.gflops_per_second = flops * row.batch / (row.p50_ms / 1000.0) / 1e9
+            row.gflops_per_second = gflops_per_second(flops, row.batch, row.p50_ms)
     parity = read_record(run_dir / PARITY) if (run_dir / PARITY).is_file() else None
     if parity is None:
         log(f"note: {run_dir / PARITY} is missing (not validated): nothing can be picked until "
@@ -183,7 +157,6 @@ def other_candidates(run_dir, *, threads: int, batch: int, members=False, log=pr
     """([candidates of each other model the run trained], the files read): the baseline's
     benchmarked, validated artifacts, when its stages have run, and (`members`) those of an
     ensemble's inline members; their files are verified."""
-    from tledge.rundir import INNER_RUNS
     pools, read = [], []
     names = list(INNER_RUNS)
     if members:
@@ -285,7 +258,6 @@ def choose(rows, parity, *, threads: int, batch: int, checksums=None, settings=N
     The pick names `alternatives`: the most accurate and the fastest of all qualified
     candidates, where they are not the pick, so the report can state the trade.
     """
-    from tledge.recipe.spec import PickRecipe
     settings = settings or PickRecipe()
     pool = candidates(rows, parity, threads=threads, batch=batch, checksums=checksums)
     pool += [candidate for other in others for candidate in other]
@@ -320,10 +292,4 @@ def _which(candidate) -> tuple:
 
 
 def format_row(row: BenchRow) -> str:
-    head = f"  {row.artifact:<16} {row.runtime:<18} threads {row.threads:<2} batch {row.batch:<3}"
-    if row.status != "ok":
-        return f"{head} {row.status}: {row.reason}"
-    memory = f"  peak {row.peak_rss_mb:.0f} MiB" if row.peak_rss_mb is not None else ""
-    return (f"{head} p50 {row.p50_ms:8.3f} ms  p90 {row.p90_ms:8.3f}  p99 {row.p99_ms:8.3f}  "
-            f"{row.throughput_ips:8.1f} img/s  load {row.load_ms:.0f} ms{memory}"
-            + (f"  ({row.executed})" if row.executed else ""))
+    return format_line(dataclasses.asdict(row))

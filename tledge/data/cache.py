@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tledge.errors import DataError
+from tledge.rundir import sha256
 
 CACHE_ENV = "TLEDGE_CACHE_DIR"
 FORMAT_VERSION = 1
@@ -57,7 +58,6 @@ def cache_key(identity: dict, size) -> str:
 def file_sha256(path) -> str:
     """A source file's sha256 (an npz or csv source's identity)."""
     try:
-        from tledge.rundir import sha256
         return sha256(path)
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror})") from None

@@ -15,7 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from tledge.data.images import resize_images
-from tledge.errors import DataError
+from tledge.data.prepare import ArraySplit
+from tledge.errors import DataError, first_line
+
+# Keras is imported inside the functions that use it: the CLI imports this
+# module at start-up, and it takes seconds to load.
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
@@ -30,7 +34,6 @@ def describe_cifar10(data, seed):
     """The `cifar10` source for the data cache: identified by its batch files' sizes and
     modification times; gathered as CIFAR-10's train and test sets, resized. A clear
     message offline."""
-    from tledge.data.prepare import ArraySplit
     folder = _cifar_folder()
     identity = []
     for name in _CIFAR_BATCHES:
@@ -74,7 +77,7 @@ def _cifar_folder() -> Path:
                                          extract=True, file_hash=_CIFAR_SHA256,
                                          cache_dir=str(datasets.parent))
     except Exception as error:  # keras raises bare Exception for a failed download
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise DataError(
             f"cifar10: cannot get {_CIFAR_ORIGIN} ({reason}); download cifar-10-python.tar.gz "
             f"where there is network and unpack it with `tar xzf cifar-10-python.tar.gz -C "

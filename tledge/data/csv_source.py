@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tledge.data.cache import file_sha256, files_identity
+from tledge.data.prepare import FileSplit
 from tledge.errors import DataError
 
 _SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -22,8 +24,6 @@ _SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "te
 
 def describe_csv(data, seed):
     """The csv source for the data cache: {identity, where, extra, gather}."""
-    from tledge.data.cache import file_sha256, files_identity
-    from tledge.data.prepare import FileSplit
     path = Path(data.path)
     columns = data.csv
     rows = _read_rows(path, columns)

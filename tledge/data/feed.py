@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from tledge.data.cache import ImageRows
+
+# TensorFlow and Keras are imported inside the functions that use them: the CLI imports this
+# module at start-up, and they take seconds to load.
+
 
 def augmentation(augment, seed: int):
     """The training-only augmentation layers of an `AugmentRecipe`, or None when it is off."""
@@ -46,6 +51,21 @@ def class_weights(labels, num_classes: int) -> np.ndarray:
     return weights
 
 
+def training_batches(splits, features, *, batch_size, seed, augment=None, weights=None,
+                     shard=None):
+    """The training split's shuffled batches (`features`: its images, or their bottlenecks)."""
+    return make_dataset(features, splits.y_train, splits.num_classes, batch_size=batch_size,
+                        seed=seed, shuffle=True, augment=augment, weights=weights, shard=shard)
+
+
+def validation_batches(splits, features, *, batch_size, seed):
+    """The validation split's batches, in order; None when the split is empty."""
+    if not len(splits.y_val):
+        return None
+    return make_dataset(features, splits.y_val, splits.num_classes, batch_size=batch_size,
+                        seed=seed)
+
+
 def make_dataset(features, labels, num_classes, *, batch_size, seed, shuffle=False,
                  augment=None, weights=None, shard=None):
     """Batches of (float32 inputs, one-hot labels[, sample weights]).
@@ -62,7 +82,6 @@ def make_dataset(features, labels, num_classes, *, batch_size, seed, shuffle=Fal
             of rows, so workers run the same number of steps.
     """
     import tensorflow as tf
-    from tledge.data.cache import ImageRows
     labels = np.asarray(labels, dtype=np.int64)
     positions = np.arange(len(labels), dtype=np.int64)
     if shard is not None:

@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageOps
 
-from tledge.errors import DataError
+from tledge.errors import DataError, first_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -54,7 +54,7 @@ def load_image(path, size: tuple[int, int]) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"{path}: not a readable image (no such file)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise DataError(f"{path}: not a readable image ({reason}); "
                         "replace or remove the file") from None
     return _resize(rgb, size)

@@ -7,6 +7,8 @@ image inflates test accuracy; a split full of repeats weighs some images more th
 
 from __future__ import annotations
 
+
+
 _ORDER = ("train", "val", "test")
 
 

@@ -9,18 +9,23 @@ under a temporary name and renamed into place, `meta.json` last.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tledge.data.cache import (CACHE_ENV, DIGEST_BYTES, FORMAT_VERSION, META, Entry,
-                               read_npy_header, open_entry, pixel_digest)
+from tledge.data.cache import (CACHE_ENV, DIGEST_BYTES, Entry, FORMAT_VERSION, META, open_entry,
+                               pixel_digest, read_npy_header)
+from tledge.data.prepare_worker import decode_chunk
 from tledge.errors import DataError
 
 
@@ -108,7 +113,6 @@ def prepare(root, key, *, describe: dict, class_names, given: dict, size, worker
 
 
 def _mkdtemp(root, key) -> str:
-    import tempfile
     return tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root)
 
 
@@ -137,7 +141,6 @@ def _write_array(path, images) -> np.ndarray:
 
 def _decode_files(path, paths, size, workers, progress, split):
     """Decode `paths` into the .npy at `path`; (digests, {index: reason} of bad files)."""
-    from tledge.data.prepare_worker import decode_chunk
     count = len(paths)
     offset = _new_npy(path, count, size)
     digests = np.zeros((count, DIGEST_BYTES), dtype=np.uint8)
@@ -175,10 +178,6 @@ def _decode_in_parallel(tasks, workers, take) -> None:
     lines, not multiprocessing's: those re-run the caller's main script (a notebook or an
     unguarded script would start over), and fork is unsafe beside TensorFlow's threads.
     """
-    import concurrent.futures
-    import subprocess
-    import threading
-    from tledge.data.prepare_worker import decode_chunk
     lock = threading.Lock()
     pending = iter(tasks)
     package_parent = str(Path(__file__).resolve().parents[2])  # the folder holding tledge/

@@ -1,7 +1,7 @@
 """The work of one data-preparation process: decode image files straight into the cache file.
 
-Kept apart from the rest of tledge so a worker process (`python -m
-tledge.data.prepare_worker`) imports only numpy, PIL and the image loader (never TensorFlow),
+Kept apart from the stages so a worker process (`python -m tledge.data.prepare_worker`)
+imports only the data package, the run directory's helpers, numpy and PIL (never TensorFlow),
 and so the single-process path runs the very same function.
 """
 
@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from tledge.data.cache import DIGEST_BYTES
 from tledge.data.images import load_image
 from tledge.errors import DataError
 
@@ -22,7 +23,6 @@ def decode_chunk(path, offset, size, items):
     Returns [(row, pixel digest or None, reason or None)]: an unreadable file is reported,
     not raised, so one pass finds every bad file of a large folder.
     """
-    from tledge.data.cache import DIGEST_BYTES
     row_bytes = int(size[0]) * int(size[1]) * 3
     results = []
     descriptor = os.open(path, os.O_WRONLY)

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.data.cache import ImageRows, cache_key, cache_root, files_identity, open_entry
-from tledge.data.prepare import ArraySplit, FileSplit, prepare
+from tledge.data.cache import cache_key, cache_root, files_identity, ImageRows, open_entry
+from tledge.data.cifar10 import describe_cifar10
+from tledge.data.csv_source import describe_csv
 from tledge.data.images import IMAGE_SUFFIXES, is_image_file
 from tledge.data.leakage import duplicate_line, find_duplicates
+from tledge.data.npz_source import describe_npz
+from tledge.data.prepare import ArraySplit, FileSplit, prepare
 from tledge.data.synthetic import generate
 from tledge.errors import DataError, TledgeError
 from tledge.rundir import write_json, write_text
@@ -120,9 +123,6 @@ def _resolved_size(data) -> tuple[int, int]:
 def describe_source(data, seed) -> dict:
     """What the cache key is made of, cheaply (a listing, a sha256, settings), and how to
     gather the images when the cache has no entry: {identity, where, extra, gather}."""
-    from tledge.data.cifar10 import describe_cifar10
-    from tledge.data.csv_source import describe_csv
-    from tledge.data.npz_source import describe_npz
     describers = {"synthetic": _synthetic, "folder": _folder, "csv": describe_csv,
                   "npz": describe_npz, "cifar10": describe_cifar10}
     if data.source not in describers:

@@ -17,14 +17,30 @@ model starts from them, so a rebuild reproduces the artifact without searching a
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tledge.errors import ExportError, TledgeError, first_line
+from tledge.bench.core import summarize, time_runner
+from tledge.data import calibration_images
+from tledge.errors import ExportError, first_line, TledgeError
+from tledge.export.onnx import (_Images, float_proto, INT8_DEFAULTS, prepare_for_quantization,
+                                quantize)
+from tledge.export.tflite import _representative, int8_converter
+from tledge.model import load_model
+from tledge.parity import compare, predict_all
+from tledge.quiet import quiet
+from tledge.run_inputs import run_splits
+from tledge.rundir import find_artifact, read_manifest, verified_artifact
+from tledge.runners import RUNTIMES, runtimes_for
+
+# TensorFlow, onnx and ONNX Runtime are imported inside the functions that use them: the CLI imports this
+# module at start-up, and they take seconds to load.
 
 DIAGNOSIS_IMAGES = 64       # calibration images the per-layer comparison runs on
 FLOAT_LAYER_STEPS = (1, 2, 4, 8, 16)  # how many of the worst layers to keep in float
@@ -33,7 +49,6 @@ FLOAT_LAYER_STEPS = (1, 2, 4, 8, 16)  # how many of the worst layers to keep in 
 def defaults(family: str) -> dict:
     """The settings of a plain int8 export of a family."""
     if family == "onnx":
-        from tledge.export.onnx import INT8_DEFAULTS
         return {"calibration_samples": None, **INT8_DEFAULTS}
     return {"calibration_samples": None, "float_layers": []}
 
@@ -79,7 +94,6 @@ class Judge:
     threads: int | None = None
 
     def __call__(self, path, fmt, spec, thresholds) -> dict:
-        from tledge.parity import compare, predict_all
         runner = self._load(path, fmt, spec)
         try:
             probabilities = predict_all(runner, self.images)
@@ -110,12 +124,10 @@ class Judge:
             runner.close()
 
     def _load(self, path, fmt, spec):
-        from tledge.runners import RUNTIMES, runtimes_for
         return RUNTIMES[runtimes_for(fmt.family)[0]].load(
             path, {**spec, "precision": fmt.precision}, self.threads, "cpu")
 
     def _p50(self, runner, seconds=0.5) -> float:
-        from tledge.bench.core import summarize, time_runner
         _, samples = time_runner(runner, runner.prepare(self.images[:1]), warmup=30,
                                  min_runs=100, min_seconds=seconds)
         return summarize(samples, 1)["p50_ms"]
@@ -303,11 +315,7 @@ def diagnose_tflite(model, calibration, *, int8_io="uint8", settings=None) -> di
     debugger run on calibration images: each op's output compared with the same op in float
     given the same inputs, as RMSE over the quantization step (about 0.29 is rounding alone;
     much more means clipping or a badly fitting range)."""
-    import csv
-    import io
     import tensorflow as tf
-    from tledge.export.tflite import _representative, int8_converter
-    from tledge.quiet import quiet
     images = np.asarray(calibration)[:DIAGNOSIS_IMAGES]
     converter = int8_converter(model, calibration, int8_io)
     with quiet():
@@ -323,7 +331,7 @@ def diagnose_tflite(model, calibration, *, int8_io="uint8", settings=None) -> di
                        "error": _round(np.sqrt(mse) / scale) if scale > 0 else None})
     if layers:  # kept in float, the first layer would leave the input float: never chosen
         layers[0]["reads_input"] = True
-    return {"format": "tflite", "metric": "RMSE / quantization step, op by op",
+    return {"family": "tflite", "metric": "RMSE / quantization step, op by op",
             "images": len(images), "settings": settings or {}, "layers": layers}
 
 
@@ -337,8 +345,6 @@ def diagnose_onnx(model, calibration, *, settings=None) -> dict:
     from onnxruntime.quantization.qdq_loss_debug import (collect_activations,
                                                          create_activation_matching,
                                                          modify_model_output_intermediate_tensors)
-    from tledge.export.onnx import (_Images, float_proto, prepare_for_quantization, quantize)
-    from tledge.quiet import quiet
     images = np.asarray(calibration)[:DIAGNOSIS_IMAGES]
     with tempfile.TemporaryDirectory(prefix="tledge-int8-diagnosis-") as folder, quiet():
         folder = Path(folder)
@@ -380,7 +386,7 @@ def diagnose_onnx(model, calibration, *, settings=None) -> dict:
                        "op": "+".join(item.op_type for item in group),
                        "error": _round(max(drift[produced[0]] - inherited, 0.0)),
                        "drift": _round(drift[produced[0]])})
-    return {"format": "onnx", "metric": "relative error added by the layer",
+    return {"family": "onnx", "metric": "relative error added by the layer",
             "images": len(images), "settings": settings or {}, "layers": layers}
 
 
@@ -391,16 +397,12 @@ def _round(value):
 def diagnose_entry(run_dir, entry, recipe) -> dict:
     """The per-layer diagnosis of a run's int8 artifact made with its recorded settings (for
     one that failed parity in the validate stage without having been diagnosed at export)."""
-    from tledge.data import calibration_images
-    from tledge.model import load_model
-    from tledge.run_inputs import run_splits
-    from tledge.rundir import find_artifact, read_manifest, verified_artifact
     manifest = read_manifest(run_dir)
     model = load_model(verified_artifact(run_dir, find_artifact(manifest, "keras")))
-    settings = (entry.get("quantization") or {}).get("settings") or defaults(entry["format"])
+    settings = (entry.get("quantization") or {}).get("settings") or defaults(entry["family"])
     calibration = calibration_images(run_splits(run_dir, recipe),
                                      settings.get("calibration_samples")
                                      or recipe.export.calibration_samples, seed=recipe.seed)
-    if entry["format"] == "onnx":
+    if entry["family"] == "onnx":
         return diagnose_onnx(model, calibration, settings=settings)
     return diagnose_tflite(model, calibration, int8_io=recipe.export.int8_io, settings=settings)

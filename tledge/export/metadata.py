@@ -25,6 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from tledge.errors import ArtifactError, ExportError, first_line
+from tledge.export import tflite_standard as standard
+from tledge.model import INPUT_NAME, OUTPUT_NAME
+from tledge.rundir import atomic_path
+
+# TensorFlow and onnx are imported inside the functions that use them: the CLI imports this
+# module at start-up, and they take seconds to load.
 
 KEY = "tledge"
 _TFLITE_IDENTIFIER = b"TFL3"
@@ -77,7 +83,6 @@ def embed_tflite(path, metadata: dict, about: dict | None = None) -> Path:
             would break.
     """
     from tensorflow.lite.python import schema_py_generated as schema
-    from tledge.export import tflite_standard as standard
     path = Path(path)
     data = path.read_bytes()
     model = _tflite_object(path, schema, data)
@@ -119,7 +124,6 @@ def _name_inputs_and_outputs(model) -> None:
     """`image` in, `probabilities` out, as in the ONNX file and the manifest: the tensors and
     the signature (the converter calls them serving_default_image:0 and StatefulPartitionedCall
     / output_0). Names only: the graph is untouched."""
-    from tledge.model import INPUT_NAME, OUTPUT_NAME
     for subgraph in model.subgraphs or []:
         if len(subgraph.inputs) == 1 and len(subgraph.outputs) == 1:
             subgraph.tensors[subgraph.inputs[0]].name = INPUT_NAME
@@ -252,6 +256,5 @@ def _name(value) -> str:
 
 
 def _replace(path: Path, data: bytes) -> None:
-    from tledge.rundir import atomic_path
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from tledge.errors import ExportError, first_line
+from tledge.export.tflite import pinned_calibration
 from tledge.model import INPUT_NAME, OUTPUT_NAME
+
+# TensorFlow, tf2onnx, onnx and ONNX Runtime are imported inside the functions that use them: the CLI imports this
+# module at start-up, and they take seconds to load.
 
 OPSET = 17
 
@@ -37,7 +42,6 @@ def export_onnx(model, path, *, precision: str, calibration=None, settings=None)
         from onnxruntime.transformers.float16 import convert_float_to_float16
         proto = convert_float_to_float16(proto, keep_io_types=True)
     if precision == "int8":
-        import tempfile
         with tempfile.TemporaryDirectory(prefix="tledge-onnx-") as folder:
             prepared = prepare_for_quantization(proto, folder)
             quantize(prepared, path, calibration, settings)
@@ -113,7 +117,6 @@ class _Images:
     """Calibration images fed one at a time, pinned to the full 0-255 input range."""
 
     def __init__(self, images, pin=True):
-        from tledge.export.tflite import pinned_calibration
         images = pinned_calibration(images) if pin else np.asarray(images, np.float32)
         self._images = iter(images)
 

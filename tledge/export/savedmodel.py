@@ -5,6 +5,9 @@ from __future__ import annotations
 from tledge.errors import ExportError, first_line
 from tledge.model import INPUT_NAME, OUTPUT_NAME
 
+# TensorFlow is imported inside the functions that use it: the CLI imports this
+# module at start-up, and it takes seconds to load.
+
 
 def export_savedmodel(model, path, *, precision: str, calibration=None) -> dict:
     """Write the model as a SavedModel folder at `path` (float32: [batch, H, W, 3] in)."""

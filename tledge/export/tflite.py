@@ -6,6 +6,9 @@ import numpy as np
 
 from tledge.errors import ExportError, first_line
 
+# TensorFlow and LiteRT are imported inside the functions that use them: the CLI imports this
+# module at start-up, and they take seconds to load.
+
 
 INT8_IO = ("uint8", "int8", "float32")
 

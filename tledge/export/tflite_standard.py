@@ -12,7 +12,7 @@ schema version 1.5.0), with the `flatbuffers` package TensorFlow already depends
 numbers are the schema's vtable slots. What tledge writes uses only 1.0.0 features, so
 `min_parser_version` is "1.0.0" and every client since the first reads it.
 
-The input contract (DESIGN: raw 0-255 RGB pixels, preprocessing inside the graph) is said as
+The input contract (docs/architecture.md: raw 0-255 RGB pixels, preprocessing inside the graph) is said as
 mean 0, std 1: a client feeds pixels as they are.
 """
 

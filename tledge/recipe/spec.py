@@ -215,7 +215,6 @@ class ValidateRecipe:
 
     def tolerance(self, format_name: str) -> dict:
         """Thresholds for one artifact: its own table, then the top level, then the default."""
-        from tledge.formats import FORMATS
         chosen = dict(FORMATS[format_name].tolerance)
         for source in (self, self.per_format.get(format_name)):
             if source is None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import html
+import re
 from pathlib import Path
 
-from tledge.report import int8 as report_int8
+from tledge import plots
 from tledge.bench.stage import pick_name
 from tledge.plots import FIGURES
-from tledge.rundir import (BENCH, DEVICES, EXPLAIN, HISTORY, PARITY, RECIPE, REPORT,
-                           REPORT_HTML, SPLIT, artifacts, read_manifest, read_record, write_text)
+from tledge.report import int8 as report_int8
+from tledge.rundir import (artifacts, BENCH, DEVICES, EXPLAIN, HISTORY, PARITY, read_manifest,
+                           read_record, RECIPE, REPORT, REPORT_HTML, SPLIT, write_text)
 
 
 def md(value) -> str:
@@ -81,7 +85,6 @@ QUANTIZED = ("int8", "fp16", "dynamic")
 
 def draw_figures(run_dir, manifest, history, parity, bench) -> dict:
     """{key: (caption, path relative to the run)} of every figure the JSON files allow."""
-    from tledge import plots
     folder = Path(run_dir) / plots.FIGURES
     labels = manifest["labels"]
     rows = (bench or {}).get("rows", [])
@@ -152,9 +155,6 @@ def to_html(markdown_text: str, run_dir, title: str) -> str:
     dropped (the report has none of its own); an image is embedded only from the run's own
     `figures/` folder, and any other image is dropped.
     """
-    import base64
-    import html
-    import re
     import markdown
     converter = markdown.Markdown(extensions=["tables", "fenced_code"])
     converter.preprocessors.deregister("html_block")
@@ -613,7 +613,6 @@ def _recipe_section(run_dir) -> list[str]:
     if not path.is_file():
         return []
     text = path.read_text(encoding="utf-8").rstrip()
-    import re
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
     return ["## Recipe", "", "The resolved recipe (every default filled in):", "",
             f"{fence}toml", text, fence, ""]

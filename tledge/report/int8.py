@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tledge import plots
+from tledge.export.int8 import GRAPH_SETTINGS
 from tledge.rundir import artifacts
 
 
@@ -25,7 +27,6 @@ def needs_explaining(record, parity_row) -> bool:
 
 def draw(run_dir, manifest, parity_rows) -> dict:
     """{key: (caption, path)} of the per-layer error figures the section shows."""
-    from tledge import plots
     drawn = {}
     for entry, record in int8_records(manifest):
         if not needs_explaining(record, parity_rows.get(entry["name"])):
@@ -121,7 +122,6 @@ def sentence(record, parity_row, split="test") -> str:
 
 def same_kernels(row, plain) -> bool:
     """Whether an attempt runs the plain file's kernels (only numbers changed)."""
-    from tledge.export.int8 import GRAPH_SETTINGS
     return all((row.get("settings") or {}).get(key) == (plain.get("settings") or {}).get(key)
                for key in GRAPH_SETTINGS)
 

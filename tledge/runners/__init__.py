@@ -111,12 +111,12 @@ def load(artifact: dict, run_dir, runtime: str | None = None, *, threads: int | 
         RuntimeUnavailable: the runtime is not installed, cannot run this artifact, or
             the device is not present.
     """
-    runtime = runtime or runtimes_for(artifact["format"])[0]
+    runtime = runtime or runtimes_for(artifact["family"])[0]
     row = RUNTIMES.get(runtime)
     if row is None:
         raise RuntimeUnavailable(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
-    if artifact["format"] not in row.families:
-        raise RuntimeUnavailable(f"{runtime} does not run {artifact['format']} artifacts")
+    if artifact["family"] not in row.families:
+        raise RuntimeUnavailable(f"{runtime} does not run {artifact['family']} artifacts")
     path = verified_artifact(run_dir, artifact) if artifact.get("sha256") \
         else Path(run_dir) / artifact["path"]
     spec = {"input": artifact["input"], "output": artifact["output"],

@@ -6,8 +6,15 @@ every latency figure a lie; a traced function runs the same graph without it.
 
 from __future__ import annotations
 
+import os
+
+
 from tledge.errors import RuntimeUnavailable
+from tledge.model import load_model
 from tledge.runners import Runner
+
+# TensorFlow is imported where it is used: a skipped row says when it is missing, and it
+# takes seconds to import at CLI start-up.
 
 
 def unavailable(device, loader=None) -> str | None:
@@ -30,7 +37,6 @@ class KerasRunner(Runner):
         if reason:
             raise RuntimeUnavailable(reason)
         import tensorflow as tf
-        from tledge.model import load_model
         if threads is not None:
             _set_threads(tf, threads)
         self._device = "/GPU:0" if device == "gpu" else "/CPU:0"
@@ -56,7 +62,6 @@ def _set_threads(tf, threads):
         RuntimeUnavailable: the pool is already fixed at another size in this process, so a
             row labelled with `threads` would describe something else.
     """
-    import os
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)

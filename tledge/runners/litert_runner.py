@@ -1,7 +1,13 @@
-"""LiteRT runner: the `ai_edge_litert` interpreter with the XNNPACK delegate."""
+"""LiteRT runner: the `ai_edge_litert` interpreter with the XNNPACK delegate, or without it.
+
+The interpreter itself is `tledge.bench.core.TFLiteModel`, the same class bench_device.py
+runs on a device; this runner adds the runner contract (input and output specs, errors as
+`RuntimeUnavailable`) and keeps LiteRT's delegate announcements off the terminal.
+"""
 
 from __future__ import annotations
 
+from tledge.bench.core import TFLiteModel
 from tledge.errors import RuntimeUnavailable
 from tledge.quiet import quiet
 from tledge.runners import Runner
@@ -15,31 +21,19 @@ class LiteRTRunner(Runner):
         if device != "cpu":
             raise RuntimeUnavailable(f"the LiteRT runner runs on the CPU, not {device}")
         try:
-            from ai_edge_litert.interpreter import Interpreter, OpResolverType
+            with quiet():
+                # without the default delegates every operator runs on the builtin kernels
+                self.model = TFLiteModel(path, threads, "ai_edge_litert",
+                                         builtin_only=not xnnpack)
         except ImportError:
             raise RuntimeUnavailable("ai-edge-litert is not installed "
                                      "(pip install ai-edge-litert)") from None
-        # without the default delegates, every operator runs on LiteRT's builtin kernels
-        resolver = OpResolverType.AUTO if xnnpack else \
-            OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        with quiet():
-            self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
-                                           experimental_op_resolver_type=resolver)
-        self._input = self.interpreter.get_input_details()[0]["index"]
-        self._output = self.interpreter.get_output_details()[0]["index"]
-        self._batch = None
 
     def _run(self, prepared):
-        interpreter = self.interpreter
-        if prepared.shape[0] != self._batch:
-            # resizing re-plans the graph: done once per batch size, never per call
-            with quiet():  # LiteRT announces its XNNPACK delegate on stderr
-                interpreter.resize_tensor_input(self._input, list(prepared.shape), strict=False)
-                interpreter.allocate_tensors()
-            self._batch = prepared.shape[0]
-        interpreter.set_tensor(self._input, prepared)
-        interpreter.invoke()
-        return interpreter.get_tensor(self._output)
+        if prepared.shape[0] != self.model.batch:
+            with quiet():  # LiteRT announces its XNNPACK delegate on stderr when re-planning
+                self.model.resize(prepared.shape[0])
+        return self.model.run(prepared)
 
 
 def load_litert(path, spec, *, threads=None, device="cpu") -> LiteRTRunner:

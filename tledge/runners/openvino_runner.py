@@ -9,6 +9,10 @@ model is recorded (`executed`) in the parity and bench rows, so the row says wha
 
 from __future__ import annotations
 
+import importlib.util
+
+
+from tledge.bench.core import OpenVinoModel
 from tledge.errors import RuntimeUnavailable
 from tledge.quiet import quiet
 from tledge.runners import Runner
@@ -18,13 +22,14 @@ def unavailable(device, loader=None) -> str | None:
     """Why OpenVINO cannot run here (None when it can)."""
     if device != "cpu":
         return f"the OpenVINO runner runs on the CPU, not {device}"
-    import importlib.util
     if importlib.util.find_spec("openvino") is None:
         return "openvino is not installed (pip install 'tledge[openvino]' or openvino)"
     return None
 
 
 class OpenVINORunner(Runner):
+    """The compiled model is `tledge.bench.core.OpenVinoModel`, as on a device."""
+
     runtime = "openvino"
 
     def __init__(self, path, spec, threads, device):
@@ -32,22 +37,12 @@ class OpenVINORunner(Runner):
         reason = unavailable(device)
         if reason:
             raise RuntimeUnavailable(reason)
-        import openvino
-        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-        if threads is not None:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        if spec.get("precision") != "int8":
-            config["INFERENCE_PRECISION_HINT"] = "f32"  # run the fp32 artifact as fp32
-        core = openvino.Core()
         with quiet():
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-        self.request = self.compiled.create_infer_request()
-        precision = self.compiled.get_property("INFERENCE_PRECISION_HINT")
-        self.executed = f"inference precision {getattr(precision, 'get_type_name', str)()}"
+            self.model = OpenVinoModel(path, threads, precision=spec.get("precision"))
+        self.executed = self.model.executed
 
     def _run(self, prepared):
-        self.request.infer({0: prepared})
-        return self.request.get_output_tensor(0).data.copy()
+        return self.model.run(prepared)
 
 
 def load_openvino(path, spec, *, threads=None, device="cpu") -> OpenVINORunner:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from tledge.bench.core import OnnxModel
 from tledge.errors import RuntimeUnavailable
 from tledge.runners import Runner
+
+# onnxruntime is imported where it is used: it is optional (a missing or GPU-less build
+# is a skipped row, see `unavailable`), and slow to import at CLI start-up.
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider",
               "tensorrt": "TensorrtExecutionProvider"}
@@ -23,24 +27,16 @@ def unavailable(device, loader=None) -> str | None:
 
 
 class OnnxRuntimeRunner(Runner):
+    """The session is `tledge.bench.core.OnnxModel`, the class bench_device.py runs too."""
+
     runtime = "onnxruntime"
 
     def __init__(self, path, spec, threads, device):
         super().__init__(spec, threads, device)
-        try:
-            import onnxruntime
-        except ImportError:
-            raise RuntimeUnavailable("onnxruntime is not installed "
-                                     "(pip install onnxruntime)") from None
         reason = unavailable(device)
         if reason:
             raise RuntimeUnavailable(reason)
         provider = _PROVIDERS[device]
-        options = onnxruntime.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.log_severity_level = 3
         settings = {}
         if provider == "CUDAExecutionProvider" and spec.get("precision") != "int8":
             # CUDA runs float convolutions and matmuls in TF32 by default on Ampere and later
@@ -48,8 +44,8 @@ class OnnxRuntimeRunner(Runner):
             # H200, forty times the fp32 tolerance. Run the fp32 artifact as fp32, as the
             # OpenVINO runner does.
             settings["use_tf32"] = "0"
-        self.session = onnxruntime.InferenceSession(str(path), options,
-                                                    providers=[(provider, settings)])
+        self.model = OnnxModel(path, threads, provider=provider, settings=settings)
+        self.session = self.model.session
         if provider not in self.session.get_providers():
             # An execution provider that is listed but cannot load (CUDA or cuDNN libraries
             # missing, TensorRT absent) makes ONNX Runtime fall back to the CPU with a warning:
@@ -60,10 +56,9 @@ class OnnxRuntimeRunner(Runner):
                 f"{', '.join(self.session.get_providers())}")
         if settings:
             self.executed = ", ".join(f"{key} {value}" for key, value in settings.items())
-        self._input = self.session.get_inputs()[0].name
 
     def _run(self, prepared):
-        return self.session.run(None, {self._input: prepared})[0]
+        return self.model.run(prepared)
 
 
 def load_onnxruntime(path, spec, *, threads=None, device="cpu") -> OnnxRuntimeRunner:

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tledge.model import predict_in_batches
 from tledge.rundir import atomic_path, sha256
+
+# Keras is imported inside the functions that use it: the CLI imports this
+# module at start-up, and it takes seconds to load.
 
 BATCH = 64
 
@@ -45,7 +49,6 @@ def feature_extractor(model, name="features"):
 
 
 def compute_features(extractor, images, batch=BATCH) -> np.ndarray:
-    from tledge.model import predict_in_batches
     return predict_in_batches(extractor, images, batch)
 
 

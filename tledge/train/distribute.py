@@ -15,6 +15,9 @@ import warnings
 
 from tledge.errors import TrainError
 
+# TensorFlow and Keras are imported inside the functions that use them: the CLI imports this
+# module at start-up, and they take seconds to load.
+
 
 def strategy_for(train):
     """The tf.distribute strategy a `TrainRecipe` asks for (the default one for "none").

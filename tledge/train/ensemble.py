@@ -22,7 +22,16 @@ import dataclasses
 
 import numpy as np
 
+from tledge.data.feed import training_batches, validation_batches
 from tledge.errors import TrainError
+from tledge.model import load_model, predict_in_batches
+from tledge.recipe.spec import PhaseRecipe
+from tledge.train.bottlenecks import compute_features, feature_extractor
+from tledge.train.loop import fit_phase, steps_per_epoch
+from tledge.train.stage import evaluate
+
+# Keras is imported inside the functions that use it: the CLI imports this
+# module at start-up, and it takes seconds to load.
 
 
 def train_ensemble(recipe, splits, members, *, verbose="auto", log=print):
@@ -32,8 +41,6 @@ def train_ensemble(recipe, splits, members, *, verbose="auto", log=print):
         TrainError: the members were trained on other classes, or in another order.
     """
     import keras
-    from tledge.model import load_model, predict_in_batches
-    from tledge.train.stage import evaluate
     for member in members:
         if tuple(member["labels"]) != tuple(splits.class_names):
             raise TrainError(f"member {member['name']} ({member['recipe']}) knows the classes "
@@ -107,10 +114,6 @@ def fit_weights(probabilities, labels, *, steps=2000, rate=0.5) -> np.ndarray:
 def _concat(recipe, splits, models, inputs, branches, verbose, log):
     """A new head on the members' concatenated pooled features, members frozen."""
     import keras
-    from tledge.train.bottlenecks import compute_features, feature_extractor
-    from tledge.data.feed import make_dataset
-    from tledge.train.loop import fit_phase, steps_per_epoch
-    from tledge.recipe.spec import PhaseRecipe
     settings = recipe.ensemble.concat
     for model in models:
         model.trainable = False
@@ -131,11 +134,8 @@ def _concat(recipe, splits, models, inputs, branches, verbose, log):
     steps = steps_per_epoch(len(splits.y_train), batch)
 
     def data(x_train, x_val):
-        train = make_dataset(x_train, splits.y_train, splits.num_classes, batch_size=batch,
-                             seed=recipe.seed, shuffle=True)
-        val = make_dataset(x_val, splits.y_val, splits.num_classes, batch_size=batch,
-                           seed=recipe.seed) if len(splits.y_val) else None
-        return train, val
+        return (training_batches(splits, x_train, batch_size=batch, seed=recipe.seed),
+                validation_batches(splits, x_val, batch_size=batch, seed=recipe.seed))
     head_phase = PhaseRecipe(epochs=settings.epochs, learning_rate=settings.learning_rate)
     phases = [fit_phase(head, "concat_head", head_phase, *data(train_features, val_features),
                         train_count=len(splits.y_train), steps_per_epoch=steps,

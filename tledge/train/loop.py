@@ -12,13 +12,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from tledge.train.phase import (PhaseResult, current_learning_rate, learning_rate,
-                          make_optimizer, skipped)
+from tledge.errors import first_line
+from tledge.rundir import atomic_path, write_json
+from tledge.train.multi_worker import fit_across_workers
+from tledge.train.phase import (current_learning_rate, learning_rate, make_optimizer, PhaseResult,
+                                skipped)
+
+# TensorFlow, Keras and h5py are imported inside the functions that use them: the CLI imports this
+# module at start-up, and they take seconds to load.
 
 
 def compile_for(model, phase, steps_per_epoch, *, jit_compile=False):
@@ -39,7 +47,6 @@ def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_pe
     if phase.epochs == 0:
         return skipped(name, "0 epochs")
     if _across_workers():
-        from tledge.train.multi_worker import fit_across_workers
         return fit_across_workers(model, name, phase, train_data, val_data,
                                   train_count=train_count, steps_per_epoch=steps_per_epoch,
                                   initial_epoch=initial_epoch,
@@ -48,7 +55,6 @@ def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_pe
     if store:
         damage = store.damage()
         if damage:
-            import warnings
             warnings.warn(f"the checkpoint of phase {name} in {store.folder} is damaged "
                           f"({damage}; a kill or a full disk?): discarded, the phase starts "
                           "again from its first epoch")
@@ -120,11 +126,10 @@ class _PhaseStore:
                 elif path.name.endswith(".h5"):
                     _read_every_array(path)
             except Exception as error:  # h5py raises OSError, KeyError, RuntimeError...
-                return f"{path.name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                return f"{path.name}: {first_line(error)}"
         return None
 
     def discard(self) -> None:
-        import shutil
         for path in (self.state_path, self.best_path, self.done_path, self.final_path):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.backup_dir, ignore_errors=True)
@@ -138,7 +143,6 @@ class _PhaseStore:
         return PhaseResult(**json.loads(self.done_path.read_text()))
 
     def save_finished(self, model, result) -> None:
-        from tledge.rundir import atomic_path, write_json
         with atomic_path(self.final_path) as temporary:
             model.save_weights(temporary)
         write_json(self.done_path, dataclasses.asdict(result))
@@ -149,7 +153,6 @@ class _PhaseStore:
         return None
 
     def write_state(self, model_weights_owner, state) -> None:
-        from tledge.rundir import atomic_path, write_json
         with atomic_path(self.best_path) as temporary:
             model_weights_owner.save_weights(temporary)
         write_json(self.state_path, state)

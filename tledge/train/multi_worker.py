@@ -22,6 +22,9 @@ import numpy as np
 from tledge.errors import TrainError
 from tledge.train.phase import PhaseResult, current_learning_rate, learning_rate, make_optimizer
 
+# TensorFlow and Keras are imported inside the functions that use them: the CLI imports this
+# module at start-up, and they take seconds to load.
+
 
 def fit_across_workers(model, name, phase, train_data, val_data, *, train_count,
                        steps_per_epoch, initial_epoch=0, log=print) -> PhaseResult:

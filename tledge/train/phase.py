@@ -7,6 +7,9 @@ import dataclasses
 
 import numpy as np
 
+# Keras is imported inside the functions that use it: the CLI imports this
+# module at start-up, and it takes seconds to load.
+
 
 @dataclasses.dataclass
 class PhaseResult:

@@ -10,13 +10,25 @@ off, tledge keeps the better weights and says so loudly.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import time
 import warnings
 
 import numpy as np
 
+from tledge.data.feed import (augmentation, class_weights, training_batches,
+                              validation_batches)
 from tledge.errors import TrainError
-from tledge.train.loop import PhaseResult, fit_phase, skipped, steps_per_epoch
-from tledge.model import build_backbone, build_classifier, find_backbone, is_pretrained
+from tledge.model import (build_backbone, build_classifier, find_backbone, is_pretrained,
+                          predict_in_batches)
+from tledge.recipe.spec import PhaseRecipe
+from tledge.train.bottlenecks import (bottleneck_key, cached_features, compute_features,
+                                      feature_extractor, head_model)
+from tledge.train.distribute import per_worker_input, precision, strategy_for
+from tledge.train.loop import fit_phase, PhaseResult, skipped, steps_per_epoch
+
+# Keras is imported inside the functions that use it: the CLI imports this
+# module at start-up, and it takes seconds to load.
 
 
 def train_model(recipe, splits, *, weights_file=None, verbose="auto", checkpoint_dir=None,
@@ -36,7 +48,6 @@ def train_model(recipe, splits, *, weights_file=None, verbose="auto", checkpoint
         WeightsError: the backbone weights cannot be obtained.
     """
     import keras
-    from tledge.train.distribute import precision, strategy_for
     if len(splits.y_train) == 0:
         raise TrainError("the training split is empty; lower data.val_fraction and "
                          "data.test_fraction or add images")
@@ -63,8 +74,6 @@ def train_model(recipe, splits, *, weights_file=None, verbose="auto", checkpoint
 
 def _train_phases(recipe, splits, model, backbone, *, weights_file, verbose, checkpoint_dir,
                   cache_dir, log, strategy):
-    from tledge.data.feed import augmentation, class_weights, make_dataset
-    from tledge.train.distribute import per_worker_input
     pretrained = is_pretrained(recipe)
     if not pretrained:
         _fast_batchnorm(backbone)
@@ -76,16 +85,13 @@ def _train_phases(recipe, splits, model, backbone, *, weights_file, verbose, che
 
     def datasets(train_x, val_x, with_augmentation):
         def train_input(batch_size, shard):
-            return make_dataset(train_x, splits.y_train, splits.num_classes,
-                                batch_size=batch_size, seed=recipe.seed, shuffle=True,
-                                weights=weights, shard=shard,
-                                augment=augment if with_augmentation else None)
+            return training_batches(splits, train_x, batch_size=batch_size, seed=recipe.seed,
+                                    weights=weights, shard=shard,
+                                    augment=augment if with_augmentation else None)
 
         train = per_worker_input(strategy, train_input, batch)
         # Every worker scores all of val (the same weights give the same number)
-        val = make_dataset(val_x, splits.y_val, splits.num_classes, batch_size=batch,
-                           seed=recipe.seed) if len(splits.y_val) else None
-        return train, val
+        return train, validation_batches(splits, val_x, batch_size=batch, seed=recipe.seed)
 
     if not len(splits.y_val):
         warnings.warn("the validation split is empty: best weights are chosen by training "
@@ -130,9 +136,6 @@ def _use_bottlenecks(recipe) -> bool:
 
 def _fit_on_bottlenecks(recipe, splits, model, datasets, weights_file, common, cache_dir, log):
     """Feature extraction on cached backbone features: the same head, many times faster."""
-    import time
-    from tledge.train.bottlenecks import (bottleneck_key, cached_features, compute_features,
-                                    feature_extractor, head_model)
     start = time.perf_counter()
     extractor = feature_extractor(model)
     if cache_dir is None:
@@ -171,7 +174,6 @@ def evaluate(model, images, labels, batch=64) -> float | None:
     """Top-1 accuracy of a Keras model on uint8 images (None when there are none)."""
     if not len(labels):
         return None
-    from tledge.model import predict_in_batches
     predicted = predict_in_batches(model, images, batch).argmax(axis=1)
     return float(np.mean(predicted == labels))
 
@@ -222,7 +224,6 @@ def unfreeze_top(backbone, unfreeze, backbone_name, *, batchnorm="frozen") -> in
     else:
         names = [layer.name for layer in layers]
         if unfreeze not in names:
-            import difflib
             close = difflib.get_close_matches(unfreeze, names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise TrainError(f"train.fine_tune.unfreeze: '{backbone_name}' has no layer "
@@ -243,10 +244,7 @@ def train_baseline(recipe, splits, *, verbose="auto", log=print):
     Returns:
         (summary, model): a JSON-able summary (phase, test accuracy, parameters) and the model.
     """
-    import time
     import keras
-    from tledge.data.feed import augmentation, make_dataset
-    from tledge.recipe.spec import PhaseRecipe
     settings = recipe.baseline
     baseline_recipe = dataclasses.replace(
         recipe, model=dataclasses.replace(recipe.model, backbone=settings.backbone,
@@ -258,11 +256,9 @@ def train_baseline(recipe, splits, *, verbose="auto", log=print):
     phase = PhaseRecipe(epochs=settings.epochs, learning_rate=settings.learning_rate,
                         optimizer=settings.optimizer, early_stopping=settings.early_stopping)
     batch = recipe.data.batch_size
-    train = make_dataset(splits.x_train, splits.y_train, splits.num_classes, batch_size=batch,
-                         seed=recipe.seed, shuffle=True,
-                         augment=augmentation(recipe.data.augment, recipe.seed))
-    val = make_dataset(splits.x_val, splits.y_val, splits.num_classes, batch_size=batch,
-                       seed=recipe.seed) if len(splits.y_val) else None
+    train = training_batches(splits, splits.x_train, batch_size=batch, seed=recipe.seed,
+                             augment=augmentation(recipe.data.augment, recipe.seed))
+    val = validation_batches(splits, splits.x_val, batch_size=batch, seed=recipe.seed)
     start = time.perf_counter()
     result = fit_phase(model, "baseline", phase, train, val, train_count=len(splits.y_train),
                        steps_per_epoch=steps_per_epoch(len(splits.y_train), batch),

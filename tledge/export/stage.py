@@ -1,0 +1,313 @@
+"""The export stage: every format the recipe lists, each recorded in the manifest.
+
+One exporter module per family (`tflite`, `onnx`), one `export_<family>` function each; the
+table in `tledge.formats` says which rows exist. A format that fails is recorded as failed
+with its reason, and the others still export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tledge.bench.core import machine_facts
+from tledge.data import calibration_images, IMAGE_SUFFIXES, load_images
+from tledge.errors import DataError, ExportError, first_line, RunDirError, TledgeError
+from tledge.export.int8 import diagnose_onnx, diagnose_tflite, Judge, quantize_with_repair
+from tledge.export.metadata import artifact_metadata, embed_onnx, embed_tflite
+from tledge.export.onnx import export_onnx
+from tledge.export.savedmodel import export_savedmodel
+from tledge.export.tflite import export_tflite, tflite_spec
+from tledge.formats import format_for, FORMATS
+from tledge.model import load_model
+from tledge.parity import predict_all
+from tledge.quiet import quiet
+from tledge.run_inputs import run_recipe, run_splits
+from tledge.rundir import (artifact_entry, artifacts, atomic_path, empty_manifest, failed_entry,
+                           find_artifact, read_manifest, record_stage, set_artifact, sha256,
+                           stage_hash, verified_artifact, write_manifest)
+from tledge.runners import load
+
+
+def _exporter(family):
+    """`export_<family>(model, path, *, precision, calibration, **options) -> specs`."""
+    if family == "tflite":
+        return export_tflite
+    if family == "onnx":
+        return lambda model, path, *, precision, calibration, settings=None, **_: export_onnx(
+            model, path, precision=precision, calibration=calibration, settings=settings)
+    if family == "savedmodel":
+        return lambda model, path, *, precision, calibration, **_: export_savedmodel(
+            model, path, precision=precision)
+    raise ExportError(f"no exporter for {family!r}")
+
+
+FAMILIES = tuple(dict.fromkeys(row.family for row in FORMATS.values() if row.family != "keras"))
+
+
+def requested_formats(recipe, only=None, precisions=None) -> list:
+    """The format rows to export.
+
+    Args:
+        only: families ("tflite", "onnx", "savedmodel", "all") or format names
+            ("tflite_int8"); None means every family.
+        precisions: narrow to these precisions, and add them even where the recipe does not
+            list them (an explicit request); None means what the recipe lists.
+    """
+    only = tuple(only or ("all",))
+    names = set(FORMATS) | set(FAMILIES) | {"all"}
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise ExportError(f"unknown format {unknown[0]!r}; choose from "
+                          f"{', '.join(sorted(names - {'keras'}))}")
+    wanted = lambda row: "all" in only or row.name in only or row.family in only  # noqa: E731
+    if precisions:
+        known = {row.precision for row in FORMATS.values()}
+        bad = [p for p in precisions if p not in known]
+        if bad:
+            raise ExportError(f"unknown precision {bad[0]!r}; choose from "
+                              f"{', '.join(sorted(known))}")
+        return [row for row in FORMATS.values() if row.family != "keras" and wanted(row)
+                and row.precision in precisions]
+    listed = [format_for("tflite", p) for p in recipe.export.tflite] + \
+             [format_for("onnx", p) for p in recipe.export.onnx] + \
+             ([format_for("savedmodel", "fp32")] if recipe.export.savedmodel else [])
+    return [row for row in listed if wanted(row)]
+
+
+def _embed(path, row, spec, manifest, about) -> dict:
+    """Labels, input contract, recipe hash and version inside the artifact itself (and, in a
+    .tflite, the standard metadata clients read); returns the specs read back from the file
+    as written (a .tflite's tensors are renamed `image` and `probabilities`)."""
+    if row.family not in ("tflite", "onnx"):  # a SavedModel folder: the manifest describes it
+        return spec
+    facts = artifact_metadata(labels=manifest["labels"], input_spec=spec["input"],
+                              recipe_hash=manifest["recipe"]["hash"], precision=row.precision,
+                              fmt_name=row.name)
+    if row.family == "onnx":
+        embed_onnx(path, facts)
+        return spec
+    embed_tflite(path, facts, about)
+    return tflite_spec(path)
+
+
+def about_model(recipe) -> dict:
+    """What a .tflite's standard metadata says of the model, from the recipe."""
+    return {"name": recipe.name, "description": recipe.description,
+            "author": recipe.export.author, "license": recipe.export.license}
+
+
+def export_run(run_dir, *, only=None, precisions=None, log=print) -> list[dict]:
+    """Export the run's trained model to every requested format; returns manifest entries."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    recipe = run_recipe(run_dir)
+    rows = requested_formats(recipe, only, precisions)
+    if not rows:
+        asked = ", ".join((only or ()) + tuple(precisions or ())) or "anything"
+        raise ExportError(f"the recipe of {run_dir} lists none of {asked}; add it under "
+                          f"[export] in {run_dir / 'recipe.toml'}, or name the precision "
+                          "with --precision")
+    reference = find_artifact(manifest, "keras")
+    if reference.get("status") != "ok":
+        raise RunDirError(f"{run_dir} has no trained model; run `tledge train` first")
+    model = load_model(verified_artifact(run_dir, reference))
+    calibration, plan = None, None
+    if any(row.precision == "int8" for row in rows):
+        splits = run_splits(run_dir, recipe)
+        calibration = calibration_images(splits, recipe.export.calibration_samples,
+                                         seed=recipe.seed)
+        plan = int8_plan(run_dir, manifest, recipe, splits, reference, log=log)
+    entries = export_artifacts(model, run_dir, manifest, rows, calibration=calibration,
+                               int8_io=recipe.export.int8_io, about=about_model(recipe),
+                               int8=plan, log=log)
+    default = not only and not precisions
+    earlier = [] if default else manifest["stages"].get("export", {}).get("formats", [])
+    # a partial export leaves the stage without a hash: the next build redoes it and what
+    # depends on it, and parity rows of rewritten files no longer match their sha256
+    record_stage(manifest, "export",
+                 formats=list(dict.fromkeys(earlier + [row.name for row in rows])),
+                 hash=stage_hash(manifest, recipe, "export") if default else None)
+    write_manifest(run_dir, manifest)
+    return entries
+
+
+@dataclasses.dataclass
+class Int8Plan:
+    """What an int8 export of a run needs to judge and repair itself (`tledge.export.int8`)."""
+    calibration_for: Callable  # count -> training images, the first `count` of one order
+    calibration_samples: int
+    train_images: int
+    judge: object  # an int8.Judge on the validation split; None with export.int8_repair off
+    thresholds: Callable  # format name -> parity thresholds
+    recorded: dict  # format name -> what its last export of this model kept
+    isa: str
+    max_attempts: int
+    max_seconds: float
+
+
+JUDGE_IMAGES = 2000  # at most this many validation images judge each int8 candidate
+
+
+def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int8Plan:
+    """The int8 plan of a run: candidates are judged on the validation split (test if there
+    is none) against the Keras model, in the runtime each format runs in."""
+    judge = None
+    if recipe.export.int8_repair == "auto":
+        split = "val" if len(splits.y_val) else "test"
+        images, labels = (splits.x_val, splits.y_val) if split == "val" \
+            else (splits.x_test, splits.y_test)
+        chosen = np.arange(len(labels))
+        if len(chosen) > JUDGE_IMAGES:  # a seeded sample, every class in its proportion
+            chosen = np.sort(np.random.default_rng(recipe.seed).choice(
+                len(chosen), JUDGE_IMAGES, replace=False))
+        images, labels = np.asarray(images[chosen]), np.asarray(labels)[chosen]
+        if len(labels):
+            runner = load(reference, run_dir)
+            judge = Judge(images, labels, predict_all(runner, images), split,
+                          threads=recipe.bench.threads[0])
+            runner.close()
+        else:
+            log("  int8: no validation or test images to judge int8 candidates on; "
+                "exported once, without repair")
+    recorded = {entry["name"]: {"settings": entry["quantization"]["settings"],
+                                "remedy": entry["quantization"]["remedy"],
+                                "diagnosis": entry["quantization"].get("diagnosis")}
+                for entry in artifacts(manifest) if isinstance(entry.get("quantization"), dict)
+                and entry["quantization"].get("model_sha256") == reference["sha256"]
+                and entry["quantization"].get("passed")
+                and isinstance(entry["quantization"].get("settings"), dict)}
+    return Int8Plan(
+        calibration_for=lambda count: calibration_images(
+            splits, count or recipe.export.calibration_samples, seed=recipe.seed),
+        calibration_samples=recipe.export.calibration_samples,
+        train_images=len(splits.y_train), judge=judge, thresholds=recipe.validate.tolerance,
+        recorded=recorded, isa=machine_facts()["isa"],
+        max_attempts=recipe.export.int8_repair_attempts,
+        max_seconds=recipe.export.int8_repair_seconds)
+
+
+def _export_int8(row, model, path, plan, *, int8_io, model_sha256, log):
+    """The int8 artifact of `row` at `path` (judged and repaired when the plan has a judge);
+    returns (specs, the entry's `quantization` record)."""
+    exporter = _exporter(row.family)
+
+    def export(settings, candidate):
+        with quiet():
+            return exporter(model, candidate, precision="int8", int8_io=int8_io,
+                            calibration=plan.calibration_for(settings.get("calibration_samples")),
+                            settings=settings)
+
+    def diagnose(settings):
+        log(f"    int8 {row.name}: measuring the error layer by layer")
+        calibration = plan.calibration_for(settings.get("calibration_samples"))
+        if row.family == "onnx":
+            return diagnose_onnx(model, calibration, settings=settings)
+        return diagnose_tflite(model, calibration, int8_io=int8_io, settings=settings)
+
+    record = quantize_with_repair(
+        row, export, path, judge=plan.judge, thresholds=plan.thresholds(row.name),
+        calibration_samples=plan.calibration_samples, train_images=plan.train_images,
+        isa=plan.isa, diagnose=diagnose, recorded=plan.recorded.get(row.name),
+        max_attempts=plan.max_attempts, max_seconds=plan.max_seconds, log=log)
+    record["model_sha256"] = model_sha256
+    return record.pop("spec"), record
+
+
+def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_io="uint8",
+                     about=None, int8=None, log=print) -> list[dict]:
+    """Write each format of `rows` into `run_dir` and enter it in `manifest` (not saved).
+    `about` is what a .tflite's standard metadata says of the model (`about_model`); `int8`
+    an `Int8Plan` (a run's export: int8 judged, repaired and explained), else int8 is
+    exported once with the default settings on `calibration`."""
+    entries = []
+    model_sha256 = find_artifact(manifest, "keras").get("sha256") if int8 else None
+    for row in rows:
+        path = Path(run_dir) / row.file_name
+        start = time.perf_counter()
+        try:
+            if row.precision == "int8" and calibration is None:
+                raise ExportError("int8 needs calibration images (--calibration-dir)")
+            extra = {}
+            with atomic_path(path) as temporary:
+                if row.precision == "int8" and int8 is not None:
+                    spec, extra["quantization"] = _export_int8(
+                        row, model, temporary, int8, int8_io=int8_io,
+                        model_sha256=model_sha256, log=log)
+                    extra["calibration_samples"] = \
+                        extra["quantization"]["settings"].get("calibration_samples") \
+                        or len(calibration)
+                else:
+                    with quiet():
+                        spec = _exporter(row.family)(model, temporary, precision=row.precision,
+                                                     calibration=calibration, int8_io=int8_io)
+                    if row.precision == "int8":
+                        extra["calibration_samples"] = len(calibration)
+                with quiet():
+                    spec = _embed(temporary, row, spec, manifest, about)
+            entry = artifact_entry(run_dir, path, row, recipe_hash=manifest["recipe"]["hash"],
+                                   labels=manifest["labels"], input_spec=spec["input"],
+                                   output_spec=spec["output"],
+                                   export_seconds=round(time.perf_counter() - start, 2), **extra)
+            log(f"  {row.name:<16} {entry['path']}  {entry['size_bytes'] / 1024:,.0f} KiB  "
+                f"{entry['export_seconds']:.1f} s")
+            kept = entry.get("quantization") or {}
+            if kept.get("remedy", "plain") != "plain" or kept.get("passed") is False:
+                log(f"  {'':<16} kept: {kept['remedy']}" + (
+                    "" if kept["passed"] else " (the closest candidate; it still fails "
+                    f"parity on the {kept['split']} split)"))
+        except Exception as error:  # one failed format must not stop the others
+            reason = first_line(error) if isinstance(error, TledgeError) else \
+                f"{type(error).__name__}: {first_line(error)}"
+            entry = failed_entry(row, reason)
+            log(f"  {row.name:<16} FAILED: {reason}")
+        set_artifact(manifest, entry)
+        entries.append(entry)
+    return entries
+
+
+def export_model_file(model_path, out_dir=None, *, only=None, precisions=None,
+                      calibration_dir=None, calibration_samples=200, int8_io="uint8",
+                      log=print):
+    """Export a Keras model tledge did not train; returns (out_dir, manifest entries).
+
+    The model must follow tledge's input contract: raw 0-255 RGB pixels in (its own
+    preprocessing inside), probabilities out. Calibration images for int8 come from
+    `calibration_dir` (any images, in sub-folders or not), read by tledge's loader.
+    """
+    model_path = Path(model_path)
+    model = load_model(model_path)
+    out_dir = Path(out_dir) if out_dir else model_path.with_name(f"{model_path.stem}_export")
+    rows = [row for row in FORMATS.values() if row.family != "keras"]
+    if only or precisions:
+        rows = requested_formats(None, only, precisions or
+                                 tuple(dict.fromkeys(row.precision for row in rows)))
+    calibration = None
+    if any(row.precision == "int8" for row in rows) and calibration_dir:
+        files = sorted(p for p in Path(calibration_dir).rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES)[:calibration_samples]
+        if not files:
+            raise DataError(f"{calibration_dir}: no images to calibrate int8 with")
+        calibration = load_images(files, tuple(model.input_shape[1:3]))
+        if len(files) < calibration_samples:
+            warnings.warn(f"calibrating with {len(files)} images from {calibration_dir} "
+                          f"(asked for {calibration_samples})")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunDirError(f"cannot write to {out_dir}: {error.strerror}; choose another "
+                          "folder with --out") from None
+    classes = int(model.output_shape[-1])
+    manifest = empty_manifest({"name": model_path.stem, "source": str(model_path.resolve()),
+                               "hash": sha256(model_path)[:16]},
+                              [str(index) for index in range(classes)],
+                              tuple(model.input_shape[1:3]))
+    entries = export_artifacts(model, out_dir, manifest, rows, calibration=calibration,
+                               int8_io=int8_io, about={"name": model_path.stem}, log=log)
+    write_manifest(out_dir, manifest)
+    return out_dir, entries
