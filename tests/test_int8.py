@@ -154,6 +154,7 @@ def test_onnx_diagnosis_names_nodes_that_can_be_kept_in_float(model_and_images, 
 
 def _repair(model, calibration, images, labels, tmp_path, *, fmt, thresholds, **options):
     from tledge.export.stage import _exporter
+    tmp_path.mkdir(parents=True, exist_ok=True)
     from tledge.export.int8 import Judge, diagnose_onnx, diagnose_tflite, quantize_with_repair
     reference = model(images.astype(np.float32), training=False).numpy()
     judge = Judge(images, labels, reference, "test")
@@ -195,6 +196,39 @@ def test_a_search_that_cannot_pass_is_bounded_and_keeps_the_closest(name, model_
     assert record["settings"] == best(attempts, _fast_enough(attempts[0]))["settings"]
     assert (tmp_path / f"kept{FORMATS[name].suffix}").is_file()
     assert record["diagnosis"] and record["diagnosis"]["layers"]
+
+
+def test_the_agreement_lower_bound_is_wilsons():
+    from tledge.export.int8 import agreement_lower_bound
+    assert agreement_lower_bound(0.5, 100) == pytest.approx(0.4189, abs=2e-4)  # tabulated
+    # the quickstart's narrow pass: 189 of 192 validation images, then 0.965 on test
+    assert agreement_lower_bound(189 / 192, 192) < 0.97 < 189 / 192
+    assert agreement_lower_bound(189 / 192, 2000) > 0.97  # the same rate on more images
+    assert agreement_lower_bound(1.0, 192) > 0.98
+
+
+@pytest.mark.parametrize("name", ["tflite_int8", "onnx_int8"])
+def test_a_narrow_pass_tries_the_remedies_that_change_no_kernel(name, model_and_images,
+                                                              tmp_path):
+    from tledge.export.int8 import GRAPH_SETTINGS, _fast_enough, _score
+    model, calibration, images, labels = model_and_images
+    lenient = {"max_accuracy_drop": 1.0, "min_agreement": 0.0, "max_abs_diff": None}
+    first, _ = _repair(model, calibration, images, labels, tmp_path / "a", fmt=FORMATS[name],
+                       thresholds=lenient)
+    assert len(first["attempts"]) == 1 and not first["narrow"]  # a pass by a wide margin
+    # the plain file's own agreement as the threshold: it passes, but no lower bound clears it
+    exact = {**lenient, "min_agreement": first["attempts"][0]["agreement"]}
+    record, lines = _repair(model, calibration, images, labels, tmp_path / "b",
+                            fmt=FORMATS[name], thresholds=exact)
+    attempts = record["attempts"]
+    assert record["narrow"] and record["passed"] and any("narrow pass" in l for l in lines)
+    assert attempts[0]["remedy"] == "plain" and len(attempts) > 1
+    assert all(not set(row["settings"]) & set(GRAPH_SETTINGS) or
+               all(row["settings"][key] == attempts[0]["settings"].get(key)
+                   for key in GRAPH_SETTINGS if key in row["settings"]) for row in attempts)
+    fast = _fast_enough(attempts[0])
+    kept = max(attempts, key=lambda row: _score(row, fast))
+    assert record["settings"] == kept["settings"]
 
 
 def test_recorded_settings_are_tried_first_and_reproduce_without_searching(model_and_images,

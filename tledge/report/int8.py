@@ -83,6 +83,9 @@ def repair_note(manifest, name) -> str:
                   None)
     if not record or record.get("remedy") == "plain" or not record.get("passed"):
         return ""
+    if record.get("narrow"):
+        return (f" Its plain int8 export passed only narrowly; it ships with "
+                f"{record['remedy']}, which agrees more (see Quantization).")
     return (f" Its plain int8 export failed parity; it passes with {record['remedy']} "
             "(see Quantization).")
 
@@ -105,7 +108,6 @@ def sentence(record, parity_row, split="test") -> str:
     if plain.get("remedy") != "plain":  # a rebuild reproduced an earlier repair
         return (f"reproduced the settings an earlier export kept ({record['remedy']})"
                 + final + ".")
-    why = "; ".join(plain.get("problems") or []) or "it failed parity"
     cost = ""
     if same_kernels(kept, plain):
         cost = ", the same kernels as the plain file, so the same speed"
@@ -113,9 +115,15 @@ def sentence(record, parity_row, split="test") -> str:
         change = kept["p50_ms"] / plain["p50_ms"] - 1
         cost = (f", p50 {kept['p50_ms']:.3f} ms against {plain['p50_ms']:.3f} ms "
                 + ("unrepaired" if abs(change) < 0.005 else f"unrepaired, {change:+.0%}"))
+    kept_name = "the plain export itself" if record["remedy"] == "plain" else record["remedy"]
+    if record.get("narrow"):
+        return (f"the plain export passed only narrowly (agreement {plain.get('agreement', 0):.4f}"
+                f" on the {record.get('split') or 'validation'} split, too few images to "
+                f"trust a margin that thin); of the remedies that change no kernel, kept "
+                f"{kept_name} (agreement {kept.get('agreement', 0):.4f}{cost}){final}.")
+    why = "; ".join(plain.get("problems") or []) or "it failed parity"
     outcome = "repaired by" if record.get("passed") else \
         "no remedy passed; kept the closest attempt,"
-    kept_name = "the plain export itself" if record["remedy"] == "plain" else record["remedy"]
     return (f"the plain export failed ({why}); {outcome} {kept_name} "
             f"(agreement {kept.get('agreement', 0):.4f}{cost}){final}.")
 
