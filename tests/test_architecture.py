@@ -22,7 +22,8 @@ LAYERS = [
                    "tledge.runners.", "tledge.plots", "tledge.run_inputs"]),
     ("stages", ["tledge.train", "tledge.train.", "tledge.export", "tledge.export.",
                 "tledge.validate", "tledge.bench", "tledge.bench.", "tledge.explain",
-                "tledge.report", "tledge.report.", "tledge.predict", "tledge.inspection"]),
+                "tledge.report", "tledge.report.", "tledge.predict", "tledge.inspection",
+                "tledge.domains"]),
     ("orchestration", ["tledge.stages"]),
     ("interface", ["tledge.cli", "tledge.__main__", "tledge"]),
 ]

@@ -68,11 +68,19 @@ def test_tflite_diagnosis_ranks_layers_and_keeping_them_float_keeps_raw_pixel_io
     assert len(layers) >= 5 and all(layer["error"] is None or layer["error"] >= 0
                                     for layer in layers)
     worst = worst_layers(diagnosis, 2)
-    # the first layer reads the input: kept in float it would make the input float, so it is
-    # never offered
-    assert layers[0]["reads_input"] and layers[0] not in worst_layers(diagnosis, len(layers))
+    # the first layer reads the input and the last writes the output: kept in float either
+    # would break the uint8 contract, so neither is ever offered
+    offered = worst_layers(diagnosis, len(layers))
+    assert layers[0]["reads_input"] and layers[0] not in offered
+    assert layers[-1]["writes_output"] and layers[-1] not in offered
     assert worst[0]["error"] >= worst[1]["error"] >= max(
-        layer["error"] for layer in layers[1:] if layer not in worst and layer["error"] is not None)
+        layer["error"] for layer in layers[1:-1]
+        if layer not in worst and layer["error"] is not None)
+    # every layer that may be offered keeps the contract when all of them are kept in float
+    spec = export_tflite(model, tmp_path / "all.tflite", precision="int8",
+                         calibration=calibration,
+                         settings={"float_layers": [layer["name"] for layer in offered]})
+    assert spec["input"]["dtype"] == "uint8" and spec["output"]["dtype"] == "uint8"
 
     def float_tensors(path):
         interpreter = Interpreter(model_path=str(path))

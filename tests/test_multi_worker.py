@@ -19,12 +19,12 @@ from conftest import SMALL_RECIPE, write_recipe
 WORKER = """
 import json, sys
 import numpy as np
-import tledge.train.stage
+import tledge.stages
 from tledge.stages import train_run
 from tledge.recipe.load import load_recipe
 
 recipe_path, run_dir, observed = sys.argv[1:4]
-real = tledge.train.stage.train_model
+real = tledge.stages.train_model
 
 def observing(recipe, splits, **kwargs):
     model, history = real(recipe, splits, **kwargs)
@@ -35,7 +35,7 @@ def observing(recipe, splits, **kwargs):
                    "devices": history["devices"]}, handle)
     return model, history
 
-tledge.train.stage.train_model = observing
+tledge.stages.train_model = observing  # the name the train stage calls it by
 train_run(load_recipe(recipe_path), run_dir, verbose=0)
 """
 

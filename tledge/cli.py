@@ -18,6 +18,8 @@ from tledge.bench.core import parse_counts
 from tledge.bench.stage import bench_run, load_pick, pick_folder, pick_name
 from tledge.data import load_splits
 from tledge.data.cache import cache_root, clear_entries, list_entries
+from tledge.data.corruptions import CORRUPTIONS, corrupt_folder
+from tledge.domains import evaluate_run
 from tledge.errors import TledgeError
 from tledge.explain import explain_images, explain_run
 from tledge.export.stage import export_model_file, export_run
@@ -32,7 +34,7 @@ from tledge.report.document import report_run
 from tledge.rundir import (check_run_dir, find_artifact, read_manifest, RECIPE as RECIPE_FILE,
                            run_lock)
 from tledge.runners import RUNTIMES
-from tledge.stages import build as build_recipe, default_run_dir, train_run
+from tledge.stages import adapt_run, build as build_recipe, default_run_dir, train_run
 from tledge.validate import validate_run
 
 
@@ -138,6 +140,12 @@ def main():
       tledge bench models/quickstart
       tledge report models/quickstart
       tledge bundle models/quickstart --out pi.zip   benchmark on a device
+
+    \b
+    Another domain (another camera, light or line):
+      tledge evaluate models/quickstart --data photos/    the shift, in one number
+      tledge adapt models/quickstart --data photos/       AdaBN: adapt without labels
+      tledge corrupt photos/ photos_dim/ --corruption contrast
     """
 
 
@@ -490,6 +498,85 @@ def report(run_dir):
     Example: tledge report models/quickstart
     """
     click.echo(f"wrote {report_run(run_dir)}")
+
+
+@command(name="evaluate", lock="run_dir")
+@click.argument("run_dir", type=RUN_DIR)
+@click.option("--data", "data", required=True, metavar="DATA",
+              help="Other data with the run's classes: a folder of class sub-folders, a .csv or "
+                   ".npz file (every image is judged), or a recipe .toml (its [data] table: its "
+                   "test split is judged).")
+@click.option("--name", help="The domain's name in domains.json and the report (default: the "
+                             "folder's, file's or recipe's name).")
+def evaluate(run_dir, data, name):
+    """How much worse is the model on other data? The domain shift, in one number.
+
+    Runs the Keras model and every artifact that passed parity on DATA, in their real
+    runtimes: accuracy, per-class accuracy, confusion and agreement with the Keras model,
+    beside the accuracy on the run's own test split. Stored in domains.json under the domain's
+    name and shown in the report's Domains section.
+
+    \b
+    Examples: tledge evaluate models/quickstart --data photos_from_the_line/
+              tledge evaluate models/adapt_quickstart --data recipes/adapt_target.toml
+    """
+    result = evaluate_run(run_dir, data, name=name, log=click.echo)
+    keras_row = result["rows"][0]
+    if keras_row.get("source_accuracy") is not None:
+        click.echo(f"shift: {keras_row['source_accuracy']:.1%} on the source "
+                   f"{keras_row['source_split']} split, {keras_row['accuracy']:.1%} on "
+                   f"{name or Path(data).stem} "
+                   f"({100 * (keras_row['accuracy'] - keras_row['source_accuracy']):+.1f} points)")
+    click.echo(f"wrote {report_run(run_dir)}")
+
+
+@command(name="adapt")
+@click.argument("run_dir", type=RUN_DIR)
+@click.option("--data", "data", required=True, metavar="TARGET",
+              help="The target domain: a recipe .toml (its training split adapts, its test "
+                   "split judges), or a folder, .csv or .npz of images with the run's classes "
+                   "(split like the run's data).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="The new run directory (default: <run>_adabn_<target> beside the run).")
+@click.option("--name", help="The target domain's name (default: the recipe's or folder's).")
+def adapt(run_dir, data, out, name):
+    """Adapt a trained run to another domain without labels (AdaBN).
+
+    Every BatchNorm layer's statistics are re-estimated on the target's training images
+    (their labels, if any, are never used to adapt); the weights are untouched. The adapted
+    model becomes a new run directory that records its parent, and is exported (int8
+    calibrated on target images), validated and benchmarked like any run. Its report shows
+    source and target accuracy before and after. A backbone without BatchNorm (VGG) cannot be
+    adapted this way: fine-tune it on a few labelled target images instead (model.head =
+    "keep").
+
+    \b
+    Example: tledge adapt models/adapt_quickstart --data recipes/adapt_target.toml
+    """
+    run, parity = adapt_run(run_dir, data, out=out, name=name, log=click.echo)
+    _exit_on_parity(parity)
+
+
+@command(needs_tensorflow=False, name="corrupt")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--corruption", required=True, type=click.Choice(list(CORRUPTIONS)),
+              help="What the other camera or light does to the images.")
+@click.option("--severity", type=click.IntRange(1, 5), default=3, show_default=True,
+              help="1 (mild) to 5 (severe), as in the standard corruption benchmark.")
+@click.option("--seed", type=int, default=0, show_default=True, help="For the noise.")
+def corrupt(source, out, corruption, severity, seed):
+    """Write a shifted copy of a folder of class sub-folders, to measure robustness.
+
+    Every image is read, corrupted and written as PNG under OUT with the same sub-folders
+    (JPEG for the jpeg corruption, at its quality), so `tledge evaluate RUN --data OUT` says
+    how the model holds up before it meets such images for real.
+
+    \b
+    Example: tledge corrupt photos/ photos_dim/ --corruption contrast --severity 3
+    """
+    count = corrupt_folder(source, out, corruption, severity, seed=seed, log=click.echo)
+    click.echo(f"wrote {count} images to {out} ({corruption}, severity {severity})")
 
 
 def _exit_on_parity(parity) -> None:

@@ -12,7 +12,8 @@ import zipfile
 from pathlib import Path
 
 from tledge.backbones import BACKBONES, Backbone
-from tledge.errors import WeightsError, first_line
+from tledge.errors import RunDirError, WeightsError, first_line
+from tledge.rundir import read_manifest
 
 # TensorFlow and Keras are imported inside the functions that use them: the CLI imports this
 # module at start-up, and they take seconds to load.
@@ -120,6 +121,40 @@ def build_classifier(recipe, num_classes: int, backbone):
     outputs = layers.Dense(num_classes, activation="softmax", name=OUTPUT_NAME,
                            dtype="float32")(x)
     return keras.Model(inputs, outputs, name=recipe.name.replace(".", "_"))
+
+
+def keep_head(model, source_path, class_names) -> None:
+    """Give `model` the classification head of the trained model at `source_path`
+    (`model.head = "keep"`): a few labelled images of a new domain then adapt a head that
+    already knows the classes, instead of training one from nothing. Classes the source run
+    lists in another order are put in this data's order.
+
+    Raises:
+        WeightsError: the source has other classes, or a head of another shape.
+    """
+    source_path = Path(source_path)
+    source = load_model(source_path)
+    labels = None
+    try:
+        labels = read_manifest(source_path.parent)["labels"]
+    except RunDirError:  # a .keras file outside a run directory: its classes are not known
+        pass
+    head, theirs = model.get_layer(OUTPUT_NAME), source.get_layer(OUTPUT_NAME)
+    kernel, bias = theirs.get_weights()
+    if kernel.shape != tuple(head.kernel.shape):
+        raise WeightsError(f"model.head = \"keep\": the head of {source_path} maps "
+                           f"{kernel.shape[0]} features to {kernel.shape[1]} classes; this "
+                           f"model needs {tuple(head.kernel.shape)} (another backbone, width "
+                           f"or number of classes)")
+    if labels is not None:
+        if sorted(labels) != sorted(class_names):
+            raise WeightsError(
+                f"model.head = \"keep\": {source_path.parent.name} was trained on "
+                f"{', '.join(labels)}; this data has {', '.join(class_names)}: the head can "
+                "only be kept for the same classes (use model.head = \"new\")")
+        order = [list(labels).index(name) for name in class_names]
+        kernel, bias = kernel[:, order], bias[order]
+    head.set_weights([kernel, bias])
 
 
 def is_pretrained(recipe) -> bool:

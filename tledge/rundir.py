@@ -31,6 +31,7 @@ REPORT = "report.md"
 REPORT_HTML = "report.html"
 EXPLAIN = "explain.json"
 DEVICES = "devices.json"  # results measured on devices and imported (`tledge bench --import`)
+DOMAINS = "domains.json"  # evaluations on other data (`tledge evaluate`, `tledge adapt`)
 
 _LIBRARIES = ("tledge", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime",
               "ai-edge-litert", "numpy")
@@ -200,7 +201,8 @@ _RECORDS = {PARITY: ({"split": str, "images": int, "rows": list}, "validate"),
             SPLIT: ({"splits": dict, "fingerprint": str}, "train"),
             HISTORY: ({"phases": list}, "train"),
             EXPLAIN: ({"figures": list}, "explain"),
-            DEVICES: ({"devices": dict}, "bench {run} --import")}
+            DEVICES: ({"devices": dict}, "bench {run} --import"),
+            DOMAINS: ({"domains": dict}, "evaluate {run} --data DATA")}
 
 
 def read_record(path):

@@ -19,24 +19,27 @@ from pathlib import Path
 from tledge.bench.stage import bench_run, pick_name
 from tledge.data import load_splits
 from tledge.data.sources import BAD_IMAGES, prepared_entry
-from tledge.errors import RecipeError, RunDirError, TledgeError
+from tledge.domains import target_data, target_splits
+from tledge.errors import RecipeError, RunDirError, TledgeError, TrainError
 from tledge.explain import explain_is_current, explain_run
 from tledge.export.stage import export_run
 from tledge.formats import FORMATS
+from tledge.model import load_model
 from tledge.quiet import quiet
 from tledge.recipe.dump import stored_recipe_text
 from tledge.recipe.load import load_recipe, member_recipes
 from tledge.recipe.spec import PhaseRecipe, Recipe
 from tledge.report.document import baseline_warning, own_runtime_rows, report_run
-from tledge.run_inputs import run_recipe
+from tledge.run_inputs import evaluation_split, run_recipe, run_splits
 from tledge.rundir import (artifact_entry, atomic_path, BENCH, find_artifact, HISTORY, INNER_RUNS,
                            LOCK, MANIFEST, new_manifest, PARITY, portable, read_manifest,
                            read_record, RECIPE, record_stage, REPORT, run_lock, set_artifact,
                            sha256, SPLIT, stage_hash, stage_is_current, verified_artifact,
                            write_json, write_manifest, write_text)
+from tledge.train.adabn import adapt_batchnorm
 from tledge.train.distribute import worker_role
 from tledge.train.ensemble import train_ensemble
-from tledge.train.stage import train_baseline, train_model
+from tledge.train.stage import evaluate, train_baseline, train_model
 from tledge.validate import load_parity, validate_run
 
 MODELS_DIR = Path("models")
@@ -424,6 +427,14 @@ def _build_locked(recipe, run_dir, *, log, verbose, force):
         train_run(recipe, run_dir, log=log, verbose=verbose, restart=force, starting=starting)
     else:  # the sections after train may have changed, and the stored copy may be damaged:
         write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))  # later stages read it
+    parity = _after_training(run_dir, recipe, log=log, force=force, current=current)
+    log(f"built {recipe.name} in {time.perf_counter() - started:.0f} s")
+    return run_dir, parity
+
+
+def _after_training(run_dir, recipe, *, log, force, current):
+    """export, validate, bench (each skipped when `current`), explain and report of a run
+    whose model is trained (or adapted); returns its parity report."""
     runs = candidate_runs(run_dir)  # the baseline's stages run too, and it is benchmarked
     for stage, run in (("export", export_run), ("validate", validate_run),  # before the run
                        ("bench", bench_run)):  # itself, whose pick weighs both
@@ -443,5 +454,86 @@ def _build_locked(recipe, run_dir, *, log, verbose, force):
     log(f"== report {path}")
     if pick:
         log(f"pick: {pick_name(pick)} on {pick['runtime']} (p50 {pick['p50_ms']:.3f} ms)")
-    log(f"built {recipe.name} in {time.perf_counter() - started:.0f} s")
+    return parity
+
+
+# -- unsupervised adaptation to another domain (AdaBN) ------------------------------------
+
+
+def adapt_run(parent_dir, data_arg, *, out=None, name=None, log=print):
+    """A new run directory whose model is the run's model with every BatchNorm layer's
+    statistics re-estimated on the target domain's training images, unlabeled (AdaBN); then
+    exported (int8 calibrated on target images), validated and benchmarked like any run.
+    The target's labels, when it has them, only measure: source and target accuracy, before
+    and after. Returns (run_dir, parity report).
+
+    Raises:
+        TrainError: the model has no BatchNorm layer (the message says what to do instead).
+    """
+    parent_dir = Path(parent_dir)
+    parent_manifest = read_manifest(parent_dir)
+    parent = run_recipe(parent_dir)
+    if parent.ensemble is not None:
+        raise TrainError(f"{parent_dir} is a fused ensemble; adapt each member's run instead")
+    target = target_data(data_arg, parent, name)
+    if target.judged == "all":  # a folder or file: carved like the source run's data
+        target = dataclasses.replace(target, data=dataclasses.replace(
+            target.data, val_fraction=parent.data.val_fraction,
+            test_fraction=parent.data.test_fraction))
+    data = dataclasses.replace(target.data, batch_size=parent.data.batch_size,
+                               augment=parent.data.augment)
+    recipe = dataclasses.replace(
+        parent, name=f"{parent.name}_adabn_{target.name}".replace(" ", "_"), seed=target.seed,
+        description=f"{parent.name} adapted to {target.name} by AdaBN", data=data,
+        baseline=None)
+    run_dir = Path(out) if out else parent_dir.parent / recipe.name
+    started = time.perf_counter()
+    with run_lock(run_dir):
+        run_dir = prepare_run_dir(run_dir)
+        log(f"== adapt  {parent_dir} -> {run_dir} (AdaBN on {target.where})")
+        splits = target_splits(dataclasses.replace(target, data=data),
+                               parent_manifest["labels"], log=log)
+        reference = find_artifact(parent_manifest, "keras")
+        model = load_model(verified_artifact(parent_dir, reference))
+        source_x, source_y, source_split = evaluation_split(run_splits(parent_dir, parent))
+        target_x, target_y = (splits.x_test, splits.y_test) if len(splits.y_test) \
+            else (splits.x_train, splits.y_train)
+
+        def accuracies():
+            return {"source": evaluate(model, source_x, source_y),
+                    "target": evaluate(model, target_x, target_y)}
+        before = accuracies()
+        stats = adapt_batchnorm(model, splits.x_train, log=log)
+        after = accuracies()
+        log(f"adapt: target {_percent(before['target'])} -> {_percent(after['target'])}, "
+            f"source {source_split} {_percent(before['source'])} -> "
+            f"{_percent(after['source'])}")
+        adaptation = {**stats, "parent": portable(parent_dir.resolve(), run_dir.resolve()),
+                      "parent_model_sha256": reference["sha256"], "target": target.name,
+                      "target_data": target.where, "source_split": source_split,
+                      "target_split": "test" if len(splits.y_test) else "train",
+                      "before": before, "after": after}
+        write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))
+        write_json(run_dir / SPLIT, splits.record)
+        write_json(run_dir / HISTORY, {
+            "phases": [], "adaptation": adaptation, "backbone": parent.model.backbone,
+            "pretrained": True, "verdict": {"regressed": False, "message": None},
+            "test_accuracy": evaluate(model, splits.x_test, splits.y_test)})
+        _remove_stale_outputs(run_dir)
+        manifest = _trained_manifest(run_dir, recipe, model, splits)
+        record_stage(manifest, "train", hash=_adapt_hash(reference["sha256"], recipe),
+                     adapted_from=adaptation["parent"], method="adabn")
+        write_manifest(run_dir, manifest)
+        parity = _after_training(run_dir, recipe, log=log, force=True,
+                                 current=lambda *args: False)
+    log(f"adapted {parent.name} to {target.name} in {time.perf_counter() - started:.0f} s")
     return run_dir, parity
+
+
+def _adapt_hash(parent_sha256: str, recipe) -> str:
+    text = f"adabn:{parent_sha256}:{recipe.hash('seed', 'data')}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"

@@ -23,9 +23,10 @@ from tledge.data.images import IMAGE_SUFFIXES, is_image_file
 from tledge.data.leakage import duplicate_line, find_duplicates
 from tledge.data.npz_source import describe_npz
 from tledge.data.prepare import ArraySplit, FileSplit, prepare
-from tledge.data.synthetic import generate
+from tledge.data.synthetic import generate, is_default
 from tledge.errors import DataError, TledgeError
 from tledge.rundir import write_json, write_text
+from tledge.schema import to_dict
 
 BAD_IMAGES = "bad_images.txt"
 DUPLICATES = "duplicates.json"
@@ -187,9 +188,12 @@ def _synthetic(data, seed):
     recipe = data.synthetic
     settings = {"classes": list(recipe.classes), "samples_per_class": recipe.samples_per_class,
                 "noise": recipe.noise}
+    if not is_default(recipe.domain):  # a default domain keeps the cache key it always had
+        settings["domain"] = to_dict(recipe.domain)
 
     def gather(size):
-        x, y = generate(recipe.classes, recipe.samples_per_class, size, recipe.noise, seed)
+        x, y = generate(recipe.classes, recipe.samples_per_class, size, recipe.noise, seed,
+                        recipe.domain)
         return {"train": ArraySplit(x, y)}, tuple(recipe.classes)
     return {"identity": {"source": "synthetic", **settings, "seed": seed},
             "where": f"synthetic shapes ({len(recipe.classes)} classes)",
@@ -317,11 +321,31 @@ def _assemble(given, class_names, data, size, seed, extra) -> Splits:
         if files is not None:
             entry["files"] = list(files)
         record["splits"][split] = entry
-    record["fingerprint"] = fingerprint(arrays, class_names)
+    record["fingerprint"] = fingerprint(arrays, class_names)  # of the splits as carved
+    if data.train_per_class:
+        arrays["train"] = _first_per_class(arrays["train"], data.train_per_class, seed)
+        _, y, files = arrays["train"]
+        counts = np.bincount(y, minlength=len(class_names))
+        record["splits"]["train"].update(
+            {"count": int(len(y)), "limited_to_per_class": data.train_per_class,
+             "per_class": {name: int(n) for name, n in zip(class_names, counts)}},
+            **({"files": list(files)} if files is not None else {}))
     return Splits(x_train=arrays["train"][0], y_train=arrays["train"][1],
                   x_val=arrays["val"][0], y_val=arrays["val"][1],
                   x_test=arrays["test"][0], y_test=arrays["test"][1],
                   class_names=tuple(class_names), record=record)
+
+
+def _first_per_class(split, count: int, seed: int):
+    """At most `count` images of each class of a split, a seeded choice (`data.
+    train_per_class`: how far a few labels go, the other splits as they were carved)."""
+    images, labels, files = split
+    rng = np.random.default_rng([seed, 11])
+    chosen = np.sort(np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == label))[:count] for label in np.unique(labels)]
+        or [np.zeros(0, dtype=np.int64)])).astype(np.int64)
+    return (images.subset(chosen), labels[chosen],
+            [files[i] for i in chosen] if files is not None else None)
 
 
 def carve(labels: np.ndarray, fractions: dict[str, float],

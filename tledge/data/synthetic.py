@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from tledge.data import corruptions
 from tledge.errors import DataError
 
 # Shapes are functions of (u, v): coordinates in the shape's own frame, where the shape
@@ -128,7 +129,7 @@ _MIN_CONTRAST = 90.0  # luma difference (0-255) between foreground and backgroun
 
 
 def generate(classes: Sequence[str], samples_per_class: int, size: tuple[int, int],
-             noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+             noise: float, seed: int, domain=None) -> tuple[np.ndarray, np.ndarray]:
     """Draw a labelled image set of the given shape classes.
 
     Args:
@@ -137,6 +138,8 @@ def generate(classes: Sequence[str], samples_per_class: int, size: tuple[int, in
         size: (height, width) of every image.
         noise: standard deviation of gaussian pixel noise, as a fraction of 255.
         seed: the same arguments and seed give identical arrays.
+        domain: how the world looks (`DomainRecipe`: palette, background texture, contrast,
+            brightness, blur); None or the default domain draws the same images as ever.
 
     Returns:
         (x, y): uint8 [N, height, width, 3] and int64 [N], grouped by class in `classes`
@@ -172,6 +175,12 @@ def generate(classes: Sequence[str], samples_per_class: int, size: tuple[int, in
     foregrounds, backgrounds = _colour_pairs(rng, total)
     grain = rng.standard_normal((total, height, width, 3), dtype=np.float32)
 
+    shifted = domain is not None and not is_default(domain)
+    if shifted:
+        foregrounds, backgrounds = _palette(foregrounds, domain.palette), \
+            _palette(backgrounds, domain.palette)
+        textures = _textures(domain.background, total, rows, cols, short_side, seed)
+
     images = np.empty((total, height, width, 3), dtype=np.uint8)
     for index in range(total):
         cos, sin = np.cos(angles[index]), np.sin(angles[index])
@@ -180,10 +189,56 @@ def generate(classes: Sequence[str], samples_per_class: int, size: tuple[int, in
         u = cos * dx + sin * dy
         v = -sin * dx + cos * dy
         mask = _SHAPES[classes[labels[index]]](u, v)
-        image = np.where(mask[..., None], foregrounds[index], backgrounds[index])
+        background = backgrounds[index] if not shifted or textures is None else \
+            backgrounds[index] + textures[index][..., None]
+        image = np.where(mask[..., None], foregrounds[index], background)
+        if shifted:  # the scene, then the optics (blur), then the sensor (noise)
+            image = corruptions.contrast(image[None], domain.contrast)
+            image = corruptions.brightness(image, domain.brightness)
+            image = corruptions.gaussian_blur(image, domain.blur)[0].astype(np.float32)
         image = image + grain[index] * (noise * 255.0)
         images[index] = np.clip(np.rint(image), 0, 255)
     return images, labels
+
+
+DEFAULT_DOMAIN = {"palette": "any", "background": "flat", "contrast": 1.0, "brightness": 0.0,
+                  "blur": 0.0}
+PALETTES = ("any", "warm", "cool", "grey", "dark", "light")
+BACKGROUNDS = ("flat", "texture")
+
+
+def is_default(domain) -> bool:
+    return all(getattr(domain, key) == value for key, value in DEFAULT_DOMAIN.items())
+
+
+def _palette(colours: np.ndarray, palette: str) -> np.ndarray:
+    """Colours as another world shows them (uniform colours mapped into the palette)."""
+    if palette == "warm":
+        return colours * np.array([1.0, 0.75, 0.45], np.float32) + np.array([40, 10, 0])
+    if palette == "cool":
+        return colours * np.array([0.45, 0.75, 1.0], np.float32) + np.array([0, 10, 40])
+    if palette == "grey":
+        luma = colours @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.repeat(luma[:, None], 3, axis=1)
+    if palette == "dark":
+        return colours * 0.45
+    if palette == "light":
+        return 140.0 + colours * 0.45
+    return colours
+
+
+def _textures(background: str, total: int, rows, cols, short_side: int, seed: int):
+    """Per image, a striped texture (random direction, period and phase) of amplitude 45
+    for the background, or None for flat backgrounds. Drawn from its own generator, so a
+    textured domain shows the same shapes in the same colours as a flat one."""
+    if background != "texture":
+        return None
+    rng = np.random.default_rng([seed, 7])
+    angles = rng.uniform(0, np.pi, total)
+    periods = rng.uniform(0.15, 0.4, total) * short_side
+    phases = rng.uniform(0, 2 * np.pi, total)
+    return np.stack([45.0 * np.sin(2 * np.pi * (np.cos(a) * cols + np.sin(a) * rows) / p + f)
+                     for a, p, f in zip(angles, periods, phases)]).astype(np.float32)
 
 
 def _colour_pairs(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:

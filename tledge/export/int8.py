@@ -268,7 +268,7 @@ def worst_layers(diagnosis, count: int) -> list[dict]:
     if not diagnosis:
         return []
     layers = [layer for layer in diagnosis["layers"] if layer.get("error") is not None
-              and not layer.get("reads_input")]
+              and not layer.get("reads_input") and not layer.get("writes_output")]
     return sorted(layers, key=lambda layer: -layer["error"])[:count]
 
 
@@ -371,8 +371,9 @@ def diagnose_tflite(model, calibration, *, int8_io="uint8", settings=None) -> di
         scale, mse = float(row["scale"] or 0), float(row["mean_squared_error"] or 0)
         layers.append({"name": row["tensor_name"], "op": row["op_name"],
                        "error": _round(np.sqrt(mse) / scale) if scale > 0 else None})
-    if layers:  # kept in float, the first layer would leave the input float: never chosen
-        layers[0]["reads_input"] = True
+    if layers:  # kept in float, the first layer would leave the input float and the last
+        layers[0]["reads_input"] = True  # the output: neither is ever chosen
+        layers[-1]["writes_output"] = True
     return {"family": "tflite", "metric": "RMSE / quantization step, op by op",
             "images": len(images), "settings": settings or {}, "layers": layers}
 

@@ -46,9 +46,10 @@ def export_tflite(model, path, *, precision: str, calibration=None, int8_io="uin
         handle.write(flatbuffer)
     spec = tflite_spec(path)
     if precision == "int8" and {spec["input"]["dtype"], spec["output"]["dtype"]} != {int8_io}:
-        raise ExportError(f"keeping {', '.join(float_layers) or 'no layer'} in float left the "
-                          f"model's input or output {spec['input']['dtype']}/"
-                          f"{spec['output']['dtype']}, not {int8_io} as export.int8_io says")
+        kept = f"{len(float_layers)} layer(s)" if float_layers else "no layer"
+        raise ExportError(f"keeping {kept} in float left the model's input or output "
+                          f"{spec['input']['dtype']}/{spec['output']['dtype']}, not {int8_io} "
+                          "as export.int8_io says")
     return spec
 
 

@@ -73,6 +73,9 @@ def _check_data(recipe, need_path=True) -> list[str]:
 
 def _check_weights(recipe) -> list[str]:
     weights = recipe.model.weights
+    if recipe.model.head == "keep" and Path(weights).suffix not in (".toml", ".keras"):
+        return [f"model.head: \"keep\" keeps the head of a trained model; set model.weights to "
+                f"the recipe that trained it or its .keras file, found {weights!r}"]
     if weights in ("imagenet", "none"):
         return []
     weights_path = Path(weights)

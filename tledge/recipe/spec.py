@@ -11,7 +11,7 @@ import json
 from types import MappingProxyType
 
 from tledge.backbones import BACKBONES
-from tledge.data.synthetic import SHAPES
+from tledge.data.synthetic import BACKGROUNDS, DEFAULT_DOMAIN, PALETTES, SHAPES
 from tledge.formats import FORMATS, precisions
 from tledge.runners import RUNTIMES
 from tledge.schema import option, to_dict
@@ -19,6 +19,7 @@ from tledge.schema import option, to_dict
 SOURCES = ("synthetic", "folder", "csv", "npz", "cifar10")
 BAD_IMAGE_POLICIES = ("error", "skip")
 FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
+HEADS = ("new", "keep")
 
 
 def _backbone_names():  # called when a recipe is checked: a backbone registered later counts
@@ -66,12 +67,29 @@ class AugmentRecipe:
 
 
 @dataclasses.dataclass(frozen=True)
+class DomainRecipe:
+    """How the generated world looks. One recipe trains on one domain and another evaluates or
+    adapts on a second: the same classes, another camera, light or factory line."""
+    palette: str = option("any", choices=PALETTES,
+                          help="colours: any | warm | cool | grey | dark | light")
+    background: str = option("flat", choices=BACKGROUNDS,
+                             help="flat | texture (random stripes behind the shape)")
+    contrast: float = option(1.0, minimum=0.05, maximum=2.0,
+                             help="each image's contrast about its mean colour (1: as drawn)")
+    brightness: float = option(0.0, minimum=-0.8, maximum=0.8,
+                               help="every pixel moved by this x 255")
+    blur: float = option(0.0, minimum=0.0, maximum=8.0, help="gaussian blur, sigma in pixels")
+
+
+@dataclasses.dataclass(frozen=True)
 class SyntheticRecipe:
     classes: tuple[str, ...] = option(
         ("circle", "square", "triangle", "cross", "ring", "star", "hbars", "checker"),
         choices=_synthetic_names, help="which generated shapes are the classes")
     samples_per_class: int = option(60, minimum=4, help="images generated per class")
     noise: float = option(0.08, minimum=0.0, maximum=1.0, help="pixel noise, 0 to 1")
+    domain: DomainRecipe = option(DomainRecipe(), help="[data.synthetic.domain]: the look of "
+                                                       "the generated world")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +112,10 @@ class DataRecipe:
     val_fraction: float = option(0.1, minimum=0.0, maximum=0.5)
     test_fraction: float = option(0.1, minimum=0.0, maximum=0.5)
     batch_size: int = option(32, minimum=1, maximum=4096)
+    train_per_class: int = option(0, minimum=0,
+                                  help="train on at most this many images per class (0: all), "
+                                       "validation and test split as carved: how far a few "
+                                       "labels go")
     augment: AugmentRecipe = option(AugmentRecipe())
     synthetic: SyntheticRecipe = option(SyntheticRecipe())
     csv: CsvRecipe = option(CsvRecipe())
@@ -116,6 +138,10 @@ class ModelRecipe:
     weights: str = option("imagenet", path="keyword_or_path",
                           help="imagenet | none | a .h5/.keras weights file | a recipe .toml")
     dropout: float = option(0.2, minimum=0.0, maximum=0.9)
+    head: str = option("new", choices=HEADS,
+                       help="new: a fresh classification head | keep: the head of the model "
+                            "that `weights` names (same classes): adapt a trained model to "
+                            "another domain with a few labelled images")
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -340,6 +366,12 @@ class Recipe:
         data = self.to_dict(paths=lambda path: "<file>")
         for section, key in _NOT_HASHED:  # where and how fast, not what: no stage redone
             data.get(section, {}).pop(key, None)
+        for *tables, key, default in _HASHED_WHEN_SET:  # at their defaults, keys added
+            table = data  # later leave the hash as it was, so no run is redone for them
+            for name in tables:
+                table = table.get(name) or {}
+            if table.get(key) == default:
+                table.pop(key)
         chosen = {key: data.get(key) for key in sections} if sections else data
         text = json.dumps(chosen, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -348,3 +380,5 @@ class Recipe:
 
 
 _NOT_HASHED = (("data", "cache_dir"), ("data", "workers"))
+_HASHED_WHEN_SET = (("data", "synthetic", "domain", DEFAULT_DOMAIN), ("model", "head", "new"),
+                    ("data", "train_per_class", 0))

@@ -10,6 +10,7 @@ from pathlib import Path
 from tledge import plots
 from tledge.bench.stage import pick_name
 from tledge.plots import FIGURES
+from tledge.report import domains as report_domains
 from tledge.report import int8 as report_int8
 from tledge.rundir import (artifacts, BENCH, DEVICES, EXPLAIN, HISTORY, PARITY, read_manifest,
                            read_record, RECIPE, REPORT, REPORT_HTML, SPLIT, write_text)
@@ -71,6 +72,7 @@ def report_run(run_dir) -> Path:
     lines += _bench_section(bench, parity)
     lines += _figure_lines(figures, "pareto", "latency")
     lines += _devices_section(devices, bench, checksums)
+    lines += report_domains.section(run_dir, manifest, history, md)
     lines += _explain_section(run_dir, explain)
     lines += _artifacts_section(manifest)
     lines += _figure_lines(figures, "sizes")
@@ -256,7 +258,7 @@ def _headline(manifest, history, parity, bench) -> list[str]:
         where = "" if own or not row.get("runtime") else f" on {row['runtime']}"
         lines.append(f"> **FAILED PARITY: {row['artifact']}{where}**: "
                      + "; ".join(md(problem) for problem in row["problems"]))
-    if history and history["verdict"]["regressed"]:
+    if history and (history.get("verdict") or {}).get("regressed"):
         lines.append(f"> **{history['verdict']['message']}**")
     warning = baseline_warning(history)
     if warning:
@@ -365,6 +367,9 @@ def _training_section(history) -> list[str]:
     lines = ["## Training", ""]
     if not history:
         return lines + ["(no history.json)", ""]
+    if history.get("adaptation"):
+        return lines + ["No training: the parent run's model, adapted by AdaBN (see Domains).",
+                        ""]
     lines.append(f"Backbone `{history['backbone']}`, "
                  + ("pretrained weights." if history["pretrained"] else "trained from scratch."))
     lines += ["", "| phase | epochs | best epoch | best val accuracy | wall s | img/s | "

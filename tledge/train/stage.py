@@ -20,7 +20,7 @@ from tledge.data.feed import (augmentation, class_weights, training_batches,
                               validation_batches)
 from tledge.errors import TrainError
 from tledge.model import (build_backbone, build_classifier, find_backbone, is_pretrained,
-                          predict_in_batches)
+                          keep_head, predict_in_batches)
 from tledge.recipe.spec import PhaseRecipe
 from tledge.train.bottlenecks import (bottleneck_key, cached_features, compute_features,
                                       feature_extractor, head_model)
@@ -56,6 +56,8 @@ def train_model(recipe, splits, *, weights_file=None, verbose="auto", checkpoint
     with precision(recipe.train), strategy.scope():
         backbone = build_backbone(recipe, weights_file=weights_file)
         model = build_classifier(recipe, splits.num_classes, backbone)
+        if recipe.model.head == "keep":
+            keep_head(model, weights_file or recipe.model.weights, splits.class_names)
         phases = _train_phases(recipe, splits, model, backbone, weights_file=weights_file,
                                verbose=verbose, checkpoint_dir=checkpoint_dir,
                                cache_dir=cache_dir, log=log, strategy=strategy)
@@ -66,7 +68,7 @@ def train_model(recipe, splits, *, weights_file=None, verbose="auto", checkpoint
         warnings.warn(verdict["message"])
     history = {"phases": [dataclasses.asdict(phase) for phase in phases], "verdict": verdict,
                "backbone": recipe.model.backbone, "backbone_layer": find_backbone(model).name,
-               "pretrained": is_pretrained(recipe),
+               "pretrained": is_pretrained(recipe), "head": recipe.model.head,
                "test_accuracy": evaluate(model, splits.x_test, splits.y_test),
                "distribute": recipe.train.distribute, "devices": strategy.num_replicas_in_sync}
     return model, history
