@@ -167,3 +167,26 @@ def test_backbone_cost_at_a_size_below_the_minimum_is_refused():
     from tledge.flops import backbone_cost
     with pytest.raises(ValueError, match="needs at least 32x32"):
         backbone_cost(BACKBONES["resnet50"], (16, 16))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adabn_adapts_every_backbone_with_batchnorm_and_refuses_one_without(name, tmp_path):
+    from tledge.errors import TrainError
+    from tledge.model import build_backbone, build_classifier
+    from tledge.train.adabn import adapt_batchnorm, batchnorm_layers
+    backbone = BACKBONES[name]
+    size = small_size(backbone)
+    recipe = recipe_for(name, tmp_path, size)
+    model = build_classifier(recipe, 3, build_backbone(recipe))
+    layers = batchnorm_layers(model)
+    images = random_pixels(8, size)
+    if not layers:  # VGG: said plainly, with what to do instead
+        with pytest.raises(TrainError, match="no BatchNorm layer"):
+            adapt_batchnorm(model, images)
+        return
+    before = [np.array(layer.moving_mean) for layer in layers]
+    record = adapt_batchnorm(model, images, batch=4)
+    assert record["batchnorm_layers"] == len(layers) and record["images"] == 8
+    moved = sum(not np.allclose(old, layer.moving_mean) for old, layer in zip(before, layers))
+    assert moved == len(layers)  # every layer measured its target statistics
+    assert all(np.all(np.asarray(layer.moving_variance) >= 0) for layer in layers)

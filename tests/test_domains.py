@@ -203,3 +203,15 @@ def test_a_few_labelled_target_images_fine_tune_the_kept_head(built_run, tmp_pat
     assert history["head"] == "keep"
     assert split["splits"]["train"]["count"] == 10 * len(CLASSES)  # ten labels per class
     assert split["splits"]["test"]["count"] == 15 * len(CLASSES)  # the test split as carved
+    # the parent before, its AdaBN run and this run, on the same target test split: compared
+    target = tmp_path / "shifted.toml"
+    shifted_recipe(tmp_path)
+    parent = tmp_path / "models" / "small"
+    assert invoke("evaluate", parent, "--data", target).exit_code == 0
+    assert invoke("adapt", parent, "--data", target).exit_code in (0, 1)
+    assert invoke("report", tmp_path / "models" / "few").exit_code == 0
+    report = (tmp_path / "models" / "few" / "report.md").read_text()
+    table = report[report.index("### Adapting to shifted"):].splitlines()[6:9]
+    assert table[0].startswith("| small | before adaptation |")
+    assert table[1].startswith("| small_adabn_shifted | AdaBN")
+    assert table[2].startswith("| few | fine-tuned, head kept") and "80 labelled" in table[2]

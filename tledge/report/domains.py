@@ -84,12 +84,16 @@ def _domain_lines(name, result, md) -> list[str]:
 
 
 def _comparison_lines(rows, md) -> list[str]:
-    target = rows[0]["target"]
+    target = next((row["target"] for row in rows if row["target"] != row["run"]),
+                  rows[0]["target"])
+    order = ("before", "AdaBN", "fine-tuned")
+    rows = sorted(rows, key=lambda row: next((i for i, how in enumerate(order)
+                                              if row["how"].startswith(how)), len(order)))
     lines = [f"### Adapting to {md(target)}", "",
-             "The same parent model adapted to the same target split (its fingerprint), each "
-             "a run of the models folder:", "",
+             "The same parent model adapted to the same target test split (matched by the "
+             "split's fingerprint), each a run of the models folder:", "",
              "| run | how | target accuracy |", "|---|---|---:|"]
-    lines += [f"| `{md(row['run'])}` | {md(row['how'])} | {_pct(row['accuracy'])} |"
+    lines += [f"| {md(row['run'])} | {md(row['how'])} | {_pct(row['accuracy'])} |"
               for row in rows]
     return lines + [""]
 
