@@ -52,13 +52,16 @@ def test_bundle_holds_what_the_device_needs(built_run, device_result):
                 if entry["family"] in device_formats}
     assert {entry["name"] for entry in bundle["artifacts"]} == expected  # no .keras
     from tledge.rundir import sha256
+    import numpy as np
+    outputs = np.load(folder / bundle["host_outputs"])
     for entry in bundle["artifacts"]:
         assert sha256(folder / entry["file"]) == entry["sha256"]
-        assert len(entry["host_predictions"]) == 24
-    import numpy as np
+        assert len(outputs[entry["name"]]) == 24  # the build machine's raw outputs
     images = np.load(folder / "images.npy")
     assert images.dtype == np.uint8 and images.shape == (24, 32, 32, 3)
-    assert len(bundle["images"]["expected"]) == 24
+    # stratified: 24 images of 8 classes are 3 of each (the split is sorted by class: its
+    # first 24 were 2 classes)
+    assert sorted(np.bincount(bundle["images"]["expected"]).tolist()) == [3] * 8
     assert (folder / "labels.txt").read_text().split() == manifest["labels"]
     assert "python3 bench_device.py" in (folder / "README.txt").read_text()
 
@@ -85,9 +88,12 @@ def test_device_script_times_and_checks_every_artifact(built_run, device_result)
         assert row["peak_rss_mb"] > row["runtime_rss_mb"] > 0  # measured in its own process
         assert row["gflops_per_second"] > 0
     for check in result["accuracy"]:
-        # the same file in the same runtime on the same machine predicts the same classes
+        # the same file in the same runtime on the same machine gives the same outputs
         assert check["agreement_with_host"] == 1.0, check
         assert check["accuracy"] == check["host_accuracy"]
+        assert check["max_difference"] == 0.0 and check["flipped"] == [], check
+        assert check["difference_unit"] == ("quantization steps" if check["artifact"] ==
+                                            "tflite_int8" else "absolute")
     assert "accuracy" in printed and "wrote result.json" in printed
 
 
@@ -124,6 +130,58 @@ def test_device_script_skips_a_runtime_it_does_not_have_and_reports_a_crash(devi
         else:
             assert row["status"] == "failed" and row["reason"], row
     assert "is not the file that was bundled" in printed
+    checks = {check["artifact"]: check for check in result["accuracy"]}
+    assert "error" in checks[broken.stem.replace("model_", "onnx_")]  # a row, not a crash
+    assert (folder / "result.json").is_file()
+
+
+def test_a_runtime_that_kills_the_check_costs_its_row_only(device_result, tmp_path):
+    """A runtime that segfaults (seen with a foreign userland's /sys under qemu-user) dies in
+    a child process: its check is a failed row, and result.json is written all the same."""
+    import shutil
+    folder = shutil.copytree(device_result[0], tmp_path / "copy")
+    (folder / "result.json").unlink()
+    script = folder / "bench_device.py"
+    text = script.read_text()
+    script.write_text(text.replace(  # the check of one artifact dies the hardest way
+        "def check_one(job: dict) -> dict:\n",
+        "def check_one(job: dict) -> dict:\n    if job['entry']['name'] == 'tflite_int8':\n"
+        "        os.kill(os.getpid(), 11)\n"))
+    result, printed = bench_on_device(folder, "--runtime", "ai_edge_litert")
+    checks = {check["artifact"]: check for check in result["accuracy"]}
+    assert "the benchmark process died" in checks["tflite_int8"]["error"]
+    assert checks["tflite_fp32"]["agreement_with_host"] == 1.0
+    assert "accuracy check failed" in printed
+
+
+def test_bench_device_names_the_cpu_it_sees_and_says_when_it_is_emulated():
+    from tledge.bench.core import cpu_facts
+    pi = ("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
+          "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU part\t: 0xd08\n"
+          "Model\t\t: Raspberry Pi 4 Model B Rev 1.4\n")
+    assert cpu_facts(pi, "aarch64") == {"cpu": "ARM Cortex-A72", "isa": "NEON"}
+    host = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n"
+            "flags\t\t: fpu sse sse2 avx avx2\n")
+    emulated = cpu_facts(host, "aarch64")  # qemu-user: the userland sees the host's file
+    assert emulated["emulated"] == "qemu-user"
+    assert emulated["cpu"] == "aarch64 emulated by qemu-user on AMD EPYC 7B13"
+    assert "AVX2" in emulated["isa"] and "emulated" in emulated["isa"]
+    assert "emulated" not in cpu_facts(host, "x86_64")
+
+
+def test_an_emulated_device_is_marked_in_the_report(run_copy, device_result, tmp_path):
+    folder, result, _ = device_result
+    emulated = json.loads(json.dumps(result))
+    emulated["device"].update({"name": "qemu-arm64", "emulated": "qemu-user",
+                               "arch": "aarch64",
+                               "cpu": "aarch64 emulated by qemu-user on AMD EPYC"})
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(emulated))
+    assert invoke("bench", run_copy, "--import", path).exit_code == 0
+    section = (run_copy / "report.md").read_text().split("## On devices")[1]
+    assert "### qemu-arm64 (emulated: qemu-user)" in section
+    assert "latencies are the emulator's" in section
+    assert "largest output difference" in section
 
 
 def test_import_stores_the_device_beside_bench_json_and_in_the_report(run_copy,

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from tledge.backbones import BACKBONES
-from tledge.bench.bundle import import_device_result, write_bundle
+from tledge.bench.bundle import IMAGE_CAP, import_device_result, write_bundle
 from tledge.bench.core import parse_counts
 from tledge.bench.stage import bench_run, load_pick, pick_folder, pick_name
 from tledge.data import load_splits
@@ -446,16 +446,19 @@ def _artifact_path(run_dir, name) -> str:
 @click.option("--artifacts", "names", multiple=True, metavar="NAME[,NAME...]",
               help="Artifacts to include (repeatable or comma-separated). Default: every "
                    ".tflite and .onnx artifact of the run.")
-@click.option("--images", "image_count", type=click.IntRange(min=1), default=32,
-              show_default=True, help="Evaluation images to bundle for the accuracy check.")
+@click.option("--images", "image_count", type=click.IntRange(min=0), default=0,
+              help=f"Evaluation images to bundle for the device check, every class in "
+                   f"proportion. Default 0: all of them, up to {IMAGE_CAP}.")
 def bundle(run_dir, out, names, image_count):
     """Pack artifacts into a zip to benchmark on a device (a Raspberry Pi, a Jetson).
 
-    The zip holds the artifacts, labels, a few test images with their expected classes and
-    bench_device.py, which needs only Python 3.9+, numpy and ai-edge-litert, tflite-runtime
-    or onnxruntime. On the device: `python3 bench_device.py --name pi5` writes result.json
-    (the same statistics as `tledge bench`, device facts, accuracy on the images); bring it
-    back with `tledge bench RUN_DIR --import result.json`.
+    The zip holds the artifacts, labels, evaluation images (every class, in proportion) with
+    their expected classes and the build machine's raw outputs for them, and bench_device.py,
+    which needs only Python 3.9+, numpy and ai-edge-litert, tflite-runtime or onnxruntime. On
+    the device: `python3 bench_device.py --name pi5` writes result.json (the same statistics as
+    `tledge bench`, device facts, and per artifact its accuracy, agreement with the build
+    machine, largest output difference and the images that changed class); bring it back with
+    `tledge bench RUN_DIR --import result.json`.
 
     Example: tledge bundle models/quickstart --artifacts tflite_int8 --out pi.zip
     """

@@ -5,9 +5,9 @@ Python, numpy and one runtime:
 
     bundle.zip
       bench_device.py     the benchmark (tledge/bench/core.py, verbatim)
-      bundle.json         artifacts (file, sha256, input/output spec), labels, settings, and
-                          what the build machine predicted for each bundled image
-      images.npy          a few evaluation images, uint8 [N, H, W, 3]
+      bundle.json         artifacts (file, sha256, input/output spec), labels, settings
+      images.npy          evaluation images, every class in proportion, uint8 [N, H, W, 3]
+      host_outputs.npz    each artifact's raw outputs for them on the build machine
       labels.txt          one class name per line
       artifacts/...       the .tflite / .onnx files
       README.txt          how to run it
@@ -72,13 +72,30 @@ def select_artifacts(manifest: dict, names=None) -> list[dict]:
     return [runnable[name] for name in names]
 
 
-def bundle_images(run_dir, recipe, count: int):
-    """The first `count` images of the evaluation split and their classes."""
+IMAGE_CAP = 512  # evaluation images a bundle carries at most (`--images 0`, the default)
+
+
+def bundle_images(run_dir, recipe, count: int = 0):
+    """Evaluation images and their classes, stratified: every class present, in proportion
+    (a seeded choice, classes taken in turns), `count` of them (0: all, up to IMAGE_CAP). The
+    split is sorted by class: its first 32 images once covered 2 classes of 8 and hid a
+    difference between two CPUs' int8 kernels."""
     images, labels, _ = evaluation_split(run_splits(run_dir, recipe))
-    return images[:count], labels[:count]
+    labels = np.asarray(labels)
+    count = min(count or IMAGE_CAP, len(labels))
+    rng = np.random.default_rng(recipe.seed)
+    queues = [list(rng.permutation(np.flatnonzero(labels == label)))
+              for label in np.unique(labels)]
+    chosen = []
+    while len(chosen) < count:
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop(0))
+    chosen = np.sort(np.array(chosen, dtype=np.int64))
+    return np.asarray(images[chosen]), labels[chosen]
 
 
-def write_bundle(run_dir, out, *, names=None, image_count: int = 32, log=print) -> Path:
+def write_bundle(run_dir, out, *, names=None, image_count: int = 0, log=print) -> Path:
     """Write the bundle of `run_dir` to `out` (a .zip file)."""
     run_dir, out = Path(run_dir), Path(out)
     if out.is_dir():
@@ -88,20 +105,19 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 32, log=print) 
     entries = select_artifacts(manifest, names)
     recipe = run_recipe(run_dir)
     images, expected = bundle_images(run_dir, recipe, image_count)
-    listed = []
+    listed, outputs = [], {}
     for entry in entries:
-        runner = load(entry, run_dir)  # what the build machine predicts, in the real runtime
-        try:
-            predicted = [int(np.argmax(runner.predict(images[i:i + 1])[0]))
-                         for i in range(len(images))]
+        runner = load(entry, run_dir)  # what the build machine outputs, in the real runtime
+        try:  # raw, image by image at batch 1, as bench_device.py will run it
+            outputs[entry["name"]] = np.concatenate(
+                [runner.run(runner.prepare(images[i:i + 1])) for i in range(len(images))])
         finally:
             runner.close()
         listed.append({"name": entry["name"], "family": entry["family"],
                        "precision": entry.get("precision"),
                        "file": f"artifacts/{Path(entry['path']).name}",
                        "sha256": entry["sha256"], "size_bytes": entry["size_bytes"],
-                       "input": entry["input"], "output": entry["output"],
-                       "host_predictions": predicted})
+                       "input": entry["input"], "output": entry["output"]})
     settings = recipe.bench
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     document = {"format": device_bench.BUNDLE_FORMAT, "version": device_bench.VERSION,
@@ -113,16 +129,20 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 32, log=print) 
                              "warmup": settings.warmup, "min_runs": settings.min_runs,
                              "min_seconds": settings.min_seconds},
                 "images": {"file": "images.npy", "count": int(len(images)),
+                           "stratified": True, "cap": IMAGE_CAP,
                            "expected": [int(label) for label in expected]},
+                "host_outputs": device_bench.HOST_OUTPUTS,
                 "artifacts": listed}
-    pixels = io.BytesIO()
+    pixels, raw = io.BytesIO(), io.BytesIO()
     np.save(pixels, np.ascontiguousarray(images, dtype=np.uint8))
+    np.savez(raw, **outputs)
     with atomic_path(out) as temporary:
         with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             archive.write(device_bench.__file__, "bench_device.py")
             add = functools.partial(_add_file, archive)
             add("bundle.json", json.dumps(document, indent=2) + "\n")
             add("images.npy", pixels.getvalue())
+            add(device_bench.HOST_OUTPUTS, raw.getvalue())
             add("labels.txt", "\n".join(manifest["labels"]) + "\n")
             add("README.txt", README.format(
                 run=manifest["recipe"]["name"], count=len(listed), created=created, name=out.name,

@@ -30,7 +30,7 @@ import numpy as np
 
 RESULT_FORMAT = "tledge-device-bench"
 BUNDLE_FORMAT = "tledge-bundle"
-VERSION = 1
+VERSION = 2  # 2: the build machine's raw outputs travel, so differences are measured
 
 # -- shared with tledge bench ----------------------------------------------------------------
 
@@ -117,29 +117,57 @@ def peak_rss_bytes() -> int:
 
 def machine_facts() -> dict:
     """CPU model, its vector ISA, cores, OS and Python of this machine; the board's model
-    where it says. The ISA matters: int8 kernels differ between AVX2, AVX-512 (VNNI) and
-    ARM's dot-product extensions, and so do their speed and, at times, their results."""
-    cpu = platform.processor() or platform.machine()
-    flags = set()
+    where it says; and whether it is emulated. The ISA matters: int8 kernels differ between
+    AVX2, AVX-512 (VNNI) and ARM's dot-product extensions, and so do their speed and, at
+    times, their results."""
     try:
         with open("/proc/cpuinfo") as handle:
-            lines = [line.split(":", 1) for line in handle if ":" in line]
-        names = [value.strip() for key, value in lines
-                 if key.strip() in ("model name", "Model", "Hardware")]
-        cpu = names[0] if names else cpu
-        flags = {flag for key, value in lines if key.strip() in ("flags", "Features")
-                 for flag in value.split()}
+            cpuinfo = handle.read()
     except OSError:
-        pass
-    facts = {"cpu": cpu, "isa": cpu_isa(flags, platform.machine()), "cores": os.cpu_count(),
-             "system": platform.platform(), "arch": platform.machine(),
-             "python": platform.python_version()}
+        cpuinfo = ""
+    facts = cpu_facts(cpuinfo, platform.machine(), platform.processor())
+    facts.update({"cores": os.cpu_count(), "system": platform.platform(),
+                  "arch": platform.machine(), "python": platform.python_version()})
     try:  # a Raspberry Pi or a Jetson names itself here
         with open("/proc/device-tree/model", "rb") as handle:
             facts["model"] = handle.read().decode("utf-8", "replace").strip("\x00 \n")
     except OSError:
         pass
     return facts
+
+
+# ARM's CPU part numbers (implementer 0x41) as people name them
+ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55",
+             "0xd07": "Cortex-A57", "0xd08": "Cortex-A72", "0xd09": "Cortex-A73",
+             "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76", "0xd0c": "Neoverse-N1",
+             "0xd0d": "Cortex-A77", "0xd40": "Neoverse-V1", "0xd41": "Cortex-A78",
+             "0xd44": "Cortex-X1", "0xd46": "Cortex-A510", "0xd47": "Cortex-A710",
+             "0xd49": "Neoverse-N2", "0xd4f": "Neoverse-V2"}
+ARM_ARCHES = ("aarch64", "arm64", "armv7l", "armv8l", "armv6l")
+
+
+def cpu_facts(cpuinfo: str, arch: str, processor: str = "") -> dict:
+    """{cpu, isa, emulated?} from /proc/cpuinfo as this machine shows it. An ARM userland under
+    qemu-user sees the x86 host's /proc/cpuinfo: that is detected and said (`emulated`), the
+    CPU named as the emulated one, so no figure passes as a device's."""
+    lines = [line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line]
+    fields = {}
+    for key, value in lines:
+        fields.setdefault(key.strip(), value.strip())
+    flags = {flag for key, value in lines if key.strip() in ("flags", "Features")
+             for flag in value.split()}
+    x86_host = "vendor_id" in fields or "sse2" in flags
+    if arch in ARM_ARCHES and x86_host:
+        host = fields.get("model name", "an x86 CPU")
+        return {"cpu": f"{arch} emulated by qemu-user on {host}",
+                "isa": f"{arch} (emulated; the host has {cpu_isa(flags, 'x86_64')})",
+                "emulated": "qemu-user"}
+    if fields.get("CPU implementer") == "0x41" and fields.get("CPU part") in ARM_PARTS:
+        cpu = f"ARM {ARM_PARTS[fields['CPU part']]}"
+    else:
+        cpu = fields.get("model name") or fields.get("Model") or fields.get("Hardware") \
+            or processor or arch
+    return {"cpu": cpu, "isa": cpu_isa(flags, arch)}
 
 
 def cpu_isa(flags, arch: str) -> str:
@@ -393,25 +421,82 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def check_accuracy(entry: dict, path, module: str, images, expected) -> dict:
-    """Accuracy on the bundled images, and agreement with what the build machine predicted."""
+HOST_OUTPUTS = "host_outputs.npz"  # in a bundle: each artifact's raw outputs on the build machine
+FLIPS_KEPT = 50  # images that changed class, listed per artifact
+
+
+def check_accuracy(entry: dict, path, module: str, images, expected, host) -> dict:
+    """Accuracy on the bundled images, and how the outputs compare with the build machine's
+    (`host`: its raw outputs, image by image): top-1 agreement, the largest difference (in
+    quantization steps for an integer output, absolute for a float one) and the images
+    whose class changed."""
     model = open_model(path, 1, module, entry.get("precision"))
-    predicted = []
-    for start in range(len(images)):  # batch 1: every artifact takes it
-        raw = model.run(prepare_pixels(images[start:start + 1], entry["input"]))
-        predicted.append(int(np.argmax(dequantize(raw, entry["output"])[0])))
-    predicted = np.array(predicted)
-    host = np.array(entry["host_predictions"])
+    raw = np.concatenate([model.run(prepare_pixels(images[start:start + 1], entry["input"]))
+                          for start in range(len(images))])  # batch 1: every artifact takes it
+    predicted = dequantize(raw, entry["output"]).argmax(axis=1)
+    host = np.asarray(host)
+    host_predicted = dequantize(host, entry["output"]).argmax(axis=1)
+    expected = np.asarray(expected)
+    if np.issubdtype(host.dtype, np.integer):
+        difference = float(np.abs(raw.astype(np.int64) - host.astype(np.int64)).max())
+        unit = "quantization steps"
+    else:
+        difference = float(np.abs(raw.astype(np.float64) - host.astype(np.float64)).max())
+        unit = "absolute"
+    flipped = [{"image": int(i), "expected": int(expected[i]), "build": int(host_predicted[i]),
+                "device": int(predicted[i])} for i in np.flatnonzero(predicted != host_predicted)]
     return {"artifact": entry["name"], "runtime": module, "images": int(len(images)),
-            "accuracy": float(np.mean(predicted == np.asarray(expected))),
-            "host_accuracy": float(np.mean(host == np.asarray(expected))),
-            "agreement_with_host": float(np.mean(predicted == host))}
+            "accuracy": float(np.mean(predicted == expected)),
+            "host_accuracy": float(np.mean(host_predicted == expected)),
+            "agreement_with_host": float(np.mean(predicted == host_predicted)),
+            "max_difference": difference, "difference_unit": unit,
+            "flipped": flipped[:FLIPS_KEPT], "flipped_count": len(flipped)}
+
+
+def check_one(job: dict) -> dict:
+    """One artifact's accuracy check, in this process (`check_accuracy` from a job)."""
+    images = np.load(job["images"])
+    with np.load(job["host"]) as outputs:
+        host = outputs[job["entry"]["name"]]
+    return check_accuracy(job["entry"], job["path"], job["runtime"], images, job["expected"],
+                          host)
+
+
+def check_in_process(job: dict, isolate: bool, timeout: float = 900) -> dict:
+    """The accuracy check, in a child process when `isolate`: a runtime that crashes (a
+    segfault in a foreign userland) costs its own row, not the whole result."""
+    try:
+        if not isolate:
+            return check_one(job)
+        flags = ["-I"] if sys.flags.isolated else []
+        row = run_child([sys.executable, *flags, os.path.abspath(__file__), "--job"], job,
+                        {"artifact": job["entry"]["name"], "runtime": job["runtime"]},
+                        timeout)
+    except Exception as error:  # in this process: a row, the other artifacts go on
+        return {"artifact": job["entry"]["name"], "runtime": job["runtime"],
+                "error": f"{type(error).__name__}: {error}"}
+    if row.get("status") == "failed":
+        return {"artifact": row["artifact"], "runtime": row["runtime"], "error": row["reason"]}
+    return row
+
+
+def check_line(entry, line) -> str:
+    if "error" in line:
+        return f"  {entry['name']:<16} accuracy check failed: {line['error']}"
+    return (f"  {entry['name']:<16} accuracy {line['accuracy']:.3f} on {line['images']} images "
+            f"(build machine {line['host_accuracy']:.3f}), agreement with the build machine "
+            f"{line['agreement_with_host']:.3f}, largest output difference "
+            f"{line['max_difference']:g} ({line['difference_unit']})"
+            + (f", {line['flipped_count']} image(s) changed class"
+               if line["flipped_count"] else ""))
 
 
 def bench_bundle(folder, *, threads=None, batch_sizes=None, wanted="auto", names=None,
                  min_runs=None, min_seconds=None, isolate=True, device_name=None,
-                 log=print) -> dict:
-    """Time and check every artifact of the bundle in `folder`; the result document."""
+                 log=print, save=None) -> dict:
+    """Time and check every artifact of the bundle in `folder`; the result document.
+    `save(result)` is called after each artifact, so a run cut short still leaves what it
+    measured."""
     folder = Path(folder)
     bundle = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
     if bundle.get("format") != BUNDLE_FORMAT:
@@ -421,10 +506,19 @@ def bench_bundle(folder, *, threads=None, batch_sizes=None, wanted="auto", names
     settings["batch_sizes"] = batch_sizes or settings["batch_sizes"]
     settings["min_runs"] = min_runs or settings["min_runs"]
     settings["min_seconds"] = settings["min_seconds"] if min_seconds is None else min_seconds
-    images = np.load(folder / bundle["images"]["file"])
     expected = bundle["images"]["expected"]
     entries = [entry for entry in bundle["artifacts"] if not names or entry["name"] in names]
     rows, accuracy, checksums = [], [], {}
+    device = machine_facts()
+    device["name"] = device_name or platform.node() or "device"
+    device["runtimes"] = runtime_versions()
+    if device.get("emulated"):
+        log(f"note: this is an emulated {device['arch']} ({device['emulated']}): accuracy and "
+            "outputs are the emulated CPU's, latencies the emulator's, not a device's")
+    result = {"format": RESULT_FORMAT, "version": VERSION, "device": device,
+              "bundle": {key: bundle[key] for key in ("run", "recipe_hash", "created")},
+              "artifacts": checksums, "settings": settings, "rows": rows,
+              "accuracy": accuracy, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for entry in entries:
         path = folder / entry["file"]
         checksums[entry["name"]] = file_sha256(path)
@@ -454,25 +548,14 @@ def bench_bundle(folder, *, threads=None, batch_sizes=None, wanted="auto", names
                     row["gflops_per_second"] = gflops_per_second(flops, batch, row["p50_ms"])
                 rows.append(row)
                 log(format_line(row))
-        try:
-            accuracy.append(check_accuracy(entry, path, module, images, expected))
-            line = accuracy[-1]
-            log(f"  {entry['name']:<16} accuracy {line['accuracy']:.3f} on {line['images']} "
-                f"images (build machine {line['host_accuracy']:.3f}), agreement with the "
-                f"build machine {line['agreement_with_host']:.3f}"
-                + ("  <- int8 kernels here differ from the build machine's"
-                   if "int8" in entry["name"] and line["agreement_with_host"] < 1.0 else ""))
-        except Exception as error:
-            accuracy.append({"artifact": entry["name"], "runtime": module,
-                             "error": f"{type(error).__name__}: {error}"})
-            log(f"  {entry['name']:<16} accuracy check failed: {accuracy[-1]['error']}")
-    device = machine_facts()
-    device["name"] = device_name or platform.node() or "device"
-    device["runtimes"] = runtime_versions()
-    return {"format": RESULT_FORMAT, "version": VERSION, "device": device,
-            "bundle": {key: bundle[key] for key in ("run", "recipe_hash", "created")},
-            "artifacts": checksums, "settings": settings, "rows": rows,
-            "accuracy": accuracy, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        job = {"check": True, "entry": entry, "path": str(path), "runtime": module,
+               "images": str(folder / bundle["images"]["file"]), "expected": expected,
+               "host": str(folder / bundle.get("host_outputs", HOST_OUTPUTS))}
+        accuracy.append(check_in_process(job, isolate))
+        log(check_line(entry, accuracy[-1]))
+        if save:
+            save(result)
+    return result
 
 
 def format_line(row: dict) -> str:
@@ -531,16 +614,22 @@ def main(argv=None) -> int:
                              "per combination)")
     parser.add_argument("--job", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.job:  # a child process: one combination, its job on stdin
-        emit_row(bench_one(json.loads(sys.stdin.read())))
+    if args.job:  # a child process: one combination or one check, its job on stdin
+        job = json.loads(sys.stdin.read())
+        emit_row(check_one(job) if job.get("check") else bench_one(job))
         return 0
     names = [name.strip() for name in args.artifacts.split(",")] if args.artifacts else None
+    def save(result):  # after every artifact: a crash or Ctrl-C keeps what was measured
+        temporary = args.out + ".partial"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+        os.replace(temporary, args.out)
+
     result = bench_bundle(Path(os.path.abspath(__file__)).parent, threads=args.threads,
                           batch_sizes=args.batch, wanted=args.runtime, names=names,
                           min_runs=args.min_runs, min_seconds=args.min_seconds,
-                          isolate=not args.no_isolate, device_name=args.name)
-    with open(args.out, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2)
+                          isolate=not args.no_isolate, device_name=args.name, save=save)
+    save(result)
     print(f"wrote {args.out}: {sum(row['status'] == 'ok' for row in result['rows'])} of "
           f"{len(result['rows'])} combinations ran")
     return 0

@@ -562,17 +562,24 @@ def _devices_section(record, bench, checksums) -> list[str]:
         device = result["device"]
         runtimes = ", ".join(f"{md(module)} {md(version)}" for module, version
                              in device.get("runtimes", {}).items())
-        lines += [f"### {md(name)}", "",
+        emulated = device.get("emulated")
+        lines += [f"### {md(name)}" + (f" (emulated: {md(emulated)})" if emulated else ""), "",
                   (f"{md(device['model'])}: " if device.get("model") else "")
                   + f"{md(device.get('cpu', '?'))}, "
                   f"{md(device.get('cores', '?'))} cores, {md(device.get('system', '?'))}; "
                   f"{runtimes}. Measured {md(result.get('measured', '?'))}.", ""]
+        if emulated:
+            lines += [f"**Emulated, not a device**: this {md(device.get('arch', '?'))} userland "
+                      f"ran under {md(emulated)} on the build machine. Its outputs are the "
+                      "emulated CPU's kernels' (what parity across architectures needs); its "
+                      "latencies are the emulator's and say nothing of a device's speed.", ""]
         stale = sorted(artifact for artifact, checksum in (result.get("artifacts") or {}).items()
                        if checksums.get(artifact) != checksum)
         if stale:
             lines += [f"**Stale**: {', '.join(stale)} changed since this device measured it; "
                       "bundle and measure again.", ""]
         accuracy = {row["artifact"]: row for row in result.get("accuracy") or []}
+        lines += _device_checks(accuracy)
         lines += ["| artifact | runtime | threads | batch | status | accuracy | agreement "
                   + _LATENCY_HEAD, "|---|---|---:|---:|---|---:|---:|" + _LATENCY_RULE]
         for row in result["rows"]:
@@ -582,6 +589,29 @@ def _devices_section(record, bench, checksums) -> list[str]:
                          f"{_num(check.get('agreement_with_host'))} | " + _latency_cells(row))
         lines += [""] + _kernel_differences(accuracy, bench)
     return lines
+
+
+def _device_checks(accuracy: dict) -> list[str]:
+    """Per artifact, how the device's outputs compare with the build machine's on the bundled
+    images: agreement, the largest difference, the images that changed class."""
+    if not any("max_difference" in check or "error" in check for check in accuracy.values()):
+        return []  # a result of an older bench_device.py: agreement only, in the table below
+    lines = ["| artifact | images | accuracy (build machine) | agreement | largest output "
+             "difference | changed class |", "|---|---:|---:|---:|---:|---|"]
+    for name, check in accuracy.items():
+        if "error" in check:
+            lines.append(f"| {md(name)} | | | | | check failed: {md(check['error'])} |")
+            continue
+        flips = ", ".join(f"#{flip['image']} ({flip['build']}→{flip['device']})"
+                          for flip in (check.get("flipped") or [])[:8])
+        more = check.get("flipped_count", 0) - min(len(check.get("flipped") or []), 8)
+        lines.append(
+            f"| {md(name)} | {check['images']} | {_num(check['accuracy'])} "
+            f"({_num(check['host_accuracy'])}) | {_num(check['agreement_with_host'])} | "
+            f"{check['max_difference']:g} {md(check['difference_unit'])} | "
+            + (md(flips) + (f" and {more} more" if more > 0 else "") if flips else "none")
+            + " |")
+    return lines + [""]
 
 
 def _kernel_differences(accuracy: dict, bench) -> list[str]:
