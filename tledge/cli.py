@@ -15,6 +15,7 @@ import click
 from tledge.backbones import BACKBONES
 from tledge.bench.bundle import IMAGE_CAP, import_device_result, write_bundle
 from tledge.bench.core import parse_counts
+from tledge.bench.emulate import ARCHES, emulate
 from tledge.bench.stage import bench_run, load_pick, pick_folder, pick_name
 from tledge.data import load_splits
 from tledge.data.cache import cache_root, clear_entries, list_entries
@@ -467,6 +468,39 @@ def bundle(run_dir, out, names, image_count):
                         log=click.echo)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); on the device: unzip it, "
                "then `python3 bench_device.py`")
+
+
+@command(name="emulate", lock="run_dir")
+@click.argument("run_dir", type=RUN_DIR)
+@click.option("--arch", type=click.Choice(list(ARCHES)), default="arm64", show_default=True,
+              help="The device architecture to emulate.")
+@click.option("--name", help="The device name in devices.json and the report "
+                             "(default: '<arch> (emulated)').")
+@click.option("--images", "image_count", type=click.IntRange(min=0), default=0,
+              help="Evaluation images for the check (default 0: all, up to the bundle's cap).")
+def emulate_device(run_dir, arch, name, image_count):
+    """Run the device check on an emulated ARM userland: does the artifact classify there
+    like here?
+
+    Bundles the run, prepares once a Debian arm64 userland with qemu-user (cached, with the
+    runtimes' aarch64 wheels pinned to this machine's versions), runs bench_device.py inside
+    it and imports the result as an emulated device: per artifact, agreement with this
+    machine, the largest output difference and the images that changed class. int8 kernels
+    differ between x86 and ARM; latencies under emulation are the emulator's, marked so.
+    Needs qemu-user-static and debootstrap (apt-get install qemu-user-static debootstrap),
+    root, and binfmt_misc.
+
+    Example: sudo tledge emulate models/quickstart --arch arm64
+    """
+    outcome = emulate(run_dir, arch=arch, name=name, images=image_count, log=click.echo)
+    for check in outcome["result"].get("accuracy") or []:
+        if "error" in check:
+            click.echo(f"  {check['artifact']:<16} check failed: {check['error']}")
+            continue
+        click.echo(f"  {check['artifact']:<16} agreement with this machine "
+                   f"{check['agreement_with_host']:.3f}, largest output difference "
+                   f"{check['max_difference']:g} ({check['difference_unit']})")
+    click.echo(f"imported {outcome['device']!r}; wrote {report_run(run_dir)}")
 
 
 @command(name="explain", lock="run_dir")

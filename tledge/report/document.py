@@ -57,6 +57,8 @@ def report_run(run_dir) -> Path:
     title = f"tledge report: {manifest['recipe']['name']}"
     lines = [f"# tledge report: {md(manifest['recipe']['name'])}", ""]
     lines += _headline(manifest, history, parity, bench)
+    crossed = cross_architecture(devices, parity)
+    lines += _cross_architecture_warning(crossed, manifest.get("pick"))
     lines += _story(manifest, split, history, parity, bench)
     lines += _data_section(manifest, split)
     training = _training_section(history)
@@ -66,12 +68,13 @@ def report_run(run_dir) -> Path:
     lines += _ensemble_section(history, bench)
     checksums = {entry["name"]: entry.get("sha256") for entry in manifest["artifacts"]}
     lines += _parity_section(parity, checksums)
+    lines += _cross_architecture_lines(crossed)
     lines += report_int8.section(manifest, own_runtime_rows(parity),
                                  (parity or {}).get("split", "test"), figures, md)
     lines += _figure_lines(figures, "confusion_reference", "confusion_pick", "per_class")
     lines += _bench_section(bench, parity)
     lines += _figure_lines(figures, "pareto", "latency")
-    lines += _devices_section(devices, bench, checksums)
+    lines += _devices_section(devices, bench, checksums, manifest["labels"])
     lines += report_domains.section(run_dir, manifest, history, md)
     lines += _explain_section(run_dir, explain)
     lines += _artifacts_section(manifest)
@@ -482,6 +485,70 @@ def _ensemble_section(history, bench) -> list[str]:
     return lines + [""]
 
 
+def cross_architecture(devices, parity) -> list[dict]:
+    """Each quantized artifact's check on a device of another architecture than the build
+    machine's (an emulated arm64 userland, a Raspberry Pi), beside its parity here and the
+    recipe's agreement threshold."""
+    own = own_runtime_rows(parity)
+    rows = []
+    for name, result in ((devices or {}).get("devices") or {}).items():
+        arch = result["device"].get("arch")
+        if not arch or arch in ("x86_64", "AMD64"):  # the build machines' architecture
+            continue
+        for check in result.get("accuracy") or []:
+            parity_row = own.get(check.get("artifact")) or {}
+            threshold = (parity_row.get("thresholds") or {}).get("min_agreement")
+            if "error" in check or "int8" not in check["artifact"]:
+                continue
+            rows.append({"device": name, "arch": arch,
+                         "emulated": result["device"].get("emulated"),
+                         "artifact": check["artifact"], "here": parity_row.get("agreement"),
+                         "there": check["agreement_with_host"], "threshold": threshold,
+                         "difference": check.get("max_difference"),
+                         "unit": check.get("difference_unit", ""),
+                         "below": threshold is not None and
+                         check["agreement_with_host"] < threshold})
+    return rows
+
+
+def _cross_architecture_lines(rows) -> list[str]:
+    if not rows:
+        return []
+    lines = ["### Across architectures", "",
+             "int8 kernels differ between CPU architectures (x86 and ARM round differently), "
+             "so the int8 files were checked on another one too: agreement there is with this "
+             "machine's outputs of the same file on the bundled images.", "",
+             "| artifact | device | agreement with Keras here | agreement there with here | "
+             "largest output difference | recipe's agreement threshold |",
+             "|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        where = f"{md(row['device'])} ({md(row['arch'])}" + \
+            (f", {md(row['emulated'])})" if row["emulated"] else ")")
+        lines.append(f"| {md(row['artifact'])} | {where} | {_num(row['here'])} | "
+                     f"{'**' if row['below'] else ''}{_num(row['there'])}"
+                     f"{' (below)**' if row['below'] else ''} | "
+                     f"{'' if row['difference'] is None else format(row['difference'], 'g')} "
+                     f"{md(row['unit'])} | {_num(row['threshold'])} |")
+    return lines + [""]
+
+
+def _cross_architecture_warning(rows, pick) -> list[str]:
+    """A headline warning when the pick's file classifies differently on another
+    architecture than the recipe's int8 threshold allows."""
+    if not pick:
+        return []
+    name = pick.get("artifact", "").split("/")[-1]
+    lines = []
+    for row in rows:
+        if row["below"] and row["artifact"] == name:
+            lines += [f"> **The pick {md(name)} changes class on {md(row['arch'])}"
+                      + (f" ({md(row['emulated'])})" if row["emulated"] else "")
+                      + f" for {1 - row['there']:.1%} of the bundled images, beyond the "
+                      f"recipe's int8 agreement {row['threshold']}: its parity here does not "
+                      "hold there; check it on the device (see Parity).**", ""]
+    return lines
+
+
 def _parity_section(parity, checksums) -> list[str]:
     lines = ["## Parity", ""]
     if not parity:
@@ -548,7 +615,7 @@ def _bench_section(bench, parity) -> list[str]:
     return lines + [""]
 
 
-def _devices_section(record, bench, checksums) -> list[str]:
+def _devices_section(record, bench, checksums, labels=()) -> list[str]:
     """Results measured on devices with `tledge bundle` and imported with `--import`."""
     devices = (record or {}).get("devices") or {}
     if not devices:
@@ -563,7 +630,8 @@ def _devices_section(record, bench, checksums) -> list[str]:
         runtimes = ", ".join(f"{md(module)} {md(version)}" for module, version
                              in device.get("runtimes", {}).items())
         emulated = device.get("emulated")
-        lines += [f"### {md(name)}" + (f" (emulated: {md(emulated)})" if emulated else ""), "",
+        marked = emulated and "emulated" not in name
+        lines += [f"### {md(name)}" + (f" (emulated: {md(emulated)})" if marked else ""), "",
                   (f"{md(device['model'])}: " if device.get("model") else "")
                   + f"{md(device.get('cpu', '?'))}, "
                   f"{md(device.get('cores', '?'))} cores, {md(device.get('system', '?'))}; "
@@ -579,7 +647,7 @@ def _devices_section(record, bench, checksums) -> list[str]:
             lines += [f"**Stale**: {', '.join(stale)} changed since this device measured it; "
                       "bundle and measure again.", ""]
         accuracy = {row["artifact"]: row for row in result.get("accuracy") or []}
-        lines += _device_checks(accuracy)
+        lines += _device_checks(accuracy, labels)
         lines += ["| artifact | runtime | threads | batch | status | accuracy | agreement "
                   + _LATENCY_HEAD, "|---|---|---:|---:|---|---:|---:|" + _LATENCY_RULE]
         for row in result["rows"]:
@@ -591,7 +659,7 @@ def _devices_section(record, bench, checksums) -> list[str]:
     return lines
 
 
-def _device_checks(accuracy: dict) -> list[str]:
+def _device_checks(accuracy: dict, labels=()) -> list[str]:
     """Per artifact, how the device's outputs compare with the build machine's on the bundled
     images: agreement, the largest difference, the images that changed class."""
     if not any("max_difference" in check or "error" in check for check in accuracy.values()):
@@ -602,7 +670,8 @@ def _device_checks(accuracy: dict) -> list[str]:
         if "error" in check:
             lines.append(f"| {md(name)} | | | | | check failed: {md(check['error'])} |")
             continue
-        flips = ", ".join(f"#{flip['image']} ({flip['build']}→{flip['device']})"
+        name_of = (lambda index: labels[index] if 0 <= index < len(labels) else index)
+        flips = ", ".join(f"#{flip['image']} ({name_of(flip['build'])}→{name_of(flip['device'])})"
                           for flip in (check.get("flipped") or [])[:8])
         more = check.get("flipped_count", 0) - min(len(check.get("flipped") or []), 8)
         lines.append(
