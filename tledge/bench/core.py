@@ -299,22 +299,25 @@ def open_model(path, threads: int, module: str, precision=None):
 
 
 def runtime_versions() -> dict:
-    """The version of each runtime module as imported here: the module's own `__version__`
-    (onnxruntime-gpu installs the module `onnxruntime` under another distribution name, and
-    two distributions can hold it at once), else its distribution's metadata."""
-    import importlib
-    from importlib.metadata import PackageNotFoundError, version
+    """The version of each runtime module this Python would import, read from the metadata
+    of the distribution installed beside that module (onnxruntime-gpu installs the module
+    `onnxruntime` under another name, and two distributions can hold it at once). Nothing
+    is imported: in a foreign userland importing a runtime has crashed the process."""
+    import importlib.metadata
+    import importlib.util
     versions = {"numpy": np.__version__}
     for module in TFLITE_MODULES + ONNX_MODULES:
-        if installed(module):
-            try:
-                # OpenVINO's carries its build: "2026.4.1-22982-e213a147257-releases/..."
-                versions[module] = importlib.import_module(module).__version__.split("-")[0]
-            except (ImportError, AttributeError):
-                try:
-                    versions[module] = version(module.replace("_", "-"))
-                except PackageNotFoundError:  # built from source, without metadata
-                    versions[module] = "unknown"
+        spec = importlib.util.find_spec(module)
+        if spec is None:
+            continue
+        versions[module] = "unknown"  # built from source, without metadata
+        folder = Path(spec.origin or next(iter(spec.submodule_search_locations))).parent.parent
+        for dist in importlib.metadata.distributions(path=[str(folder)]):
+            top = (dist.read_text("top_level.txt") or "").split()
+            files = [str(name) for name in (dist.files or [])]
+            if module in top or any(name.startswith(module + "/") for name in files):
+                versions[module] = dist.version
+                break
     return versions
 
 
