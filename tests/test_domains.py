@@ -215,3 +215,30 @@ def test_a_few_labelled_target_images_fine_tune_the_kept_head(built_run, tmp_pat
     assert table[0].startswith("| small | before adaptation |")
     assert table[1].startswith("| small_adabn_shifted | AdaBN")
     assert table[2].startswith("| few | fine-tuned, head kept") and "80 labelled" in table[2]
+
+
+def test_an_adapted_run_keeps_the_models_class_order_for_a_folder_listed_otherwise(
+        run_copy, tmp_path):
+    """A folder's classes come sorted by name; the run's in its recipe's order. The adapted
+    run's later stages (validate, the pick, bundles) must score in the model's order."""
+    images, labels = generate(CLASSES, 20, (32, 32), 0.08, seed=3,
+                              domain=DomainRecipe(contrast=0.4, brightness=-0.25))
+    folder = tmp_path / "camera"
+    for number, (image, label) in enumerate(zip(images, labels)):
+        (folder / CLASSES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / CLASSES[label] / f"{number}.png")
+    assert sorted(CLASSES) != CLASSES
+    out = tmp_path / "adapted"
+    result = invoke("adapt", run_copy, "--data", folder, "--out", out)
+    assert result.exit_code in (0, 1), result.output
+    history = json.loads((out / "history.json").read_text())
+    parity = json.loads((out / "parity.json").read_text())
+    reference = next(row for row in parity["rows"] if row["status"] == "reference")
+    assert reference["accuracy"] == pytest.approx(history["test_accuracy"])
+    assert json.loads((out / "manifest.json").read_text())["labels"] == CLASSES
+
+
+def test_adapt_refuses_to_write_over_the_run_it_adapts(run_copy, tmp_path):
+    result = invoke("adapt", run_copy, "--data", shifted_recipe(tmp_path), "--out", run_copy)
+    assert result.exit_code == 2 and "is the run being adapted" in result.output
+    assert (run_copy / "model.keras").is_file() and (run_copy / "parity.json").is_file()

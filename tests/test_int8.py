@@ -160,7 +160,8 @@ def test_onnx_diagnosis_names_nodes_that_can_be_kept_in_float(model_and_images, 
 
 # ---- the search ----------------------------------------------------------------------------
 
-def _repair(model, calibration, images, labels, tmp_path, *, fmt, thresholds, **options):
+def _repair(model, calibration, images, labels, tmp_path, *, fmt, thresholds,
+            calibration_samples=32, **options):
     from tledge.export.stage import _exporter
     tmp_path.mkdir(parents=True, exist_ok=True)
     from tledge.export.int8 import Judge, diagnose_onnx, diagnose_tflite, quantize_with_repair
@@ -181,7 +182,8 @@ def _repair(model, calibration, images, labels, tmp_path, *, fmt, thresholds, **
             model, pick(settings), settings=settings)
     lines = []
     record = quantize_with_repair(fmt, export, tmp_path / f"kept{fmt.suffix}", judge=judge,
-                                  thresholds=thresholds, calibration_samples=32,
+                                  thresholds=thresholds,
+                                  calibration_samples=calibration_samples,
                                   train_images=len(calibration), isa="AVX2",
                                   diagnose=diagnose, log=lines.append, **options)
     return record, lines
@@ -218,16 +220,24 @@ def test_the_agreement_lower_bound_is_wilsons():
 @pytest.mark.parametrize("name", ["tflite_int8", "onnx_int8"])
 def test_a_narrow_pass_tries_the_remedies_that_change_no_kernel(name, model_and_images,
                                                               tmp_path):
-    from tledge.export.int8 import GRAPH_SETTINGS, _fast_enough, _score
+    from tledge.export.int8 import (GRAPH_SETTINGS, _fast_enough, _score,
+                                    agreement_lower_bound)
     model, calibration, images, labels = model_and_images
     lenient = {"max_accuracy_drop": 1.0, "min_agreement": 0.0, "max_abs_diff": None}
+    # 4 calibration images: a plain file that agrees less than perfectly
     first, _ = _repair(model, calibration, images, labels, tmp_path / "a", fmt=FORMATS[name],
-                       thresholds=lenient)
+                       thresholds=lenient, calibration_samples=4)
     assert len(first["attempts"]) == 1 and not first["narrow"]  # a pass by a wide margin
-    # the plain file's own agreement as the threshold: it passes, but no lower bound clears it
-    exact = {**lenient, "min_agreement": first["attempts"][0]["agreement"]}
+    agreement = first["attempts"][0]["agreement"]
+    if agreement == 1.0:
+        pytest.skip("the plain int8 file agreed on every image: no narrow pass to make")
+    # a threshold the plain file passes, that no lower bound of its agreement clears, and
+    # that a perfect file on these images would clear (else no search could help)
+    threshold = min(agreement, agreement_lower_bound(1.0, len(labels)) - 1e-9)
+    assert agreement_lower_bound(agreement, len(labels)) < threshold <= agreement
     record, lines = _repair(model, calibration, images, labels, tmp_path / "b",
-                            fmt=FORMATS[name], thresholds=exact)
+                            fmt=FORMATS[name], thresholds={**lenient, "min_agreement": threshold},
+                            calibration_samples=4)
     attempts = record["attempts"]
     assert record["narrow"] and record["passed"] and any("narrow pass" in l for l in lines)
     assert attempts[0]["remedy"] == "plain" and len(attempts) > 1
@@ -237,6 +247,12 @@ def test_a_narrow_pass_tries_the_remedies_that_change_no_kernel(name, model_and_
     fast = _fast_enough(attempts[0])
     kept = max(attempts, key=lambda row: _score(row, fast))
     assert record["settings"] == kept["settings"]
+
+
+def test_no_search_where_no_margin_could_be_shown():
+    from tledge.export.int8 import agreement_lower_bound
+    # 72 validation images (the test runs' split): even a perfect file cannot show 0.97
+    assert agreement_lower_bound(1.0, 72) < 0.97 <= agreement_lower_bound(1.0, 100)
 
 
 def test_recorded_settings_are_tried_first_and_reproduce_without_searching(model_and_images,

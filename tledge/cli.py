@@ -448,12 +448,12 @@ def _artifact_path(run_dir, name) -> str:
               help="Artifacts to include (repeatable or comma-separated). Default: every "
                    ".tflite and .onnx artifact of the run.")
 @click.option("--images", "image_count", type=click.IntRange(min=0), default=0,
-              help=f"Evaluation images to bundle for the device check, every class in "
-                   f"proportion. Default 0: all of them, up to {IMAGE_CAP}.")
+              help=f"Evaluation images to bundle for the device check, the classes taken "
+                   f"in turns. Default 0: all of them, up to {IMAGE_CAP}.")
 def bundle(run_dir, out, names, image_count):
     """Pack artifacts into a zip to benchmark on a device (a Raspberry Pi, a Jetson).
 
-    The zip holds the artifacts, labels, evaluation images (every class, in proportion) with
+    The zip holds the artifacts, labels, evaluation images (every class, taken in turns) with
     their expected classes and the build machine's raw outputs for them, and bench_device.py,
     which needs only Python 3.9+, numpy and ai-edge-litert, tflite-runtime or onnxruntime. On
     the device: `python3 bench_device.py --name pi5` writes result.json (the same statistics as

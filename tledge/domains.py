@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tledge.data import load_splits
+from tledge.data.sources import in_class_order
 from tledge.errors import DataError
 from tledge.formats import FORMATS
 from tledge.parity import confusion_matrix, predict_all
@@ -73,33 +74,20 @@ def target_splits(target: Target, labels, *, log=None, fractions=None):
         DataError: the target's classes are not the run's (the message lists the difference).
     """
     data = target.data if fractions is None else dataclasses.replace(target.data, **fractions)
-    splits = load_splits(data, seed=target.seed, log=log)
-    ours, theirs = list(labels), list(splits.class_names)
-    if set(ours) != set(theirs):
-        missing = [name for name in ours if name not in theirs]
-        extra = [name for name in theirs if name not in ours]
-        raise DataError(
-            f"{target.where} does not have the run's classes: "
-            + "; ".join(part for part in (
-                f"missing {', '.join(missing)}" if missing else "",
-                f"not in the run {', '.join(extra)}" if extra else "") if part)
-            + f" (the run knows {', '.join(ours)})")
-    order = np.array([ours.index(name) for name in theirs], dtype=np.int64)
-    return dataclasses.replace(splits, y_train=order[splits.y_train], y_val=order[splits.y_val],
-                               y_test=order[splits.y_test], class_names=tuple(ours))
+    return in_class_order(load_splits(data, seed=target.seed, log=log), labels, target.where)
 
 
-def judged_parts(target: Target, splits) -> list:
-    """[(images, labels)] the target is judged on: its test split (a recipe's, or a folder's
-    own test/ sub-folder), else every image it has."""
+def judged_parts(target: Target, splits) -> tuple[list, str]:
+    """([(images, labels)] the target is judged on, which): its test split (a recipe's, or a
+    folder's own test/ sub-folder) as "test", else every image it has as "all"."""
     given = splits.record["splits"]["test"].get("obtained") == "given"
     if target.judged == "test" or (given and len(splits.y_test)):
         if not len(splits.y_test):
             raise DataError(f"{target.where} has no test split to evaluate on; set its "
                             "data.test_fraction > 0")
-        return [(splits.x_test, splits.y_test)]
+        return [(splits.x_test, splits.y_test)], "test"
     return [(x, y) for x, y in ((splits.x_train, splits.y_train), (splits.x_val, splits.y_val),
-                                (splits.x_test, splits.y_test)) if len(y)]
+                                (splits.x_test, splits.y_test)) if len(y)], "all"
 
 
 def predict_parts(runner, parts) -> np.ndarray:
@@ -144,7 +132,7 @@ def evaluate_run(run_dir, data_arg, *, name=None, log=print) -> dict:
     recipe = run_recipe(run_dir)
     target = target_data(data_arg, recipe, name)
     splits = target_splits(target, manifest["labels"], log=log)
-    parts = judged_parts(target, splits)
+    parts, judged = judged_parts(target, splits)
     labels = np.concatenate([y for _, y in parts])
     log(f"evaluate: {len(labels)} images of {target.where} ({target.name})")
     reference_entry = find_artifact(manifest, "keras")
@@ -170,7 +158,7 @@ def evaluate_run(run_dir, data_arg, *, name=None, log=print) -> dict:
                              manifest["labels"], source))
     for row in rows:
         log(line(row))
-    result = {"data": target.where, "judged": target.judged, "images": int(len(labels)),
+    result = {"data": target.where, "judged": judged, "images": int(len(labels)),
               "fingerprint": splits.record.get("fingerprint"),
               "classes": list(manifest["labels"]), "rows": rows,
               "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tledge.data.cache import cache_root, open_entry
-from tledge.data.sources import load_splits, prepared_entry
+from tledge.data.sources import in_class_order, load_splits, prepared_entry
 from tledge.errors import DataError, first_line, RunDirError
 from tledge.recipe.load import load_recipe
-from tledge.rundir import check_run_dir, read_record, RECIPE, SPLIT
+from tledge.rundir import check_run_dir, read_manifest, read_record, RECIPE, SPLIT
 
 
 def run_recipe(run_dir):
@@ -55,7 +55,11 @@ def run_splits(run_dir, recipe=None, *, log=None):
                           "was trained (its images or labels differ from split.json's "
                           "fingerprint); retrain with `tledge build` so validation compares "
                           "like with like")
-    return splits
+    # the labels in the model's class order (an adapted run's target may list them otherwise)
+    try:
+        return in_class_order(splits, read_manifest(run_dir)["labels"], str(run_dir))
+    except DataError as error:
+        raise RunDirError(f"{first_line(error)}; rebuild the run") from None
 
 
 def evaluation_split(splits):

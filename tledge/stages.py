@@ -31,8 +31,8 @@ from tledge.recipe.load import load_recipe, member_recipes
 from tledge.recipe.spec import PhaseRecipe, Recipe
 from tledge.report.document import baseline_warning, own_runtime_rows, report_run
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
-from tledge.rundir import (artifact_entry, atomic_path, BENCH, find_artifact, HISTORY, INNER_RUNS,
-                           LOCK, MANIFEST, new_manifest, PARITY, portable, read_manifest,
+from tledge.rundir import (artifact_entry, atomic_path, BENCH, DOMAINS, find_artifact, HISTORY,
+                           INNER_RUNS, LOCK, MANIFEST, new_manifest, PARITY, portable, read_manifest,
                            read_record, RECIPE, record_stage, REPORT, run_lock, set_artifact,
                            sha256, SPLIT, stage_hash, stage_is_current, verified_artifact,
                            write_json, write_manifest, write_text)
@@ -364,7 +364,7 @@ def _remove_stale_outputs(run_dir) -> None:
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
-    for name in (PARITY, BENCH, REPORT):
+    for name in (PARITY, BENCH, REPORT, DOMAINS):  # domains: the old model's evaluations
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / BASELINE_DIR, ignore_errors=True)  # trained again, if still asked
     (run_dir / "baseline.keras").unlink(missing_ok=True)  # where earlier versions kept it
@@ -487,6 +487,9 @@ def adapt_run(parent_dir, data_arg, *, out=None, name=None, log=print):
         description=f"{parent.name} adapted to {target.name} by AdaBN", data=data,
         baseline=None)
     run_dir = Path(out) if out else parent_dir.parent / recipe.name
+    if run_dir.resolve() == parent_dir.resolve():
+        raise RunDirError(f"--out {out} is the run being adapted; the adapted model is a run "
+                          "of its own: give another folder")
     started = time.perf_counter()
     with run_lock(run_dir):
         run_dir = prepare_run_dir(run_dir)

@@ -6,7 +6,7 @@ Python, numpy and one runtime:
     bundle.zip
       bench_device.py     the benchmark (tledge/bench/core.py, verbatim)
       bundle.json         artifacts (file, sha256, input/output spec), labels, settings
-      images.npy          evaluation images, every class in proportion, uint8 [N, H, W, 3]
+      images.npy          evaluation images, every class present, uint8 [N, H, W, 3]
       host_outputs.npz    each artifact's raw outputs for them on the build machine
       labels.txt          one class name per line
       artifacts/...       the .tflite / .onnx files
@@ -76,10 +76,10 @@ IMAGE_CAP = 512  # evaluation images a bundle carries at most (`--images 0`, the
 
 
 def bundle_images(run_dir, recipe, count: int = 0):
-    """Evaluation images and their classes, stratified: every class present, in proportion
-    (a seeded choice, classes taken in turns), `count` of them (0: all, up to IMAGE_CAP). The
-    split is sorted by class: its first 32 images once covered 2 classes of 8 and hid a
-    difference between two CPUs' int8 kernels."""
+    """Evaluation images and their classes, stratified: a seeded choice taking the classes
+    in turns, so every class is present and as evenly as the split allows, `count` of them
+    (0: all, up to IMAGE_CAP). The split is sorted by class: its first 32 images once covered
+    2 classes of 8 and hid a difference between two CPUs' int8 kernels."""
     images, labels, _ = evaluation_split(run_splits(run_dir, recipe))
     labels = np.asarray(labels)
     count = min(count or IMAGE_CAP, len(labels))

@@ -15,6 +15,7 @@ Debian's minimal base with python3, unpacked from its packages (no second stage 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,7 +63,7 @@ def emulate(run_dir, *, arch="arm64", name=None, images=0, cache=None, log=print
     with tempfile.TemporaryDirectory(prefix="tledge-emulate-") as folder:
         zipped = write_bundle(run_dir, Path(folder) / "bundle.zip", image_count=images,
                               log=lambda line: None)
-        result = run_bundle(rootfs, site, zipped, device, log)
+        result = run_bundle(rootfs, site, zipped, device, log, spec)
         seconds["check"] = time.perf_counter() - start
         stored = import_device_result(run_dir, result)
     for step, value in seconds.items():
@@ -138,11 +139,17 @@ def userland(cache: Path, spec, log) -> tuple[Path, bool]:
             raise EmulationError(f"debootstrap could not fetch {SUITE} {spec['debian']} from "
                                  f"{MIRROR} ({tail[0] if tail else 'exit ' + str(done.returncode)})")
         for package in sorted((building / "var/cache/apt/archives").glob("*.deb")):
-            subprocess.run(["dpkg", "-x", str(package), str(building)], check=True,
-                           capture_output=True)
+            done = subprocess.run(["dpkg", "-x", str(package), str(building)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise EmulationError(f"cannot unpack {package.name} "
+                                     f"({first_line(done.stderr)})")
         (building / ".tledge-ready").write_text(f"{SUITE} {spec['debian']}\n")
         shutil.rmtree(rootfs, ignore_errors=True)
         building.rename(rootfs)
+    except OSError as error:
+        raise EmulationError(f"cannot prepare the userland in {cache}: {error.strerror or error}") \
+            from None
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return rootfs, False
@@ -150,7 +157,11 @@ def userland(cache: Path, spec, log) -> tuple[Path, bool]:
 
 def python_version(rootfs: Path) -> str:
     """"3.11" for the userland's python3."""
-    target = os.readlink(rootfs / "usr/bin/python3")  # python3 -> python3.11
+    try:
+        target = os.readlink(rootfs / "usr/bin/python3")  # python3 -> python3.11
+    except OSError:
+        raise EmulationError(f"the userland in {rootfs} has no python3; delete that folder "
+                             "and run tledge emulate again") from None
     return target.replace("python", "")
 
 
@@ -191,7 +202,7 @@ def runtime_wheels(cache: Path, spec, version: str, log) -> tuple[Path, bool]:
     return site, False
 
 
-def run_bundle(rootfs: Path, site: Path, zipped: Path, device: str, log) -> Path:
+def run_bundle(rootfs: Path, site: Path, zipped: Path, device: str, log, spec) -> Path:
     """Run bench_device.py of the bundle inside the userland; returns its result.json."""
     inside = rootfs / "opt/tledge"
     shutil.rmtree(inside, ignore_errors=True)
@@ -220,11 +231,20 @@ def run_bundle(rootfs: Path, site: Path, zipped: Path, device: str, log) -> Path
             raise EmulationError(f"bench_device.py ended with exit code {process.returncode} "
                                  "in the emulated userland")
     finally:
-        if mounted:
-            subprocess.run(["umount", str(proc)], capture_output=True)
+        if mounted and subprocess.run(["umount", str(proc)], capture_output=True).returncode:
+            log(f"warning: could not unmount {proc}; unmount it (umount {proc}) before "
+                "deleting the cache")
     result = inside / "bundle" / "result.json"
     if not result.is_file():
         raise EmulationError("bench_device.py wrote no result.json in the emulated userland")
+    # the script tells emulation from /proc/cpuinfo, which a newer qemu fakes as an ARM
+    # CPU's: what this command knows is written in, so no emulated figure passes as a device's
+    document = json.loads(result.read_text(encoding="utf-8"))
+    device = document.get("device") or {}
+    device.update({"emulated": "qemu-user", "arch": device.get("arch") or spec["machine"]})
+    if "emulated" not in str(device.get("cpu", "")):
+        device["cpu"] = f"{device.get('arch')} emulated by qemu-user ({device.get('cpu', '?')})"
+    result.write_text(json.dumps(document, indent=2), encoding="utf-8")
     return result
 
 

@@ -86,7 +86,15 @@ def corrupt_folder(source, out, name: str, severity: int, *, seed: int = 0, log=
         raise DataError(f"{out} is inside {source}; write the corrupted copy elsewhere")
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} is not empty; choose a new folder for the corrupted copy")
-    files = sorted(path for path in source.rglob("*") if is_image_file(path))
+    files = sorted(path for path in source.rglob("*") if is_image_file(path)
+                   and not any(part.startswith(".") for part in path.relative_to(source).parts))
+    targets = {}
+    for path in files:  # a.jpg and a.png would both become a.png
+        target = (out / path.relative_to(source)).with_suffix(".png")
+        if target in targets:
+            raise DataError(f"{targets[target].name} and {path.name} in {path.parent} would "
+                            f"both be written as {target.name}; rename one")
+        targets[target] = path
     if not files:
         raise DataError(f"{source}: no images (expected class sub-folders of images)")
     rng = np.random.default_rng(seed)

@@ -114,6 +114,30 @@ def load_splits(data, *, seed: int, log=None, report_dir=None, progress=None,
     return splits
 
 
+def in_class_order(splits: Splits, labels, where: str) -> Splits:
+    """`splits` with its labels put in the order of `labels` (the same class names, in
+    another order: a folder's sorted sub-folders against a recipe's list).
+
+    Raises:
+        DataError: the class names differ; the message lists the difference.
+    """
+    ours, theirs = list(labels), list(splits.class_names)
+    if ours == theirs:
+        return splits
+    if set(ours) != set(theirs):
+        missing = [name for name in ours if name not in theirs]
+        extra = [name for name in theirs if name not in ours]
+        raise DataError(
+            f"{where} does not have the run's classes: "
+            + "; ".join(part for part in (
+                f"missing {', '.join(missing)}" if missing else "",
+                f"not in the run {', '.join(extra)}" if extra else "") if part)
+            + f" (the run knows {', '.join(ours)})")
+    order = np.array([ours.index(name) for name in theirs], dtype=np.int64)
+    return dataclasses.replace(splits, y_train=order[splits.y_train], y_val=order[splits.y_val],
+                               y_test=order[splits.y_test], class_names=tuple(ours))
+
+
 def _resolved_size(data) -> tuple[int, int]:
     if data.image_size is None:
         raise DataError("data.image_size must be resolved before loading data "

@@ -181,8 +181,13 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
             diagnosis, diagnosed = recorded.get("diagnosis"), True
         fast = _fast_enough(kept[2])
         narrow = judge is not None and kept[2]["passed"] and not recorded and \
-            not confident(kept[2], thresholds, len(judge.labels))
-        if narrow:
+            not confident(kept[2], thresholds, len(judge.labels)) and \
+            kept[2].get("agreement") != 1.0 and \
+            agreement_lower_bound(1.0, len(judge.labels)) >= thresholds["min_agreement"]
+        # (a perfect agreement, or a judge with too few images for any margin: no search)
+        if recorded:
+            narrow = bool(recorded.get("narrow"))
+        if narrow and not recorded:
             log(f"    int8 {fmt.name}: a narrow pass (the agreement's {CONFIDENCE:.0%} lower "
                 f"bound on {len(judge.labels)} images is below {thresholds['min_agreement']}): "
                 "trying the remedies that change no kernel")

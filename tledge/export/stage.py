@@ -177,6 +177,7 @@ def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int
                 "exported once, without repair")
     recorded = {entry["name"]: {"settings": entry["quantization"]["settings"],
                                 "remedy": entry["quantization"]["remedy"],
+                                "narrow": entry["quantization"].get("narrow", False),
                                 "diagnosis": entry["quantization"].get("diagnosis")}
                 for entry in artifacts(manifest) if isinstance(entry.get("quantization"), dict)
                 and entry["quantization"].get("model_sha256") == reference["sha256"]

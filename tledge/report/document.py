@@ -57,7 +57,8 @@ def report_run(run_dir) -> Path:
     title = f"tledge report: {manifest['recipe']['name']}"
     lines = [f"# tledge report: {md(manifest['recipe']['name'])}", ""]
     lines += _headline(manifest, history, parity, bench)
-    crossed = cross_architecture(devices, parity)
+    checksums = {entry["name"]: entry.get("sha256") for entry in manifest["artifacts"]}
+    crossed = cross_architecture(devices, parity, bench, checksums)
     lines += _cross_architecture_warning(crossed, manifest.get("pick"))
     lines += _story(manifest, split, history, parity, bench)
     lines += _data_section(manifest, split)
@@ -66,7 +67,6 @@ def report_run(run_dir) -> Path:
               len(training))  # the curves before the epoch-by-epoch table they draw
     lines += training[:at] + _figure_lines(figures, "learning_curves") + training[at:]
     lines += _ensemble_section(history, bench)
-    checksums = {entry["name"]: entry.get("sha256") for entry in manifest["artifacts"]}
     lines += _parity_section(parity, checksums)
     lines += _cross_architecture_lines(crossed)
     lines += report_int8.section(manifest, own_runtime_rows(parity),
@@ -485,17 +485,22 @@ def _ensemble_section(history, bench) -> list[str]:
     return lines + [""]
 
 
-def cross_architecture(devices, parity) -> list[dict]:
+def cross_architecture(devices, parity, bench, checksums) -> list[dict]:
     """Each quantized artifact's check on a device of another architecture than the build
     machine's (an emulated arm64 userland, a Raspberry Pi), beside its parity here and the
-    recipe's agreement threshold."""
+    recipe's agreement threshold. A check of a file that was exported again since is left
+    out (the On devices section marks it stale)."""
     own = own_runtime_rows(parity)
+    here = ((bench or {}).get("machine") or {}).get("arch") or "x86_64"
     rows = []
     for name, result in ((devices or {}).get("devices") or {}).items():
         arch = result["device"].get("arch")
-        if not arch or arch in ("x86_64", "AMD64"):  # the build machines' architecture
+        if not arch or arch == here:
             continue
+        measured = result.get("artifacts") or {}
         for check in result.get("accuracy") or []:
+            if measured.get(check.get("artifact")) != checksums.get(check.get("artifact")):
+                continue
             parity_row = own.get(check.get("artifact")) or {}
             threshold = (parity_row.get("thresholds") or {}).get("min_agreement")
             if "error" in check or "int8" not in check["artifact"]:

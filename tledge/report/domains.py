@@ -24,10 +24,14 @@ def section(run_dir, manifest, history, md) -> list[str]:
     if not domains and not adaptation and not family:
         return []
     lines = ["## Domains", ""]
-    if adaptation:
-        lines += _adaptation_lines(adaptation, md)
-    for name, result in domains.items():
-        lines += _domain_lines(name, result, md)
+    try:
+        if adaptation:
+            lines += _adaptation_lines(adaptation, md)
+        for name, result in domains.items():
+            lines += _domain_lines(name, result, md)
+    except (KeyError, TypeError, IndexError, AttributeError):
+        raise RunDirError(f"{run_dir / DOMAINS} or {run_dir / HISTORY} is not what tledge "
+                          "writes; run `tledge evaluate` (or `tledge adapt`) again") from None
     for rows in family.values():
         lines += _comparison_lines(rows, md)
     return lines
@@ -110,7 +114,11 @@ def adaptations(run_dir) -> dict:
         origin = _parent(folder)
         if folder != parent and origin != parent:
             continue
-        for fingerprint, row in _judged(folder, folder == parent).items():
+        try:
+            judged = _judged(folder, folder == parent)
+        except (KeyError, TypeError, IndexError):  # a damaged record of a run beside this
+            continue  # one: that run's own commands report it
+        for fingerprint, row in judged.items():
             family.setdefault(fingerprint, []).append(row)
     return {key: rows for key, rows in family.items() if len(rows) > 1}
 

@@ -85,7 +85,8 @@ def repair_note(manifest, name) -> str:
         return ""
     if record.get("narrow"):
         return (f" Its plain int8 export passed only narrowly; it ships with "
-                f"{record['remedy']}, which agrees more (see Quantization).")
+                f"{record['remedy']}, the closest of the remedies that change no kernel on the "
+                "same images (see Quantization).")
     return (f" Its plain int8 export failed parity; it passes with {record['remedy']} "
             "(see Quantization).")
 
@@ -100,6 +101,9 @@ def sentence(record, parity_row, split="test") -> str:
         final = (f"; on the {split} split it {verdict} "
                  f"parity (accuracy {parity_row['accuracy']:.4f}, agreement "
                  f"{parity_row['agreement']:.4f})")
+    if len(attempts) <= 1 and record.get("remedy") not in (None, "plain"):
+        return (f"reproduced the settings an earlier export kept ({record['remedy']})"
+                + final + ".")
     if len(attempts) <= 1:
         how = "exported with the plain settings" + (
             ", which passed on the " + (record.get("split") or "validation") + " split"
