@@ -217,7 +217,7 @@ def test_unknown_key_names_the_closest_valid_one(tmp_path, section, key, keypath
 def test_unknown_key_far_from_any_lists_the_valid_keys(tmp_path):
     problem = the_problem(problems_of(tmp_path, recipe_text(tables="[model]\nzzz = 1")),
                           "model.zzz")
-    assert problem == "model.zzz: unknown key; valid keys are alpha, backbone, dropout, head, weights"
+    assert problem == "model.zzz: unknown key; valid keys are alpha, backbone, dropout, head, tasks, weights"
 
 
 def test_path_is_not_a_recipe_key(tmp_path):

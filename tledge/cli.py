@@ -659,5 +659,9 @@ def predict(images, artifact, top_k, as_json):
         return
     for result in results:
         click.echo(result["image"])
-        for rank, row in enumerate(result["top"], 1):
-            click.echo(f"  {rank}. {row['label']:<20} {row['probability']:.4f}")
+        for task, top in (result.get("tasks") or {None: result.get("top", [])}).items():
+            if task is not None:
+                click.echo(f"  {task}:")
+            for rank, row in enumerate(top, 1):
+                click.echo(f"{'  ' if task else ''}  {rank}. {row['label']:<20} "
+                           f"{row['probability']:.4f}")

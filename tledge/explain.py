@@ -22,6 +22,7 @@ from tledge.plots import FIGURES, pyplot, save_figure
 from tledge.run_inputs import evaluation_split, run_splits
 from tledge.rundir import (EXPLAIN, find_artifact, HISTORY, portable, read_manifest, read_record,
                            sha256, verified_artifact, write_json)
+from tledge.tasks import targets
 
 # TensorFlow, Keras and matplotlib are imported inside the functions that use them: the CLI imports this
 # module at start-up, and they take seconds to load.
@@ -36,13 +37,17 @@ def _stages(model):
     return chain[:at], backbone, chain[at + 1:]
 
 
-def gradcam(model, images, classes=None) -> tuple[np.ndarray, np.ndarray]:
+def gradcam(model, images, classes=None, output=None) -> tuple[np.ndarray, np.ndarray]:
     """(heat maps in [0, 1] at the images' size [N, H, W], the classes explained [N]).
 
-    `classes` None explains each image's predicted class.
+    `classes` None explains each image's predicted class; `output` names the output (a
+    multi-task model's task) whose class is explained, the first when None.
     """
     import tensorflow as tf
     before, backbone, head = _stages(model)
+    outputs = list(model.output_names)
+    head = [layer for layer in head if layer.name not in outputs] + \
+        [model.get_layer(output or outputs[0])]
     x = tf.constant(np.asarray(images), tf.float32)
     for layer in before:
         x = layer(x, training=False)
@@ -184,22 +189,30 @@ def explain_run(run_dir, *, log=print) -> dict:
     manifest = read_manifest(run_dir)
     names = manifest["labels"]
     images, labels, split = evaluation_split(run_splits(run_dir))
+    tasks = manifest.get("tasks")  # a multi-task model: a grid per task
+    task_labels = targets(labels, tasks, names)
     record = {"split": split, "figures": [], "models": {}}
     for title, stem, path in _models_to_explain(run_dir, manifest):
         model = load_model(path)
         record["models"][portable(path, run_dir)] = sha256(path)
         size = tuple(model.inputs[0].shape[1:3])
         seen = images if images.shape[1:3] == size else resize_images(images, size)
-        predicted = predict_in_batches(model, seen).argmax(axis=1)
-        chosen = choose_examples(labels, predicted, len(names))
-        heats, _ = gradcam(model, seen[chosen])
-        figure = gradcam_grid(seen[chosen], heats, labels[chosen], predicted[chosen], names,
-                              f"Grad-CAM, {title}:\nwhere it looks for the class it predicts",
-                              run_dir / FIGURES / f"{stem}.png")
+        outputs = predict_in_batches(model, seen)
+        views = [(None, outputs, labels, names, title, stem)] if not tasks else \
+            [(task["name"], outputs[index], task_labels[:, index], task["labels"],
+              f"{title}, task {task['name']}", f"{stem}_{task['name']}")
+             for index, task in enumerate(tasks)]
         grid = list(_stages(model)[1].output.shape[1:3])
-        record["figures"].append({"title": title, "file": f"{FIGURES}/{figure.name}",
-                                  "images": chosen, "heat_map_cells": grid})
-        log(f"  wrote {figure.relative_to(run_dir)}")
+        for output, probabilities, expected, classes, shown, file_stem in views:
+            predicted = probabilities.argmax(axis=1)
+            chosen = choose_examples(expected, predicted, len(classes))
+            heats, _ = gradcam(model, seen[chosen], output=output)
+            figure = gradcam_grid(seen[chosen], heats, expected[chosen], predicted[chosen],
+                                  classes, f"Grad-CAM, {shown}:\nwhere it looks for the class "
+                                           "it predicts", run_dir / FIGURES / f"{file_stem}.png")
+            record["figures"].append({"title": shown, "file": f"{FIGURES}/{figure.name}",
+                                      "images": chosen, "heat_map_cells": grid})
+            log(f"  wrote {figure.relative_to(run_dir)}")
         if stem == "gradcam" or len(record["figures"]) == 1:
             maps, layer = feature_maps(model, seen[chosen[0]])
             figure = feature_grid(maps, layer, seen[chosen[0]],
@@ -222,14 +235,17 @@ def explain_images(paths, run_dir, *, out=None) -> list[Path]:
         if not image_path.is_file():
             raise ArtifactError(f"{image_path} does not exist")
         image = load_image(image_path, size)
-        heat, chosen = gradcam(model, image[None])
+        tasks = manifest.get("tasks")  # a multi-task model: its first task's class
+        heat, chosen = gradcam(model, image[None],
+                               output=tasks[0]["name"] if tasks else None)
         plt = pyplot()
         figure, axes = plt.subplots(1, 2, figsize=(6, 3.2))
         axes[0].imshow(image)
         axes[1].imshow(overlay(image, heat[0]))
         for axis in axes:
             axis.axis("off")
-        axes[1].set_title(f"Grad-CAM: {manifest['labels'][int(chosen[0])]}", fontsize=9)
+        classes = tasks[0]["labels"] if tasks else manifest["labels"]
+        axes[1].set_title(f"Grad-CAM: {classes[int(chosen[0])]}", fontsize=9)
         target = Path(out) / f"{image_path.stem}.gradcam.png" if out else \
             image_path.with_name(f"{image_path.stem}.gradcam.png")
         written.append(save_figure(figure, target))

@@ -10,12 +10,12 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from tledge.errors import ArtifactError, first_line, TledgeError
+from tledge.errors import ArtifactError, ExportError, first_line, TledgeError
 from tledge.export import tflite_standard as standard
 from tledge.export.metadata import read_metadata, tflite_metadata_entries
 from tledge.export.onnx import onnx_spec
 from tledge.export.tflite import tflite_spec
-from tledge.model import load_model
+from tledge.model import load_model, task_outputs
 
 # TensorFlow and onnx are imported inside the functions that use them: the CLI imports this
 # module at start-up, and they take seconds to load.
@@ -65,18 +65,20 @@ def describe_file(path) -> dict:
                             f"tledge reads {', '.join(SUFFIXES)} files")
     if not path.is_file():
         raise ArtifactError(f"{path}: no such artifact file")
-    described = {"tflite": _describe_tflite, "onnx": _describe_onnx,
-                 "keras": _describe_keras}[family](path)
     metadata = read_metadata(path)
+    tasks = (metadata or {}).get("tasks") or None  # a multi-task model's outputs, in order
+    described = {"tflite": _describe_tflite, "onnx": _describe_onnx,
+                 "keras": _describe_keras}[family](path, tasks)
     if metadata and metadata.get("precision"):
         described["precision"] = metadata["precision"]
     return {"family": family, "path": path.name, "file": str(path),
             "size_bytes": path.stat().st_size, **described, "metadata": metadata,
-            "labels": list(metadata["labels"]) if metadata and "labels" in metadata
-            else (described.get("standard_metadata") or {}).get("labels")}
+            "labels": list(metadata["labels"]) if metadata and metadata.get("labels")
+            else (described.get("standard_metadata") or {}).get("labels"),
+            **({"tasks": tasks} if tasks else {})}
 
 
-def _describe_tflite(path: Path) -> dict:
+def _describe_tflite(path: Path, tasks=None) -> dict:
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.python.schema_util import get_builtin_code_from_operator_code
 
@@ -84,8 +86,8 @@ def _describe_tflite(path: Path) -> dict:
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise ArtifactError(f"{path}: not a TFLite flatbuffer (no TFL3 identifier)")
     try:
-        spec = tflite_spec(path)
-    except (ValueError, RuntimeError) as error:
+        spec = tflite_spec(path, tasks=[task["name"] for task in tasks] if tasks else None)
+    except (ValueError, RuntimeError, ExportError) as error:
         raise ArtifactError(f"{path}: LiteRT cannot load it ({first_line(error)})") from None
     model = schema.Model.GetRootAs(data, 0)
     builtin_names = {value: name for name, value in vars(schema.BuiltinOperator).items()
@@ -133,16 +135,22 @@ def _standard_metadata(path: Path, data: bytes) -> dict | None:
         raise ArtifactError(f"{path}: its TFLITE_METADATA entry is not readable "
                             f"({first_line(error)})") from None
     files = standard.associated_files(data)
-    outputs = facts["outputs"][0] if facts["outputs"] else {}
-    named = [item["name"] for item in outputs.get("associated_files", [])
-             if item["type"] == 2]  # TENSOR_AXIS_LABELS
-    text = files.get(named[0], b"").decode("utf-8", "replace") if named else ""
-    facts["labels"] = [line for line in text.splitlines() if line] if named else None
-    facts["labels_file"] = named[0] if named else None
+
+    def labels(output):
+        named = [item["name"] for item in output.get("associated_files", [])
+                 if item["type"] == 2]  # TENSOR_AXIS_LABELS
+        text = files.get(named[0], b"").decode("utf-8", "replace") if named else ""
+        return ([line for line in text.splitlines() if line] if named else None,
+                named[0] if named else None)
+    found = [labels(output) for output in facts["outputs"]] or [(None, None)]
+    facts["labels"], facts["labels_file"] = found[0]
+    if len(facts["outputs"]) > 1:  # a multi-task model: a labels file per output
+        facts["output_labels"] = {output["name"]: {"labels": names, "labels_file": file}
+                                  for output, (names, file) in zip(facts["outputs"], found)}
     return facts
 
 
-def _describe_onnx(path: Path) -> dict:
+def _describe_onnx(path: Path, tasks=None) -> dict:
     import onnx
 
     try:
@@ -165,7 +173,7 @@ def _describe_onnx(path: Path) -> dict:
             "opset": {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}}
 
 
-def _describe_keras(path: Path) -> dict:
+def _describe_keras(path: Path, tasks=None) -> dict:
     try:
         model = load_model(path)  # safe_mode=True, always
     except TledgeError as error:
@@ -178,8 +186,11 @@ def _describe_keras(path: Path) -> dict:
         return {"name": name or tensor.name,
                 "shape": [-1 if side is None else int(side) for side in tensor.shape],
                 "dtype": str(getattr(tensor.dtype, "name", tensor.dtype))}
+    names = task_outputs(model)
+    output = [spec(tensor, name) for tensor, name in zip(model.outputs, names)] if names \
+        else spec(model.outputs[0])
     return {"precision": precision, "input": spec(model.inputs[0]),
-            "output": spec(model.outputs[0]), "operators": dict(operators.most_common()),
+            "output": output, "operators": dict(operators.most_common()),
             "parameters": int(model.count_params())}
 
 
@@ -195,8 +206,10 @@ def format_description(info: dict) -> str:
     lines = [f"{info['file']}",
              f"  family     {info['family']}  precision {info['precision']}  "
              f"size {info['size_bytes']:,} bytes"]
-    for role in ("input", "output"):
-        tensor = info[role]
+    tensors = [("input", info["input"])] + [
+        ("output", tensor) for tensor in (info["output"] if isinstance(info["output"], list)
+                                          else [info["output"]])]
+    for role, tensor in tensors:
         text = f"  {role:<10} {tensor['name']}  {tensor['shape']}  {tensor['dtype']}"
         if tensor.get("quantization"):
             text += (f"  scale {tensor['quantization']['scale']:g}  "
@@ -216,7 +229,11 @@ def format_description(info: dict) -> str:
                      f"recipe hash {metadata.get('recipe_hash')}")
         lines.append(f"  contract   {contract.get('shape')} {contract.get('dtype')} "
                      f"values {contract.get('value_range')}: {contract.get('meaning')}")
-        lines.append(f"  labels     {len(labels)}: {', '.join(labels)}")
+        if labels or not metadata.get("tasks"):
+            lines.append(f"  labels     {len(labels)}: {', '.join(labels)}")
+        for task in metadata.get("tasks") or []:
+            lines.append(f"  task       {task['name']}: {len(task['labels'])} labels: "
+                         f"{', '.join(task['labels'])}")
     else:
         lines.append("  metadata   none embedded")
     standard = info.get("standard_metadata")
@@ -229,7 +246,11 @@ def format_description(info: dict) -> str:
                      f"{image.get('content') or 'tensor'}, "
                      f"mean {normalization.get('mean')} std {normalization.get('std')}, "
                      f"values {image.get('range')}, "
-                     + (f"{len(labels)} labels in {standard['labels_file']}" if labels
+                     + (", ".join(f"{len(item['labels'] or [])} labels in "
+                                  f"{item['labels_file']}" for item in
+                                  standard["output_labels"].values())
+                        if standard.get("output_labels") else
+                        f"{len(labels)} labels in {standard['labels_file']}" if labels
                         else "no labels file")
                      + f", min parser {standard.get('min_parser_version')}")
     elif info["family"] == "tflite":

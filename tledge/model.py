@@ -1,7 +1,8 @@
 """The classifier graph and where its backbone weights come from.
 
 Every tledge model has one input, `image`: raw pixels [batch, H, W, 3] valued 0-255, and
-one output, `probabilities`. The backbone's preprocessing is a layer inside the graph (the
+one output, `probabilities` (a multi-task model: one output per task, named after it, in
+task order; see `tledge.tasks`). The backbone's preprocessing is a layer inside the graph (the
 input contract of docs/architecture.md), so no artifact needs to be fed differently.
 """
 
@@ -99,11 +100,12 @@ def _from_keras_file(backbone: Backbone, path: Path, size, alpha):
     return fresh
 
 
-def build_classifier(recipe, num_classes: int, backbone):
+def build_classifier(recipe, num_classes: int, backbone, tasks=()):
     """Raw pixels in, class probabilities out, with the backbone's preprocessing inside.
 
     A pretrained backbone is called in inference mode, so its BatchNorm statistics stay
-    as they are in both training phases; a backbone trained from scratch is not.
+    as they are in both training phases; a backbone trained from scratch is not. With
+    `tasks` (`tledge.tasks.model_tasks`) the pooled features feed one softmax head per task.
     """
     import keras
     from keras import layers
@@ -118,9 +120,28 @@ def build_classifier(recipe, num_classes: int, backbone):
     if recipe.model.dropout:
         x = layers.Dropout(recipe.model.dropout, name="dropout")(x)
     # float32 even under mixed precision: a float16 softmax loses small probabilities
-    outputs = layers.Dense(num_classes, activation="softmax", name=OUTPUT_NAME,
-                           dtype="float32")(x)
+    if tasks:
+        outputs = [layers.Dense(len(task["labels"]), activation="softmax", name=task["name"],
+                                dtype="float32")(x) for task in tasks]
+    else:
+        outputs = layers.Dense(num_classes, activation="softmax", name=OUTPUT_NAME,
+                               dtype="float32")(x)
     return keras.Model(inputs, outputs, name=recipe.name.replace(".", "_"))
+
+
+def task_outputs(model) -> list[str] | None:
+    """The output names of a multi-task model, in order: several outputs, or a tledge
+    classifier (around its `pool` layer) whose one output is a task's (a single-task model
+    of `train.compare_single_task`); None for a model with one output of any other name."""
+    names = list(model.output_names)
+    if len(names) > 1:
+        return names
+    tledge_head = any(layer.name == "pool" for layer in model.layers)
+    return names if tledge_head and names != [OUTPUT_NAME] else None
+
+
+# Layer names of the classifier around the backbone: no task may take one as its name
+RESERVED_NAMES = (INPUT_NAME, OUTPUT_NAME, "preprocess", "pool", "dropout")
 
 
 def keep_head(model, source_path, class_names) -> None:

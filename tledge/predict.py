@@ -15,6 +15,7 @@ from tledge.errors import ArtifactError, RunDirError
 from tledge.inspection import describe_file
 from tledge.rundir import MANIFEST, read_manifest, verified_artifact
 from tledge.runners import load, runtimes_for
+from tledge.tasks import blocks
 
 
 def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None = None,
@@ -27,7 +28,8 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
 
     Returns:
         One dict per image, in order: "image", "artifact", "runtime" and "top", a list of
-        {"index", "label", "probability"}, most probable first.
+        {"index", "label", "probability"}, most probable first; a multi-task model's has
+        "tasks" instead: {task name: its "top" list}, in output order.
 
     Raises:
         ArtifactError: the artifact is missing, unreadable or refused, or its input size is
@@ -54,16 +56,28 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
             if len(pixels) else np.zeros((0, 0), dtype=np.float32)
     finally:
         runner.close()
+    tasks = info.get("tasks") or (entry or {}).get("tasks")
+    results = []
+    if tasks:  # a multi-task model: the top classes of every task's output
+        parts = blocks(probabilities, tasks) if len(pixels) else [np.zeros((0, 0))] * len(tasks)
+        for index, image in enumerate(images):
+            results.append({"image": str(image), "artifact": str(artifact_path),
+                            "runtime": runtime, "tasks": {
+                                task["name"]: _top(part[index], task["labels"], top_k)
+                                for task, part in zip(tasks, parts)}})
+        return results
     classes = probabilities.shape[1] if probabilities.ndim == 2 else 0
     labels = _labels(info, entry, classes)
-    results = []
     for image, row in zip(images, probabilities):
-        order = np.argsort(-row, kind="stable")[:min(top_k, classes)]
         results.append({"image": str(image), "artifact": str(artifact_path),
-                        "runtime": runtime,
-                        "top": [{"index": int(index), "label": labels[index],
-                                 "probability": float(row[index])} for index in order]})
+                        "runtime": runtime, "top": _top(row, labels, top_k)})
     return results
+
+
+def _top(row, labels, top_k) -> list[dict]:
+    order = np.argsort(-row, kind="stable")[:min(top_k, len(row))]
+    return [{"index": int(index), "label": str(labels[index]), "probability": float(row[index])}
+            for index in order]
 
 
 def _labels(info: dict, entry: dict | None, classes: int) -> list[str]:

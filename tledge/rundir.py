@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tledge.bench.core import machine_facts
 from tledge.errors import RunDirError
+from tledge.tasks import tasks_problem
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.toml"
@@ -92,6 +93,7 @@ def atomic_path(path):
 
 
 INNER_RUNS = ("baseline",)  # run directories inside a run: the other models it trained
+SINGLE_TASK = "single_task"  # a multi-task run's single-task models, one run directory each
 LOCK = ".tledge.lock"
 LOCK_WRITE_SECONDS = 60  # a lock that holds no "host pid" line after this long is garbage
 
@@ -344,6 +346,10 @@ def manifest_problem(manifest) -> str | None:
         return "'labels' holds something other than names"
     if not all(isinstance(stage, dict) for stage in manifest["stages"].values()):
         return "a stage record is not an object"
+    if "tasks" in manifest:
+        problem = tasks_problem(manifest["tasks"], manifest["labels"])
+        if problem:
+            return problem
     for number, entry in enumerate(manifest["artifacts"]):
         where = f"artifacts[{number}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):

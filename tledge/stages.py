@@ -32,13 +32,15 @@ from tledge.recipe.spec import PhaseRecipe, Recipe
 from tledge.report.document import baseline_warning, own_runtime_rows, report_run
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
 from tledge.rundir import (artifact_entry, atomic_path, BENCH, DOMAINS, find_artifact, HISTORY,
-                           INNER_RUNS, LOCK, MANIFEST, new_manifest, PARITY, portable, read_manifest,
-                           read_record, RECIPE, record_stage, REPORT, run_lock, set_artifact,
-                           sha256, SPLIT, stage_hash, stage_is_current, verified_artifact,
-                           write_json, write_manifest, write_text)
+                           INNER_RUNS, LOCK, MANIFEST, new_manifest, PARITY, portable,
+                           read_manifest, read_record, RECIPE, record_stage, REPORT, run_lock,
+                           set_artifact, sha256, SINGLE_TASK, SPLIT, stage_hash,
+                           stage_is_current, verified_artifact, write_json, write_manifest,
+                           write_text)
 from tledge.train.adabn import adapt_batchnorm
 from tledge.train.distribute import worker_role
 from tledge.train.ensemble import train_ensemble
+from tledge.tasks import model_tasks
 from tledge.train.stage import evaluate, train_baseline, train_model
 from tledge.validate import load_parity, validate_run
 
@@ -252,6 +254,15 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting):
                                                              log=log)
         for line in filter(None, [baseline_warning(history)]):
             log("!" * 78 + f"\n{line}\n" + "!" * 78)
+    single = []  # train.compare_single_task: (task, recipe, model, history) per task
+    if recipe.train.compare_single_task:
+        for task in model_tasks(recipe, splits.class_names):
+            derived = single_task_recipe(recipe, task["name"])
+            log(f"train: single-task model for '{task['name']}' on the same split "
+                "(train.compare_single_task)")
+            single.append((task["name"], derived, *train_model(
+                derived, splits, weights_file=weights_file, verbose=verbose,
+                cache_dir=run_dir / "bottlenecks", log=log)))
     write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))
     write_json(run_dir / SPLIT, splits.record)
     if members is not None:
@@ -268,6 +279,11 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting):
     if baseline_model is not None:
         _write_baseline_run(run_dir, recipe, baseline_model, splits, train_key,
                             history["baseline"])
+    for name, derived, single_model, single_history in single:
+        _write_inner_run(run_dir / SINGLE_TASK / name, derived, single_model, splits,
+                         f"{train_key}-{name}", {**single_history, "single_task_of": "../.."})
+        log(f"train: wrote {SINGLE_TASK}/{name}/model.keras (test accuracy "
+            f"{_percent(single_history['test_accuracy'])})")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     model_path = run_dir / FORMATS["keras"].file_name
     accuracy = history["test_accuracy"]
@@ -284,11 +300,16 @@ def _trained_manifest(folder, recipe, model, splits) -> dict:
         model.save(temporary)
     manifest = new_manifest(recipe, folder, splits.class_names, recipe.data.image_size)
     spec = {"shape": [-1, *recipe.data.image_size, 3], "dtype": "float32", "range": [0, 255]}
+    tasks = model_tasks(recipe, splits.class_names)
+    output_spec = [{"name": task["name"], "shape": [-1, len(task["labels"])],
+                    "dtype": "float32"} for task in tasks] if tasks else \
+        {"name": "probabilities", "shape": [-1, splits.num_classes], "dtype": "float32"}
+    if tasks:
+        manifest["tasks"] = tasks
     entry = artifact_entry(folder, model_path, FORMATS["keras"],
                            recipe_hash=manifest["recipe"]["hash"], labels=splits.class_names,
                            input_spec={"name": model.inputs[0].name, **spec},
-                           output_spec={"name": "probabilities",
-                                        "shape": [-1, splits.num_classes], "dtype": "float32"})
+                           output_spec=output_spec, **({"tasks": tasks} if tasks else {}))
     set_artifact(manifest, entry)
     manifest["data"] = {"cache_key": splits.record["cache"]["key"],
                         "cache_root": splits.record["cache"]["root"],
@@ -316,24 +337,45 @@ def baseline_recipe(recipe) -> Recipe:
 def _write_baseline_run(run_dir, recipe, model, splits, train_key, summary) -> None:
     """The baseline model as `<run>/baseline/`, a run directory that the later stages export,
     validate and benchmark like the run itself, so the pick can ship it when it is better."""
-    folder = Path(run_dir) / BASELINE_DIR
+    _write_inner_run(Path(run_dir) / BASELINE_DIR, baseline_recipe(recipe), model, splits,
+                     f"{train_key}-baseline",
+                     {"phases": [summary["phase"]], "backbone": summary["backbone"],
+                      "test_accuracy": summary["test_accuracy"], "baseline_of": ".."})
+
+
+def _write_inner_run(folder, derived, model, splits, train_key, history) -> None:
+    """Another model the build trained, as a run directory of its own inside the run."""
+    folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    derived = baseline_recipe(recipe)
+    folder.mkdir(parents=True)
     write_text(folder / RECIPE, stored_recipe_text(derived, folder))
     write_json(folder / SPLIT, splits.record)
-    write_json(folder / HISTORY, {"phases": [summary["phase"]], "backbone": summary["backbone"],
-                                  "test_accuracy": summary["test_accuracy"],
-                                  "baseline_of": ".."})
+    write_json(folder / HISTORY, history)
     manifest = _trained_manifest(folder, derived, model, splits)
-    record_stage(manifest, "train", hash=f"{train_key}-baseline")
+    record_stage(manifest, "train", hash=train_key)
     write_manifest(folder, manifest)
+
+
+def single_task_recipe(recipe, task: str) -> Recipe:
+    """The recipe of a multi-task run's single-task model for `task`: the same data, split,
+    backbone, training, export and bench, one output."""
+    return dataclasses.replace(
+        recipe, name=f"{recipe.name}.{task}",
+        model=dataclasses.replace(recipe.model, tasks=(task,)),
+        train=dataclasses.replace(recipe.train, best_by="mean", compare_single_task=False))
+
+
+def single_task_runs(run_dir) -> list[Path]:
+    """The single-task models a multi-task run trained beside it (compare_single_task)."""
+    folder = Path(run_dir) / SINGLE_TASK
+    return sorted(path.parent for path in folder.glob(f"*/{MANIFEST}"))
 
 
 def candidate_runs(run_dir) -> list[Path]:
     """The run directory and those of the other models it trained (its baseline)."""
     baseline = Path(run_dir) / BASELINE_DIR
-    return [Path(run_dir)] + ([baseline] if (baseline / MANIFEST).is_file() else [])
+    return [Path(run_dir)] + ([baseline] if (baseline / MANIFEST).is_file() else []) + \
+        single_task_runs(run_dir)
 
 
 def _train_as_worker(recipe, run_dir, role, *, log, verbose):
@@ -367,6 +409,7 @@ def _remove_stale_outputs(run_dir) -> None:
     for name in (PARITY, BENCH, REPORT, DOMAINS):  # domains: the old model's evaluations
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / BASELINE_DIR, ignore_errors=True)  # trained again, if still asked
+    shutil.rmtree(run_dir / SINGLE_TASK, ignore_errors=True)
     (run_dir / "baseline.keras").unlink(missing_ok=True)  # where earlier versions kept it
 
 
@@ -439,7 +482,7 @@ def _after_training(run_dir, recipe, *, log, force, current):
     for stage, run in (("export", export_run), ("validate", validate_run),  # before the run
                        ("bench", bench_run)):  # itself, whose pick weighs both
         for folder in reversed(runs) if stage == "bench" else runs:
-            label = "" if folder == run_dir else f" ({folder.name})"
+            label = "" if folder == run_dir else f" ({folder.relative_to(run_dir)})"
             folder_recipe = recipe if folder == run_dir else run_recipe(folder)
             if not current(folder, stage, stage_hash(read_manifest(folder), folder_recipe,
                                                      stage), label):

@@ -12,16 +12,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 
 from tledge.bench.core import machine_facts
 from tledge.errors import first_line, RunDirError, RuntimeUnavailable
 from tledge.export.int8 import diagnose_entry
-from tledge.parity import compare, confusion_matrix, ParityRow, predict_all
+from tledge.parity import compare, ParityRow, predict_all, reference_row
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
 from tledge.rundir import (artifacts, PARITY, read_manifest, read_record, record_stage, stage_hash,
                            write_json, write_manifest)
 from tledge.runners import load, RUNTIMES, runtimes_for
+from tledge.tasks import targets
 
 @dataclasses.dataclass
 class ParityReport:
@@ -77,20 +77,22 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
     manifest = read_manifest(run_dir)
     recipe = run_recipe(run_dir)
     images, labels, split = evaluation_split(run_splits(run_dir, recipe))
+    tasks = manifest.get("tasks")
+    labels = targets(labels, tasks, manifest["labels"])
     entries = artifacts(manifest)
     reference_entry = next(entry for entry in entries if entry["name"] == "keras")
     runner = load(reference_entry, run_dir)
     reference = predict_all(runner, images)
     runner.close()
-    reference_accuracy = float(np.mean(reference.argmax(axis=1) == labels))
     facts = machine_facts()
     where = f"{facts['cpu']} ({facts['isa']})"
-    rows = [ParityRow("keras", "keras", "reference", accuracy=reference_accuracy,
-                      sha256=reference_entry["sha256"], machine=where,
-                      confusion=confusion_matrix(labels, reference.argmax(axis=1),
-                                                 reference.shape[1]))]
+    rows = [reference_row(reference, labels, tasks, sha256=reference_entry["sha256"],
+                          machine=where)]
+    reference_accuracy = rows[0].accuracy
     log(f"  {'keras':<16} accuracy {reference_accuracy:.4f} on {len(labels)} {split} images "
-        "(reference)")
+        "(reference" + (": mean of " + ", ".join(
+            f"{name} {part['accuracy']:.4f}" for name, part in rows[0].tasks.items())
+            if tasks else "") + ")")
     for entry, runtime in parity_pairs(entries, recipe.bench.runtimes):
         # Keras elsewhere (a GPU) is float32 on other kernels: judged as an fp32 export
         thresholds = recipe.validate.tolerance("tflite_fp32" if entry["name"] == "keras"
@@ -104,7 +106,7 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
             log(f"  {shown:<16} skipped: {error}")
             continue
         row = compare(predict_all(runner, images), reference, labels, reference_accuracy,
-                      thresholds)
+                      thresholds, tasks)
         runner.close()
         row.artifact, row.runtime, row.sha256 = entry["name"], runtime, entry["sha256"]
         row.executed, row.machine = runner.executed, where

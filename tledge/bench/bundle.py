@@ -31,6 +31,7 @@ from tledge.bench import core as device_bench
 from tledge.errors import BundleError
 from tledge.flops import model_flops
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
+from tledge.tasks import targets
 from tledge.rundir import artifacts, atomic_path, DEVICES, read_manifest, read_record, write_json
 from tledge.runners import load
 
@@ -123,6 +124,7 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 0, log=print) -
     document = {"format": device_bench.BUNDLE_FORMAT, "version": device_bench.VERSION,
                 "run": manifest["recipe"]["name"], "recipe_hash": manifest["recipe"]["hash"],
                 "created": created, "labels": manifest["labels"],
+                **({"tasks": manifest["tasks"]} if manifest.get("tasks") else {}),
                 "flops_per_image": model_flops(run_dir, manifest),
                 "settings": {"threads": list(settings.threads),
                              "batch_sizes": list(settings.batch_sizes),
@@ -130,7 +132,8 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 0, log=print) -
                              "min_seconds": settings.min_seconds},
                 "images": {"file": "images.npy", "count": int(len(images)),
                            "stratified": True, "cap": IMAGE_CAP,
-                           "expected": [int(label) for label in expected]},
+                           "expected": targets(expected, manifest.get("tasks"),
+                                               manifest["labels"]).tolist()},
                 "host_outputs": device_bench.HOST_OUTPUTS,
                 "artifacts": listed}
     pixels, raw = io.BytesIO(), io.BytesIO()

@@ -90,12 +90,39 @@ def prepare_pixels(images, input_spec: dict):
     return images.astype(np.float32)
 
 
-def dequantize(raw, output_spec: dict):
-    """An artifact's raw output to float32 probabilities."""
+def dequantize(raw, output_spec):
+    """An artifact's raw output to float32 probabilities.
+
+    A multi-task artifact's `output_spec` is a list, one spec per output in task order, and
+    its raw output the outputs side by side (`concatenated`): each is dequantized with its
+    own parameters."""
+    if isinstance(output_spec, list):
+        edges = np.cumsum([0, *(int(spec["shape"][-1]) for spec in output_spec)])
+        return np.concatenate([dequantize(raw[:, start:end], spec) for spec, start, end
+                               in zip(output_spec, edges[:-1], edges[1:])], axis=1)
     quantization = output_spec.get("quantization")
     if quantization:
         return (raw.astype(np.float32) - quantization["zero_point"]) * quantization["scale"]
     return np.asarray(raw, dtype=np.float32)
+
+
+def output_names(output_spec):
+    """A multi-output artifact's output tensor names in task order; None for one output."""
+    return [spec["name"] for spec in output_spec] if isinstance(output_spec, list) else None
+
+
+def predicted_classes(probabilities, output_spec):
+    """Top-1 classes: [N] for one output, [N, tasks] for a multi-task artifact."""
+    if not isinstance(output_spec, list):
+        return probabilities.argmax(axis=1)
+    edges = np.cumsum([0, *(int(spec["shape"][-1]) for spec in output_spec)])
+    return np.stack([probabilities[:, start:end].argmax(axis=1)
+                     for start, end in zip(edges[:-1], edges[1:])], axis=1)
+
+
+def concatenated(outputs):
+    """Several outputs side by side along the class axis (one output: itself)."""
+    return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=-1)
 
 
 def peak_rss_bytes() -> int:
@@ -199,7 +226,8 @@ class TFLiteModel:
     """A .tflite file in ai-edge-litert's or tflite-runtime's interpreter: with its default
     delegate (XNNPACK), or LiteRT's builtin kernels alone (`builtin_only`)."""
 
-    def __init__(self, path, threads, module="ai_edge_litert", builtin_only=False):
+    def __init__(self, path, threads, module="ai_edge_litert", builtin_only=False,
+                 outputs=None):
         if module == "ai_edge_litert":
             from ai_edge_litert.interpreter import Interpreter, OpResolverType
         else:
@@ -209,7 +237,13 @@ class TFLiteModel:
         self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
                                        experimental_op_resolver_type=resolver)
         self._input = self.interpreter.get_input_details()[0]["index"]
-        self._output = self.interpreter.get_output_details()[0]["index"]
+        details = {detail["name"]: detail["index"]
+                   for detail in self.interpreter.get_output_details()}
+        missing = [name for name in outputs or () if name not in details]
+        if missing:
+            raise ValueError(f"{path} has no output {', '.join(missing)}")
+        self._outputs = [details[name] for name in outputs] if outputs \
+            else [self.interpreter.get_output_details()[0]["index"]]
         self.batch = None
 
     def resize(self, batch: int) -> None:
@@ -224,7 +258,7 @@ class TFLiteModel:
             self.resize(prepared.shape[0])
         self.interpreter.set_tensor(self._input, prepared)
         self.interpreter.invoke()
-        return self.interpreter.get_tensor(self._output)
+        return concatenated([self.interpreter.get_tensor(index) for index in self._outputs])
 
 
 class OnnxModel:
@@ -232,7 +266,7 @@ class OnnxModel:
     `threads` None leaves ONNX Runtime's own default."""
 
     def __init__(self, path, threads, module="onnxruntime", provider="CPUExecutionProvider",
-                 settings=None):
+                 settings=None, outputs=None):
         import onnxruntime
         options = onnxruntime.SessionOptions()
         if threads is not None:
@@ -242,9 +276,10 @@ class OnnxModel:
         self.session = onnxruntime.InferenceSession(str(path), options,
                                                     providers=[(provider, settings or {})])
         self._input = self.session.get_inputs()[0].name
+        self._outputs = list(outputs) if outputs else [self.session.get_outputs()[0].name]
 
     def run(self, prepared):
-        return self.session.run(None, {self._input: prepared})[0]
+        return concatenated(self.session.run(self._outputs, {self._input: prepared}))
 
 
 class OpenVinoModel:
@@ -252,7 +287,7 @@ class OpenVinoModel:
     in bf16: an fp32 artifact is compiled at f32, what parity judges; `executed` says what
     OpenVINO chose."""
 
-    def __init__(self, path, threads, module="openvino", precision=None):
+    def __init__(self, path, threads, module="openvino", precision=None, outputs=None):
         import openvino
         config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if threads is not None:
@@ -264,10 +299,13 @@ class OpenVinoModel:
         self.request = self.compiled.create_infer_request()
         chosen = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.executed = f"inference precision {getattr(chosen, 'get_type_name', str)()}"
+        self._outputs = [self.compiled.output(name) for name in outputs] if outputs \
+            else [self.compiled.output(0)]
 
     def run(self, prepared):
         self.request.infer({0: prepared})
-        return self.request.get_output_tensor(0).data.copy()
+        return concatenated([self.request.get_tensor(output).data.copy()
+                             for output in self._outputs])
 
 
 ONNX_MODULES = ("onnxruntime", "openvino")
@@ -292,10 +330,11 @@ def runtime_for(file_name: str, wanted: str = "auto") -> str:
     raise Unavailable(f"no runtime for {Path(file_name).suffix} here (pip install {hint})")
 
 
-def open_model(path, threads: int, module: str, precision=None):
+def open_model(path, threads: int, module: str, precision=None, outputs=None):
     if module == "openvino":
-        return OpenVinoModel(path, threads, module, precision)
-    return (OnnxModel if module == "onnxruntime" else TFLiteModel)(path, threads, module)
+        return OpenVinoModel(path, threads, module, precision, outputs=outputs)
+    return (OnnxModel if module == "onnxruntime" else TFLiteModel)(path, threads, module,
+                                                                   outputs=outputs)
 
 
 def runtime_versions() -> dict:
@@ -399,7 +438,7 @@ def bench_one(job: dict) -> dict:
     """One bundle combination, in this process."""
     return measure(_first_row(job),
                    lambda: open_model(job["path"], job["threads"], job["runtime"],
-                                      job.get("precision")),
+                                      job.get("precision"), job.get("outputs")),
                    lambda model, images: prepare_pixels(images, job["input"]),
                    np.load(job["images"]), warmup=job["warmup"], min_runs=job["min_runs"],
                    min_seconds=job["min_seconds"])
@@ -433,21 +472,24 @@ def check_accuracy(entry: dict, path, module: str, images, expected, host) -> di
     (`host`: its raw outputs, image by image): top-1 agreement, the largest difference (in
     quantization steps for an integer output, absolute for a float one) and the images
     whose class changed."""
-    model = open_model(path, 1, module, entry.get("precision"))
+    model = open_model(path, 1, module, entry.get("precision"), output_names(entry["output"]))
     raw = np.concatenate([model.run(prepare_pixels(images[start:start + 1], entry["input"]))
                           for start in range(len(images))])  # batch 1: every artifact takes it
-    predicted = dequantize(raw, entry["output"]).argmax(axis=1)
+    predicted = predicted_classes(dequantize(raw, entry["output"]), entry["output"])
     host = np.asarray(host)
-    host_predicted = dequantize(host, entry["output"]).argmax(axis=1)
-    expected = np.asarray(expected)
+    host_predicted = predicted_classes(dequantize(host, entry["output"]), entry["output"])
+    expected = np.asarray(expected)  # [N], or [N, tasks] for a multi-task artifact
     if np.issubdtype(host.dtype, np.integer):
         difference = float(np.abs(raw.astype(np.int64) - host.astype(np.int64)).max())
         unit = "quantization steps"
     else:
         difference = float(np.abs(raw.astype(np.float64) - host.astype(np.float64)).max())
         unit = "absolute"
-    flipped = [{"image": int(i), "expected": int(expected[i]), "build": int(host_predicted[i]),
-                "device": int(predicted[i])} for i in np.flatnonzero(predicted != host_predicted)]
+    changed = predicted != host_predicted
+    changed = changed.any(axis=1) if changed.ndim == 2 else changed
+    flipped = [{"image": int(i), "expected": expected[i].tolist(),
+                "build": host_predicted[i].tolist(), "device": predicted[i].tolist()}
+               for i in np.flatnonzero(changed)]
     return {"artifact": entry["name"], "runtime": module, "images": int(len(images)),
             "accuracy": float(np.mean(predicted == expected)),
             "host_accuracy": float(np.mean(host_predicted == expected)),
@@ -542,6 +584,7 @@ def bench_bundle(folder, *, threads=None, batch_sizes=None, wanted="auto", names
                 job = {"artifact": entry["name"], "path": str(path), "runtime": module,
                        "threads": count, "batch": batch, "size_bytes": entry["size_bytes"],
                        "input": entry["input"], "precision": entry.get("precision"),
+                       "outputs": output_names(entry["output"]),
                        "images": str(folder / bundle["images"]["file"]),
                        "warmup": settings["warmup"], "min_runs": settings["min_runs"],
                        "min_seconds": settings["min_seconds"]}

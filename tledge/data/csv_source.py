@@ -18,6 +18,7 @@ import numpy as np
 from tledge.data.cache import file_sha256, files_identity
 from tledge.data.prepare import FileSplit
 from tledge.errors import DataError
+from tledge.tasks import joint_name
 
 _SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
@@ -26,11 +27,18 @@ def describe_csv(data, seed):
     """The csv source for the data cache: {identity, where, extra, gather}."""
     path = Path(data.path)
     columns = data.csv
-    rows = _read_rows(path, columns)
-    class_names = _class_names([label for _, label, _ in rows])
-    if len(class_names) < 2:
-        raise DataError(f"{path}: column '{columns.label_column}' names only one class "
-                        f"({class_names[0]}); a classifier needs at least 2")
+    label_columns = [(f"data.tasks[{index}].labels", task.labels)
+                     for index, task in enumerate(data.tasks)] \
+        or [("data.csv.label_column", columns.label_column)]
+    rows = _read_rows(path, columns, label_columns)
+    if len(label_columns) == 1:
+        rows = [(image, labels[0], split) for image, labels, split in rows]
+        class_names = _class_names([label for _, label, _ in rows])
+        if len(class_names) < 2:
+            raise DataError(f"{path}: column '{label_columns[0][1]}' names only one class "
+                            f"({class_names[0]}); a classifier needs at least 2")
+    else:
+        rows, class_names = _joint_rows(path, rows, data.tasks)
     index = {name: label for label, name in enumerate(class_names)}
     by_split: dict[str, list] = {}
     for image, label, split in rows:
@@ -55,14 +63,32 @@ def describe_csv(data, seed):
                                  [image for image, _ in items],
                                  np.asarray([label for _, label in items], dtype=np.int64))
     identity = {"source": "csv", "sha256": file_sha256(path),
-                "columns": [columns.image_column, columns.label_column, columns.split_column],
+                "columns": [columns.image_column, *(name for _, name in label_columns),
+                            columns.split_column],
                 "files": files_identity(given)}
     return {"identity": identity, "where": str(path), "extra": {"path": str(path)},
             "gather": lambda size: (given, class_names)}
 
 
-def _read_rows(path: Path, columns) -> list[tuple[str, str, str]]:
-    """[(image path, class name, split)] of every row, checked; every problem at once."""
+def _joint_rows(path, rows, tasks):
+    """Rows labelled with their combination of the tasks' labels (see `tledge.tasks`), and
+    the combinations that occur, ordered by each task's sorted class names in turn."""
+    per_task = [_class_names([labels[index] for _, labels, _ in rows])
+                for index in range(len(tasks))]
+    single = [f"task '{task.name}' (column '{task.labels}') has only one class "
+              f"({names[0]})" for task, names in zip(tasks, per_task) if len(names) < 2]
+    if single:
+        raise DataError(f"{path}: " + "; ".join(single) + "; every task needs at least 2")
+    combinations = sorted({labels for _, labels, _ in rows},
+                          key=lambda labels: [names.index(label)
+                                              for names, label in zip(per_task, labels)])
+    return ([(image, joint_name(labels), split) for image, labels, split in rows],
+            tuple(joint_name(labels) for labels in combinations))
+
+
+def _read_rows(path: Path, columns, label_columns) -> list[tuple[str, tuple, str]]:
+    """[(image path, (label per label column), split)] of every row, checked; every problem
+    at once."""
     if not path.is_file():
         raise DataError(f"{path}: no such .csv file; check data.path")
     try:
@@ -77,8 +103,7 @@ def _read_rows(path: Path, columns) -> list[tuple[str, str, str]]:
     if not header:
         raise DataError(f"{path}: empty; expected a header row with columns "
                         f"'{columns.image_column}' and '{columns.label_column}'")
-    wanted = [("data.csv.image_column", columns.image_column),
-              ("data.csv.label_column", columns.label_column)]
+    wanted = [("data.csv.image_column", columns.image_column), *label_columns]
     if columns.split_column:
         wanted.append(("data.csv.split_column", columns.split_column))
     problems = []
@@ -95,7 +120,7 @@ def _read_rows(path: Path, columns) -> list[tuple[str, str, str]]:
     rows, empty_image, empty_label, bad_split = [], [], [], []
     for line, record in enumerate(records, start=2):  # line 1 is the header
         image = (record.get(columns.image_column) or "").strip()
-        label = (record.get(columns.label_column) or "").strip()
+        labels = tuple((record.get(name) or "").strip() for _, name in label_columns)
         split = "train"
         if columns.split_column:
             value = (record.get(columns.split_column) or "").strip().lower()
@@ -104,11 +129,12 @@ def _read_rows(path: Path, columns) -> list[tuple[str, str, str]]:
                 bad_split.append(f"{line} ({value!r})" if value else f"{line} (empty)")
         if not image:
             empty_image.append(str(line))
-        if not label:
-            empty_label.append(str(line))
-        rows.append((image, label, split))
+        empty_label += [f"{line} ('{name}')" if len(label_columns) > 1 else str(line)
+                        for (_, name), label in zip(label_columns, labels) if not label]
+        rows.append((image, labels, split))
     for what, lines in ((f"no image path in '{columns.image_column}'", empty_image),
-                        (f"missing label in '{columns.label_column}'", empty_label),
+                        ("missing label" + (f" in '{label_columns[0][1]}'"
+                                            if len(label_columns) == 1 else ""), empty_label),
                         (f"split in '{columns.split_column}' is not train, val, validation or "
                          "test", bad_split)):
         if lines:

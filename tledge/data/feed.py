@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from tledge.data.cache import ImageRows
+from tledge.tasks import targets
 
 # TensorFlow and Keras are imported inside the functions that use them: the CLI imports this
 # module at start-up, and they take seconds to load.
@@ -52,23 +53,39 @@ def class_weights(labels, num_classes: int) -> np.ndarray:
 
 
 def training_batches(splits, features, *, batch_size, seed, augment=None, weights=None,
-                     shard=None):
-    """The training split's shuffled batches (`features`: its images, or their bottlenecks)."""
-    return make_dataset(features, splits.y_train, splits.num_classes, batch_size=batch_size,
-                        seed=seed, shuffle=True, augment=augment, weights=weights, shard=shard)
+                     shard=None, tasks=()):
+    """The training split's shuffled batches (`features`: its images, or their bottlenecks);
+    with `tasks`, one one-hot target per task."""
+    return make_dataset(features, *_targets(splits, splits.y_train, tasks),
+                        batch_size=batch_size, seed=seed, shuffle=True, augment=augment,
+                        weights=weights, shard=shard)
 
 
-def validation_batches(splits, features, *, batch_size, seed):
+def validation_batches(splits, features, *, batch_size, seed, tasks=()):
     """The validation split's batches, in order; None when the split is empty."""
     if not len(splits.y_val):
         return None
-    return make_dataset(features, splits.y_val, splits.num_classes, batch_size=batch_size,
-                        seed=seed)
+    return make_dataset(features, *_targets(splits, splits.y_val, tasks),
+                        batch_size=batch_size, seed=seed)
+
+
+def _targets(splits, labels, tasks):
+    """(labels, classes) for `make_dataset`: one task's (a model of one task: Keras takes a
+    one-output model's targets plain), or every task's by name."""
+    if not tasks:
+        return labels, splits.num_classes
+    labels = targets(labels, tasks, splits.class_names)
+    if len(tasks) == 1:
+        return labels[:, 0], len(tasks[0]["labels"])
+    return labels, {task["name"]: len(task["labels"]) for task in tasks}
 
 
 def make_dataset(features, labels, num_classes, *, batch_size, seed, shuffle=False,
                  augment=None, weights=None, shard=None):
     """Batches of (float32 inputs, one-hot labels[, sample weights]).
+
+    `labels` [N] with `num_classes` an int, or [N, tasks] with `num_classes` {task name:
+    classes}: then the labels are {task name: one-hot} (a multi-task model's targets).
 
     `features` are images of the data cache (`ImageRows`), streamed: the dataset holds row
     numbers and labels, and each batch's rows are read from disk when it is due, so no
@@ -101,6 +118,10 @@ def make_dataset(features, labels, num_classes, *, batch_size, seed, shuffle=Fal
 
     def columns(x, rows):
         label = tf.gather(label_table, rows)
+        if isinstance(num_classes, dict):
+            target = {name: tf.one_hot(label[:, index], count, dtype=tf.float32)
+                      for index, (name, count) in enumerate(num_classes.items())}
+            return tf.cast(x, tf.float32), target
         out = (tf.cast(x, tf.float32), tf.one_hot(label, num_classes, dtype=tf.float32))
         return out + ((tf.gather(weight_table, label),) if weight_table is not None else ())
 

@@ -23,10 +23,11 @@ from tledge.data.images import IMAGE_SUFFIXES, is_image_file
 from tledge.data.leakage import duplicate_line, find_duplicates
 from tledge.data.npz_source import describe_npz
 from tledge.data.prepare import ArraySplit, FileSplit, prepare
-from tledge.data.synthetic import generate, is_default
+from tledge.data.synthetic import generate, is_default, joint_classes
 from tledge.errors import DataError, TledgeError
 from tledge.rundir import write_json, write_text
 from tledge.schema import to_dict
+from tledge.tasks import joint_name
 
 BAD_IMAGES = "bad_images.txt"
 DUPLICATES = "duplicates.json"
@@ -215,12 +216,19 @@ def _synthetic(data, seed):
     if not is_default(recipe.domain):  # a default domain keeps the cache key it always had
         settings["domain"] = to_dict(recipe.domain)
 
+    values = {"shape": recipe.classes, "colour": recipe.colours, "size": recipe.sizes}
+    attributes = [(task.labels, tuple(values[task.labels])) for task in data.tasks] or None
+    class_names = tuple(joint_name(combination) for combination in joint_classes(attributes)) \
+        if attributes else tuple(recipe.classes)
+    if attributes:  # labels several ways: the generator's attributes are what it draws
+        settings["tasks"] = [[kind, list(names)] for kind, names in attributes]
+
     def gather(size):
         x, y = generate(recipe.classes, recipe.samples_per_class, size, recipe.noise, seed,
-                        recipe.domain)
-        return {"train": ArraySplit(x, y)}, tuple(recipe.classes)
+                        recipe.domain, attributes)
+        return {"train": ArraySplit(x, y)}, class_names
     return {"identity": {"source": "synthetic", **settings, "seed": seed},
-            "where": f"synthetic shapes ({len(recipe.classes)} classes)",
+            "where": f"synthetic shapes ({len(class_names)} classes)",
             "extra": {"generator": settings}, "gather": gather}
 
 

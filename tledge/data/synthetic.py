@@ -5,10 +5,15 @@ rotation up to +-15 degrees, so `square` never becomes `diamond` nor `plus` beco
 `cross`). Foreground and background colours are drawn independently from one distribution
 for every image, so colour says nothing about the class: the expected mean colour of an
 image is the same for every class, and only structure tells classes apart.
+
+A multi-task set ([[data.tasks]]) labels each image several ways at once: its shape, the
+colour the shape is painted in, and its size; each combination of labels is a class of its
+own for splitting, so every split holds every combination.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Sequence
 
 import numpy as np
@@ -128,8 +133,19 @@ _MAX_ROTATION = np.deg2rad(15.0)
 _MIN_CONTRAST = 90.0  # luma difference (0-255) between foreground and background
 
 
+# The attributes a multi-task synthetic set labels besides the shape ([[data.tasks]] with
+# labels = "colour" or "size"): the shape's colour, and its size as a range of scales
+COLOURS = {"red": (215, 35, 35), "green": (35, 170, 55), "blue": (40, 75, 220),
+           "yellow": (235, 215, 35), "purple": (140, 50, 190), "orange": (245, 135, 25),
+           "white": (240, 240, 240), "black": (20, 20, 20)}
+SIZES = ("small", "large")
+_SIZE_SCALES = {"small": (0.35, 0.55), "large": (0.75, 0.95)}
+ATTRIBUTES = ("shape", "colour", "size")
+
+
 def generate(classes: Sequence[str], samples_per_class: int, size: tuple[int, int],
-             noise: float, seed: int, domain=None) -> tuple[np.ndarray, np.ndarray]:
+             noise: float, seed: int, domain=None,
+             attributes=None) -> tuple[np.ndarray, np.ndarray]:
     """Draw a labelled image set of the given shape classes.
 
     Args:
@@ -140,10 +156,14 @@ def generate(classes: Sequence[str], samples_per_class: int, size: tuple[int, in
         seed: the same arguments and seed give identical arrays.
         domain: how the world looks (`DomainRecipe`: palette, background texture, contrast,
             brightness, blur); None or the default domain draws the same images as ever.
+        attributes: several labellings at once (multi-task): [(kind, values)] with kind
+            shape | colour | size. The classes are then every combination of the values
+            (`joint_classes`), `samples_per_class` images each; a shape not labelled is
+            drawn from `classes`, a colour not labelled is random. None: shapes only.
 
     Returns:
         (x, y): uint8 [N, height, width, 3] and int64 [N], grouped by class in `classes`
-        order, N = len(classes) * samples_per_class.
+        order (or `joint_classes(attributes)` order), N = classes * samples_per_class.
 
     Raises:
         DataError: an unknown class name or a non-positive count or size.
@@ -159,8 +179,9 @@ def generate(classes: Sequence[str], samples_per_class: int, size: tuple[int, in
         raise DataError(f"image size must be positive, found {height}x{width}")
 
     rng = np.random.default_rng(seed)
-    total = len(classes) * samples_per_class
-    labels = np.repeat(np.arange(len(classes), dtype=np.int64), samples_per_class)
+    combinations = joint_classes(attributes) if attributes else None
+    total = (len(combinations) if combinations else len(classes)) * samples_per_class
+    labels = np.repeat(np.arange(total // samples_per_class, dtype=np.int64), samples_per_class)
     short_side = min(height, width)
     # Pixel centres, relative to the image centre
     rows = np.arange(height, dtype=np.float32)[:, None] + 0.5 - height / 2
@@ -174,6 +195,9 @@ def generate(classes: Sequence[str], samples_per_class: int, size: tuple[int, in
     angles = rng.uniform(-_MAX_ROTATION, _MAX_ROTATION, total)
     foregrounds, backgrounds = _colour_pairs(rng, total)
     grain = rng.standard_normal((total, height, width, 3), dtype=np.float32)
+    shape_of = np.asarray(classes)[labels] if not combinations else \
+        _attributes(combinations, attributes, labels, classes, scales, shifts, foregrounds,
+                    backgrounds, short_side, seed)
 
     shifted = domain is not None and not is_default(domain)
     if shifted:
@@ -188,7 +212,7 @@ def generate(classes: Sequence[str], samples_per_class: int, size: tuple[int, in
         dx = (cols - shifts[index, 1]) / scales[index]
         u = cos * dx + sin * dy
         v = -sin * dx + cos * dy
-        mask = _SHAPES[classes[labels[index]]](u, v)
+        mask = _SHAPES[shape_of[index]](u, v)
         background = backgrounds[index] if not shifted or textures is None else \
             backgrounds[index] + textures[index][..., None]
         image = np.where(mask[..., None], foregrounds[index], background)
@@ -199,6 +223,48 @@ def generate(classes: Sequence[str], samples_per_class: int, size: tuple[int, in
         image = image + grain[index] * (noise * 255.0)
         images[index] = np.clip(np.rint(image), 0, 255)
     return images, labels
+
+
+def joint_classes(attributes) -> list[tuple[str, ...]]:
+    """Every combination of the attributes' values, the first varying slowest."""
+    return list(itertools.product(*[tuple(values) for _, values in attributes]))
+
+
+def _attributes(combinations, attributes, labels, classes, scales, shifts, foregrounds,
+                backgrounds, short_side, seed) -> np.ndarray:
+    """Give each image the shape, colour and size of its combination (in place for scales,
+    shifts and colours); return each image's shape. Its own generator: the draws shared with
+    a shapes-only set stay as they were."""
+    rng = np.random.default_rng([seed, 13])
+    kinds = [kind for kind, _ in attributes]
+    chosen = np.asarray(combinations, dtype=object)[labels]
+    total = len(labels)
+    shape_of = chosen[:, kinds.index("shape")] if "shape" in kinds \
+        else np.asarray(classes)[rng.integers(0, len(classes), total)]
+    if "size" in kinds:
+        unit = rng.uniform(0.0, 1.0, total)
+        low, high = np.array([_SIZE_SCALES[name] for name in chosen[:, kinds.index("size")]]).T
+        old_slack = short_side / 2 - scales * 0.9
+        scales[:] = (low + unit * (high - low)) * short_side / 2
+        shifts *= ((short_side / 2 - scales * 0.9) / old_slack)[:, None]
+    if "colour" in kinds:
+        named = np.array([COLOURS[name] for name in chosen[:, kinds.index("colour")]],
+                         dtype=np.float32)
+        foregrounds[:] = np.clip(named + rng.uniform(-20, 20, named.shape), 0, 255)
+        # a conveyor belt, not a rainbow: backgrounds are greys (slightly tinted), redrawn
+        # until the shape stands out from them
+        luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        backgrounds[:] = _greys(rng, total)
+        while True:
+            weak = np.abs((foregrounds - backgrounds) @ luma) < _MIN_CONTRAST / 2
+            if not weak.any():
+                break
+            backgrounds[weak] = _greys(rng, int(weak.sum()))
+    return np.asarray(shape_of, dtype=object)
+
+
+def _greys(rng, count) -> np.ndarray:
+    return rng.uniform(0, 255, (count, 1)) + rng.uniform(-12, 12, (count, 3))
 
 
 DEFAULT_DOMAIN = {"palette": "any", "background": "flat", "contrast": 1.0, "brightness": 0.0,

@@ -35,7 +35,7 @@ from tledge.export.onnx import (_Images, float_proto, INT8_DEFAULTS, prepare_for
                                 quantize)
 from tledge.export.tflite import _representative, int8_converter
 from tledge.model import load_model
-from tledge.parity import compare, predict_all
+from tledge.parity import accuracy_of, compare, predict_all
 from tledge.quiet import quiet
 from tledge.run_inputs import run_splits
 from tledge.rundir import find_artifact, read_manifest, verified_artifact
@@ -94,6 +94,7 @@ class Judge:
     reference: np.ndarray  # Keras probabilities on `images`
     split: str
     threads: int | None = None
+    tasks: list | None = None  # a multi-task model's tasks (labels are then [N, tasks])
 
     def __call__(self, path, fmt, spec, thresholds) -> dict:
         runner = self._load(path, fmt, spec)
@@ -102,8 +103,9 @@ class Judge:
             p50 = self._p50(runner)
         finally:
             runner.close()
-        accuracy = float(np.mean(self.reference.argmax(1) == self.labels))
-        row = compare(probabilities, self.reference, self.labels, accuracy, thresholds)
+        accuracy = accuracy_of(self.reference, self.labels, self.tasks)
+        row = compare(probabilities, self.reference, self.labels, accuracy, thresholds,
+                      self.tasks)
         return {"accuracy": row.accuracy, "accuracy_drop": row.accuracy_drop,
                 "agreement": row.agreement, "max_abs_diff": row.max_abs_diff,
                 "passed": row.status == "passed", "problems": row.problems,

@@ -40,7 +40,7 @@ _BUFFER_ALIGNMENT = 16
 
 
 def artifact_metadata(*, labels, input_spec: dict, recipe_hash, precision: str,
-                      fmt_name: str) -> dict:
+                      fmt_name: str, tasks=None) -> dict:
     """The self-description embedded in an artifact.
 
     Args:
@@ -49,6 +49,8 @@ def artifact_metadata(*, labels, input_spec: dict, recipe_hash, precision: str,
         recipe_hash: the recipe hash recorded in the manifest (None for foreign models).
         precision: "fp32", "int8", ...
         fmt_name: the format table's name, e.g. "tflite_int8".
+        tasks: a multi-task model's tasks (`tledge.tasks`): then "tasks" lists each output's
+            name and class names in output order, and "labels" is left empty.
     """
     try:
         version = _package.version("tledge")
@@ -59,9 +61,13 @@ def artifact_metadata(*, labels, input_spec: dict, recipe_hash, precision: str,
                 "meaning": "raw RGB pixels, resized by the loader"}
     if input_spec.get("quantization"):
         contract["quantization"] = dict(input_spec["quantization"])
-    return {"labels": [str(label) for label in labels], "input": contract,
-            "recipe_hash": recipe_hash, "tledge_version": version, "format": fmt_name,
-            "precision": precision}
+    facts = {"labels": [] if tasks else [str(label) for label in labels], "input": contract,
+             "recipe_hash": recipe_hash, "tledge_version": version, "format": fmt_name,
+             "precision": precision}
+    if tasks:
+        facts["tasks"] = [{"name": task["name"], "labels": list(task["labels"])}
+                          for task in tasks]
+    return facts
 
 
 def embed_tflite(path, metadata: dict, about: dict | None = None) -> Path:
@@ -87,20 +93,26 @@ def embed_tflite(path, metadata: dict, about: dict | None = None) -> Path:
     data = path.read_bytes()
     model = _tflite_object(path, schema, data)
     files = standard.associated_files(data)
-    _name_inputs_and_outputs(model)
+    tasks = metadata.get("tasks") or []
+    order = _name_inputs_and_outputs(model, [task["name"] for task in tasks])
     payloads = {KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")}
     labels = metadata.get("labels") or []
     shape = metadata.get("input", {}).get("shape") or []
-    if labels and len(shape) == 4:
+    if (labels or tasks) and len(shape) == 4:
         about = about or {}
+        what = f"{len(labels)} classes" if labels else \
+            "tasks " + ", ".join(f"{task['name']} ({len(task['labels'])} classes)"
+                                 for task in tasks)
         payloads[standard.ENTRY] = standard.model_metadata(
             name=about.get("name") or metadata.get("format") or path.stem,
             description=about.get("description") or
-            f"Image classifier, {len(labels)} classes ({metadata.get('format')}, made by tledge)",
+            f"Image classifier, {what} ({metadata.get('format')}, made by tledge)",
             version=about.get("version") or metadata.get("recipe_hash"),
             author=about.get("author"), license_text=about.get("license"),
-            height=int(shape[1]), width=int(shape[2]))
-        files[standard.LABELS_FILE] = "".join(f"{label}\n" for label in labels).encode("utf-8")
+            height=int(shape[1]), width=int(shape[2]), outputs=order or (None,))
+        for task in tasks or [{"name": None, "labels": labels}]:
+            files[standard.labels_file(task["name"])] = \
+                "".join(f"{label}\n" for label in task["labels"]).encode("utf-8")
     entries = [entry for entry in (model.metadata or []) if _name(entry.name) not in payloads]
     for name, payload in payloads.items():
         buffer = schema.BufferT()
@@ -120,18 +132,40 @@ def embed_tflite(path, metadata: dict, about: dict | None = None) -> Path:
     return path
 
 
-def _name_inputs_and_outputs(model) -> None:
+def _name_inputs_and_outputs(model, tasks=()) -> list:
     """`image` in, `probabilities` out, as in the ONNX file and the manifest: the tensors and
     the signature (the converter calls them serving_default_image:0 and StatefulPartitionedCall
-    / output_0). Names only: the graph is untouched."""
+    / output_0). A multi-task model's outputs are named after its `tasks` (signature output
+    `output_i` is task i). Names only: the graph is untouched. Returns the task names in the
+    order of the subgraph's outputs (what the standard metadata describes), [] for one output.
+    """
     for subgraph in model.subgraphs or []:
-        if len(subgraph.inputs) == 1 and len(subgraph.outputs) == 1:
+        if len(subgraph.inputs) == 1 and len(subgraph.outputs) == 1 and not tasks:
             subgraph.tensors[subgraph.inputs[0]].name = INPUT_NAME
             subgraph.tensors[subgraph.outputs[0]].name = OUTPUT_NAME
+    order = []
     for signature in model.signatureDefs or []:
-        if len(signature.inputs) == 1 and len(signature.outputs) == 1:
+        if len(signature.inputs) == 1 and len(signature.outputs) == 1 and not tasks:
             signature.inputs[0].name = INPUT_NAME
             signature.outputs[0].name = OUTPUT_NAME
+        elif tasks and len(signature.inputs) == 1 and len(signature.outputs) == len(tasks):
+            signature.inputs[0].name = INPUT_NAME
+            subgraph = model.subgraphs[signature.subgraphIndex]
+            subgraph.tensors[subgraph.inputs[0]].name = INPUT_NAME
+            named = {}
+            for output in signature.outputs:
+                key = _name(output.name)
+                task = tasks[int(key.removeprefix("output_"))] if key.startswith("output_") \
+                    else key  # named before: an embed run again on its own output
+                if task not in tasks:
+                    raise ExportError(f"output {key!r} is none of the tasks {', '.join(tasks)}")
+                output.name = task
+                subgraph.tensors[output.tensorIndex].name = task
+                named[output.tensorIndex] = task
+            order = [named[index] for index in subgraph.outputs]
+    if tasks and sorted(order) != sorted(tasks):
+        raise ExportError(f"cannot find the outputs of tasks {', '.join(tasks)} in the model")
+    return order
 
 
 def embed_onnx(path, metadata: dict) -> Path:
@@ -145,6 +179,8 @@ def embed_onnx(path, metadata: dict) -> Path:
     props = {prop.key: prop.value for prop in model.metadata_props}
     props[KEY] = json.dumps(metadata, sort_keys=True)
     props["labels"] = ",".join(metadata.get("labels", []))
+    for task in metadata.get("tasks") or []:  # a multi-task model: each output's classes
+        props[f"labels_{task['name']}"] = ",".join(task["labels"])
     onnx.helper.set_model_props(model, props)
     _replace(path, model.SerializeToString())
     return path

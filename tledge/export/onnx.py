@@ -9,7 +9,7 @@ import numpy as np
 
 from tledge.errors import ExportError, first_line
 from tledge.export.tflite import pinned_calibration
-from tledge.model import INPUT_NAME, OUTPUT_NAME
+from tledge.model import INPUT_NAME, OUTPUT_NAME, task_outputs
 
 # TensorFlow, tf2onnx, onnx and ONNX Runtime are imported inside the functions that use them: the CLI imports this
 # module at start-up, and they take seconds to load.
@@ -59,16 +59,19 @@ def float_proto(model):
     height, width = model.input_shape[1:3]
     signature = [tf.TensorSpec([None, height, width, 3], tf.float32, name=INPUT_NAME)]
 
+    names = task_outputs(model) or [OUTPUT_NAME]
+
     @tf.function(input_signature=signature)
     def serve(image):
-        return {OUTPUT_NAME: model(image, training=False)}
+        outputs = model(image, training=False)
+        return dict(zip(names, outputs if isinstance(outputs, (list, tuple)) else [outputs]))
 
     try:
         proto, _ = tf2onnx.convert.from_function(serve, input_signature=signature,
                                                  opset=OPSET)
     except Exception as error:  # tf2onnx raises assorted errors on unsupported graphs
         raise ExportError(f"ONNX conversion failed: {first_line(error)}") from None
-    _rename(proto)
+    _rename(proto, names)
     onnx.checker.check_model(proto)
     return proto
 
@@ -161,15 +164,25 @@ def quantize(prepared, path, calibration, settings=None) -> None:
         raise ExportError(f"ONNX int8 quantization failed: {first_line(error)}") from None
 
 
-def _rename(proto) -> None:
-    """Give the graph's single input and output their contract names and a `batch` dim."""
+def _rename(proto, names) -> None:
+    """Give the graph's input and outputs their contract names and a `batch` dim; several
+    outputs (one per task, already named after it by tf2onnx) are put in task order."""
     graph = proto.graph
-    renames = {graph.input[0].name: INPUT_NAME, graph.output[0].name: OUTPUT_NAME}
+    renames = {graph.input[0].name: INPUT_NAME}
+    if names == [OUTPUT_NAME]:
+        renames[graph.output[0].name] = OUTPUT_NAME
     for node in graph.node:
         node.input[:] = [renames.get(name, name) for name in node.input]
         node.output[:] = [renames.get(name, name) for name in node.output]
-    for value in (graph.input[0], graph.output[0]):
-        value.name = renames[value.name]
+    outputs = sorted(graph.output, key=lambda value: names.index(renames.get(value.name,
+                                                                             value.name)))
+    ordered = [type(value)() for value in outputs]
+    for copy, value in zip(ordered, outputs):
+        copy.CopyFrom(value)
+    del graph.output[:]
+    graph.output.extend(ordered)
+    for value in (graph.input[0], *graph.output):
+        value.name = renames.get(value.name, value.name)
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
 
 
@@ -182,5 +195,8 @@ def onnx_spec(path) -> dict:
         shape = [dim.dim_param or dim.dim_value for dim in tensor.shape.dim]
         return {"name": value.name, "shape": [-1 if isinstance(d, str) else d for d in shape],
                 "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name}
-    return {"input": spec(model.graph.input[0]), "output": spec(model.graph.output[0])}
+    outputs = [spec(value) for value in model.graph.output]
+    return {"input": spec(model.graph.input[0]),
+            "output": outputs if [value["name"] for value in outputs] != [OUTPUT_NAME]
+            else outputs[0]}
 

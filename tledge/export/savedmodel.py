@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tledge.errors import ExportError, first_line
-from tledge.model import INPUT_NAME, OUTPUT_NAME
+from tledge.model import INPUT_NAME, OUTPUT_NAME, task_outputs
 
 # TensorFlow is imported inside the functions that use it: the CLI imports this
 # module at start-up, and it takes seconds to load.
@@ -22,6 +22,10 @@ def export_savedmodel(model, path, *, precision: str, calibration=None) -> dict:
     except Exception as error:
         raise ExportError(f"SavedModel export failed: {first_line(error)}") from None
     spec = {"shape": [-1, height, width, 3], "dtype": "float32", "name": INPUT_NAME}
+    if task_outputs(model):  # a multi-task model: its `serve` returns its outputs
+        return {"input": spec, "output": [
+            {"name": name, "shape": [-1, int(output.shape[-1])], "dtype": "float32"}
+            for name, output in zip(model.output_names, model.outputs)]}
     classes = model.output_shape[-1]
     return {"input": spec, "output": {"name": OUTPUT_NAME, "shape": [-1, classes],
                                       "dtype": "float32"}}

@@ -32,6 +32,7 @@ from tledge.rundir import (artifact_entry, artifacts, atomic_path, empty_manifes
                            find_artifact, read_manifest, record_stage, set_artifact, sha256,
                            stage_hash, verified_artifact, write_manifest)
 from tledge.runners import load
+from tledge.tasks import targets, task_names
 
 
 def _exporter(family):
@@ -86,14 +87,15 @@ def _embed(path, row, spec, manifest, about) -> dict:
     as written (a .tflite's tensors are renamed `image` and `probabilities`)."""
     if row.family not in ("tflite", "onnx"):  # a SavedModel folder: the manifest describes it
         return spec
+    tasks = manifest.get("tasks")
     facts = artifact_metadata(labels=manifest["labels"], input_spec=spec["input"],
                               recipe_hash=manifest["recipe"]["hash"], precision=row.precision,
-                              fmt_name=row.name)
+                              fmt_name=row.name, tasks=tasks)
     if row.family == "onnx":
         embed_onnx(path, facts)
         return spec
     embed_tflite(path, facts, about)
-    return tflite_spec(path)
+    return tflite_spec(path, tasks=task_names(tasks) if tasks else None)
 
 
 def about_model(recipe) -> dict:
@@ -169,8 +171,9 @@ def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int
         images, labels = np.asarray(images[chosen]), np.asarray(labels)[chosen]
         if len(labels):
             runner = load(reference, run_dir)
-            judge = Judge(images, labels, predict_all(runner, images), split,
-                          threads=recipe.bench.threads[0])
+            judge = Judge(images, targets(labels, manifest.get("tasks"), manifest["labels"]),
+                          predict_all(runner, images), split, threads=recipe.bench.threads[0],
+                          tasks=manifest.get("tasks"))
             runner.close()
         else:
             log("  int8: no validation or test images to judge int8 candidates on; "
@@ -254,7 +257,9 @@ def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_i
             entry = artifact_entry(run_dir, path, row, recipe_hash=manifest["recipe"]["hash"],
                                    labels=manifest["labels"], input_spec=spec["input"],
                                    output_spec=spec["output"],
-                                   export_seconds=round(time.perf_counter() - start, 2), **extra)
+                                   export_seconds=round(time.perf_counter() - start, 2),
+                                   **({"tasks": manifest["tasks"]} if manifest.get("tasks")
+                                      else {}), **extra)
             log(f"  {row.name:<16} {entry['path']}  {entry['size_bytes'] / 1024:,.0f} KiB  "
                 f"{entry['export_seconds']:.1f} s")
             kept = entry.get("quantization") or {}

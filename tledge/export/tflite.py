@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from tledge.errors import ExportError, first_line
+from tledge.model import task_outputs
 
 # TensorFlow and LiteRT are imported inside the functions that use them: the CLI imports this
 # module at start-up, and they take seconds to load.
@@ -44,12 +45,13 @@ def export_tflite(model, path, *, precision: str, calibration=None, int8_io="uin
         raise ExportError(f"TFLite {precision} conversion failed: {first_line(error)}") from None
     with open(path, "wb") as handle:
         handle.write(flatbuffer)
-    spec = tflite_spec(path)
-    if precision == "int8" and {spec["input"]["dtype"], spec["output"]["dtype"]} != {int8_io}:
+    spec = tflite_spec(path, tasks=task_outputs(model))
+    outputs = spec["output"] if isinstance(spec["output"], list) else [spec["output"]]
+    dtypes = {spec["input"]["dtype"], *(output["dtype"] for output in outputs)}
+    if precision == "int8" and dtypes != {int8_io}:
         kept = f"{len(float_layers)} layer(s)" if float_layers else "no layer"
-        raise ExportError(f"keeping {kept} in float left the model's input or output "
-                          f"{spec['input']['dtype']}/{spec['output']['dtype']}, not {int8_io} "
-                          "as export.int8_io says")
+        raise ExportError(f"keeping {kept} in float left the model's input or outputs "
+                          f"{'/'.join(sorted(dtypes))}, not {int8_io} as export.int8_io says")
     return spec
 
 
@@ -126,12 +128,28 @@ def pinned_calibration(calibration):
     return images
 
 
-def tflite_spec(path) -> dict:
-    """Input and output tensor specs of a .tflite file, quantization included."""
+def tflite_spec(path, tasks=None) -> dict:
+    """Input and output tensor specs of a .tflite file, quantization included.
+
+    `tasks` (a multi-task model's output names, in order) makes "output" a list of specs in
+    that order: found by the serving signature's output names, which are the task names once
+    tledge's metadata named them and `output_0`, `output_1`... (the Keras output order) in
+    the converter's file. Each spec's "name" is its tensor's, which the runners look up.
+    """
     from ai_edge_litert.interpreter import Interpreter
     interpreter = Interpreter(model_path=str(path))
-    return {"input": _tensor_spec(interpreter.get_input_details()[0]),
-            "output": _tensor_spec(interpreter.get_output_details()[0])}
+    spec = {"input": _tensor_spec(interpreter.get_input_details()[0])}
+    if not tasks:
+        return {**spec, "output": _tensor_spec(interpreter.get_output_details()[0])}
+    signature = interpreter.get_signature_runner().get_output_details()
+    keys = list(tasks) if set(tasks) <= set(signature) else \
+        [f"output_{index}" for index in range(len(tasks))]
+    if not set(keys) <= set(signature):
+        raise ExportError(f"{path}: its outputs {', '.join(sorted(signature))} are not the "
+                          f"tasks {', '.join(tasks)}")
+    details = {detail["index"]: detail for detail in interpreter.get_output_details()}
+    return {**spec, "output": [_tensor_spec(details[signature[key]["index"]])
+                               for key in keys]}
 
 
 def _tensor_spec(detail) -> dict:

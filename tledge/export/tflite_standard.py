@@ -75,10 +75,18 @@ class _Writer:
         return bytes(self.builder.Output())
 
 
+def labels_file(task: str | None) -> str:
+    """The labels file of one output: `labels.txt`, or `labels_<task>.txt` for a task's."""
+    return LABELS_FILE if task is None else f"labels_{task}.txt"
+
+
 def model_metadata(*, name: str, description: str, version: str | None, author: str | None,
-                   license_text: str | None, height: int, width: int) -> bytes:
+                   license_text: str | None, height: int, width: int,
+                   outputs=(None,)) -> bytes:
     """The "TFLITE_METADATA" flatbuffer of an image classifier that takes raw RGB pixels
-    [1, height, width, 3] and returns probabilities, labels in `LABELS_FILE`."""
+    [1, height, width, 3] and returns probabilities, labels in `LABELS_FILE`. A multi-task
+    model lists `outputs` (task names, in the order of the subgraph's outputs): each output
+    is described with its own labels file (`labels_file`)."""
     w = _Writer()
     # input: an RGB image, normalised by mean 0 / std 1 (raw pixels), values 0..255
     size = w.table(width=(0, "uint", width), height=(1, "uint", height))
@@ -95,23 +103,27 @@ def model_metadata(*, name: str, description: str, version: str | None, author: 
                                              "normalises them itself")),
         content=(3, "offset", image_content), process_units=(4, "offset", w.tables([unit])),
         stats=(5, "offset", input_stats))
-    # output: one probability per class, the class names in the attached labels file
-    labels = w.table(name=(0, "offset", w.string(LABELS_FILE)),
-                     description=(1, "offset", w.string("Class names, one per line, in the "
-                                                        "order of the output")),
-                     type=(2, "byte", _TENSOR_AXIS_LABELS))
-    feature = w.table()
-    output_content = w.table(kind=(0, "ubyte", _FEATURE_PROPERTIES),
-                             properties=(1, "offset", feature))
-    output_stats = w.table(max=(0, "offset", w.floats([1.0])), min=(1, "offset", w.floats([0.0])))
-    output_tensor = w.table(
-        name=(0, "offset", w.string("probabilities")),
-        description=(1, "offset", w.string("Probability of each class")),
-        content=(3, "offset", output_content), stats=(5, "offset", output_stats),
-        associated_files=(6, "offset", w.tables([labels])))
+    # outputs: one probability per class, the class names in the attached labels file
+    output_tensors = []
+    for task in outputs:
+        labels = w.table(name=(0, "offset", w.string(labels_file(task))),
+                         description=(1, "offset", w.string("Class names, one per line, in "
+                                                            "the order of the output")),
+                         type=(2, "byte", _TENSOR_AXIS_LABELS))
+        feature = w.table()
+        output_content = w.table(kind=(0, "ubyte", _FEATURE_PROPERTIES),
+                                 properties=(1, "offset", feature))
+        output_stats = w.table(max=(0, "offset", w.floats([1.0])),
+                               min=(1, "offset", w.floats([0.0])))
+        output_tensors.append(w.table(
+            name=(0, "offset", w.string(task or "probabilities")),
+            description=(1, "offset", w.string("Probability of each class" + (
+                f" of task '{task}'" if task else ""))),
+            content=(3, "offset", output_content), stats=(5, "offset", output_stats),
+            associated_files=(6, "offset", w.tables([labels]))))
     subgraph = w.table(name=(0, "offset", w.string("image_classifier")),
                        inputs=(2, "offset", w.tables([input_tensor])),
-                       outputs=(3, "offset", w.tables([output_tensor])))
+                       outputs=(3, "offset", w.tables(output_tensors)))
     root = w.table(name=(0, "offset", w.string(name)),
                    description=(1, "offset", w.string(description)),
                    version=(2, "offset", w.string(version)),

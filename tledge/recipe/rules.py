@@ -12,10 +12,14 @@ import tomllib
 from pathlib import Path
 
 from tledge.backbones import BACKBONES
+from tledge.data.synthetic import ATTRIBUTES
+from tledge.model import RESERVED_NAMES
 from tledge.recipe.spec import Recipe
 from tledge.schema import Parser
+from tledge.tasks import MEAN
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 def check_together(recipe, *, stored=False, more=()) -> list[str]:
@@ -29,9 +33,9 @@ def check_together(recipe, *, stored=False, more=()) -> list[str]:
     problems = []
     check_data = functools.partial(_check_data, need_path=not stored)
     rules = (_check_name, check_data, _check_weights, _check_training, _check_bench,
-             _check_model_backbone, _check_baseline)
+             _check_model_backbone, _check_baseline, _check_tasks)
     if recipe.ensemble is not None:  # its models are its members'
-        rules = (_check_name, check_data, _check_bench, _check_baseline)
+        rules = (_check_name, check_data, _check_bench, _check_baseline, _check_tasks)
     for rule in (*rules, *more):
         try:
             problems += rule(recipe)
@@ -68,6 +72,71 @@ def _check_data(recipe, need_path=True) -> list[str]:
         problems.append("data.val_fraction + data.test_fraction: expected less than 0.9 "
                         f"together, so training keeps most of the data, found "
                         f"{data.val_fraction + data.test_fraction:g}")
+    return problems
+
+
+_TASK_SOURCES = ("csv", "synthetic")
+
+
+def _check_tasks(recipe) -> list[str]:
+    """[[data.tasks]]: where multi-task labels come from, and what a multi-task model may
+    not (yet) be combined with."""
+    tasks, model, train = recipe.data.tasks, recipe.model, recipe.train
+    names = [task.name for task in tasks]
+    if not tasks:
+        problems = [f"{key}: only for a multi-task recipe (set [[data.tasks]])"
+                    for key, used in (("model.tasks", model.tasks),
+                                      ("train.best_by", train.best_by != MEAN),
+                                      ("train.compare_single_task", train.compare_single_task))
+                    if used]
+        return problems
+    problems = []
+    if recipe.data.source not in _TASK_SOURCES:
+        problems.append(f"data.tasks: source '{recipe.data.source}' has one label per image; "
+                        "several tasks need the csv source (a column per task) or synthetic")
+    for index, task in enumerate(tasks):
+        if not _TASK_NAME.match(task.name or ""):
+            problems.append(f"data.tasks[{index}].name: expected a letter, then letters, "
+                            f"digits or '_' (it names the model's output), found {task.name!r}")
+        elif task.name in RESERVED_NAMES:
+            problems.append(f"data.tasks[{index}].name: {task.name!r} names a layer of every "
+                            "tledge model; choose another")
+        if recipe.data.source == "synthetic" and task.labels not in ATTRIBUTES:
+            problems.append(f"data.tasks[{index}].labels: the synthetic source labels "
+                            f"{', '.join(ATTRIBUTES)}, not {task.labels!r}")
+    for name in sorted({name for name in names if names.count(name) > 1}):
+        problems.append(f"data.tasks: task name {name!r} is used twice")
+    labels = [task.labels for task in tasks]
+    for label in sorted({label for label in labels if labels.count(label) > 1}):
+        problems.append(f"data.tasks: two tasks read the same labels {label!r}")
+    if recipe.data.source == "synthetic":
+        synthetic = recipe.data.synthetic
+        for kind, values in (("colour", synthetic.colours), ("size", synthetic.sizes)):
+            if kind in labels and len(set(values)) < 2:
+                problems.append(f"data.synthetic.{kind}s: a task labels {kind}; expected at "
+                                "least 2 different values")
+    unknown = [name for name in model.tasks if name not in names]
+    if unknown:
+        problems.append(f"model.tasks: no task {', '.join(map(repr, unknown))} in data.tasks "
+                        f"({', '.join(names)})")
+    answered = list(model.tasks) or names
+    if train.best_by != MEAN and train.best_by not in answered:
+        problems.append(f"train.best_by: expected \"mean\" or one of the model's tasks "
+                        f"({', '.join(answered)}), found {train.best_by!r}")
+    if train.compare_single_task and len(answered) < 2:
+        problems.append("train.compare_single_task: the model answers one task; there is "
+                        "nothing to compare with")
+    for key, used, why in (
+            ("ensemble", recipe.ensemble is not None, "fuses single-task members"),
+            ("baseline", recipe.baseline is not None,
+             "is single-task; train.compare_single_task = true compares per task"),
+            ("model.head", model.head == "keep", "keeps a single-task head"),
+            ("train.class_weight", train.class_weight == "balanced",
+             "weighs one task's classes"),
+            ("train.distribute", train.distribute == "multi_worker",
+             "runs a single-output training loop")):
+        if used:
+            problems.append(f"{key}: not available with [[data.tasks]] (it {why})")
     return problems
 
 

@@ -11,7 +11,8 @@ import json
 from types import MappingProxyType
 
 from tledge.backbones import BACKBONES
-from tledge.data.synthetic import BACKGROUNDS, DEFAULT_DOMAIN, PALETTES, SHAPES
+from tledge.data.synthetic import (BACKGROUNDS, COLOURS, DEFAULT_DOMAIN, PALETTES, SHAPES,
+                                   SIZES)
 from tledge.formats import FORMATS, precisions
 from tledge.runners import RUNTIMES
 from tledge.schema import option, to_dict
@@ -90,6 +91,22 @@ class SyntheticRecipe:
     noise: float = option(0.08, minimum=0.0, maximum=1.0, help="pixel noise, 0 to 1")
     domain: DomainRecipe = option(DomainRecipe(), help="[data.synthetic.domain]: the look of "
                                                        "the generated world")
+    colours: tuple[str, ...] = option(("red", "green", "blue"), choices=tuple(COLOURS),
+                                      help="the classes of a task with labels = \"colour\" "
+                                           "(the shape's colour)")
+    sizes: tuple[str, ...] = option(SIZES, choices=SIZES,
+                                    help="the classes of a task with labels = \"size\"")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRecipe:
+    """One labelling of the images, answered by one output of the model ([[data.tasks]])."""
+
+    name: str = option(help="the task's name: its output's name in every artifact")
+    labels: str = option(help="where its labels come from: a column of the csv source, or "
+                              "shape | colour | size for the synthetic source")
+    loss_weight: float = option(1.0, minimum=0.0, maximum=1000.0,
+                                help="its loss's weight in training")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +114,8 @@ class CsvRecipe:
     """Columns of the `csv` source: one row per image."""
 
     image_column: str = option("image", help="image file path, relative to the CSV file")
-    label_column: str = option("label", help="class name of the image")
+    label_column: str = option("label", help="class name of the image (single-task; "
+                                              "[[data.tasks]] name their own columns)")
     split_column: str = option("", help="optional: train | val | validation | test per row")
 
 
@@ -116,6 +134,9 @@ class DataRecipe:
                                   help="train on at most this many images per class (0: all), "
                                        "validation and test split as carved: how far a few "
                                        "labels go")
+    tasks: tuple[TaskRecipe, ...] = option(
+        (), help="[[data.tasks]]: several labellings of each image (csv and synthetic "
+                 "sources); the model answers each with an output of its own")
     augment: AugmentRecipe = option(AugmentRecipe())
     synthetic: SyntheticRecipe = option(SyntheticRecipe())
     csv: CsvRecipe = option(CsvRecipe())
@@ -142,6 +163,8 @@ class ModelRecipe:
                        help="new: a fresh classification head | keep: the head of the model "
                             "that `weights` names (same classes): adapt a trained model to "
                             "another domain with a few labelled images")
+    tasks: tuple[str, ...] = option((), help="which of [[data.tasks]] this model answers "
+                                             "(default: all of them)")
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -189,6 +212,12 @@ class TrainRecipe:
     distribute: str = option("none", choices=("none", "mirrored", "multi_worker"))
     mixed_precision: bool = option(False, help="float16 compute on a GPU; exports stay float32")
     jit_compile: bool = option(False, help="XLA-compile the training step")
+    best_by: str = option("mean", help="multi-task: the validation score that picks the best "
+                                       "weights: \"mean\" (of the tasks' accuracies) or a "
+                                       "task's name")
+    compare_single_task: bool = option(
+        False, help="multi-task: also train one single-task model per task on the same split, "
+                    "and report whether the one multi-task model beats them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,4 +410,7 @@ class Recipe:
 
 _NOT_HASHED = (("data", "cache_dir"), ("data", "workers"))
 _HASHED_WHEN_SET = (("data", "synthetic", "domain", DEFAULT_DOMAIN), ("model", "head", "new"),
-                    ("data", "train_per_class", 0))
+                    ("data", "train_per_class", 0), ("data", "tasks", []),
+                    ("data", "synthetic", "colours", ["red", "green", "blue"]),
+                    ("data", "synthetic", "sizes", list(SIZES)), ("model", "tasks", []),
+                    ("train", "best_by", "mean"), ("train", "compare_single_task", False))

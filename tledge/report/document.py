@@ -12,6 +12,7 @@ from tledge.bench.stage import pick_name
 from tledge.plots import FIGURES
 from tledge.report import domains as report_domains
 from tledge.report import int8 as report_int8
+from tledge.report import tasks as report_tasks
 from tledge.rundir import (artifacts, BENCH, DEVICES, EXPLAIN, HISTORY, PARITY, read_manifest,
                            read_record, RECIPE, REPORT, REPORT_HTML, SPLIT, write_text)
 
@@ -57,6 +58,7 @@ def report_run(run_dir) -> Path:
     title = f"tledge report: {manifest['recipe']['name']}"
     lines = [f"# tledge report: {md(manifest['recipe']['name'])}", ""]
     lines += _headline(manifest, history, parity, bench)
+    lines += _multitask_headline(run_dir, manifest, parity, bench)
     checksums = {entry["name"]: entry.get("sha256") for entry in manifest["artifacts"]}
     crossed = cross_architecture(devices, parity, bench, checksums)
     lines += _cross_architecture_warning(crossed, manifest.get("pick"))
@@ -68,13 +70,16 @@ def report_run(run_dir) -> Path:
     lines += training[:at] + _figure_lines(figures, "learning_curves") + training[at:]
     lines += _ensemble_section(history, bench)
     lines += _parity_section(parity, checksums)
+    lines += report_tasks.section(run_dir, manifest, parity, bench, figures, md)
     lines += _cross_architecture_lines(crossed)
     lines += report_int8.section(manifest, own_runtime_rows(parity),
                                  (parity or {}).get("split", "test"), figures, md)
     lines += _figure_lines(figures, "confusion_reference", "confusion_pick", "per_class")
     lines += _bench_section(bench, parity)
     lines += _figure_lines(figures, "pareto", "latency")
-    lines += _devices_section(devices, bench, checksums, manifest["labels"])
+    lines += _devices_section(devices, bench, checksums,
+                              [task["labels"] for task in manifest["tasks"]]
+                              if manifest.get("tasks") else manifest["labels"])
     lines += report_domains.section(run_dir, manifest, history, md)
     lines += _explain_section(run_dir, explain)
     lines += _artifacts_section(manifest)
@@ -123,6 +128,7 @@ def draw_figures(run_dir, manifest, history, parity, bench) -> dict:
         "sizes": ("Artifact size", plots.sizes(artifacts(manifest), folder / "sizes.png")),
     }
     drawn.update(report_int8.draw(run_dir, manifest, judged))
+    drawn.update(report_tasks.draw(run_dir, manifest, judged))
     return {key: (caption, path.relative_to(run_dir).as_posix())
             for key, (caption, path) in drawn.items() if path is not None}
 
@@ -290,8 +296,20 @@ def _headline(manifest, history, parity, bench) -> list[str]:
                       if row["status"] == "reference"), None)
     if reference:
         lines.append(f"Reference (Keras) accuracy: {reference['accuracy']:.4f} on "
-                     f"{parity['images']} {parity['split']} images.")
+                     f"{parity['images']} {parity['split']} images"
+                     + (" (the mean of its tasks': " + ", ".join(
+                         f"{md(name)} {part['accuracy']:.4f}"
+                         for name, part in reference["tasks"].items()) + ")"
+                        if reference.get("tasks") else "") + ".")
     return lines + [""]
+
+
+def _multitask_headline(run_dir, manifest, parity, bench) -> list[str]:
+    """A multi-task run with single-task models beside it: whether it is worth it."""
+    found = report_tasks.comparison(run_dir, manifest, parity, bench)
+    if not found or not found.get("accuracy"):
+        return []
+    return [report_tasks.verdict(found, manifest), ""]
 
 
 def _pick_reason(pick, history) -> str:
@@ -323,9 +341,17 @@ def _data_section(manifest, split) -> list[str]:
     lines = ["## Data", ""]
     if not split:
         return lines + ["(no split.json)", ""]
-    lines.append(f"Source `{split.get('source')}`, images {manifest['image_size'][0]}x"
-                 f"{manifest['image_size'][1]}, {len(manifest['labels'])} classes: "
-                 + ", ".join(md(label) for label in manifest["labels"]) + ".")
+    if manifest.get("tasks"):  # classes are combinations of the tasks' labels
+        lines.append(f"Source `{split.get('source')}`, images {manifest['image_size'][0]}x"
+                     f"{manifest['image_size'][1]}, labelled {len(manifest['tasks'])} ways: "
+                     + "; ".join(f"{md(task['name'])} ({len(task['labels'])} classes)"
+                                 for task in manifest["tasks"])
+                     + f". Each of the {len(manifest['labels'])} combinations is a class of "
+                       "its own for splitting, so every split holds every combination.")
+    else:
+        lines.append(f"Source `{split.get('source')}`, images {manifest['image_size'][0]}x"
+                     f"{manifest['image_size'][1]}, {len(manifest['labels'])} classes: "
+                     + ", ".join(md(label) for label in manifest["labels"]) + ".")
     splits = split.get("splits", {})
     if splits:
         lines += ["", "| split | images | obtained |", "|---|---:|---|"]
@@ -675,7 +701,16 @@ def _device_checks(accuracy: dict, labels=()) -> list[str]:
         if "error" in check:
             lines.append(f"| {md(name)} | | | | | check failed: {md(check['error'])} |")
             continue
-        name_of = (lambda index: labels[index] if 0 <= index < len(labels) else index)
+        def name_of(index):  # a class index, or one per task (labels: one list per task)
+            if isinstance(index, list):
+                return "/".join(str(name_of_task(task, value)) for task, value in
+                                enumerate(index))
+            return labels[index] if 0 <= index < len(labels) else index
+
+        def name_of_task(task, index):
+            names = labels[task] if task < len(labels) and isinstance(labels[task], list) \
+                else []
+            return names[index] if 0 <= index < len(names) else index
         flips = ", ".join(f"#{flip['image']} ({name_of(flip['build'])}→{name_of(flip['device'])})"
                           for flip in (check.get("flipped") or [])[:8])
         more = check.get("flipped_count", 0) - min(len(check.get("flipped") or []), 8)

@@ -3,6 +3,10 @@
     runner = load(artifact, run_dir, runtime="litert", threads=2)
     probabilities = runner.predict(uint8_images)   # [batch, H, W, 3] -> [batch, classes]
 
+A multi-task artifact (one output per task, `tledge.tasks`) gives its outputs side by side:
+[batch, sum of the tasks' classes], in the manifest's task order, each block a softmax; its
+`output` spec is then a list of per-output specs, and `runner.outputs` their tensor names.
+
 Validation and benchmarking both go through here, so an accuracy figure and a latency figure
 always describe the same code path. A runtime that cannot run on this machine raises
 `RuntimeUnavailable` with the reason; callers turn it into a "skipped" row.
@@ -17,7 +21,7 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
-from tledge.bench.core import dequantize, prepare_pixels
+from tledge.bench.core import dequantize, output_names, prepare_pixels
 from tledge.errors import RuntimeUnavailable
 from tledge.rundir import verified_artifact
 
@@ -72,13 +76,15 @@ class Runner(abc.ABC):
 
     def __init__(self, spec: dict, threads: int, device: str):
         self.spec, self.threads, self.device = spec, threads, device
+        self.outputs = output_names(spec["output"])  # several outputs: names in task order
 
     def prepare(self, images):
         """Raw uint8 pixels to what this artifact's input tensor takes (outside timing)."""
         return prepare_pixels(images, self.spec["input"])
 
     def run(self, prepared):
-        """Run prepared input; returns the raw output (what benchmarks time)."""
+        """Run prepared input; returns the raw output (what benchmarks time): the outputs
+        side by side, for a multi-output artifact."""
         return self._run(prepared)
 
     def finish(self, raw):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 
+from tledge.bench.core import concatenated
 from tledge.errors import RuntimeUnavailable
 from tledge.model import load_model
 from tledge.runners import Runner
@@ -52,7 +53,9 @@ class KerasRunner(Runner):
 
     def _run(self, prepared):
         with self._tf.device(self._device):
-            return self._call(self._tf.constant(prepared)).numpy()
+            result = self._call(self._tf.constant(prepared))
+        return concatenated([output.numpy() for output in result]) \
+            if isinstance(result, (list, tuple)) else result.numpy()
 
 
 def _set_threads(tf, threads):
@@ -92,7 +95,12 @@ class SavedModelRunner(Runner):
         self._serve = self._loaded.serve
 
     def _run(self, prepared):
-        return self._serve(self._tf.constant(prepared)).numpy()
+        result = self._serve(self._tf.constant(prepared))
+        if isinstance(result, dict):  # several outputs, by name: put in task order
+            return concatenated([result[name].numpy() for name in self.outputs])
+        if isinstance(result, (list, tuple)):  # several outputs, in the model's order
+            return concatenated([output.numpy() for output in result])
+        return result.numpy()
 
 
 def load_savedmodel(path, spec, *, threads=None, device="cpu") -> SavedModelRunner:

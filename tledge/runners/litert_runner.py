@@ -24,7 +24,7 @@ class LiteRTRunner(Runner):
             with quiet():
                 # without the default delegates every operator runs on the builtin kernels
                 self.model = TFLiteModel(path, threads, "ai_edge_litert",
-                                         builtin_only=not xnnpack)
+                                         builtin_only=not xnnpack, outputs=self.outputs)
         except ImportError:
             raise RuntimeUnavailable("ai-edge-litert is not installed "
                                      "(pip install ai-edge-litert)") from None

@@ -38,7 +38,8 @@ class OpenVINORunner(Runner):
         if reason:
             raise RuntimeUnavailable(reason)
         with quiet():
-            self.model = OpenVinoModel(path, threads, precision=spec.get("precision"))
+            self.model = OpenVinoModel(path, threads, precision=spec.get("precision"),
+                                       outputs=self.outputs)
         self.executed = self.model.executed
 
     def _run(self, prepared):

@@ -44,7 +44,8 @@ class OnnxRuntimeRunner(Runner):
             # H200, forty times the fp32 tolerance. Run the fp32 artifact as fp32, as the
             # OpenVINO runner does.
             settings["use_tf32"] = "0"
-        self.model = OnnxModel(path, threads, provider=provider, settings=settings)
+        self.model = OnnxModel(path, threads, provider=provider, settings=settings,
+                               outputs=self.outputs)
         self.session = self.model.session
         if provider not in self.session.get_providers():
             # An execution provider that is listed but cannot load (CUDA or cuDNN libraries

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.model import predict_in_batches
+from tledge.model import predict_in_batches, task_outputs
 from tledge.rundir import atomic_path, sha256
 
 # Keras is imported inside the functions that use it: the CLI imports this
@@ -68,12 +68,13 @@ def cached_features(cache_dir, key, extractor, splits):
 
 
 def head_model(model):
-    """A model of the classifier's head alone (dropout + softmax), sharing its layers."""
+    """A model of the classifier's head alone (dropout + softmax, or a softmax per task),
+    sharing its layers."""
     import keras
     width = model.get_layer("pool").output.shape[-1]
     inputs = keras.Input((width,), name="features")
     x = inputs
     if "dropout" in [layer.name for layer in model.layers]:
         x = model.get_layer("dropout")(x)
-    outputs = model.get_layer("probabilities")(x)
-    return keras.Model(inputs, outputs, name="head")
+    outputs = [model.get_layer(name)(x) for name in model.output_names]  # a head per task
+    return keras.Model(inputs, outputs if task_outputs(model) else outputs[0], name="head")

@@ -21,6 +21,7 @@ import numpy as np
 
 from tledge.errors import first_line
 from tledge.rundir import atomic_path, write_json
+from tledge.tasks import score
 from tledge.train.multi_worker import fit_across_workers
 from tledge.train.phase import (current_learning_rate, learning_rate, make_optimizer, PhaseResult,
                                 skipped)
@@ -29,19 +30,34 @@ from tledge.train.phase import (current_learning_rate, learning_rate, make_optim
 # module at start-up, and they take seconds to load.
 
 
-def compile_for(model, phase, steps_per_epoch, *, jit_compile=False):
+def compile_for(model, phase, steps_per_epoch, *, jit_compile=False, tasks=()):
+    """Cross-entropy and accuracy; with `tasks`, one of each per task's output, the losses
+    summed with the tasks' loss weights."""
     import keras
-    loss = keras.losses.CategoricalCrossentropy(label_smoothing=phase.label_smoothing)
-    model.compile(optimizer=make_optimizer(phase.optimizer, learning_rate(phase, steps_per_epoch)),
-                  loss=loss, metrics=["accuracy"], jit_compile=jit_compile)
+
+    def loss():
+        return keras.losses.CategoricalCrossentropy(label_smoothing=phase.label_smoothing)
+    optimizer = make_optimizer(phase.optimizer, learning_rate(phase, steps_per_epoch))
+    if len(tasks) > 1:  # a model of one task trains as any one-output model
+        names = [task["name"] for task in tasks]
+        model.compile(optimizer=optimizer, loss={name: loss() for name in names},
+                      loss_weights={task["name"]: task["loss_weight"] for task in tasks},
+                      metrics={name: ["accuracy"] for name in names}, jit_compile=jit_compile)
+        return
+    model.compile(optimizer=optimizer, loss=loss(), metrics=["accuracy"],
+                  jit_compile=jit_compile)
 
 
 def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_per_epoch,
               initial_epoch=0, checkpoint_dir=None, verbose="auto",
-              jit_compile=False) -> PhaseResult:
-    """Compile `model` for `phase` and train it; return what happened, epoch by epoch."""
+              jit_compile=False, tasks=(), best_by="mean") -> PhaseResult:
+    """Compile `model` for `phase` and train it; return what happened, epoch by epoch.
+
+    A multi-task model (`tasks`) is judged by the `best_by` score of its tasks' accuracies
+    (`tledge.tasks.score`), logged as its `accuracy` and `val_accuracy` beside each task's.
+    """
     import keras
-    compile_for(model, phase, steps_per_epoch, jit_compile=jit_compile)
+    compile_for(model, phase, steps_per_epoch, jit_compile=jit_compile, tasks=tasks)
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     total = int(model.count_params())
     if phase.epochs == 0:
@@ -64,6 +80,8 @@ def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_pe
     monitor = "val_accuracy" if val_data is not None else "accuracy"
     recorder = _Recorder(monitor, store)
     callbacks = [recorder]
+    if len(tasks) > 1:  # first: the score must be in the logs before anything reads them
+        callbacks.insert(0, _TaskScore([task["name"] for task in tasks], best_by))
     if store:
         callbacks.insert(0, keras.callbacks.BackupAndRestore(str(store.backup_dir)))
     if phase.early_stopping:
@@ -165,6 +183,27 @@ def _read_every_array(path) -> None:
             if isinstance(item, h5py.Dataset):
                 item[()]
         file.visititems(read)
+
+
+class _TaskScore:
+    """Puts a multi-task model's score in the epoch's logs as `accuracy`/`val_accuracy`, so
+    the best weights, early stopping and the phase verdict all follow the recipe's score."""
+
+    def __new__(cls, names, best_by):
+        import keras
+
+        class TaskScore(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if logs is None:
+                    return
+                for prefix in ("", "val_"):
+                    found = {name: logs[f"{prefix}{name}_accuracy"] for name in names
+                             if f"{prefix}{name}_accuracy" in logs}
+                    if len(found) == len(names):
+                        logs[f"{prefix}accuracy"] = score(
+                            {name: float(value) for name, value in found.items()}, best_by)
+
+        return TaskScore()
 
 
 class _Recorder:

@@ -22,6 +22,7 @@ from tledge.errors import TrainError
 from tledge.model import (build_backbone, build_classifier, find_backbone, is_pretrained,
                           keep_head, predict_in_batches)
 from tledge.recipe.spec import PhaseRecipe
+from tledge.tasks import model_tasks, score, targets
 from tledge.train.bottlenecks import (bottleneck_key, cached_features, compute_features,
                                       feature_extractor, head_model)
 from tledge.train.distribute import per_worker_input, precision, strategy_for
@@ -53,29 +54,37 @@ def train_model(recipe, splits, *, weights_file=None, verbose="auto", checkpoint
                          "data.test_fraction or add images")
     keras.utils.set_random_seed(recipe.seed)
     strategy = strategy_for(recipe.train)
+    tasks = model_tasks(recipe, splits.class_names)
     with precision(recipe.train), strategy.scope():
         backbone = build_backbone(recipe, weights_file=weights_file)
-        model = build_classifier(recipe, splits.num_classes, backbone)
+        model = build_classifier(recipe, splits.num_classes, backbone, tasks)
         if recipe.model.head == "keep":
             keep_head(model, weights_file or recipe.model.weights, splits.class_names)
         phases = _train_phases(recipe, splits, model, backbone, weights_file=weights_file,
                                verbose=verbose, checkpoint_dir=checkpoint_dir,
-                               cache_dir=cache_dir, log=log, strategy=strategy)
+                               cache_dir=cache_dir, log=log, strategy=strategy, tasks=tasks)
     if recipe.train.mixed_precision:
-        model = _float32_copy(recipe, splits.num_classes, model, weights_file)
+        model = _float32_copy(recipe, splits.num_classes, model, weights_file, tasks)
     verdict = _verdict(phases)
     if verdict["regressed"]:
         warnings.warn(verdict["message"])
     history = {"phases": [dataclasses.asdict(phase) for phase in phases], "verdict": verdict,
                "backbone": recipe.model.backbone, "backbone_layer": find_backbone(model).name,
                "pretrained": is_pretrained(recipe), "head": recipe.model.head,
-               "test_accuracy": evaluate(model, splits.x_test, splits.y_test),
                "distribute": recipe.train.distribute, "devices": strategy.num_replicas_in_sync}
+    if tasks:
+        history["task_accuracy"] = evaluate_tasks(model, splits.x_test, splits.y_test, tasks,
+                                                  splits.class_names)
+        history["test_accuracy"] = score(history["task_accuracy"], recipe.train.best_by) \
+            if len(splits.y_test) else None
+        history["best_by"] = recipe.train.best_by
+    else:
+        history["test_accuracy"] = evaluate(model, splits.x_test, splits.y_test)
     return model, history
 
 
 def _train_phases(recipe, splits, model, backbone, *, weights_file, verbose, checkpoint_dir,
-                  cache_dir, log, strategy):
+                  cache_dir, log, strategy, tasks):
     pretrained = is_pretrained(recipe)
     if not pretrained:
         _fast_batchnorm(backbone)
@@ -88,19 +97,21 @@ def _train_phases(recipe, splits, model, backbone, *, weights_file, verbose, che
     def datasets(train_x, val_x, with_augmentation):
         def train_input(batch_size, shard):
             return training_batches(splits, train_x, batch_size=batch_size, seed=recipe.seed,
-                                    weights=weights, shard=shard,
+                                    weights=weights, shard=shard, tasks=tasks,
                                     augment=augment if with_augmentation else None)
 
         train = per_worker_input(strategy, train_input, batch)
         # Every worker scores all of val (the same weights give the same number)
-        return train, validation_batches(splits, val_x, batch_size=batch, seed=recipe.seed)
+        return train, validation_batches(splits, val_x, batch_size=batch, seed=recipe.seed,
+                                         tasks=tasks)
 
     if not len(splits.y_val):
         warnings.warn("the validation split is empty: best weights are chosen by training "
                       "accuracy, which flatters the model; set data.val_fraction > 0")
     common = dict(train_count=len(splits.y_train), steps_per_epoch=steps,
                   checkpoint_dir=checkpoint_dir, verbose=verbose,
-                  jit_compile=recipe.train.jit_compile)
+                  jit_compile=recipe.train.jit_compile, tasks=tasks,
+                  best_by=recipe.train.best_by)
     extraction = recipe.train.feature_extraction
     backbone.trainable = not pretrained  # from scratch, the whole network learns in phase 1
     if pretrained and _use_bottlenecks(recipe) and extraction.epochs:
@@ -163,11 +174,11 @@ def _fit_on_bottlenecks(recipe, splits, model, datasets, weights_file, common, c
     return result
 
 
-def _float32_copy(recipe, num_classes, model, weights_file):
+def _float32_copy(recipe, num_classes, model, weights_file, tasks):
     """The trained model rebuilt in float32, so every export starts from float32."""
     backbone = build_backbone(dataclasses.replace(
         recipe, model=dataclasses.replace(recipe.model, weights="none")))
-    copy = build_classifier(recipe, num_classes, backbone)
+    copy = build_classifier(recipe, num_classes, backbone, tasks)
     copy.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
     return copy
 
@@ -178,6 +189,17 @@ def evaluate(model, images, labels, batch=64) -> float | None:
         return None
     predicted = predict_in_batches(model, images, batch).argmax(axis=1)
     return float(np.mean(predicted == labels))
+
+
+def evaluate_tasks(model, images, labels, tasks, class_names, batch=64) -> dict:
+    """Each task's top-1 accuracy of a multi-task Keras model ({} when there are no images)."""
+    if not len(labels):
+        return {}
+    outputs = predict_in_batches(model, images, batch)
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    expected = targets(labels, tasks, class_names)
+    return {task["name"]: float(np.mean(output.argmax(axis=1) == expected[:, index]))
+            for index, (task, output) in enumerate(zip(tasks, outputs))}
 
 
 def _fast_batchnorm(backbone) -> None:
