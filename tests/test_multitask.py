@@ -131,6 +131,41 @@ def test_single_task_recipes_hash_as_before(tmp_path):
         "7e0b14aa46ebe404"
 
 
+# Every recipe of recipes/ as tledge hashed it before multi-task (858ecf1): runs built then
+# are still current (an ensemble's inline members carry the new keys too)
+HASHES_BEFORE = {
+    "adapt_fewlabel.toml": "6afef24eb7e4c9c6", "adapt_quickstart.toml": "a7183caeefe94858",
+    "efficientnet_cifar.toml": "647c301e4daa4417", "fusion_cifar.toml": "e7c27d71d5d38929",
+    "fusion_quickstart.toml": "b51d71393a8a3316", "mobilenet_cifar.toml": "43ece86e8be3f31f",
+    "quickstart.toml": "7a0f221a7bee225a", "quickstart_pretrain.toml": "b2cf02696f4b94b3",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HASHES_BEFORE))
+def test_the_shipped_recipes_hash_as_before(name):
+    from pathlib import Path
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    assert load_recipe(recipes / name).hash() == HASHES_BEFORE[name]
+
+
+def test_a_task_named_like_the_backbone_is_one_clear_error():
+    from tledge.errors import WeightsError
+    from tledge.model import build_backbone, build_classifier
+    recipe = load_recipe_text(MULTITASK_RECIPE.format(compare="false").replace(
+        'name = "colour"', 'name = "small_cnn"'))
+    backbone = build_backbone(recipe)
+    with pytest.raises(WeightsError, match="task 'small_cnn' has the name of the backbone"):
+        build_classifier(recipe, 12, backbone, model_tasks(recipe, [joint_name(["circle",
+                                                                                 "red"])]))
+
+
+def load_recipe_text(text):
+    import tempfile
+    from pathlib import Path
+    folder = Path(tempfile.mkdtemp())
+    return load_recipe(write_recipe(folder, text))
+
+
 # ---- data ---------------------------------------------------------------------------------
 
 def test_synthetic_tasks_label_shape_colour_and_size():
@@ -201,6 +236,13 @@ def test_csv_tasks_read_a_column_each(tmp_path):
     assert splits.class_names == tuple(joint_name(pair) for pair in
                                        [("cat", "black"), ("cat", "white"), ("dog", "black"),
                                         ("dog", "white")])
+
+
+def test_csv_with_one_task_names_its_output_after_it(tmp_path):
+    rows = [(f"{index}.png", kind, "x") for index, kind in enumerate(["cat", "dog"] * 3)]
+    data = csv_data(write_csv(tmp_path, rows), "kind")
+    splits = load_splits(data, seed=0)
+    assert splits.class_names == (joint_name(["cat"]), joint_name(["dog"]))
 
 
 @pytest.mark.parametrize("rows, columns, says", [
@@ -342,3 +384,39 @@ def test_the_report_answers_whether_one_multitask_model_is_worth_it(multitask_ru
     assert "tflite" in verdict or "onnx" in verdict
     assert (run_dir / "figures" / "confusion_colour.png").is_file()
     assert (run_dir / "figures" / "gradcam_shape.png").is_file()
+
+
+def test_a_model_of_one_task_is_explained_and_predicted_by_its_task(multitask_run, tmp_path):
+    import shutil
+    from tledge.explain import explain_run
+    run_dir, _, _ = multitask_run
+    single = shutil.copytree(run_dir / "single_task" / "colour", tmp_path / "colour")
+    record = explain_run(single, log=lambda line: None)
+    assert [figure["file"] for figure in record["figures"]] == ["figures/gradcam_colour.png"]
+    images, _ = generate(["cross"], 1, (32, 32), 0.0, 7, None,
+                         [("shape", ("cross",)), ("colour", ("yellow",))])
+    Image.fromarray(images[0]).save(tmp_path / "yellow.png")
+    result = invoke("predict", tmp_path / "yellow.png", "--model", single / "model_fp32.onnx",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    assert list(json.loads(result.output)[0]["tasks"]) == ["colour"]
+
+
+def test_a_savedmodel_serves_each_task_by_name(multitask_run, tmp_path):
+    import tensorflow as tf
+    from tledge.export.savedmodel import export_savedmodel
+    from tledge.model import load_model, predict_in_batches
+    from tledge.run_inputs import evaluation_split, run_splits
+    from tledge.runners import load
+    run_dir, _, _ = multitask_run
+    model = load_model(run_dir / "model.keras")
+    spec = export_savedmodel(model, tmp_path / "saved_model", precision="fp32",
+                             tasks=["shape", "colour"])
+    assert [output["name"] for output in spec["output"]] == ["shape", "colour"]
+    served = tf.saved_model.load(str(tmp_path / "saved_model"))
+    assert list(served.signatures["serving_default"].structured_outputs) == ["shape", "colour"]
+    images = np.asarray(evaluation_split(run_splits(run_dir))[0][:16])
+    runner = load({"family": "savedmodel", "path": "saved_model", **spec}, tmp_path,
+                  "tensorflow")
+    expected = np.concatenate(predict_in_batches(model, images), axis=1)
+    assert np.abs(runner.predict(images) - expected).max() < 1e-5

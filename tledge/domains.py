@@ -129,6 +129,9 @@ def evaluate_run(run_dir, data_arg, *, name=None, log=print) -> dict:
     store the result under the domain's name in `domains.json`; return that entry."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
+    if manifest.get("tasks"):
+        raise DataError(f"{run_dir} is a multi-task model; `tledge evaluate` judges single-task "
+                        "models only (evaluate each task's labelling with a single-task run)")
     recipe = run_recipe(run_dir)
     target = target_data(data_arg, recipe, name)
     splits = target_splits(target, manifest["labels"], log=log)

@@ -198,6 +198,7 @@ def explain_run(run_dir, *, log=print) -> dict:
         size = tuple(model.inputs[0].shape[1:3])
         seen = images if images.shape[1:3] == size else resize_images(images, size)
         outputs = predict_in_batches(model, seen)
+        outputs = outputs if isinstance(outputs, list) or not tasks else [outputs]
         views = [(None, outputs, labels, names, title, stem)] if not tasks else \
             [(task["name"], outputs[index], task_labels[:, index], task["labels"],
               f"{title}, task {task['name']}", f"{stem}_{task['name']}")

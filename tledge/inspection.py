@@ -65,10 +65,18 @@ def describe_file(path) -> dict:
                             f"tledge reads {', '.join(SUFFIXES)} files")
     if not path.is_file():
         raise ArtifactError(f"{path}: no such artifact file")
-    metadata = read_metadata(path)
+    try:
+        metadata, unreadable = read_metadata(path), None
+    except ArtifactError as error:  # the file's own reader says what is wrong first
+        metadata, unreadable = None, error
     tasks = (metadata or {}).get("tasks") or None  # a multi-task model's outputs, in order
+    if tasks is not None and not _tasks_readable(tasks):
+        raise ArtifactError(f"{path}: its embedded metadata lists tasks tledge does not write "
+                            "(each needs a name and a list of labels); export it again")
     described = {"tflite": _describe_tflite, "onnx": _describe_onnx,
                  "keras": _describe_keras}[family](path, tasks)
+    if unreadable is not None:
+        raise unreadable
     if metadata and metadata.get("precision"):
         described["precision"] = metadata["precision"]
     return {"family": family, "path": path.name, "file": str(path),
@@ -76,6 +84,13 @@ def describe_file(path) -> dict:
             "labels": list(metadata["labels"]) if metadata and metadata.get("labels")
             else (described.get("standard_metadata") or {}).get("labels"),
             **({"tasks": tasks} if tasks else {})}
+
+
+def _tasks_readable(tasks) -> bool:
+    return isinstance(tasks, list) and all(
+        isinstance(task, dict) and isinstance(task.get("name"), str)
+        and isinstance(task.get("labels"), list) and task["labels"]
+        and all(isinstance(label, str) for label in task["labels"]) for task in tasks)
 
 
 def _describe_tflite(path: Path, tasks=None) -> dict:

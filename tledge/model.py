@@ -120,6 +120,10 @@ def build_classifier(recipe, num_classes: int, backbone, tasks=()):
     if recipe.model.dropout:
         x = layers.Dropout(recipe.model.dropout, name="dropout")(x)
     # float32 even under mixed precision: a float16 softmax loses small probabilities
+    taken = [task["name"] for task in tasks if task["name"] == backbone.name]
+    if taken:
+        raise WeightsError(f"task '{taken[0]}' has the name of the backbone's model; every "
+                           "output is named after its task, so rename the task")
     if tasks:
         outputs = [layers.Dense(len(task["labels"]), activation="softmax", name=task["name"],
                                 dtype="float32")(x) for task in tasks]
@@ -129,15 +133,14 @@ def build_classifier(recipe, num_classes: int, backbone, tasks=()):
     return keras.Model(inputs, outputs, name=recipe.name.replace(".", "_"))
 
 
-def task_outputs(model) -> list[str] | None:
-    """The output names of a multi-task model, in order: several outputs, or a tledge
-    classifier (around its `pool` layer) whose one output is a task's (a single-task model
-    of `train.compare_single_task`); None for a model with one output of any other name."""
+def task_outputs(model, tasks=None) -> list[str] | None:
+    """The output names of a multi-task model, in order: the run's `tasks` (names) when it
+    has them (a model of one task too: `train.compare_single_task`), else the model's own
+    output names when it has several; None for a model with one output."""
+    if tasks:
+        return list(tasks)
     names = list(model.output_names)
-    if len(names) > 1:
-        return names
-    tledge_head = any(layer.name == "pool" for layer in model.layers)
-    return names if tledge_head and names != [OUTPUT_NAME] else None
+    return names if len(names) > 1 else None
 
 
 # Layer names of the classifier around the backbone: no task may take one as its name

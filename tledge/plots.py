@@ -40,13 +40,15 @@ def save_figure(figure, path) -> Path:
 
 def learning_curves(history, path) -> Path | None:
     """Accuracy and loss of both phases on one epoch axis, the phase boundary marked, and
-    the from-scratch baseline's curves when the recipe had one."""
+    the from-scratch baseline's curves when the recipe had one; a multi-task model's each
+    task's validation accuracy too."""
     phases = [phase for phase in (history or {}).get("phases", []) if phase["epochs"]]
     if not phases:
         return None
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     colours = {"feature_extraction": "#1f77b4", "fine_tune": "#d62728"}
+    tasks = list((history.get("task_accuracy") or {}))  # a multi-task model's tasks
     for number, phase in enumerate(phases):
         epochs = [row["epoch"] for row in phase["epochs"]]  # numbered across both phases
         colour = colours.get(phase["name"], "#2ca02c")
@@ -55,7 +57,15 @@ def learning_curves(history, path) -> Path | None:
                       label=f"{phase['name']} train")
             if "val_" + key in phase["epochs"][0]:
                 axis.plot(epochs, [row["val_" + key] for row in phase["epochs"]], "-o",
-                          color=colour, markersize=3, label=f"{phase['name']} val")
+                          color=colour, markersize=3, label=f"{phase['name']} val"
+                          + (f" ({history.get('best_by', 'mean')} of the tasks)"
+                             if tasks and key == "accuracy" else ""))
+            for task, marker in zip(tasks if key == "accuracy" else [], "^vsDx+"):
+                column = f"val_{task}_accuracy"  # a multi-task model: each task's own curve
+                if column in phase["epochs"][0]:
+                    axis.plot(epochs, [row[column] for row in phase["epochs"]], ":",
+                              marker=marker, color=colour, markersize=3, linewidth=1,
+                              label=f"{phase['name']} val {task}")
             if number:
                 axis.axvline(epochs[0] - 0.5, color="grey", linestyle=":", linewidth=1)
                 axis.annotate(phase["name"].replace("_", " "), (epochs[0] - 0.4, 0.94),

@@ -15,7 +15,7 @@ from tledge.errors import ArtifactError, RunDirError
 from tledge.inspection import describe_file
 from tledge.rundir import MANIFEST, read_manifest, verified_artifact
 from tledge.runners import load, runtimes_for
-from tledge.tasks import blocks
+from tledge.tasks import blocks, widths
 
 
 def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None = None,
@@ -57,7 +57,14 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
     finally:
         runner.close()
     tasks = info.get("tasks") or (entry or {}).get("tasks")
+    if not tasks and isinstance(info["output"], list):  # several outputs, no labels known
+        tasks = [{"name": spec["name"], "labels": [str(index) for index in
+                                                   range(int(spec["shape"][-1]))]}
+                 for spec in info["output"]]
     results = []
+    if tasks and len(pixels) and sum(widths(tasks)) != probabilities.shape[1]:
+        raise ArtifactError(f"{artifact_path}: its tasks name {sum(widths(tasks))} classes but "
+                            f"its outputs give {probabilities.shape[1]}")
     if tasks:  # a multi-task model: the top classes of every task's output
         parts = blocks(probabilities, tasks) if len(pixels) else [np.zeros((0, 0))] * len(tasks)
         for index, image in enumerate(images):

@@ -365,6 +365,8 @@ def manifest_problem(manifest) -> str | None:
         for key in ("family", "sha256"):
             if not isinstance(entry.get(key), str):
                 return f"{where} ({entry['name']}) has no {key}"
+        if "tasks" in entry and entry["tasks"] != manifest.get("tasks"):
+            return f"{where} ({entry['name']}) lists other tasks than the manifest"
     if manifest.get("pick") is not None and not isinstance(manifest["pick"], dict):
         return "'pick' is not an object"
     return None

@@ -518,6 +518,9 @@ def adapt_run(parent_dir, data_arg, *, out=None, name=None, log=print):
     parent = run_recipe(parent_dir)
     if parent.ensemble is not None:
         raise TrainError(f"{parent_dir} is a fused ensemble; adapt each member's run instead")
+    if parent_manifest.get("tasks"):
+        raise TrainError(f"{parent_dir} is a multi-task model; `tledge adapt` adapts "
+                         "single-task models only")
     target = target_data(data_arg, parent, name)
     if target.judged == "all":  # a folder or file: carved like the source run's data
         target = dataclasses.replace(target, data=dataclasses.replace(

@@ -35,7 +35,15 @@ class ParityReport:
 
     def to_dict(self) -> dict:
         return {"split": self.split, "images": self.images,
-                "rows": [dataclasses.asdict(row) for row in self.rows]}
+                "rows": [_row_dict(row) for row in self.rows]}
+
+
+def _row_dict(row) -> dict:
+    """A parity row as parity.json keeps it (`tasks` only for a multi-task artifact)."""
+    data = dataclasses.asdict(row)
+    if data.get("tasks") is None:
+        data.pop("tasks")
+    return data
 
 
 def load_parity(run_dir) -> ParityReport | None:

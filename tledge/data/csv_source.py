@@ -31,7 +31,7 @@ def describe_csv(data, seed):
                      for index, task in enumerate(data.tasks)] \
         or [("data.csv.label_column", columns.label_column)]
     rows = _read_rows(path, columns, label_columns)
-    if len(label_columns) == 1:
+    if not data.tasks:
         rows = [(image, labels[0], split) for image, labels, split in rows]
         class_names = _class_names([label for _, label, _ in rows])
         if len(class_names) < 2:

@@ -381,11 +381,14 @@ def diagnose_tflite(model, calibration, *, int8_io="uint8", settings=None) -> di
     if layers:  # kept in float, the first layer would leave the input float and the last
         layers[0]["reads_input"] = True  # the output: neither is ever chosen
         layers[-1]["writes_output"] = True
+        for layer in layers:  # every output of a multi-task model is its task's softmax
+            if layer["op"] == "SOFTMAX":
+                layer["writes_output"] = True
     return {"family": "tflite", "metric": "RMSE / quantization step, op by op",
             "images": len(images), "settings": settings or {}, "layers": layers}
 
 
-def diagnose_onnx(model, calibration, *, settings=None) -> dict:
+def diagnose_onnx(model, calibration, *, settings=None, tasks=None) -> dict:
     """Per-layer error of ONNX QDQ quantization: the float graph and the quantized one run on
     calibration images, every layer's output compared. A layer's error is how much it adds to
     the relative error its inputs already carried (||quantized - float|| / ||float||), so the
@@ -398,7 +401,7 @@ def diagnose_onnx(model, calibration, *, settings=None) -> dict:
     images = np.asarray(calibration)[:DIAGNOSIS_IMAGES]
     with tempfile.TemporaryDirectory(prefix="tledge-int8-diagnosis-") as folder, quiet():
         folder = Path(folder)
-        prepared = prepare_for_quantization(float_proto(model), folder)
+        prepared = prepare_for_quantization(float_proto(model, tasks), folder)
         quantize(prepared, folder / "int8.onnx", calibration, settings)
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -454,5 +457,6 @@ def diagnose_entry(run_dir, entry, recipe) -> dict:
                                      settings.get("calibration_samples")
                                      or recipe.export.calibration_samples, seed=recipe.seed)
     if entry["family"] == "onnx":
-        return diagnose_onnx(model, calibration, settings=settings)
+        return diagnose_onnx(model, calibration, settings=settings,
+                             tasks=[task["name"] for task in manifest.get("tasks") or []])
     return diagnose_tflite(model, calibration, int8_io=recipe.export.int8_io, settings=settings)

@@ -17,7 +17,8 @@ from tledge.model import INPUT_NAME, OUTPUT_NAME, task_outputs
 OPSET = 17
 
 
-def export_onnx(model, path, *, precision: str, calibration=None, settings=None) -> dict:
+def export_onnx(model, path, *, precision: str, calibration=None, settings=None,
+                tasks=None) -> dict:
     """Convert a Keras model to ONNX at `path`.
 
     The input is named `image` with shape [batch, H, W, 3] (batch dynamic) and the output
@@ -37,7 +38,7 @@ def export_onnx(model, path, *, precision: str, calibration=None, settings=None)
     if precision == "int8" and (calibration is None or len(calibration) == 0):
         raise ExportError("int8 export needs calibration images from the training split")
     import onnx
-    proto = float_proto(model)
+    proto = float_proto(model, tasks)
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
         proto = convert_float_to_float16(proto, keep_io_types=True)
@@ -47,11 +48,12 @@ def export_onnx(model, path, *, precision: str, calibration=None, settings=None)
             quantize(prepared, path, calibration, settings)
         proto = onnx.load(str(path))
     onnx.save(_only_used_opsets(proto), str(path))
-    return onnx_spec(path)
+    return onnx_spec(path, task_outputs(model, tasks))
 
 
-def float_proto(model):
-    """The Keras model as a checked float32 ONNX graph with the contract's tensor names."""
+def float_proto(model, tasks=None):
+    """The Keras model as a checked float32 ONNX graph with the contract's tensor names (a
+    multi-task model's outputs named after its `tasks`, in task order)."""
     import onnx
     import tensorflow as tf
     import tf2onnx
@@ -59,7 +61,7 @@ def float_proto(model):
     height, width = model.input_shape[1:3]
     signature = [tf.TensorSpec([None, height, width, 3], tf.float32, name=INPUT_NAME)]
 
-    names = task_outputs(model) or [OUTPUT_NAME]
+    names = task_outputs(model, tasks) or [OUTPUT_NAME]
 
     @tf.function(input_signature=signature)
     def serve(image):
@@ -186,7 +188,9 @@ def _rename(proto, names) -> None:
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
 
 
-def onnx_spec(path) -> dict:
+def onnx_spec(path, tasks=None) -> dict:
+    """Input and output specs of an .onnx file; with `tasks` (output names in task order) the
+    output is a list of specs in that order, else the first output's."""
     import onnx
     model = onnx.load(str(path), load_external_data=False)
 
@@ -195,8 +199,11 @@ def onnx_spec(path) -> dict:
         shape = [dim.dim_param or dim.dim_value for dim in tensor.shape.dim]
         return {"name": value.name, "shape": [-1 if isinstance(d, str) else d for d in shape],
                 "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name}
-    outputs = [spec(value) for value in model.graph.output]
-    return {"input": spec(model.graph.input[0]),
-            "output": outputs if [value["name"] for value in outputs] != [OUTPUT_NAME]
-            else outputs[0]}
+    outputs = {value.name: spec(value) for value in model.graph.output}
+    if not tasks:
+        return {"input": spec(model.graph.input[0]), "output": spec(model.graph.output[0])}
+    missing = [name for name in tasks if name not in outputs]
+    if missing:
+        raise ExportError(f"{path}: has no output {', '.join(missing)}")
+    return {"input": spec(model.graph.input[0]), "output": [outputs[name] for name in tasks]}
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from tledge.bench.core import machine_facts
 from tledge.data import calibration_images, IMAGE_SUFFIXES, load_images
-from tledge.errors import DataError, ExportError, first_line, RunDirError, TledgeError
+from tledge.errors import (ArtifactError, DataError, ExportError, first_line, RunDirError,
+                           TledgeError)
 from tledge.export.int8 import diagnose_onnx, diagnose_tflite, Judge, quantize_with_repair
 from tledge.export.metadata import artifact_metadata, embed_onnx, embed_tflite
 from tledge.export.onnx import export_onnx
@@ -36,15 +37,16 @@ from tledge.tasks import targets, task_names
 
 
 def _exporter(family):
-    """`export_<family>(model, path, *, precision, calibration, **options) -> specs`."""
+    """`export_<family>(model, path, *, precision, calibration, tasks, **options) -> specs`."""
     if family == "tflite":
         return export_tflite
     if family == "onnx":
-        return lambda model, path, *, precision, calibration, settings=None, **_: export_onnx(
-            model, path, precision=precision, calibration=calibration, settings=settings)
+        return lambda model, path, *, precision, calibration, settings=None, tasks=None, **_: \
+            export_onnx(model, path, precision=precision, calibration=calibration,
+                        settings=settings, tasks=tasks)
     if family == "savedmodel":
-        return lambda model, path, *, precision, calibration, **_: export_savedmodel(
-            model, path, precision=precision)
+        return lambda model, path, *, precision, calibration, tasks=None, **_: \
+            export_savedmodel(model, path, precision=precision, tasks=tasks)
     raise ExportError(f"no exporter for {family!r}")
 
 
@@ -196,7 +198,7 @@ def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int
         max_seconds=recipe.export.int8_repair_seconds)
 
 
-def _export_int8(row, model, path, plan, *, int8_io, model_sha256, log):
+def _export_int8(row, model, path, plan, *, int8_io, model_sha256, log, tasks=None):
     """The int8 artifact of `row` at `path` (judged and repaired when the plan has a judge);
     returns (specs, the entry's `quantization` record)."""
     exporter = _exporter(row.family)
@@ -205,13 +207,13 @@ def _export_int8(row, model, path, plan, *, int8_io, model_sha256, log):
         with quiet():
             return exporter(model, candidate, precision="int8", int8_io=int8_io,
                             calibration=plan.calibration_for(settings.get("calibration_samples")),
-                            settings=settings)
+                            settings=settings, tasks=tasks)
 
     def diagnose(settings):
         log(f"    int8 {row.name}: measuring the error layer by layer")
         calibration = plan.calibration_for(settings.get("calibration_samples"))
         if row.family == "onnx":
-            return diagnose_onnx(model, calibration, settings=settings)
+            return diagnose_onnx(model, calibration, settings=settings, tasks=tasks)
         return diagnose_tflite(model, calibration, int8_io=int8_io, settings=settings)
 
     record = quantize_with_repair(
@@ -231,6 +233,7 @@ def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_i
     exported once with the default settings on `calibration`."""
     entries = []
     model_sha256 = find_artifact(manifest, "keras").get("sha256") if int8 else None
+    tasks = task_names(manifest["tasks"]) if manifest.get("tasks") else None
     for row in rows:
         path = Path(run_dir) / row.file_name
         start = time.perf_counter()
@@ -242,14 +245,15 @@ def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_i
                 if row.precision == "int8" and int8 is not None:
                     spec, extra["quantization"] = _export_int8(
                         row, model, temporary, int8, int8_io=int8_io,
-                        model_sha256=model_sha256, log=log)
+                        model_sha256=model_sha256, log=log, tasks=tasks)
                     extra["calibration_samples"] = \
                         extra["quantization"]["settings"].get("calibration_samples") \
                         or len(calibration)
                 else:
                     with quiet():
                         spec = _exporter(row.family)(model, temporary, precision=row.precision,
-                                                     calibration=calibration, int8_io=int8_io)
+                                                     calibration=calibration, int8_io=int8_io,
+                                                     tasks=tasks)
                     if row.precision == "int8":
                         extra["calibration_samples"] = len(calibration)
                 with quiet():
@@ -308,6 +312,10 @@ def export_model_file(model_path, out_dir=None, *, only=None, precisions=None,
     except OSError as error:
         raise RunDirError(f"cannot write to {out_dir}: {error.strerror}; choose another "
                           "folder with --out") from None
+    if len(model.outputs) > 1:
+        raise ArtifactError(f"{model_path}: a model with {len(model.outputs)} outputs; tledge "
+                            "exports a multi-task model from its run (`tledge export RUN_DIR`), "
+                            "where the manifest names its tasks")
     classes = int(model.output_shape[-1])
     manifest = empty_manifest({"name": model_path.stem, "source": str(model_path.resolve()),
                                "hash": sha256(model_path)[:16]},

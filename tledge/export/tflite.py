@@ -15,7 +15,7 @@ INT8_IO = ("uint8", "int8", "float32")
 
 
 def export_tflite(model, path, *, precision: str, calibration=None, int8_io="uint8",
-                  settings=None) -> dict:
+                  settings=None, tasks=None) -> dict:
     """Convert a Keras model to a .tflite file at `path`.
 
     Args:
@@ -29,6 +29,7 @@ def export_tflite(model, path, *, precision: str, calibration=None, int8_io="uin
         settings: int8 only: `{"float_layers": [tensor names]}` keeps those layers in float
             (selective quantization, as `tledge.export.int8` chooses them); input and
             output keep the `int8_io` type.
+        tasks: a multi-task model's task names, in output order (the run's manifest).
 
     Returns:
         The input and output tensor specs, read back from the written file.
@@ -45,13 +46,13 @@ def export_tflite(model, path, *, precision: str, calibration=None, int8_io="uin
         raise ExportError(f"TFLite {precision} conversion failed: {first_line(error)}") from None
     with open(path, "wb") as handle:
         handle.write(flatbuffer)
-    spec = tflite_spec(path, tasks=task_outputs(model))
+    spec = tflite_spec(path, tasks=task_outputs(model, tasks))
     outputs = spec["output"] if isinstance(spec["output"], list) else [spec["output"]]
-    dtypes = {spec["input"]["dtype"], *(output["dtype"] for output in outputs)}
-    if precision == "int8" and dtypes != {int8_io}:
+    dtypes = [spec["input"]["dtype"], *(output["dtype"] for output in outputs)]
+    if precision == "int8" and set(dtypes) != {int8_io}:
         kept = f"{len(float_layers)} layer(s)" if float_layers else "no layer"
-        raise ExportError(f"keeping {kept} in float left the model's input or outputs "
-                          f"{'/'.join(sorted(dtypes))}, not {int8_io} as export.int8_io says")
+        raise ExportError(f"keeping {kept} in float left the model's input or output "
+                          f"{'/'.join(dtypes)}, not {int8_io} as export.int8_io says")
     return spec
 
 

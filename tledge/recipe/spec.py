@@ -395,12 +395,15 @@ class Recipe:
         data = self.to_dict(paths=lambda path: "<file>")
         for section, key in _NOT_HASHED:  # where and how fast, not what: no stage redone
             data.get(section, {}).pop(key, None)
-        for *tables, key, default in _HASHED_WHEN_SET:  # at their defaults, keys added
-            table = data  # later leave the hash as it was, so no run is redone for them
-            for name in tables:
-                table = table.get(name) or {}
-            if table.get(key) == default:
-                table.pop(key)
+        members = (data.get("ensemble") or {}).get("members") or []
+        for root, keys in [(data, _HASHED_WHEN_SET),  # at their defaults, keys added later
+                           *((member, _MEMBER_HASHED_WHEN_SET) for member in members)]:
+            for *tables, key, default in keys:  # leave the hash as it was: no run is redone
+                table = root
+                for name in tables:
+                    table = table.get(name) or {}
+                if table.get(key) == default:
+                    table.pop(key)
         chosen = {key: data.get(key) for key in sections} if sections else data
         text = json.dumps(chosen, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -414,3 +417,6 @@ _HASHED_WHEN_SET = (("data", "synthetic", "domain", DEFAULT_DOMAIN), ("model", "
                     ("data", "synthetic", "colours", ["red", "green", "blue"]),
                     ("data", "synthetic", "sizes", list(SIZES)), ("model", "tasks", []),
                     ("train", "best_by", "mean"), ("train", "compare_single_task", False))
+# An inline ensemble member's model and train tables: the keys added after members were
+_MEMBER_HASHED_WHEN_SET = (("model", "tasks", []), ("train", "best_by", "mean"),
+                           ("train", "compare_single_task", False))

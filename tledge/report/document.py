@@ -128,7 +128,7 @@ def draw_figures(run_dir, manifest, history, parity, bench) -> dict:
         "sizes": ("Artifact size", plots.sizes(artifacts(manifest), folder / "sizes.png")),
     }
     drawn.update(report_int8.draw(run_dir, manifest, judged))
-    drawn.update(report_tasks.draw(run_dir, manifest, judged))
+    drawn.update(report_tasks.draw(run_dir, manifest, judged, split))
     return {key: (caption, path.relative_to(run_dir).as_posix())
             for key, (caption, path) in drawn.items() if path is not None}
 
@@ -221,14 +221,18 @@ def _story(manifest, split, history, parity, bench) -> list[str]:
         model = (f"{history['backbone']} " + ("from pretrained weights"
                                               if history.get("pretrained") else "from scratch"))
     size = "x".join(map(str, manifest["image_size"]))
+    tasks = manifest.get("tasks")
+    what = (f"{len(manifest['labels'])} classes" if not tasks else
+            f"{len(tasks)} tasks (" + ", ".join(f"{md(task['name'])}: {len(task['labels'])} "
+                                                "classes" for task in tasks) + ")")
     sentences = [f"Trained {model} on {total if total is not None else 'the'} "
-                 f"`{(split or {}).get('source', '?')}` images of {len(manifest['labels'])} "
-                 f"classes at {size}."]
+                 f"`{(split or {}).get('source', '?')}` images of {what} at {size}."]
     judged = own_runtime_rows(parity)
     reference = judged.get("keras")
     if reference and reference.get("accuracy") is not None:
         sentences.append(f"The trained model classifies {reference['accuracy']:.1%} of the "
-                         f"{parity['images']} {parity['split']} images correctly.")
+                         f"{parity['images']} {parity['split']} images correctly"
+                         + (" (the mean of its tasks)." if tasks else "."))
     sentences += _int8_sentences(judged, manifest, bench)
     return [" ".join(sentences), ""]
 
@@ -401,6 +405,11 @@ def _training_section(history) -> list[str]:
                         ""]
     lines.append(f"Backbone `{history['backbone']}`, "
                  + ("pretrained weights." if history["pretrained"] else "trained from scratch."))
+    if history.get("task_accuracy"):
+        lines += ["", f"One head per task; the best epoch by the {history.get('best_by', 'mean')}"
+                      " of the tasks' validation accuracies (`train.best_by`). Test accuracy: "
+                  + ", ".join(f"{md(name)} {_percent(value)}"
+                              for name, value in history["task_accuracy"].items()) + "."]
     lines += ["", "| phase | epochs | best epoch | best val accuracy | wall s | img/s | "
                   "trainable / total params |", "|---|---:|---:|---:|---:|---:|---:|"]
     for phase in history["phases"]:
@@ -413,7 +422,9 @@ def _training_section(history) -> list[str]:
                      f" | {phase['trainable_params']:,} / {phase['total_params']:,} |")
     lines += ["", f"Kept the weights of: **{history['verdict']['kept']}**."]
     if history.get("test_accuracy") is not None:
-        lines.append(f"Test accuracy of the trained model: {history['test_accuracy']:.4f}.")
+        lines.append(f"Test accuracy of the trained model: {history['test_accuracy']:.4f}"
+                     + (f" (its tasks' score by train.best_by = \"{history.get('best_by')}\")."
+                        if history.get("task_accuracy") else "."))
     for phase in history["phases"]:
         if phase.get("bottlenecks"):
             lines.append(f"{phase['name']} trained the head on cached backbone features "

@@ -21,11 +21,10 @@ ACCURACY_POINTS = 2.0  # a task may lose this much against its single-task model
 LATENCY_RATIO = 1.0  # ... count as "worth it", when the multi-task graph is also faster
 
 
-def draw(run_dir, manifest, judged) -> dict:
+def draw(run_dir, manifest, judged, split="test") -> dict:
     """{key: (caption, path)}: a confusion matrix per task of the reference model."""
     reference = (judged.get("keras") or {}).get("tasks") or {}
     folder = Path(run_dir) / plots.FIGURES
-    split = "test"
     drawn = {}
     for task in manifest.get("tasks") or []:
         figures = (reference.get(task["name"]) or {}).get("confusion")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.model import predict_in_batches, task_outputs
+from tledge.model import predict_in_batches
 from tledge.rundir import atomic_path, sha256
 
 # Keras is imported inside the functions that use it: the CLI imports this
@@ -77,4 +77,4 @@ def head_model(model):
     if "dropout" in [layer.name for layer in model.layers]:
         x = model.get_layer("dropout")(x)
     outputs = [model.get_layer(name)(x) for name in model.output_names]  # a head per task
-    return keras.Model(inputs, outputs if task_outputs(model) else outputs[0], name="head")
+    return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name="head")

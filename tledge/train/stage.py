@@ -71,15 +71,14 @@ def train_model(recipe, splits, *, weights_file=None, verbose="auto", checkpoint
     history = {"phases": [dataclasses.asdict(phase) for phase in phases], "verdict": verdict,
                "backbone": recipe.model.backbone, "backbone_layer": find_backbone(model).name,
                "pretrained": is_pretrained(recipe), "head": recipe.model.head,
+               "test_accuracy": None if tasks else evaluate(model, splits.x_test, splits.y_test),
                "distribute": recipe.train.distribute, "devices": strategy.num_replicas_in_sync}
-    if tasks:
+    if tasks:  # test_accuracy is then the best_by score of the tasks' accuracies
         history["task_accuracy"] = evaluate_tasks(model, splits.x_test, splits.y_test, tasks,
                                                   splits.class_names)
         history["test_accuracy"] = score(history["task_accuracy"], recipe.train.best_by) \
             if len(splits.y_test) else None
         history["best_by"] = recipe.train.best_by
-    else:
-        history["test_accuracy"] = evaluate(model, splits.x_test, splits.y_test)
     return model, history
 
 
