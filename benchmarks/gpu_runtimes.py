@@ -2,9 +2,10 @@
 
 For every ONNX artifact (ONNX Runtime: CPU execution provider against CUDA and TensorRT) and
 the Keras model (TensorFlow on the CPU against its first GPU), through tledge's own runners:
-  - accuracy on the run's evaluation split, top-1 agreement with the same file on the CPU and
-    the largest probability difference (a GPU kernel is another code path: int8 and float
-    kernels round differently there);
+  - accuracy on the run's evaluation split (a multi-task run's: the mean of its tasks'), top-1
+    agreement with the same file on the CPU (per task, averaged) and the largest probability
+    difference (a GPU kernel is another code path: int8 and float kernels round differently
+    there);
   - p50 latency at each batch size, CPU and GPU measured in turns in one process, and the
     ratio CPU p50 / GPU p50;
   - for ONNX Runtime on CUDA, how many graph nodes ran on the GPU and how many fell back to
@@ -79,12 +80,14 @@ def main():
     batches = [int(b) for b in args.batch.split(",")]
 
     import numpy as np
-    from tledge.bench.core import machine_facts, runtime_versions, summarize, time_runner
+    from tledge.bench.core import (machine_facts, predicted_classes, runtime_versions, summarize,
+                                   time_runner)
     from tledge.errors import RunDirError, RuntimeUnavailable, first_line
     from tledge.parity import predict_all
     from tledge.run_inputs import run_splits, evaluation_split
     from tledge.rundir import artifacts, read_manifest, verified_artifact
     from tledge.runners import load
+    from tledge.tasks import targets
 
     facts = machine_facts()
     print(f"CPU: {facts['cpu']} ({facts['isa']}), {facts['cores']} cores; GPU: {gpu_name()}")
@@ -94,7 +97,9 @@ def main():
     print("|---|---|---|---:|---:|---:|" + "---:|" * len(batches) + "---|")
     for run in args.runs:
         images, labels, split = evaluation_split(run_splits(run))
-        for entry in artifacts(read_manifest(run)):
+        manifest = read_manifest(run)  # a multi-task run: a class per task, [N, tasks]
+        labels = targets(labels, manifest.get("tasks"), manifest["labels"])
+        for entry in artifacts(manifest):
             if entry["family"] not in PAIRS:
                 continue
             cpu_name, gpu_names = PAIRS[entry["family"]]
@@ -131,10 +136,12 @@ def main():
                 placement = "; ".join(filter(None, (
                     runner.executed, cuda_placement(verified_artifact(run, entry))
                     if name == "onnxruntime_cuda" else "")))
-                accuracy = float(np.mean(probabilities.argmax(1) == labels))
-                agreement = float(np.mean(probabilities.argmax(1) == reference.argmax(1)))
+                top = predicted_classes(probabilities, entry["output"])  # per task, if tasks
+                expected = predicted_classes(reference, entry["output"])
+                accuracy = float(np.mean(top == labels))  # several tasks: their mean
+                agreement = float(np.mean(top == expected))
                 print(f"| {run} | {entry['name']} | {name} | {accuracy:.4f} "
-                      f"(CPU {np.mean(reference.argmax(1) == labels):.4f}) | {agreement:.4f} | "
+                      f"(CPU {np.mean(expected == labels):.4f}) | {agreement:.4f} | "
                       f"{np.abs(probabilities - reference).max():.2e} | "
                       + " | ".join(cells) + f" | {placement} |")
                 runner.close()

@@ -420,3 +420,39 @@ def test_a_savedmodel_serves_each_task_by_name(multitask_run, tmp_path):
                   "tensorflow")
     expected = np.concatenate(predict_in_batches(model, images), axis=1)
     assert np.abs(runner.predict(images) - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("name, tolerance", [("model_fp32.tflite", 1e-5),
+                                             ("model_int8.tflite", 1 / 256 + 1e-6)])
+def test_mediapipe_reads_a_head_per_task_with_its_labels(multitask_run, tmp_path, name,
+                                                         tolerance):
+    """MediaPipe Tasks' ImageClassifier, from the file's standard metadata alone: one
+    classification head per task, named after it, its labels from its own labels file, the
+    same scores as `tledge predict`."""
+    import mediapipe
+    from mediapipe.tasks.python import vision
+    from mediapipe.tasks.python.core.base_options import BaseOptions
+    from tledge.predict import predict_files
+    from tledge.rundir import read_manifest
+    run_dir, _, _ = multitask_run
+    images, _ = generate(["circle", "hbars"], 1, (32, 32), 0.0, 9, None,
+                         [("shape", ("circle", "hbars")), ("colour", ("yellow",))])
+    photos = []
+    for index, image in enumerate(images):
+        photos.append(tmp_path / f"{index}.png")
+        Image.fromarray(image).save(photos[-1])
+    ours = predict_files(photos, run_dir / name, top_k=4)
+    labels = {task["name"]: set(task["labels"]) for task in read_manifest(run_dir)["tasks"]}
+    options = vision.ImageClassifierOptions(
+        base_options=BaseOptions(model_asset_path=str(run_dir / name)), max_results=4)
+    with vision.ImageClassifier.create_from_options(options) as classifier:
+        for photo, mine in zip(photos, ours):
+            found = classifier.classify(mediapipe.Image.create_from_file(str(photo)))
+            heads = {head.head_name: {category.category_name: category.score
+                                      for category in head.categories}
+                     for head in found.classifications}
+            assert set(heads) == {"shape", "colour"}
+            for task, top in mine["tasks"].items():
+                assert set(heads[task]) <= labels[task]  # its own labels file
+                for row in top:
+                    assert abs(heads[task][row["label"]] - row["probability"]) <= tolerance

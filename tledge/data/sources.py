@@ -23,7 +23,7 @@ from tledge.data.images import IMAGE_SUFFIXES, is_image_file
 from tledge.data.leakage import duplicate_line, find_duplicates
 from tledge.data.npz_source import describe_npz
 from tledge.data.prepare import ArraySplit, FileSplit, prepare
-from tledge.data.synthetic import generate, is_default, joint_classes
+from tledge.data.synthetic import attribute_values, generate, is_default, joint_classes
 from tledge.errors import DataError, TledgeError
 from tledge.rundir import write_json, write_text
 from tledge.schema import to_dict
@@ -222,6 +222,7 @@ def _synthetic(data, seed):
         if attributes else tuple(recipe.classes)
     if attributes:  # labels several ways: the generator's attributes are what it draws
         settings["tasks"] = [[kind, list(names)] for kind, names in attributes]
+        settings["attributes"] = attribute_values(attributes)
 
     def gather(size):
         x, y = generate(recipe.classes, recipe.samples_per_class, size, recipe.noise, seed,

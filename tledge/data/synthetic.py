@@ -139,7 +139,7 @@ COLOURS = {"red": (215, 35, 35), "green": (35, 170, 55), "blue": (40, 75, 220),
            "yellow": (235, 215, 35), "purple": (140, 50, 190), "orange": (245, 135, 25),
            "white": (240, 240, 240), "black": (20, 20, 20)}
 SIZES = ("small", "large")
-_SIZE_SCALES = {"small": (0.35, 0.55), "large": (0.75, 0.95)}
+_SIZE_SCALES = {"small": (0.45, 0.62), "large": (0.78, 0.95)}
 ATTRIBUTES = ("shape", "colour", "size")
 
 
@@ -223,6 +223,14 @@ def generate(classes: Sequence[str], samples_per_class: int, size: tuple[int, in
         image = image + grain[index] * (noise * 255.0)
         images[index] = np.clip(np.rint(image), 0, 255)
     return images, labels
+
+
+def attribute_values(attributes) -> dict:
+    """What the attributes' names stand for (colours in RGB, sizes as scales): part of the
+    data cache's key, so changing what a name draws prepares the data again."""
+    kinds = {kind: names for kind, names in attributes}
+    return {"colour": {name: list(COLOURS[name]) for name in kinds.get("colour", ())},
+            "size": {name: list(_SIZE_SCALES[name]) for name in kinds.get("size", ())}}
 
 
 def joint_classes(attributes) -> list[tuple[str, ...]]:
