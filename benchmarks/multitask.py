@@ -4,8 +4,9 @@ For a multi-task run built with `train.compare_single_task = true` (its single-t
 `single_task/<task>/`): per task, the test accuracy of the multi-task model and of its
 single-task model (from each run's parity.json); then, per artifact, p50 latency at batch 1
 of the one multi-task graph against the single-task graphs run one after the other, timed in
-turns in this process (same runtime, same threads), and the sizes. Every file is checked
-against its manifest before it runs.
+turns in this process (same runtime, same threads; `tledge.bench.single_task`, the bench
+stage's measurement, with more turns), and the sizes. Every file is checked against its
+manifest before it runs.
 
     tledge build recipes/multitask_quickstart.toml
     python benchmarks/multitask.py models/multitask_quickstart --threads 2
@@ -17,17 +18,15 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-
-ROUNDS = 15  # turns: multi-task graph, then the single-task graphs, each turn
-CALLS = 40  # calls per graph per turn
+ROUNDS = 15  # turns: multi-task graph, then the single-task graphs, each turn (more than the
+CALLS = 40  # bench stage's, for figures to quote)
 
 
 def main():
     from tledge.bench.core import machine_facts
-    from tledge.rundir import artifacts, PARITY, read_manifest, read_record, SINGLE_TASK
+    from tledge.bench.single_task import side_by_side
+    from tledge.rundir import PARITY, read_manifest, read_record, SINGLE_TASK
     from tledge.run_inputs import evaluation_split, run_splits
-    from tledge.runners import load, runtimes_for
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", nargs="?", default="models/multitask_quickstart")
     parser.add_argument("--threads", type=int, default=2)
@@ -58,40 +57,15 @@ def main():
               f"{(mine[task] - theirs) * 100:+.1f} points |")
 
     images, _, _ = evaluation_split(run_splits(run))
-    image = np.asarray(images[:1])
+    rows = side_by_side(run, images, threads=args.threads, rounds=ROUNDS, calls=CALLS,
+                        log=lambda line: None)
     print("\n| artifact | runtime | multi-task p50 ms | single-task p50 ms (one after the "
           "other) | ratio | multi-task KiB | single-task KiB |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for name in args.artifacts.split(","):
-        entries = {}
-        for label, folder in [("multi", run), *singles.items()]:
-            found = [entry for entry in artifacts(read_manifest(folder)) if entry["name"] == name]
-            if found:
-                entries[label] = (folder, found[0])
-        if len(entries) < len(tasks) + 1:
-            continue
-        runtime = runtimes_for(entries["multi"][1]["family"])[0]
-        runners = {label: load(entry, folder, runtime, threads=args.threads)
-                   for label, (folder, entry) in entries.items()}
-        prepared = {label: runner.prepare(image) for label, runner in runners.items()}
-        samples = {"multi": [], "single": []}
-        for _ in range(ROUNDS):  # in turns, so a busy moment of the machine hits both
-            for label in ("multi", "single"):
-                chosen = ["multi"] if label == "multi" else tasks
-                for _ in range(3):  # warm
-                    for key in chosen:
-                        runners[key].run(prepared[key])
-                for _ in range(CALLS):
-                    start = time.perf_counter_ns()
-                    for key in chosen:
-                        runners[key].run(prepared[key])
-                    samples[label].append(time.perf_counter_ns() - start)
-        for runner in runners.values():
-            runner.close()
-        multi, single = (np.median(samples[key]) / 1e6 for key in ("multi", "single"))
-        sizes = {label: entry["size_bytes"] / 1024 for label, (_, entry) in entries.items()}
-        print(f"| {name} | {runtime} | {multi:.3f} | {single:.3f} | {multi / single:.2f}x | "
-              f"{sizes['multi']:,.0f} | {sum(sizes[task] for task in tasks):,.0f} |")
+    for row in rows:
+        print(f"| {row['artifact']} | {row['runtime']} | {row['multi_p50_ms']:.3f} | "
+              f"{row['single_p50_ms']:.3f} | {row['ratio']:.2f}x | "
+              f"{row['multi_bytes'] / 1024:,.0f} | {row['single_bytes'] / 1024:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -365,7 +365,7 @@ def single_task_recipe(recipe, task: str) -> Recipe:
         train=dataclasses.replace(recipe.train, best_by="mean", compare_single_task=False))
 
 
-def single_task_runs(run_dir) -> list[Path]:
+def _single_task_folders(run_dir) -> list[Path]:
     """The single-task models a multi-task run trained beside it (compare_single_task)."""
     folder = Path(run_dir) / SINGLE_TASK
     return sorted(path.parent for path in folder.glob(f"*/{MANIFEST}"))
@@ -375,7 +375,7 @@ def candidate_runs(run_dir) -> list[Path]:
     """The run directory and those of the other models it trained (its baseline)."""
     baseline = Path(run_dir) / BASELINE_DIR
     return [Path(run_dir)] + ([baseline] if (baseline / MANIFEST).is_file() else []) + \
-        single_task_runs(run_dir)
+        _single_task_folders(run_dir)
 
 
 def _train_as_worker(recipe, run_dir, role, *, log, verbose):

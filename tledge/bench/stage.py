@@ -18,6 +18,7 @@ import numpy as np
 
 from tledge.bench.core import (format_line, gflops_per_second, machine_facts, measure,
                                run_child)
+from tledge.bench.single_task import side_by_side, single_task_runs
 from tledge.errors import RunDirError, RuntimeUnavailable
 from tledge.flops import model_flops
 from tledge.recipe.spec import PickRecipe
@@ -138,7 +139,10 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                                           others=others) is not None:
         log("note: no candidate meets the recipe's [pick] constraints (max_latency_ms, "
             "max_size_kb): nothing is picked")
+    compared = side_by_side(run_dir, images, threads=threads[0], log=log) \
+        if single_task_runs(run_dir) else []
     result = {"rows": [dataclasses.asdict(row) for row in rows], "pick": pick,
+              **({"single_task": compared} if compared else {}),
               "settings": {"threads": list(threads), "batch_sizes": list(batch_sizes),
                            "warmup": settings.warmup, "min_runs": settings.min_runs,
                            "min_seconds": settings.min_seconds},

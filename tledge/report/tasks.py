@@ -4,9 +4,8 @@ Per task: its classes, the Keras model's test accuracy and each artifact's accur
 agreement (from parity.json). With `train.compare_single_task`, the single-task models the
 build trained beside it (`single_task/<task>/`, run directories of their own, exported,
 validated and benchmarked like the run) are put side by side with it: accuracy per task, size,
-and p50 latency of the one multi-task graph against the sum of the single-task graphs (each
-from its own run's bench, same runtime, threads and batch). `benchmarks/multitask.py`
-measures the latencies in turns in one process, for figures to quote.
+and p50 latency of the one multi-task graph against the single-task graphs one after the other,
+as the run's bench stage timed them side by side (`tledge.bench.single_task`).
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tledge import plots
-from tledge.rundir import (artifacts, BENCH, MANIFEST, PARITY, read_manifest, read_record,
-                           SINGLE_TASK)
+from tledge.rundir import MANIFEST, PARITY, read_manifest, read_record, SINGLE_TASK
 
 ACCURACY_POINTS = 2.0  # a task may lose this much against its single-task model and still
 LATENCY_RATIO = 1.0  # ... count as "worth it", when the multi-task graph is also faster
@@ -75,7 +73,9 @@ def section(run_dir, manifest, parity, bench, figures, md) -> list[str]:
 
 def comparison(run_dir, manifest, parity, bench) -> dict | None:
     """The multi-task model against its single-task models (None when it has none): accuracy
-    per task, and per (artifact, runtime) the p50 and size of the one graph against the sums.
+    per task (each model's Keras reference on the same split), and per artifact the p50 and
+    size of the one graph against the single-task graphs (bench.json's "single_task": timed
+    side by side, in turns, by the bench stage).
 
     Raises:
         RunDirError: a single-task run's records are not what tledge writes.
@@ -86,35 +86,16 @@ def comparison(run_dir, manifest, parity, bench) -> dict | None:
                if (folder / task["name"] / MANIFEST).is_file()}
     if not singles or not parity:
         return None
-    if len(singles) < len(tasks):
-        missing = [task["name"] for task in tasks if task["name"] not in singles]
-        return {"missing": missing}
     mine = _reference_tasks(parity)
-    result = {"accuracy": [], "artifacts": [], "missing": []}
-    single_records = {}
+    result = {"accuracy": [], "artifacts": [],
+              "missing": [task["name"] for task in tasks if task["name"] not in singles]}
     for name, path in singles.items():
+        read_manifest(path)  # a single-task run tledge wrote, or a one-line error
         single_parity = read_record(path / PARITY) if (path / PARITY).is_file() else None
-        single_bench = read_record(path / BENCH) if (path / BENCH).is_file() else None
-        single_records[name] = (read_manifest(path), single_parity, single_bench)
         theirs = _reference_tasks(single_parity).get(name) if single_parity else None
         result["accuracy"].append({"task": name, "multi": mine.get(name), "single": theirs})
-    for key, row in _latencies(bench).items():
-        artifact, runtime, threads, batch = key
-        sizes = {"multi": _size(manifest, artifact)}
-        p50s = []
-        for name, (single_manifest, _, single_bench) in single_records.items():
-            other = _latencies(single_bench).get(key)
-            p50s.append(other["p50_ms"] if other else None)
-            sizes[name] = _size(single_manifest, artifact)
-        if None in p50s:
-            continue
-        single_sizes = [sizes[name] for name in single_records]
-        result["artifacts"].append({
-            "artifact": artifact, "runtime": runtime, "threads": threads, "batch": batch,
-            "multi_p50_ms": row["p50_ms"], "single_p50_ms": p50s,
-            "sum_p50_ms": sum(p50s), "ratio": row["p50_ms"] / sum(p50s) if sum(p50s) else None,
-            "multi_bytes": sizes["multi"],
-            "sum_bytes": sum(single_sizes) if None not in single_sizes else None})
+    if not result["missing"]:
+        result["artifacts"] = list((bench or {}).get("single_task") or [])
     return result
 
 
@@ -123,9 +104,9 @@ def comparison_lines(run_dir, manifest, parity, bench, md) -> list[str]:
     if found is None:
         return []
     lines = ["### One multi-task model or one model per task?", ""]
-    if found.get("missing") and not found.get("accuracy"):
-        return lines + [f"(the single-task models of {', '.join(found['missing'])} are not "
-                        "built; `tledge build` with train.compare_single_task = true)", ""]
+    if found["missing"]:
+        lines += [f"(no single-task model of {', '.join(found['missing'])}: build the run with "
+                  "train.compare_single_task = true)", ""]
     lines += [f"With `train.compare_single_task`, the build also trained one single-task model "
               f"per task on the same split (in `{SINGLE_TASK}/`), with the same backbone and "
               "training.", "", "| task | multi-task model | single-task model | difference |",
@@ -137,17 +118,18 @@ def comparison_lines(run_dir, manifest, parity, bench, md) -> list[str]:
                      f"{_percent(row['single'])} | "
                      + (f"{difference:+.1f} points |" if difference is not None else "n/a |"))
     if found["artifacts"]:
-        lines += ["", "Latency (p50, each run's own bench; the single-task models run one after "
-                      "the other) and size:", "",
-                  "| artifact | runtime | threads | batch | multi-task ms | single-task ms | "
-                  "ratio | multi-task KiB | single-task KiB |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "Latency at batch 1 (p50, timed side by side by the bench stage: the "
+                      "multi-task graph and the single-task graphs one after the other, in "
+                      "turns, in one process) and size:", "",
+                  "| artifact | runtime | threads | multi-task ms | single-task ms | ratio | "
+                  "multi-task KiB | single-task KiB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for row in found["artifacts"]:
-            singles = " + ".join(f"{value:.3f}" for value in row["single_p50_ms"])
             lines.append(
-                f"| {row['artifact']} | {row['runtime']} | {row['threads']} | {row['batch']} | "
-                f"{row['multi_p50_ms']:.3f} | {singles} = {row['sum_p50_ms']:.3f} | "
-                f"{_ratio(row['ratio'])} | {_kib(row['multi_bytes'])} | {_kib(row['sum_bytes'])} |")
+                f"| {row['artifact']} | {row['runtime']} | {row['threads']} | "
+                f"{row['multi_p50_ms']:.3f} | {row['single_p50_ms']:.3f} | "
+                f"{_ratio(row['ratio'])} | {_kib(row['multi_bytes'])} | "
+                f"{_kib(row['single_bytes'])} |")
     lines += ["", verdict(found, manifest), ""]
     return lines
 
@@ -164,10 +146,11 @@ def verdict(found, manifest) -> str:
               if item["multi"] is not None and item["single"] is not None]
     worse = [(task, points) for task, points in losses if points < -ACCURACY_POINTS]
     if row is None or row["ratio"] is None:
-        return "(no latency to compare: bench the run and its single-task models)"
+        return ("(no latency to compare yet: `tledge bench` the run, with its single-task "
+                "models built, times them side by side)")
     speed = (f"{row['artifact']} on {row['runtime']}: {row['multi_p50_ms']:.3f} ms for every "
-             f"task at once against {row['sum_p50_ms']:.3f} ms for the single-task models one "
-             f"after the other ({row['ratio']:.2f}x)")
+             f"task at once against {row['single_p50_ms']:.3f} ms for the single-task models "
+             f"one after the other ({row['ratio']:.2f}x)")
     if worse:
         lost = ", ".join(f"{task} {points:+.1f} points" for task, points in worse)
         return (f"**Not worth it as trained: the multi-task model loses accuracy ({lost}; more "
@@ -177,8 +160,8 @@ def verdict(found, manifest) -> str:
         return f"**Not worth it here: one multi-task graph is not faster** ({speed})."
     within = ", ".join(f"{task} {points:+.1f}" for task, points in losses)
     return (f"**Worth it: one multi-task model answers every task {1 / row['ratio']:.1f}x "
-            f"faster than the single-task models** ({speed}), each task within "
-            f"{ACCURACY_POINTS:g} points of its own model ({within} points).")
+            f"faster than the single-task models** ({speed}), and no task more than "
+            f"{ACCURACY_POINTS:g} points below its own single-task model ({within} points).")
 
 
 def _reference_tasks(parity) -> dict:
@@ -187,18 +170,6 @@ def _reference_tasks(parity) -> dict:
         if row.get("status") == "reference":
             return {name: part.get("accuracy") for name, part in (row.get("tasks") or {}).items()}
     return {}
-
-
-def _latencies(bench) -> dict:
-    """{(artifact, runtime, threads, batch): row} of a bench record's measured rows."""
-    return {(row["artifact"], row["runtime"], row["threads"], row["batch"]): row
-            for row in (bench or {}).get("rows", [])
-            if row.get("status") == "ok" and row.get("p50_ms") is not None}
-
-
-def _size(manifest, name):
-    entry = next((entry for entry in artifacts(manifest) if entry["name"] == name), None)
-    return entry.get("size_bytes") if entry else None
 
 
 def _percent(value) -> str:
