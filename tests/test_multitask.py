@@ -460,3 +460,28 @@ def test_mediapipe_reads_a_head_per_task_with_its_labels(multitask_run, tmp_path
                 assert set(heads[task]) <= labels[task]  # its own labels file
                 for row in top:
                     assert abs(heads[task][row["label"]] - row["probability"]) <= tolerance
+
+
+def test_a_missing_single_task_model_is_trained_again_alone(multitask_run, tmp_path):
+    """A build killed after the run's own model was written, or a deleted folder: the next
+    build trains that single-task model again, and nothing else."""
+    import shutil
+    from tledge.rundir import read_manifest, sha256
+    from tledge.stages import build
+    run_dir, _, _ = multitask_run
+    copy = shutil.copytree(run_dir, tmp_path / "multi")
+    shutil.rmtree(copy / "single_task" / "colour")
+    (copy / "single_task" / "shape" / "model.keras").write_bytes(b"not a model")
+    kept = sha256(copy / "model.keras")
+    recipe = next(run_dir.parent.glob("*.toml"))
+    lines = []
+    build(recipe, out=copy, log=lines.append, verbose=0)
+    said = "\n".join(lines)
+    assert "single-task model(s) of shape, colour are missing or not of this training" in said
+    assert "== train  " not in said and sha256(copy / "model.keras") == kept
+    for task in ("shape", "colour"):
+        manifest = read_manifest(copy / "single_task" / task)
+        assert manifest["stages"]["train"]["hash"] == \
+            f"{read_manifest(copy)['stages']['train']['hash']}-{task}"
+        assert (copy / "single_task" / task / "model_int8.tflite").is_file()
+    assert "== bench" in lines  # the run's own bench: the comparison is timed again

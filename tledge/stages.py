@@ -254,15 +254,6 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting):
                                                              log=log)
         for line in filter(None, [baseline_warning(history)]):
             log("!" * 78 + f"\n{line}\n" + "!" * 78)
-    single = []  # train.compare_single_task: (task, recipe, model, history) per task
-    if recipe.train.compare_single_task:
-        for task in model_tasks(recipe, splits.class_names):
-            derived = single_task_recipe(recipe, task["name"])
-            log(f"train: single-task model for '{task['name']}' on the same split "
-                "(train.compare_single_task)")
-            single.append((task["name"], derived, *train_model(
-                derived, splits, weights_file=weights_file, verbose=verbose,
-                cache_dir=run_dir / "bottlenecks", log=log)))
     write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))
     write_json(run_dir / SPLIT, splits.record)
     if members is not None:
@@ -279,11 +270,10 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting):
     if baseline_model is not None:
         _write_baseline_run(run_dir, recipe, baseline_model, splits, train_key,
                             history["baseline"])
-    for name, derived, single_model, single_history in single:
-        _write_inner_run(run_dir / SINGLE_TASK / name, derived, single_model, splits,
-                         f"{train_key}-{name}", {**single_history, "single_task_of": "../.."})
-        log(f"train: wrote {SINGLE_TASK}/{name}/model.keras (test accuracy "
-            f"{_percent(single_history['test_accuracy'])})")
+    if recipe.train.compare_single_task:
+        _train_single_task(recipe, run_dir, splits, weights_file, train_key,
+                           [task["name"] for task in model_tasks(recipe, splits.class_names)],
+                           log=log, verbose=verbose)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     model_path = run_dir / FORMATS["keras"].file_name
     accuracy = history["test_accuracy"]
@@ -354,6 +344,52 @@ def _write_inner_run(folder, derived, model, splits, train_key, history) -> None
     manifest = _trained_manifest(folder, derived, model, splits)
     record_stage(manifest, "train", hash=train_key)
     write_manifest(folder, manifest)
+
+
+def _train_single_task(recipe, run_dir, splits, weights_file, train_key, tasks, *, log,
+                       verbose) -> None:
+    """Train and write the single-task model of each of `tasks` on the run's split
+    (`train.compare_single_task`), each a run directory in `single_task/<task>/`."""
+    for name in tasks:
+        derived = single_task_recipe(recipe, name)
+        log(f"train: single-task model for '{name}' on the same split "
+            "(train.compare_single_task)")
+        model, history = train_model(derived, splits, weights_file=weights_file,
+                                     verbose=verbose, cache_dir=run_dir / "bottlenecks", log=log)
+        _write_inner_run(run_dir / SINGLE_TASK / name, derived, model, splits,
+                         f"{train_key}-{name}", {**history, "single_task_of": "../.."})
+        log(f"train: wrote {SINGLE_TASK}/{name}/model.keras (test accuracy "
+            f"{_percent(history['test_accuracy'])})")
+
+
+def _complete_single_task(recipe, run_dir, starting, *, log, verbose) -> None:
+    """A current multi-task run whose single-task models are missing, damaged or of another
+    training (a build killed after the run's own model was written, a deleted folder): train
+    those again, and only those."""
+    if not recipe.train.compare_single_task:
+        return
+    manifest = read_manifest(run_dir)
+    train_key = manifest["stages"].get("train", {}).get("hash")
+    missing = [task["name"] for task in manifest.get("tasks") or []
+               if not _single_task_current(run_dir / SINGLE_TASK / task["name"],
+                                           f"{train_key}-{task['name']}")]
+    if not missing:
+        return
+    log(f"== train: the single-task model(s) of {', '.join(missing)} are missing or not of "
+        "this training; training them again")
+    splits = load_splits(recipe.data, seed=recipe.seed, log=log)
+    files, _ = starting
+    _train_single_task(recipe, run_dir, splits, files[0] if files else None, train_key, missing,
+                       log=log, verbose=verbose)
+
+
+def _single_task_current(folder, train_key) -> bool:
+    try:
+        manifest = read_manifest(folder)
+        verified_artifact(folder, find_artifact(manifest, "keras"))
+    except (RunDirError, KeyError, StopIteration):
+        return False
+    return manifest["stages"].get("train", {}).get("hash") == train_key
 
 
 def single_task_recipe(recipe, task: str) -> Recipe:
@@ -470,6 +506,7 @@ def _build_locked(recipe, run_dir, *, log, verbose, force):
         train_run(recipe, run_dir, log=log, verbose=verbose, restart=force, starting=starting)
     else:  # the sections after train may have changed, and the stored copy may be damaged:
         write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))  # later stages read it
+        _complete_single_task(recipe, run_dir, starting, log=log, verbose=verbose)
     parity = _after_training(run_dir, recipe, log=log, force=force, current=current)
     log(f"built {recipe.name} in {time.perf_counter() - started:.0f} s")
     return run_dir, parity

@@ -139,8 +139,8 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                                           others=others) is not None:
         log("note: no candidate meets the recipe's [pick] constraints (max_latency_ms, "
             "max_size_kb): nothing is picked")
-    compared = side_by_side(run_dir, images, threads=threads[0], log=log) \
-        if single_task_runs(run_dir) else []
+    singles = single_task_runs(run_dir)  # a multi-task run's single-task models: timed with
+    compared = side_by_side(run_dir, images, threads=threads[0], log=log) if singles else []
     result = {"rows": [dataclasses.asdict(row) for row in rows], "pick": pick,
               **({"single_task": compared} if compared else {}),
               "settings": {"threads": list(threads), "batch_sizes": list(batch_sizes),
@@ -150,7 +150,9 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     written = write_json(run_dir / BENCH, result)
     manifest["pick"] = pick
     custom = bool(custom_runtimes or threads != settings.threads or batch_sizes != settings.batch_sizes)
-    record_stage(manifest, "bench", outputs=[written], reads=[run_dir / PARITY, *read],
+    record_stage(manifest, "bench", outputs=[written],
+                 reads=[run_dir / PARITY, *read, *(folder / MANIFEST for folder in
+                                                    singles.values())],
                  run_dir=run_dir,
                  rows=len(rows), hash=None if custom else stage_hash(manifest, recipe, "bench"))
     write_manifest(run_dir, manifest)
