@@ -462,9 +462,11 @@ def test_mediapipe_reads_a_head_per_task_with_its_labels(multitask_run, tmp_path
                     assert abs(heads[task][row["label"]] - row["probability"]) <= tolerance
 
 
-def test_a_missing_single_task_model_is_trained_again_alone(multitask_run, tmp_path):
+def test_single_task_models_are_trained_again_alone_and_removed_when_off(multitask_run,
+                                                                         tmp_path):
     """A build killed after the run's own model was written, or a deleted folder: the next
-    build trains that single-task model again, and nothing else."""
+    build trains that single-task model again, and nothing else; switching the comparison off
+    removes them without training the model again."""
     import shutil
     from tledge.rundir import read_manifest, sha256
     from tledge.stages import build
@@ -485,3 +487,12 @@ def test_a_missing_single_task_model_is_trained_again_alone(multitask_run, tmp_p
             f"{read_manifest(copy)['stages']['train']['hash']}-{task}"
         assert (copy / "single_task" / task / "model_int8.tflite").is_file()
     assert "== bench" in lines  # the run's own bench: the comparison is timed again
+    # switched off: the single-task models go, the model stays
+    off = write_recipe(tmp_path, recipe.read_text().replace("compare_single_task = true",
+                                                            "compare_single_task = false"))
+    lines.clear()
+    build(off, out=copy, log=lines.append, verbose=0)
+    assert "train: train.compare_single_task is off: removing single_task/" in lines
+    assert not (copy / "single_task").exists() and sha256(copy / "model.keras") == kept
+    assert "### One multi-task model or one model per task?" not in \
+        (copy / "report.md").read_text()

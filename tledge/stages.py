@@ -364,9 +364,12 @@ def _train_single_task(recipe, run_dir, splits, weights_file, train_key, tasks, 
 
 def _complete_single_task(recipe, run_dir, starting, *, log, verbose) -> None:
     """A current multi-task run whose single-task models are missing, damaged or of another
-    training (a build killed after the run's own model was written, a deleted folder): train
-    those again, and only those."""
+    training (a build killed after the run's own model was written, a deleted folder, the
+    comparison just switched on): train those, and only those; switched off, remove them."""
     if not recipe.train.compare_single_task:
+        if (run_dir / SINGLE_TASK).is_dir():
+            log(f"train: train.compare_single_task is off: removing {SINGLE_TASK}/")
+            shutil.rmtree(run_dir / SINGLE_TASK, ignore_errors=True)
         return
     manifest = read_manifest(run_dir)
     train_key = manifest["stages"].get("train", {}).get("hash")

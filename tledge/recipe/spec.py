@@ -393,7 +393,7 @@ class Recipe:
         the same and a changed file does not.
         """
         data = self.to_dict(paths=lambda path: "<file>")
-        for section, key in _NOT_HASHED:  # where and how fast, not what: no stage redone
+        for section, key in _NOT_HASHED:  # no stage is redone for these
             data.get(section, {}).pop(key, None)
         members = (data.get("ensemble") or {}).get("members") or []
         for root, keys in [(data, _HASHED_WHEN_SET),  # at their defaults, keys added later
@@ -411,7 +411,9 @@ class Recipe:
 
 
 
-_NOT_HASHED = (("data", "cache_dir"), ("data", "workers"))
+# Where and how fast, not what; and the single-task models trained beside a multi-task model,
+# which the build adds or removes without training the model again
+_NOT_HASHED = (("data", "cache_dir"), ("data", "workers"), ("train", "compare_single_task"))
 _HASHED_WHEN_SET = (("data", "synthetic", "domain", DEFAULT_DOMAIN), ("model", "head", "new"),
                     ("data", "train_per_class", 0), ("data", "tasks", []),
                     ("data", "synthetic", "colours", ["red", "green", "blue"]),
