@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+from tledge.bench.single_task import single_task_folders
 from tledge.bench.stage import bench_run, pick_name
 from tledge.data import load_splits
 from tledge.data.sources import BAD_IMAGES, prepared_entry
@@ -404,17 +405,11 @@ def single_task_recipe(recipe, task: str) -> Recipe:
         train=dataclasses.replace(recipe.train, best_by="mean", compare_single_task=False))
 
 
-def _single_task_folders(run_dir) -> list[Path]:
-    """The single-task models a multi-task run trained beside it (compare_single_task)."""
-    folder = Path(run_dir) / SINGLE_TASK
-    return sorted(path.parent for path in folder.glob(f"*/{MANIFEST}"))
-
-
 def candidate_runs(run_dir) -> list[Path]:
     """The run directory and those of the other models it trained (its baseline)."""
     baseline = Path(run_dir) / BASELINE_DIR
     return [Path(run_dir)] + ([baseline] if (baseline / MANIFEST).is_file() else []) + \
-        _single_task_folders(run_dir)
+        list(single_task_folders(run_dir).values())
 
 
 def _train_as_worker(recipe, run_dir, role, *, log, verbose):

@@ -26,15 +26,20 @@ WARM = 3  # untimed calls per turn and side
 FAMILIES = ("tflite", "onnx")  # what ships; the Keras model is the reference, not a candidate
 
 
+def single_task_folders(run_dir, manifest=None) -> dict:
+    """{task: its single-task run directory} for each task of a multi-task run that has one,
+    in task order (`train.compare_single_task`)."""
+    manifest = manifest or read_manifest(run_dir)
+    folders = {task["name"]: Path(run_dir) / SINGLE_TASK / task["name"]
+               for task in manifest.get("tasks") or []}
+    return {task: folder for task, folder in folders.items() if (folder / MANIFEST).is_file()}
+
+
 def single_task_runs(run_dir) -> dict:
-    """{task: its single-task run directory}, for the tasks of a multi-task run that has them
-    all; {} otherwise."""
+    """`single_task_folders` of a multi-task run that has one for every task; {} otherwise."""
     manifest = read_manifest(run_dir)
-    tasks = [task["name"] for task in manifest.get("tasks") or []]
-    folders = {task: Path(run_dir) / SINGLE_TASK / task for task in tasks}
-    if not tasks or not all((folder / MANIFEST).is_file() for folder in folders.values()):
-        return {}
-    return folders
+    folders = single_task_folders(run_dir, manifest)
+    return folders if folders and len(folders) == len(manifest["tasks"]) else {}
 
 
 def side_by_side(run_dir, images, *, threads: int, rounds: int = ROUNDS, calls: int = CALLS,

@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tledge import plots
-from tledge.rundir import MANIFEST, PARITY, read_manifest, read_record, SINGLE_TASK
+from tledge.bench.single_task import single_task_folders
+from tledge.rundir import PARITY, read_manifest, read_record, SINGLE_TASK
 
 ACCURACY_POINTS = 2.0  # a task may lose this much against its single-task model and still
 LATENCY_RATIO = 1.0  # ... count as "worth it", when the multi-task graph is also faster
@@ -81,9 +82,7 @@ def comparison(run_dir, manifest, parity, bench) -> dict | None:
         RunDirError: a single-task run's records are not what tledge writes.
     """
     tasks = manifest.get("tasks") or []
-    folder = Path(run_dir) / SINGLE_TASK
-    singles = {task["name"]: folder / task["name"] for task in tasks
-               if (folder / task["name"] / MANIFEST).is_file()}
+    singles = single_task_folders(run_dir, manifest)
     if not singles or not parity:
         return None
     mine = _reference_tasks(parity)
