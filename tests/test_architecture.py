@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tledge"
 # above. Patterns are module names or prefixes ending in ".".
 LAYERS = [
     ("base", ["tledge.errors", "tledge.schema", "tledge.formats", "tledge.quiet",
-              "tledge.parity", "tledge.bench.core", "tledge.tasks"]),
+              "tledge.parity", "tledge.bench.core", "tledge.tasks", "tledge.metrics"]),
     ("run directory", ["tledge.rundir"]),
     ("libraries", ["tledge.data", "tledge.data.", "tledge.backbones", "tledge.model",
                    "tledge.flops", "tledge.recipe", "tledge.recipe.", "tledge.runners",

@@ -20,8 +20,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import math
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ from tledge.errors import ExportError, first_line, TledgeError
 from tledge.export.onnx import (_Images, float_proto, INT8_DEFAULTS, prepare_for_quantization,
                                 quantize)
 from tledge.export.tflite import _representative, int8_converter
+from tledge.metrics import CONFIDENCE, wilson_lower_bound as agreement_lower_bound
 from tledge.model import load_model
 from tledge.parity import accuracy_of, compare, predict_all
 from tledge.quiet import quiet
@@ -280,20 +279,6 @@ def worst_layers(diagnosis, count: int) -> list[dict]:
 
 
 LATENCY_ALLOWANCE = 0.10  # a remedy may cost this much p50 over the plain int8 file
-CONFIDENCE = 0.95  # a pass is narrow when the agreement's lower bound at this level is not one
-
-
-def agreement_lower_bound(agreement: float, images: int, confidence: float = CONFIDENCE):
-    """The one-sided Wilson lower bound of a top-1 agreement measured on `images` images.
-
-    The judge sees a few hundred validation images; the validate stage judges other images.
-    A candidate that agrees on 189 of 192 (0.984) can agree on 0.965 of the test split, as
-    the quickstart did: its 95 % lower bound, 0.962, said it was a narrow pass."""
-    z = statistics.NormalDist().inv_cdf(confidence)
-    n = max(images, 1)
-    centre = agreement + z * z / (2 * n)
-    spread = z * math.sqrt(agreement * (1 - agreement) / n + z * z / (4 * n * n))
-    return (centre - spread) / (1 + z * z / n)
 
 
 def confident(row, thresholds, images: int) -> bool:
