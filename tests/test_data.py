@@ -420,3 +420,38 @@ def test_calibration_warns_when_train_is_short_and_fails_when_empty():
 
 def test_image_suffixes_are_the_documented_ones():
     assert IMAGE_SUFFIXES == (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+# ---- preparing in worker processes --------------------------------------------------------
+
+def test_worker_processes_decode_files_and_say_nothing_on_stderr(tmp_path, capfd, monkeypatch):
+    """The data-preparation workers are real child processes; what they write to stderr reaches
+    the user's terminal (it is inherited), so it must hold no warning, such as runpy's
+    "'tledge.data.prepare_worker' found in sys.modules" that `python -m` gives a module its
+    package imports."""
+    import subprocess
+    from tledge.data import prepare
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(command, *args, **kwargs):  # the real Popen, counted
+        started.append(command)
+        return real_popen(command, *args, **kwargs)
+    monkeypatch.setattr(prepare.subprocess, "Popen", popen)
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(200):  # more than one chunk of 64 for each decoder
+        path = tmp_path / "images" / f"{index}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    capfd.readouterr()
+    digests, failed = prepare._decode_files(tmp_path / "x.npy", paths, (12, 10), 3, False,
+                                            "train")
+    err = capfd.readouterr().err
+    assert len(started) == 2, started  # workers - 1 processes, and this one
+    assert not failed and np.count_nonzero(digests.any(axis=1)) == len(paths)
+    decoded = np.load(tmp_path / "x.npy")
+    assert all(np.array_equal(decoded[index], load_image(path, (12, 10)))
+               for index, path in enumerate(paths))
+    assert "Warning" not in err and "warning" not in err, err

@@ -198,11 +198,15 @@ def cpu_facts(cpuinfo: str, arch: str, processor: str = "") -> dict:
 
 
 def cpu_isa(flags, arch: str) -> str:
-    """The widest vector ISA in a CPU's /proc/cpuinfo flags, as people name it."""
+    """The widest vector ISA in a CPU's /proc/cpuinfo flags, as people name it, with the int8
+    extensions that change which int8 kernels run: VNNI and AMX beside AVX-512, AVX-VNNI
+    beside AVX2 (Alder Lake and later, without AVX-512), dotprod and i8mm beside NEON."""
     if "avx512f" in flags:
         extras = [name for flag, name in (("avx512_vnni", "VNNI"), ("amx_int8", "AMX"))
                   if flag in flags]
         return " ".join(["AVX-512", *extras])
+    if "avx2" in flags and "avx_vnni" in flags:
+        return "AVX2 AVX-VNNI"
     for flag, name in (("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
         if flag in flags:
             return name

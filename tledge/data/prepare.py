@@ -169,14 +169,21 @@ def _decode_files(path, paths, size, workers, progress, split):
     return digests, failed
 
 
+# What a worker process runs. Not `python -m tledge.data.prepare_worker`: the package
+# tledge.data imports that module before runpy runs it as __main__, and runpy then prints a
+# RuntimeWarning ("found in sys.modules after import of package") to the user's terminal.
+WORKER_COMMAND = "from tledge.data.prepare_worker import main; main()"
+
+
 def _decode_in_parallel(tasks, workers, take) -> None:
     """Run `decode_chunk` over `tasks` on `workers` decoders: `workers - 1` worker processes
     and this process too (a thread: PIL, hashlib and pwrite release the GIL), each taking the
     next chunk when it is done with one.
 
-    The workers are plain `python -m tledge.data.prepare_worker` processes talking JSON
-    lines, not multiprocessing's: those re-run the caller's main script (a notebook or an
-    unguarded script would start over), and fork is unsafe beside TensorFlow's threads.
+    The workers are plain Python processes running `prepare_worker.main` (`WORKER_COMMAND`)
+    and talking JSON lines, not multiprocessing's: those re-run the caller's main script (a
+    notebook or an unguarded script would start over), and fork is unsafe beside
+    TensorFlow's threads.
     """
     lock = threading.Lock()
     pending = iter(tasks)
@@ -208,7 +215,7 @@ def _decode_in_parallel(tasks, workers, take) -> None:
             done([(row, bytes.fromhex(digest) if digest else None, reason)
                   for row, digest, reason in json.loads(line)])
 
-    processes = [subprocess.Popen([sys.executable, "-m", "tledge.data.prepare_worker"],
+    processes = [subprocess.Popen([sys.executable, "-c", WORKER_COMMAND],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                   env=env) for _ in range(workers - 1)]
     try:

@@ -1,8 +1,9 @@
 """The work of one data-preparation process: decode image files straight into the cache file.
 
-Kept apart from the stages so a worker process (`python -m tledge.data.prepare_worker`)
-imports only the data package, the run directory's helpers, numpy and PIL (never TensorFlow),
-and so the single-process path runs the very same function.
+Kept apart from the stages so a worker process (`python -c` running `main`, as
+`tledge.data.prepare.WORKER_COMMAND` says) imports only the data package, the run
+directory's helpers, numpy and PIL (never TensorFlow), and so the single-process path runs
+the very same function.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ that apply are tried in order of cost, each judged in the format's real runtime 
 validation split (never the images it was calibrated on, never the test split the validate
 stage judges), and the first that passes is kept (or the best, marked failed).
 
-    ONNX:   reduce_range (CPU without VNNI), signed activations, percentile and entropy
-            calibration, per-tensor weights, then the k worst layers kept in float
+    ONNX:   reduce_range (x86 CPU without VNNI, `int8_needs`; then kept in every later
+            candidate), more calibration images, percentile and entropy calibration,
+            per-tensor weights, signed activations, then the k worst layers kept in float
     TFLite: 2x and 4x the calibration images, then the k worst layers kept in float
 
 The settings of the kept artifact go into its manifest entry; a later export of the same
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.bench.core import summarize, time_runner
+from tledge.bench.core import machine_facts, summarize, time_runner
 from tledge.data import calibration_images
 from tledge.errors import ExportError, first_line, TledgeError
 from tledge.export.onnx import (_Images, float_proto, INT8_DEFAULTS, prepare_for_quantization,
@@ -54,19 +55,62 @@ def defaults(family: str) -> dict:
     return {"calibration_samples": None, "float_layers": []}
 
 
-def has_vnni(isa: str) -> bool:
-    """Whether the CPU multiplies uint8 by int8 without saturating (AVX-512 VNNI, AVX-VNNI,
-    or not an x86 CPU at all)."""
+# -- what the CPU needs ----------------------------------------------------------------------
+#
+# ONNX Runtime's int8 kernels (MLAS) by CPU, for the QDQ files tledge writes (int8 weights;
+# uint8 activations, or int8 ones, which MLAS shifts to uint8 on x86):
+#   x86 with AVX2, or AVX-512 without VNNI: uint8 x int8 products are summed in pairs into
+#     int16 (vpmaddubsw), which saturates when both operands are large: the documented remedy
+#     (ONNX Runtime's quantize_static guidance for x86 without VNNI) is reduce_range, 7-bit
+#     weights. Older x86 CPUs (SSE4, AVX) and an x86 CPU whose ISA is not known are treated
+#     the same: reduce_range costs one bit of the weights, saturation can cost the top class.
+#   x86 with AVX-512 VNNI, AVX-VNNI (AVX2 CPUs since Alder Lake) or AMX (every AMX CPU has
+#     AVX-512 VNNI too; MLAS uses AMX where the OS enables its tiles, AVX-512 VNNI where not):
+#     vpdpbusd / tdpbusd sum into int32, no saturation: nothing needed. (Beside AVX-512 it is
+#     AVX-512 VNNI that counts, as MLAS prefers its AVX-512 kernels; `cpu_isa` names AVX-VNNI
+#     only beside AVX2.)
+#   ARM (NEON, with or without the dot-product extension): widening multiplies or sdot/udot
+#     into int32, no saturation: nothing needed. Under qemu-user the ARM kernels run
+#     (emulated instruction by instruction), whatever the host's ISA.
+# TFLite (LiteRT with XNNPACK or its builtin kernels) has no such setting: nothing needed.
+X86_NAMES = ("sse", "avx", "amx", "x86", "amd64", "i386", "i686")
+
+
+def kernel_isa(isa: str | None) -> str:
+    """The ISA whose kernels run, in lower case: under emulation the emulated CPU's, not the
+    host's that `machine_facts` names in brackets ("aarch64 (emulated; the host has AVX2)")."""
     isa = (isa or "").lower()
-    return "vnni" in isa or not any(name in isa for name in ("avx", "sse"))
+    return isa.split("(emulated", 1)[0].strip()
+
+
+def has_vnni(isa: str | None) -> bool:
+    """Whether ONNX Runtime's int8 kernels multiply uint8 by int8 on this CPU without
+    saturating: an x86 CPU with AVX-512 VNNI or AVX-VNNI (an AMX CPU has AVX-512 VNNI: it is
+    its VNNI that counts), or not an x86 CPU at all. An x86 CPU whose ISA is not known
+    (`x86_64` where there is no /proc/cpuinfo) counts as one without VNNI."""
+    isa = kernel_isa(isa)
+    return "vnni" in isa or not any(name in isa for name in X86_NAMES)
+
+
+def int8_needs(isa: str | None = None) -> dict[str, dict]:
+    """{family: the int8 settings a CPU with this ISA needs}: the one rule for it, read by the
+    repair (`remedies`: every candidate after the plain export carries them) and by the tests.
+
+    `isa` is `tledge.bench.core.machine_facts()["isa"]` (this machine's when None). ONNX
+    needs `reduce_range` on x86 without VNNI (see the table above); TFLite needs nothing."""
+    if isa is None:
+        isa = machine_facts()["isa"]
+    return {"onnx": {} if has_vnni(isa) else {"reduce_range": True}, "tflite": {}}
 
 
 def remedies(family: str, *, isa: str, calibration_samples: int, train_images: int):
     """[(what is tried, settings change)] before any layer is kept in float, cheapest first:
     none of them changes the graph, so none should cost latency (signed activations can, in
-    ONNX Runtime on x86: last)."""
+    ONNX Runtime on x86: last). What this CPU needs (`int8_needs`) comes first, and every
+    later step carries it too: a candidate judged without it would be judged saturating."""
     steps, count = [], calibration_samples
-    if family == "onnx" and not has_vnni(isa):
+    needed = int8_needs(isa).get(family, {})
+    if needed.get("reduce_range"):
         steps.append(("reduce_range: 7-bit weights, since this CPU has no VNNI and its "
                       "uint8 x int8 kernels can saturate", {"reduce_range": True}))
     for factor in (2, 4):
@@ -81,7 +125,9 @@ def remedies(family: str, *, isa: str, calibration_samples: int, train_images: i
                   ("entropy calibration", {"method": "entropy"}),
                   ("per-tensor weights", {"per_channel": False}),
                   ("signed int8 activations", {"activations": "int8"})]
-    return steps
+    carried = ", ".join(needed)
+    return [(remedy if set(change) >= set(needed) else f"{remedy}, with {carried}",
+             {**needed, **change}) for remedy, change in steps]
 
 
 @dataclasses.dataclass
