@@ -248,10 +248,11 @@ def test_validate_checks_every_pair_that_bench_may_time(run_copy):
     assert "tflite_fp32 on litert_no_xnnpack" in result.output
     rows = json.loads((run_copy / "parity.json").read_text())["rows"]
     pairs = {(row["artifact"], row["runtime"]): row["status"] for row in rows}
-    for name in ("tflite_fp32", "tflite_int8"):
-        assert pairs[name, "litert"] == "passed"
-        assert pairs[name, "litert_no_xnnpack"] == "passed"
-    assert pairs["onnx_fp32", "onnxruntime"] == "passed"
+    # every pair judged: int8 passes; fp32's agreement 0.99 needs 268 images, the run has 120
+    for runtime in ("litert", "litert_no_xnnpack"):
+        assert pairs["tflite_int8", runtime] == "passed"
+        assert pairs["tflite_fp32", runtime] == "insufficient"
+    assert pairs["onnx_fp32", "onnxruntime"] == "insufficient"
     from tledge.runners import RUNTIMES
     if RUNTIMES["onnxruntime_cuda"].unavailable():  # not on this machine: never timed either
         assert ("onnx_fp32", "onnxruntime_cuda") not in pairs

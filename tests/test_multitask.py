@@ -314,8 +314,10 @@ def test_each_head_learned_and_int8_and_onnx_keep_parity_per_task(multitask_run)
     assert reference["shape"]["accuracy"] > 0.25 + 0.4  # 4 shapes: chance is 0.25
     assert reference["colour"]["accuracy"] > 0.34 + 0.4  # 3 colours
     for name in ("tflite_int8", "onnx_fp32", "onnx_int8"):
-        row = rows[name]
-        assert row.status == "passed", (name, row.problems)
+        row = rows[name]  # 96 test images show int8's agreement 0.97, not fp32's 0.99 (268)
+        assert row.status == ("insufficient" if name == "onnx_fp32" else "passed"), \
+            (name, row.problems)
+        assert not row.problems
         assert set(row.tasks) == {"shape", "colour"}
         for task in row.tasks.values():
             assert task["agreement"] >= row.thresholds["min_agreement"]

@@ -28,9 +28,10 @@ def onnx_run(built_run, tmp_path_factory):
 def test_openvino_rows_are_validated_and_timed_with_what_ran(onnx_run):
     parity = json.loads((onnx_run / "parity.json").read_text())
     rows = {(row["artifact"], row["runtime"]): row for row in parity["rows"]}
-    for name in ("onnx_fp32", "onnx_int8"):
+    # fp32's agreement 0.99 needs 268 images to be shown, the run has 120; int8's 0.97, 88
+    for name, status in (("onnx_fp32", "insufficient"), ("onnx_int8", "passed")):
         row = rows[(name, "openvino")]
-        assert row["status"] == "passed", row
+        assert row["status"] == status and not row["problems"], row
         assert row["executed"].startswith("inference precision ")
     # an fp32 file runs as fp32: OpenVINO's bf16 default would not be what parity judged
     assert rows[("onnx_fp32", "openvino")]["executed"] == "inference precision f32"

@@ -22,7 +22,8 @@ from tledge.data import load_splits
 from tledge.data.sources import in_class_order
 from tledge.errors import DataError
 from tledge.formats import FORMATS
-from tledge.parity import confusion_matrix, predict_all
+from tledge.metrics import accuracy, agreement, confusion_matrix, per_class_accuracy
+from tledge.parity import predict_all
 from tledge.recipe.load import load_recipe
 from tledge.recipe.spec import CsvRecipe, DataRecipe
 from tledge.rundir import (DOMAINS, PARITY, artifacts, find_artifact, read_manifest,
@@ -98,11 +99,9 @@ def scores(probabilities, labels, reference, classes) -> dict:
     """Accuracy, per-class accuracy, confusion, and agreement with the reference."""
     predicted = probabilities.argmax(1)
     confusion = confusion_matrix(labels, predicted, len(classes))
-    per_class = {name: (float(row[index] / sum(row)) if sum(row) else None)
-                 for index, (name, row) in enumerate(zip(classes, confusion))}
-    return {"accuracy": float(np.mean(predicted == labels)), "per_class": per_class,
-            "confusion": confusion,
-            "agreement": float(np.mean(predicted == reference.argmax(1)))}
+    return {"accuracy": accuracy(predicted, labels),
+            "per_class": dict(zip(classes, per_class_accuracy(confusion))),
+            "confusion": confusion, "agreement": agreement(predicted, reference.argmax(1))}
 
 
 def source_figures(run_dir) -> dict:
@@ -116,9 +115,7 @@ def source_figures(run_dir) -> dict:
     for row in parity["rows"]:
         if row.get("accuracy") is None:
             continue
-        confusion = row.get("confusion") or []
-        per_class = [(counts[index] / sum(counts)) if sum(counts) else None
-                     for index, counts in enumerate(confusion)]
+        per_class = per_class_accuracy(row.get("confusion") or [])
         figures[(row["artifact"], row["runtime"])] = {
             "accuracy": row["accuracy"], "per_class": per_class, "split": parity["split"]}
     return figures

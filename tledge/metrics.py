@@ -38,6 +38,8 @@ def confusion_matrix(labels, predicted, classes: int) -> list:
 def per_class_accuracy(confusion) -> list:
     """Each class's accuracy (its recall) from a confusion matrix [true][predicted]; None for a
     class with no image."""
+    if not len(confusion):
+        return []
     counts = np.asarray(confusion, dtype=np.int64)
     totals = counts.sum(axis=1)
     return [float(counts[index, index] / total) if total else None

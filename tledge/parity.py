@@ -1,6 +1,12 @@
 """Parity numbers of one artifact against the reference: the row, the comparison and the
 batched prediction that produce it. The validate stage judges every artifact with them, and
-int8 repair judges each candidate the same way (so it sits below both)."""
+int8 repair judges each candidate the same way (so it sits below both). The figures
+themselves (accuracy, agreement, confusion, the Wilson bound) are `tledge.metrics`'.
+
+A row's status: "reference" (the Keras model), "passed", "failed" (a threshold missed),
+"skipped" (the runtime cannot run here), or "insufficient": every threshold met, but on
+fewer images than can show its `min_agreement` at all (`judge_evidence`): not enough
+evidence, never a pass."""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ import dataclasses
 
 import numpy as np
 
+from tledge.metrics import (accuracy, agreement, CONFIDENCE, confusion_matrix, images_needed,
+                            wilson_lower_bound)
 from tledge.tasks import blocks
 
 BATCH = 64
@@ -17,7 +25,7 @@ BATCH = 64
 class ParityRow:
     artifact: str
     runtime: str
-    status: str  # "reference" | "passed" | "failed" | "skipped"
+    status: str  # "reference" | "passed" | "failed" | "skipped" | "insufficient"
     accuracy: float | None = None
     accuracy_drop: float | None = None
     agreement: float | None = None
@@ -32,6 +40,8 @@ class ParityRow:
     # kernels differ between CPUs, and so, at times, do their results
     tasks: dict | None = None  # a multi-task artifact: each task's own figures, by name; the
     # row's accuracy is then their mean, its agreement the lowest, its difference the largest
+    evidence: dict | None = None  # an "insufficient" row: {images, threshold, lower_bound,
+    # images_needed}: its split was too small to show its min_agreement (`judge_evidence`)
 
 
 def predict_all(runner, images, batch=BATCH) -> np.ndarray:
@@ -40,18 +50,11 @@ def predict_all(runner, images, batch=BATCH) -> np.ndarray:
                            for start in range(0, len(images), batch)])
 
 
-def confusion_matrix(labels, predicted, classes: int) -> list:
-    """Counts [true class][predicted class]."""
-    counts = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(counts, (np.asarray(labels), np.asarray(predicted)), 1)
-    return counts.tolist()
-
-
 def accuracy_of(probabilities, labels, tasks=None) -> float:
     """Top-1 accuracy; a multi-task output's is the mean of its tasks' (labels [N, tasks])."""
     if not tasks:
-        return float(np.mean(probabilities.argmax(axis=1) == labels))
-    return float(np.mean([np.mean(block.argmax(axis=1) == labels[:, index])
+        return accuracy(probabilities.argmax(axis=1), labels)
+    return float(np.mean([accuracy(block.argmax(axis=1), labels[:, index])
                           for index, block in enumerate(blocks(probabilities, tasks))]))
 
 
@@ -64,7 +67,7 @@ def reference_row(probabilities, labels, tasks=None, **facts) -> ParityRow:
                                          probabilities.shape[1])
         return row
     row.tasks = {task["name"]: {
-        "accuracy": float(np.mean(block.argmax(axis=1) == labels[:, index])),
+        "accuracy": accuracy(block.argmax(axis=1), labels[:, index]),
         "confusion": confusion_matrix(labels[:, index], block.argmax(axis=1), block.shape[1])}
         for index, (task, block) in enumerate(zip(tasks, blocks(probabilities, tasks)))}
     return row
@@ -80,11 +83,11 @@ def compare(probabilities, reference, labels, reference_accuracy, thresholds,
         return _compare_tasks(probabilities, reference, labels, reference_accuracy,
                               thresholds, tasks)
     predicted = probabilities.argmax(axis=1)
-    accuracy = float(np.mean(predicted == labels))
+    correct = accuracy(predicted, labels)
     difference = np.abs(probabilities - reference)
-    row = ParityRow("", "", "passed", accuracy=accuracy,
-                    accuracy_drop=reference_accuracy - accuracy,
-                    agreement=float(np.mean(predicted == reference.argmax(axis=1))),
+    row = ParityRow("", "", "passed", accuracy=correct,
+                    accuracy_drop=reference_accuracy - correct,
+                    agreement=agreement(predicted, reference.argmax(axis=1)),
                     max_abs_diff=float(difference.max()), mean_abs_diff=float(difference.mean()),
                     thresholds=dict(thresholds),
                     confusion=confusion_matrix(labels, predicted, reference.shape[1]))
@@ -108,12 +111,11 @@ def _compare_tasks(probabilities, reference, labels, reference_accuracy, thresho
                                                      blocks(reference, tasks))):
         expected = labels[:, index]
         parts[task["name"]] = compare(mine, theirs, expected,
-                                      float(np.mean(theirs.argmax(axis=1) == expected)),
-                                      thresholds)
-    accuracy = float(np.mean([part.accuracy for part in parts.values()]))
+                                      accuracy(theirs.argmax(axis=1), expected), thresholds)
+    mean = float(np.mean([part.accuracy for part in parts.values()]))
     difference = np.abs(probabilities - reference)
-    row = ParityRow("", "", "passed", accuracy=accuracy,
-                    accuracy_drop=reference_accuracy - accuracy,
+    row = ParityRow("", "", "passed", accuracy=mean,
+                    accuracy_drop=reference_accuracy - mean,
                     agreement=min(part.agreement for part in parts.values()),
                     max_abs_diff=float(difference.max()), mean_abs_diff=float(difference.mean()),
                     thresholds=dict(thresholds),
@@ -124,3 +126,46 @@ def _compare_tasks(probabilities, reference, labels, reference_accuracy, thresho
                         for name, part in parts.items()})
     row.status = "failed" if row.problems else "passed"
     return row
+
+
+def judge_evidence(row: ParityRow, images: int) -> ParityRow:
+    """A row that met its thresholds on fewer images than can show its `min_agreement` (the
+    agreement's one-sided 95 % Wilson lower bound stays below it even with every image
+    agreeing) becomes "insufficient", with its figures kept and `evidence` saying how many
+    images would do. A failed, skipped or reference row is left as it is: a threshold missed
+    on few images is still missed.
+
+    The validate stage calls it on every row it judges; int8 repair does not (its judge knows
+    its own split's size, and a narrow pass there is `tledge.export.int8.confident`'s)."""
+    threshold = (row.thresholds or {}).get("min_agreement")
+    if row.status != "passed" or threshold is None:
+        return row
+    needed = images_needed(threshold)
+    if needed is not None and images >= needed:
+        return row
+    row.status = "insufficient"
+    row.evidence = {"images": int(images), "threshold": float(threshold),
+                    "lower_bound": round(wilson_lower_bound(1.0, images), 4),
+                    "images_needed": needed}
+    return row
+
+
+def evidence_text(evidence: dict, split: str | None = None) -> str:
+    """Why a row is "insufficient", in words (after "not enough evidence: "): "6 test images
+    cannot show agreement >= 0.97 (95 % lower bound 0.689 with every image agreeing); at
+    least 88 would"."""
+    images = f"{evidence['images']} {split + ' ' if split else ''}images"
+    text = (f"{images} cannot show agreement >= {evidence['threshold']:g} ({CONFIDENCE:.0%} "
+            f"lower bound {evidence['lower_bound']:.3f} with every image agreeing)")
+    if evidence.get("images_needed") is None:
+        return text + "; no number of images can show an agreement of 1, only one below it"
+    return text + f"; at least {evidence['images_needed']} would"
+
+
+def row_is_current(row, entry) -> bool:
+    """Whether a parity row (a `ParityRow` or its dict) judged the file a manifest entry
+    (`entry`, or None when the manifest has none of that name) records now: both carry the
+    same sha256. A row of an earlier file is stale: its verdict is not the file's. A row that
+    judged no file (skipped, export failed) is never current."""
+    digest = row.get("sha256") if isinstance(row, dict) else row.sha256
+    return bool(digest) and entry is not None and entry.get("sha256") == digest

@@ -5,6 +5,12 @@ benchmark times) and is compared with the Keras reference: accuracy, accuracy dr
 agreement, and the largest and mean absolute difference of the probabilities. Thresholds
 come from the recipe, else from the format table. Every failed check is listed, not the
 first one only.
+
+A row that meets its thresholds on fewer images than can show its `min_agreement` (the
+agreement's 95 % lower bound stays below it even with every image agreeing) is
+"insufficient", not "passed" (`tledge.parity.judge_evidence`): the split is too small to be
+evidence. It is no parity failure (`tledge validate` exits 0), but validate warns and names
+how many images would do.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from pathlib import Path
 from tledge.bench.core import machine_facts
 from tledge.errors import first_line, RunDirError, RuntimeUnavailable
 from tledge.export.int8 import diagnose_entry
-from tledge.parity import compare, ParityRow, predict_all, reference_row
+from tledge.parity import (compare, evidence_text, judge_evidence, ParityRow, predict_all,
+                           reference_row)
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
 from tledge.rundir import (artifacts, PARITY, read_manifest, read_record, record_stage, stage_hash,
                            write_json, write_manifest)
@@ -33,6 +40,11 @@ class ParityReport:
     def failed(self) -> list:
         return [row for row in self.rows if row.status == "failed"]
 
+    @property
+    def insufficient(self) -> list:
+        """Rows that met their thresholds on too few images to show them."""
+        return [row for row in self.rows if row.status == "insufficient"]
+
     def to_dict(self) -> dict:
         return {"split": self.split, "images": self.images,
                 "rows": [_row_dict(row) for row in self.rows]}
@@ -41,8 +53,9 @@ class ParityReport:
 def _row_dict(row) -> dict:
     """A parity row as parity.json keeps it (`tasks` only for a multi-task artifact)."""
     data = dataclasses.asdict(row)
-    if data.get("tasks") is None:
-        data.pop("tasks")
+    for key in ("tasks", "evidence"):
+        if data.get(key) is None:
+            data.pop(key)
     return data
 
 
@@ -97,6 +110,7 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
     rows = [reference_row(reference, labels, tasks, sha256=reference_entry["sha256"],
                           machine=where)]
     reference_accuracy = rows[0].accuracy
+    unproven = []  # (name shown, evidence) of the rows with too few images to show a pass
     log(f"  {'keras':<16} accuracy {reference_accuracy:.4f} on {len(labels)} {split} images "
         "(reference" + (": mean of " + ", ".join(
             f"{name} {part['accuracy']:.4f}" for name, part in rows[0].tasks.items())
@@ -113,13 +127,17 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
             rows.append(ParityRow(entry["name"], runtime, "skipped", problems=[str(error)]))
             log(f"  {shown:<16} skipped: {error}")
             continue
-        row = compare(predict_all(runner, images), reference, labels, reference_accuracy,
-                      thresholds, tasks)
+        row = judge_evidence(compare(predict_all(runner, images), reference, labels,
+                                     reference_accuracy, thresholds, tasks), len(labels))
         runner.close()
         row.artifact, row.runtime, row.sha256 = entry["name"], runtime, entry["sha256"]
         row.executed, row.machine = runner.executed, where
         rows.append(row)
-        verdict = "passed" if row.status == "passed" else "FAILED: " + "; ".join(row.problems)
+        if row.evidence:
+            unproven.append((shown, row.evidence))
+        verdict = "passed" if row.status == "passed" else \
+            "not enough evidence: " + evidence_text(row.evidence, split) \
+            if row.status == "insufficient" else "FAILED: " + "; ".join(row.problems)
         log(f"  {shown:<16} accuracy {row.accuracy:.4f}  drop {row.accuracy_drop:+.4f}  "
             f"agreement {row.agreement:.4f}  max|diff| {row.max_abs_diff:.1e}  {verdict}"
             + (f"  ({row.executed})" if row.executed else ""))
@@ -128,6 +146,7 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
             rows.append(ParityRow(entry["name"], "", "failed",
                                   problems=[f"export failed: {entry['error']}"]))
     _diagnose_failed_int8(run_dir, manifest, recipe, rows, log)
+    _warn_insufficient(unproven, split, log)
     report = ParityReport(split, len(labels), rows)
     written = write_json(run_dir / PARITY, report.to_dict())
     record_stage(manifest, "validate", outputs=[written], split=split, images=len(labels),
@@ -135,6 +154,19 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
                  failed=[row.artifact for row in report.failed])
     write_manifest(run_dir, manifest)
     return report
+
+
+def _warn_insufficient(unproven, split, log) -> None:
+    """One warning per threshold that the split is too small to show, naming the rows
+    ([(shown name, evidence)]) and how many images would do. An unproven row is no parity
+    failure: it does not change `tledge validate`'s exit code."""
+    groups = {}
+    for name, evidence in unproven:
+        groups.setdefault(evidence["threshold"], (evidence, []))[1].append(name)
+    for evidence, names in groups.values():
+        log(f"warning: NOT ENOUGH EVIDENCE for {', '.join(names)}: "
+            + evidence_text(evidence, split)
+            + f". Not passed, not failed: validate on a larger {split} split to decide.")
 
 
 def _diagnose_failed_int8(run_dir, manifest, recipe, rows, log) -> None:

@@ -21,6 +21,7 @@ from tledge.bench.core import (format_line, gflops_per_second, machine_facts, me
 from tledge.bench.single_task import side_by_side, single_task_runs
 from tledge.errors import RunDirError, RuntimeUnavailable
 from tledge.flops import model_flops
+from tledge.parity import evidence_text, row_is_current
 from tledge.recipe.spec import PickRecipe
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
 from tledge.rundir import (artifacts, BENCH, find_artifact, INNER_RUNS, MANIFEST, PARITY,
@@ -139,6 +140,9 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                                           others=others) is not None:
         log("note: no candidate meets the recipe's [pick] constraints (max_latency_ms, "
             "max_size_kb): nothing is picked")
+    if pick is not None and pick.get("parity") == "insufficient":
+        log(f"note: the pick {pick_name(pick)} on {pick['runtime']} is UNPROVEN: no artifact "
+            "passed parity, and its " + evidence_text(pick["evidence"]))
     singles = single_task_runs(run_dir)  # a multi-task run's single-task models: timed with
     compared = side_by_side(run_dir, images, threads=threads[0], log=log) if singles else []
     result = {"rows": [dataclasses.asdict(row) for row in rows], "pick": pick,
@@ -220,28 +224,39 @@ def load_pick(run_dir) -> dict | None:
 def candidates(rows, parity, *, threads: int, batch: int, checksums=None,
                model: str = "model") -> list[dict]:
     """Every combination at `threads` and `batch` that ran and whose (artifact, runtime) pair
-    passed parity, with its accuracy and its model's: what the pick chooses from.
+    passed parity, or met its thresholds on too few images to show them ("insufficient"),
+    with its accuracy and its model's: what the pick chooses from. Each says which in
+    `parity` ("reference", "passed" or "insufficient", the latter with its `evidence`).
 
     The Keras model in Keras is the reference: it always qualifies. Without a parity report no
     exported artifact qualifies, since nothing says it still classifies correctly; nor does
-    one whose file changed since it was validated (`checksums`: artifact name -> sha256).
+    one whose file changed since it was validated (`checksums`: artifact name -> sha256;
+    `tledge.parity.row_is_current`).
     Rows are `BenchRow`s or their dicts (another model's bench.json).
     """
     rows = [row if isinstance(row, dict) else dataclasses.asdict(row) for row in rows]
     parity_rows = (parity or {}).get("rows", [])
     reference = next((row.get("accuracy") for row in parity_rows
                       if row["status"] == "reference"), None)
-    accuracy = {("keras", "keras"): reference}
-    accuracy.update({(row["artifact"], row["runtime"]): row.get("accuracy")
-                     for row in parity_rows if row["status"] == "passed"
-                     and (checksums is None or row.get("sha256") == checksums.get(row["artifact"]))})
-    return [{"model": model, "artifact": row["artifact"], "runtime": row["runtime"],
-             "threads": row["threads"], "batch": row["batch"], "p50_ms": row["p50_ms"],
-             "size_bytes": row.get("size_bytes"),
-             "accuracy": accuracy[(row["artifact"], row["runtime"])],
-             "model_accuracy": reference}
-            for row in rows if row["status"] == "ok" and row["threads"] == threads
-            and row["batch"] == batch and (row["artifact"], row["runtime"]) in accuracy]
+    judged = {("keras", "keras"): {"status": "reference", "accuracy": reference}}
+    judged.update({(row["artifact"], row["runtime"]): row for row in parity_rows
+                   if row["status"] in ("passed", "insufficient")
+                   and (checksums is None or row_is_current(
+                       row, {"sha256": checksums.get(row["artifact"])}))})
+    found = []
+    for row in rows:
+        check = judged.get((row["artifact"], row["runtime"]))
+        if row["status"] != "ok" or row["threads"] != threads or row["batch"] != batch \
+                or check is None:
+            continue
+        found.append({"model": model, "artifact": row["artifact"], "runtime": row["runtime"],
+                      "threads": row["threads"], "batch": row["batch"],
+                      "p50_ms": row["p50_ms"], "size_bytes": row.get("size_bytes"),
+                      "accuracy": check.get("accuracy"), "model_accuracy": reference,
+                      "parity": check["status"],
+                      **({"evidence": check.get("evidence")}
+                         if check["status"] == "insufficient" else {})})
+    return found
 
 
 OBJECTIVES = {  # the candidate each objective prefers: smallest key
@@ -263,12 +278,20 @@ def choose(rows, parity, *, threads: int, batch: int, checksums=None, settings=N
 
     The pick names `alternatives`: the most accurate and the fastest of all qualified
     candidates, where they are not the pick, so the report can state the trade.
+
+    Artifacts with too few images to show their parity ("insufficient") are picked only
+    when no artifact of any model passed: then the pick may be one of them, and it is
+    unproven: its `parity` says "insufficient" and its `evidence` how many images would do.
+    Nothing ships as if it had passed. They may be `alternatives` (their `parity` says so).
     """
     settings = settings or PickRecipe()
     pool = candidates(rows, parity, threads=threads, batch=batch, checksums=checksums)
     pool += [candidate for other in others for candidate in other]
     if not pool:
         return None
+    weighed = pool  # the trade names the unproven too (marked), but what passed ships first
+    if any(c.get("parity") == "passed" for c in pool):
+        pool = [c for c in pool if c.get("parity") != "insufficient"]
     models = [c["model_accuracy"] for c in pool if c["model_accuracy"] is not None]
     best_model = max(models) if models else None
     eligible = [c for c in pool
@@ -282,12 +305,12 @@ def choose(rows, parity, *, threads: int, batch: int, checksums=None, settings=N
     pick = dict(min(eligible, key=OBJECTIVES[settings.objective]))
     alternatives = []
     for objective in ("most_accurate", "fastest"):
-        best = min(pool, key=OBJECTIVES[objective])
+        best = min(weighed, key=OBJECTIVES[objective])
         if all(_which(best) != _which(shown) for shown in [pick, *alternatives]):
             alternatives.append({**best, "why": objective})
     return {**pick, "objective": settings.objective, "alternatives": alternatives,
             "best_model_accuracy": best_model,
-            "models": list(dict.fromkeys(c["model"] for c in pool)),
+            "models": list(dict.fromkeys(c["model"] for c in weighed)),
             "constraints": {"max_accuracy_drop": settings.max_accuracy_drop,
                             "max_latency_ms": settings.max_latency_ms,
                             "max_size_kb": settings.max_size_kb}}

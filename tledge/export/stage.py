@@ -246,9 +246,10 @@ def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_i
                     spec, extra["quantization"] = _export_int8(
                         row, model, temporary, int8, int8_io=int8_io,
                         model_sha256=model_sha256, log=log, tasks=tasks)
-                    extra["calibration_samples"] = \
-                        extra["quantization"]["settings"].get("calibration_samples") \
-                        or len(calibration)
+                    asked = extra["quantization"]["settings"].get("calibration_samples")
+                    # the images calibration had: the count asked, at most the training split
+                    extra["calibration_samples"] = min(asked or len(calibration),
+                                                       int8.train_images)
                 else:
                     with quiet():
                         spec = _exporter(row.family)(model, temporary, precision=row.precision,

@@ -8,11 +8,13 @@ import re
 from pathlib import Path
 
 from tledge import plots
-from tledge.bench.stage import pick_name
+from tledge.bench.stage import pick_folder, pick_name
+from tledge.errors import RunDirError
 from tledge.plots import FIGURES
 from tledge.report import domains as report_domains
 from tledge.report import int8 as report_int8
 from tledge.report import tasks as report_tasks
+from tledge.parity import evidence_text, row_is_current
 from tledge.rundir import (artifacts, BENCH, DEVICES, EXPLAIN, HISTORY, PARITY, read_manifest,
                            read_record, RECIPE, REPORT, REPORT_HTML, SPLIT, write_text)
 
@@ -57,12 +59,13 @@ def report_run(run_dir) -> Path:
     figures = draw_figures(run_dir, manifest, history, parity, bench)
     title = f"tledge report: {manifest['recipe']['name']}"
     lines = [f"# tledge report: {md(manifest['recipe']['name'])}", ""]
-    lines += _headline(manifest, history, parity, bench)
+    lines += _headline(run_dir, manifest, history, parity, bench)
     lines += _multitask_headline(run_dir, manifest, parity, bench)
     checksums = {entry["name"]: entry.get("sha256") for entry in manifest["artifacts"]}
     crossed = cross_architecture(devices, parity, bench, checksums)
     lines += _cross_architecture_warning(crossed, manifest.get("pick"))
     lines += _story(manifest, split, history, parity, bench)
+    lines += _shipped_section(run_dir, manifest, parity, bench)
     lines += _data_section(manifest, split)
     training = _training_section(history)
     at = next((i for i, line in enumerate(training) if line.startswith("| epoch |")),
@@ -75,7 +78,7 @@ def report_run(run_dir) -> Path:
     lines += report_int8.section(manifest, own_runtime_rows(parity),
                                  (parity or {}).get("split", "test"), figures, md)
     lines += _figure_lines(figures, "confusion_reference", "confusion_pick", "per_class")
-    lines += _bench_section(bench, parity)
+    lines += _bench_section(bench, parity, checksums)
     lines += _figure_lines(figures, "pareto", "latency")
     lines += _devices_section(devices, bench, checksums,
                               [task["labels"] for task in manifest["tasks"]]
@@ -213,7 +216,7 @@ def _story(manifest, split, history, parity, bench) -> list[str]:
     if not history:
         return []
     facts = (split or {}).get("splits", {})
-    total = sum(facts[name]["count"] for name in facts) if facts else None
+    trained = (facts.get("train") or {}).get("count")
     if history.get("ensemble"):
         model = ("a fused ensemble of " + ", ".join(
             member["backbone"] for member in history["ensemble"]["members"]))
@@ -225,8 +228,11 @@ def _story(manifest, split, history, parity, bench) -> list[str]:
     what = (f"{len(manifest['labels'])} classes" if not tasks else
             f"{len(tasks)} tasks (" + ", ".join(f"{md(task['name'])}: {len(task['labels'])} "
                                                 "classes" for task in tasks) + ")")
-    sentences = [f"Trained {model} on {total if total is not None else 'the'} "
-                 f"`{(split or {}).get('source', '?')}` images of {what} at {size}."]
+    held = [f"{name} {facts[name]['count']}" for name in ("val", "test")
+            if (facts.get(name) or {}).get("count") is not None]
+    sentences = [f"Trained {model} on {trained if trained is not None else 'the'} "
+                 f"`{(split or {}).get('source', '?')}` training images of {what} at {size}"
+                 + (f" (held apart: {', '.join(held)})" if held else "") + "."]
     judged = own_runtime_rows(parity)
     reference = judged.get("keras")
     if reference and reference.get("accuracy") is not None:
@@ -263,14 +269,18 @@ def _int8_sentences(judged, manifest, bench) -> list[str]:
     return [", ".join(words) + "."]
 
 
-def _headline(manifest, history, parity, bench) -> list[str]:
+def _headline(run_dir, manifest, history, parity, bench) -> list[str]:
+    """The verdict first: failed and unproven parity, a regression, the baseline beating the
+    transfer, then what to ship, with the shipped model's own figures beside it (its parity,
+    quantization, latency and reference accuracy, whichever model of the run it is)."""
     lines = []
+    entries = {entry["name"]: entry for entry in artifacts(manifest)}
     failed = [row for row in (parity or {}).get("rows", []) if row["status"] == "failed"]
     for row in failed:
-        own = own_runtime_rows(parity).get(row["artifact"]) is row
-        where = "" if own or not row.get("runtime") else f" on {row['runtime']}"
-        lines.append(f"> **FAILED PARITY: {row['artifact']}{where}**: "
-                     + "; ".join(md(problem) for problem in row["problems"]))
+        lines.append(f"> **FAILED PARITY: {_row_name(row, parity)}**: "
+                     + "; ".join(md(problem) for problem in row["problems"])
+                     + _stale_note(row, entries.get(row["artifact"]), "RUN_DIR"))
+    lines += _insufficient_lines(parity, entries, "RUN_DIR")
     if history and (history.get("verdict") or {}).get("regressed"):
         lines.append(f"> **{history['verdict']['message']}**")
     warning = baseline_warning(history)
@@ -279,33 +289,156 @@ def _headline(manifest, history, parity, bench) -> list[str]:
     if lines:
         lines.append("")
     pick = (bench or {}).get("pick")
+    shipped = _shipped(run_dir, pick, manifest, parity) if pick else None
     if pick:
-        lines.append(f"**Ship `{md(pick_name(pick))}` on {pick['runtime']}**: "
-                     f"{_pick_reason(pick, history)}, p50 {pick['p50_ms']:.3f} ms at batch "
-                     f"{pick['batch']} with {pick['threads']} thread(s), "
-                     f"{(pick.get('size_bytes') or 0) / 1024:,.0f} KiB."
-                     + (report_int8.repair_note(manifest, pick["artifact"])
-                        if pick.get("model", "model") == "model" else ""))
-        if pick.get("alternatives"):
-            lines.append("The trade: " + "; ".join(
-                f"{label} `{md(pick_name(candidate))}` on {candidate['runtime']}: "
-                f"{candidate['p50_ms']:.3f} ms, {_percent(candidate.get('accuracy'))}"
-                for label, candidate in [("picked", pick)] + [
-                    ({"most_accurate": "most accurate", "fastest": "fastest"}[c["why"]], c)
-                    for c in pick["alternatives"]]) + ".")
+        lines += _ship_lines(pick, shipped, history)
     elif bench is not None:
         lines.append("**No artifact to recommend**: none was benchmarked successfully after "
                      "passing parity.")
+    lines += _reference_line(shipped["parity"] if shipped else parity,
+                             shipped["model"] if shipped else "model")
+    return lines + [""]
+
+
+def _row_name(row, parity) -> str:
+    """An artifact, with its runtime when the row is not the one in its own runtime."""
+    own = own_runtime_rows(parity).get(row["artifact"]) is row
+    return row["artifact"] + ("" if own or not row.get("runtime") else f" on {row['runtime']}")
+
+
+def _stale(row, entry) -> bool:
+    """A parity row of a file the manifest no longer records (`row_is_current`); a row that
+    judged no file (skipped, export failed, or written before rows had a sha256) is not."""
+    return bool(row.get("sha256")) and not row_is_current(row, entry)
+
+
+def _stale_note(row, entry, where) -> str:
+    """" (stale: ...)" for a parity row of a file the manifest no longer records."""
+    if not _stale(row, entry):
+        return ""
+    return f" (stale: the file changed since it was validated; run `tledge validate {where}`)"
+
+
+def _insufficient_lines(parity, entries, where, model="") -> list[str]:
+    """One headline warning per threshold that the split was too small to show."""
+    groups = {}
+    for row in (parity or {}).get("rows", []):
+        if row["status"] == "insufficient" and row.get("evidence"):
+            groups.setdefault(row["evidence"]["threshold"], []).append(row)
+    lines = []
+    for rows in groups.values():
+        names = ", ".join(model + _row_name(row, parity) + _stale_note(
+            row, entries.get(row["artifact"]), where) for row in rows)
+        lines.append(f"> **NOT ENOUGH EVIDENCE: {names}**: "
+                     + evidence_text(rows[0]["evidence"], parity.get("split"))
+                     + ". The figures meet the thresholds, on too few images to show them: "
+                     "not passed.")
+    return lines
+
+
+def _shipped(run_dir, pick, manifest, parity) -> dict:
+    """What the pick is: its model's folder name, manifest, parity, its parity row and its
+    manifest entry (the run's own model, the baseline's or an ensemble member's)."""
+    model = pick.get("model", "model")
+    if model == "model":
+        where = "RUN_DIR"
+    else:
+        folder = pick_folder(run_dir, pick)
+        where = f"RUN_DIR/{model}"
+        try:
+            manifest = read_manifest(folder)
+        except RunDirError:
+            manifest = {"artifacts": []}
+        parity = _optional(folder / PARITY)
+    entry = next((entry for entry in artifacts(manifest)
+                  if entry["name"] == pick["artifact"]), None)
+    rows = (parity or {}).get("rows", [])
+    wanted = "reference" if (pick["artifact"], pick["runtime"]) == ("keras", "keras") else None
+    row = next((row for row in rows if (row["status"] == wanted if wanted else (
+        row["artifact"], row["runtime"]) == (pick["artifact"], pick["runtime"]))), None)
+    return {"model": model, "where": where, "manifest": manifest, "parity": parity,
+            "row": row, "entry": entry}
+
+
+def _ship_lines(pick, shipped, history) -> list[str]:
+    """The Ship line and the trade, never calling "passed" a row that is stale or that had
+    too few images to show its thresholds."""
+    row, name = shipped["row"], f"`{md(pick_name(pick))}` on {pick['runtime']}"
+    figures = (f"p50 {pick['p50_ms']:.3f} ms at batch {pick['batch']} with {pick['threads']} "
+               f"thread(s), {(pick.get('size_bytes') or 0) / 1024:,.0f} KiB")
+    if row is None or _stale(row, shipped["entry"]):
+        lines = [f"**Ship {name}? Its file changed since it was validated**: "
+                 + ("its parity figures are of an earlier file" if row is not None else
+                    "parity has no row of it") + f"; run `tledge validate {shipped['where']}` "
+                 f"(then `tledge bench {shipped['where']}`) before shipping it. "
+                 f"Timed then: {figures}."]
+    elif row["status"] == "insufficient" or pick.get("parity") == "insufficient":
+        evidence = row.get("evidence") or pick.get("evidence") or {}
+        lines = [f"**Ship {name}: UNPROVEN, not enough evidence**: "
+                 + (evidence_text(evidence, (shipped["parity"] or {}).get("split")) + ". "
+                    if evidence else "")
+                 + "No artifact passed parity; among those that met their thresholds on too "
+                 f"few images to show them, it is {_pick_reason(pick, history, proven=False)}, "
+                 f"{figures}."]
+    else:
+        lines = [f"**Ship {name}**: {_pick_reason(pick, history)}, {figures}."
+                 + report_int8.repair_note(shipped["manifest"], pick["artifact"])]
+    if row is not None and row["status"] != "reference":
+        status = "stale" if _stale(row, shipped["entry"]) else row["status"]
+        lines.append(f"Its parity: accuracy {_num(row.get('accuracy'))} (drop "
+                     f"{_num(row.get('accuracy_drop'), '+.4f')}), agreement "
+                     f"{_num(row.get('agreement'))} with its Keras model on "
+                     f"{shipped['parity']['images']} {shipped['parity']['split']} images: "
+                     f"{'not enough evidence' if status == 'insufficient' else status}.")
+    if pick.get("alternatives"):
+        lines.append("The trade: " + "; ".join(
+            f"{label} `{md(pick_name(candidate))}` on {candidate['runtime']}: "
+            f"{candidate['p50_ms']:.3f} ms, {_percent(candidate.get('accuracy'))}"
+            + (" (unproven)" if candidate.get("parity") == "insufficient" else "")
+            for label, candidate in [("picked", pick)] + [
+                ({"most_accurate": "most accurate", "fastest": "fastest"}[c["why"]], c)
+                for c in pick["alternatives"]]) + ".")
+    return lines
+
+
+def _reference_line(parity, model="model") -> list[str]:
+    """The Keras model's accuracy on the images validate judged (the shipped model's)."""
     reference = next((row for row in (parity or {}).get("rows", [])
                       if row["status"] == "reference"), None)
-    if reference:
-        lines.append(f"Reference (Keras) accuracy: {reference['accuracy']:.4f} on "
-                     f"{parity['images']} {parity['split']} images"
-                     + (" (the mean of its tasks': " + ", ".join(
-                         f"{md(name)} {part['accuracy']:.4f}"
-                         for name, part in reference["tasks"].items()) + ")"
-                        if reference.get("tasks") else "") + ".")
-    return lines + [""]
+    if not reference:
+        return []
+    whose = "" if model == "model" else f" of the shipped model ({md(model)})"
+    return [f"Reference (Keras) accuracy{whose}: {reference['accuracy']:.4f} on "
+            f"{parity['images']} {parity['split']} images"
+            + (" (the mean of its tasks': " + ", ".join(
+                f"{md(name)} {part['accuracy']:.4f}"
+                for name, part in reference["tasks"].items()) + ")"
+               if reference.get("tasks") else "") + "."]
+
+
+def _shipped_section(run_dir, manifest, parity, bench) -> list[str]:
+    """When the pick is another model's (the baseline, an ensemble member): that model's
+    parity, quantization and latency, since the Ship line describes it."""
+    pick = (bench or {}).get("pick")
+    if not pick or pick.get("model", "model") == "model":
+        return []
+    shipped = _shipped(run_dir, pick, manifest, parity)
+    model = shipped["model"]
+    lines = [f"## The shipped model: {md(model)}", "",
+             f"The pick is `{md(pick_name(pick))}`, a file of the {md(model)} model (its own "
+             f"run directory, `{md(model)}/`), not of this run's model. Its figures:", ""]
+    checksums = {entry["name"]: entry.get("sha256")
+                 for entry in artifacts(shipped["manifest"])}
+    its_bench = _optional(pick_folder(run_dir, pick) / BENCH)
+    lines += _insufficient_lines(shipped["parity"], {e["name"]: e for e in artifacts(
+        shipped["manifest"])}, shipped["where"], f"{model}/")
+    lines += [""] if lines[-1] != "" else []
+    for part in (_parity_section(shipped["parity"], checksums),
+                 report_int8.section(shipped["manifest"], own_runtime_rows(shipped["parity"]),
+                                     (shipped["parity"] or {}).get("split", "test"), {}, md),
+                 _bench_section(its_bench, shipped["parity"], checksums)):
+        lines += [("#" + line) if line.startswith("## ") else line for line in part]
+    return lines
 
 
 def _multitask_headline(run_dir, manifest, parity, bench) -> list[str]:
@@ -316,25 +449,27 @@ def _multitask_headline(run_dir, manifest, parity, bench) -> list[str]:
     return [report_tasks.verdict(found, manifest), ""]
 
 
-def _pick_reason(pick, history) -> str:
+def _pick_reason(pick, history, proven=True) -> str:
     """Why the pick is the pick, in the words of the recipe's [pick] objective and
-    constraints; it says so when the pick's model is less accurate than another."""
+    constraints; it says so when the pick's model is less accurate than another. `proven`
+    False: chosen among artifacts with too few images to show their parity (nothing passed)."""
+    passed = " that passed parity" if proven else ""
     constraints = pick.get("constraints") or {}
     limits = [f"{key} = {constraints[key]}" for key in ("max_latency_ms", "max_size_kb")
               if constraints.get(key) is not None]
     within = f" within [pick] {', '.join(limits)}" if limits else ""
     if pick.get("objective") == "most_accurate":
-        return f"the most accurate candidate that passed parity{within}"
+        return f"the most accurate candidate{passed}{within}"
     best, own = pick.get("best_model_accuracy"), pick.get("model_accuracy")
     if best is not None and own is not None and own < best - 1e-12:
-        return (f"the fastest artifact that passed parity{within}, from a model "
+        return (f"the fastest artifact{passed}{within}, from a model "
                 f"{(best - own) * 100:.1f} points less accurate than the best one (allowed by "
                 f"[pick] max_accuracy_drop = {constraints.get('max_accuracy_drop')})")
     weighed = [("this run's model" if name == "model" else name)
                for name in pick.get("models") or []]
     models = "" if len(weighed) < 2 else \
         f" of the most accurate model (weighed: {', '.join(weighed)})"
-    return f"the fastest artifact{models} that passed parity{within}"
+    return f"the fastest artifact{models}{passed}{within}"
 
 
 def _percent(value) -> str:
@@ -605,7 +740,9 @@ def _parity_section(parity, checksums) -> list[str]:
     for row in parity["rows"]:
         status = row["status"] if not row["problems"] else \
             f"{row['status']}: " + "; ".join(row["problems"])
-        if row.get("sha256") and row["sha256"] != checksums.get(row["artifact"]):
+        if row["status"] == "insufficient" and row.get("evidence"):
+            status = "not enough evidence: " + evidence_text(row["evidence"])
+        if _stale(row, {"sha256": checksums.get(row["artifact"])}):
             status += " (stale: the file changed since; run `tledge validate`)"
         lines.append(f"| {row['artifact']} | {row['runtime']} | {status} | "
                      f"{_num(row['accuracy'])} | {_num(row['accuracy_drop'])} | "
@@ -632,7 +769,7 @@ def _status(row) -> str:
     return row["status"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
 
 
-def _bench_section(bench, parity) -> list[str]:
+def _bench_section(bench, parity, checksums=None) -> list[str]:
     lines = ["## Latency", ""]
     if not bench or not bench["rows"]:
         return lines + ["(not benchmarked on this machine yet: `tledge bench RUN_DIR`)", ""]
@@ -650,9 +787,11 @@ def _bench_section(bench, parity) -> list[str]:
     judged = own_runtime_rows(parity)
     for row in bench["rows"]:
         check = judged.get(row["artifact"], {})
+        verdict = check.get("status", "not validated")
+        if checksums is not None and _stale(check, {"sha256": checksums.get(row["artifact"])}):
+            verdict += " (stale)"
         lines.append(f"| {row['artifact']} | {row['runtime']} | {row['threads']} | "
-                     f"{row['batch']} | {_status(row)} | "
-                     f"{check.get('status', 'not validated')} | "
+                     f"{row['batch']} | {_status(row)} | {verdict} | "
                      f"{_num(check.get('accuracy'))} | " + _latency_cells(row))
     return lines + [""]
 

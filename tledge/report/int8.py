@@ -97,9 +97,11 @@ def sentence(record, parity_row, split="test") -> str:
     plain, kept = (attempts[0] if attempts else {}), _kept(record)
     final = ""
     if parity_row and parity_row.get("agreement") is not None:
-        verdict = "passes" if parity_row["status"] == "passed" else "FAILS"
+        verdict = {"passed": "passes parity", "insufficient": "has not enough evidence for "
+                   "parity: its figures meet the thresholds, on too few images to show them"}.get(
+            parity_row["status"], "FAILS parity")
         final = (f"; on the {split} split it {verdict} "
-                 f"parity (accuracy {parity_row['accuracy']:.4f}, agreement "
+                 f"(accuracy {parity_row['accuracy']:.4f}, agreement "
                  f"{parity_row['agreement']:.4f})")
     if len(attempts) <= 1 and record.get("remedy") not in (None, "plain"):
         return (f"reproduced the settings an earlier export kept ({record['remedy']})"
