@@ -118,7 +118,8 @@ def test_the_remedies_start_with_what_the_cpu_needs_and_keep_it(cpu):
     onnx = remedies("onnx", isa=isa, calibration_samples=100, train_images=1000)
     vnni = remedies("onnx", isa="AVX-512 VNNI", calibration_samples=100, train_images=1000)
     if needs:
-        assert onnx[0][1] == needs and "no VNNI" in onnx[0][0]
+        assert onnx[0][1] == needs and "no VNNI" in onnx[0][0] and \
+            onnx[0][0].startswith("reduce_range")
         onnx = onnx[1:]
         # every later candidate is judged with it too: without it, it would be judged
         # saturating on this CPU (and its remedy says so)
@@ -294,33 +295,63 @@ def _repair(model, calibration, images, labels, tmp_path, *, fmt, thresholds,
 
 
 @pytest.mark.parametrize("name", ["tflite_int8", "onnx_int8"])
-def test_a_search_that_cannot_pass_is_bounded_and_keeps_the_closest(name, model_and_images,
-                                                                   tmp_path):
-    from tledge.export.int8 import GRAPH_SETTINGS
+def test_a_search_that_cannot_pass_is_a_bounded_path_that_keeps_only_gains_above_noise(
+        name, model_and_images, tmp_path):
+    """Each remedy is tried on top of the settings kept so far; a candidate is kept only when
+    its gain in agreement over the kept file exceeds the noise of that paired comparison; the
+    quantization settings stop at `max_attempts`, the float-layer steps come after them."""
     model, calibration, images, labels = model_and_images
     impossible = {"max_accuracy_drop": 0.0, "min_agreement": 1.0, "max_abs_diff": 1e-9}
     record, lines = _repair(model, calibration, images, labels, tmp_path, fmt=FORMATS[name],
-                            thresholds=impossible, max_attempts=4)
+                            thresholds=impossible, max_attempts=3, float_steps=1,
+                            calibration_samples=4)
     attempts = record["attempts"]
-    assert len(attempts) == 4 and record["passed"] is False and not record["repaired"]
-    assert attempts[0]["remedy"] == "plain"
-    assert any("stopped searching after 4 attempts" in line for line in lines)
-    assert all(row["agreement"] is not None and row["p50_ms"] > 0 for row in attempts)
-    # the kept file is the closest attempt that costs no latency, and it is the one written.
-    # Whether an attempt that changes kernels (a layer kept in float) cost latency was timed,
-    # and the kept file's p50 timed again beside the plain one's afterwards: only the attempts
-    # that change no kernel are certain to be free, on any CPU at any speed, so none of them
-    # may be closer than the kept one.
-    [kept] = [row for row in attempts if row["remedy"] == record["remedy"]]
-    assert kept["settings"] == record["settings"]
-    free = [row for row in attempts if all(row["settings"].get(key) ==
-                                           attempts[0]["settings"].get(key)
-                                           for key in GRAPH_SETTINGS)]
-    assert attempts[0] in free and all(
-        (row["agreement"], row["accuracy"]) <= (kept["agreement"], kept["accuracy"])
-        for row in free)
-    assert (tmp_path / f"kept{FORMATS[name].suffix}").is_file()
+    assert record["passed"] is False and not record["repaired"]
+    assert attempts[0]["remedy"] == "plain" and len(attempts) == 4
+    # TFLite has two remedies here (8 and 16 calibration images), ONNX more than the limit
+    assert any("stopped after 3 attempts" in line for line in lines) == (name == "onnx_int8")
+    key = "float_nodes" if name == "onnx_int8" else "float_layers"
+    assert attempts[-1]["settings"][key] and "in float" in attempts[-1]["remedy"]
     assert record["diagnosis"] and record["diagnosis"]["layers"]
+    assert "no candidate passing with margin" in record["stopped"]
+    kept = attempts[0]
+    for row in attempts[1:]:
+        # composes: only the remedy's own keys (and what this CPU needs) differ from the kept
+        changed = {k for k in row["settings"] if row["settings"][k] != kept["settings"].get(k)}
+        assert changed and len(changed - {"reduce_range"}) <= 1, (row["settings"],
+                                                                 kept["settings"])
+        assert row["noise"] is not None and row["agreement_low"] <= row["agreement"]
+        # never kept on a difference within its noise
+        assert row["kept"] == (row["gain"] > row["noise"] and
+                               (bool(row["passed"]) or not kept["passed"]))
+        if row["kept"]:
+            kept = row
+    assert record["settings"] == kept["settings"] and record["remedy"] == kept["remedy"]
+    assert all("_agrees" not in row for row in attempts)  # per-image data is not stored
+    assert any("95% lower bound" in line and "noise" in line for line in lines)
+    assert (tmp_path / f"kept{FORMATS[name].suffix}").is_file()
+
+
+def test_a_gain_counts_only_above_the_noise_of_the_paired_comparison():
+    from tledge.export.int8 import AGREES, better, paired_gain
+    n = 500
+    base = np.ones(n, bool)
+    base[:20] = False                         # the kept file: 480 of 500 agree
+
+    def row(gained, lost, passed=False):
+        agrees = base.copy()
+        agrees[:gained] = True                # images it newly gets right
+        agrees[100:100 + lost] = False        # images it newly gets wrong
+        return {"agreement": float(agrees.mean()), "passed": passed, AGREES: agrees}
+    kept = {"agreement": float(base.mean()), "passed": False, AGREES: base}
+    gain, noise = paired_gain(row(10, 2), kept)
+    assert gain == pytest.approx(8 / n) and noise == pytest.approx(1.6449 * np.sqrt(12) / n,
+                                                                   rel=1e-4)
+    assert better(row(10, 2), kept)           # +8 images, noise 5.7 images
+    assert not better(row(5, 2), kept)        # +3 images, noise 4.4 images: could be luck
+    assert not better(row(0, 0), kept)        # the same file: no gain, nothing to keep
+    assert not better(row(20, 0), {**kept, "passed": True})  # it fails what the kept passes
+    assert better(row(20, 0, passed=True), {**kept, "passed": True})
 
 
 def test_the_agreement_lower_bound_is_wilsons():
@@ -364,8 +395,7 @@ def _across_the_boundary(model, images, pairs=4, steps=30):
 @pytest.mark.parametrize("name", ["tflite_int8", "onnx_int8"])
 def test_a_narrow_pass_tries_the_remedies_that_change_no_kernel(name, model_and_images,
                                                               tmp_path):
-    from tledge.export.int8 import (GRAPH_SETTINGS, _fast_enough, _score,
-                                    agreement_lower_bound)
+    from tledge.export.int8 import GRAPH_SETTINGS, agreement_lower_bound
     model, calibration, images, labels = model_and_images
     lenient = {"max_accuracy_drop": 1.0, "min_agreement": 0.0, "max_abs_diff": None}
     # the judge's images include pairs on either side of the float model's decision boundary,
@@ -391,9 +421,11 @@ def test_a_narrow_pass_tries_the_remedies_that_change_no_kernel(name, model_and_
     assert all(not set(row["settings"]) & set(GRAPH_SETTINGS) or
                all(row["settings"][key] == attempts[0]["settings"].get(key)
                    for key in GRAPH_SETTINGS if key in row["settings"]) for row in attempts)
-    fast = _fast_enough(attempts[0])
-    kept = max(attempts, key=lambda row: _score(row, fast))
-    assert record["settings"] == kept["settings"]
+    path_end = attempts[0]
+    for row in attempts[1:]:
+        if row["kept"]:
+            path_end = row
+    assert record["settings"] == path_end["settings"]
 
 
 def test_no_search_where_no_margin_could_be_shown():
@@ -424,11 +456,16 @@ def _tighten(run_dir, table: str):
     path = run_dir / "recipe.toml"
     text = path.read_text()
     text = text.replace("[validate.per_format]\n", "[validate.per_format]\n" + table)
-    path.write_text(re.sub(r"int8_repair_attempts = \d+", "int8_repair_attempts = 3", text))
+    text = re.sub(r"int8_repair_attempts = \d+", "int8_repair_attempts = 3", text)
+    text = re.sub(r"int8_(float_steps|repair_images) = \d+\n", "", text)
+    # 100 repair images (enough to show 0.97) leave the calibration remedies room to try
+    path.write_text(text.replace("int8_repair_attempts = 3", "int8_repair_attempts = 3\n"
+                                 "int8_float_steps = 1\nint8_repair_images = 100"))
 
 
 def test_an_int8_artifact_that_cannot_pass_is_explained_in_the_report(built_run, tmp_path):
     from tledge.export.stage import export_run
+    from tledge.run_inputs import run_recipe, run_splits
     from tledge.report.document import report_run
     from tledge.rundir import find_artifact, read_manifest
     from tledge.validate import validate_run
@@ -439,8 +476,15 @@ def test_an_int8_artifact_that_cannot_pass_is_explained_in_the_report(built_run,
     export_run(run_dir, log=lines.append)
     entry = find_artifact(read_manifest(run_dir), "tflite_int8")
     record = entry["quantization"]
-    assert len(record["attempts"]) == 3 and record["passed"] is False
-    assert record["split"] == "val" and record["model_sha256"] == \
+    # three quantization settings, then one float-layer step on top of the kept ones
+    assert len(record["attempts"]) == 4 and record["passed"] is False
+    assert record["attempts"][-1]["settings"]["float_layers"]
+    # judged on training images held apart from calibration, as many as the split spares
+    recipe = run_recipe(run_dir)
+    train = len(run_splits(run_dir, recipe).y_train)
+    assert record["images"] == min(100, train - recipe.export.calibration_samples) == \
+        recipe.export.int8_repair_images
+    assert record["split"] == "repair" and record["model_sha256"] == \
         find_artifact(read_manifest(run_dir), "keras")["sha256"]
     assert any("kept:" in line and "still fails parity" in line for line in lines)
     report = validate_run(run_dir, log=lines.append)
@@ -448,7 +492,10 @@ def test_an_int8_artifact_that_cannot_pass_is_explained_in_the_report(built_run,
     text = report_run(run_dir).read_text()
     section = text[text.index("## Quantization"):]
     assert "**tflite_int8**: the plain export failed" in section
-    assert "no remedy passed" in section and "| 3 |" in section
+    assert "no remedy passed" in section and "FAILED" in section and "| 4 |" in section
+    assert "repaired" not in section.split("**tflite_int8**")[1].split("\n")[0]
+    assert "95 % lower bound" in section and "gain / noise" in section
+    assert "layer stayed in float" not in section or record["remedy"] != "plain"
     assert "(figures/quantization_tflite_int8.png)" in section
     assert (run_dir / "figures" / "quantization_tflite_int8.png").stat().st_size > 1000
     worst = max((layer for layer in record["diagnosis"]["layers"] if layer["error"]),
@@ -476,13 +523,36 @@ def test_an_int8_that_fails_only_in_the_validate_stage_gets_its_diagnosis(built_
     assert diagnosis["family"] == "tflite" and diagnosis["layers"]
 
 
-def test_only_a_remedy_that_changes_kernels_can_cost_latency():
-    from tledge.export.int8 import _fast_enough
-    plain = {"settings": {"calibration_samples": 100, "float_layers": []}, "p50_ms": 1.0}
-    fast = _fast_enough(plain)
-    # more calibration images change numbers, not kernels: a noisy timer cannot make it slow
-    assert fast({"settings": {"calibration_samples": 400, "float_layers": []}, "p50_ms": 1.5})
-    assert fast({"settings": {"calibration_samples": 100, "float_layers": ["a"]},
-                 "p50_ms": 1.09})
-    assert not fast({"settings": {"calibration_samples": 100, "float_layers": ["a"]},
-                     "p50_ms": 1.2})
+# ---- the repair split ----------------------------------------------------------------------
+
+def test_the_repair_split_is_training_images_calibration_never_takes(built_run, tmp_path):
+    """Held apart from every calibration set the search can ask for, from the validation and
+    test splits, and the same images when a copied run reads the images it carries."""
+    from tledge.data import calibration_images
+    from tledge.run_inputs import (carried_splits, carry_inputs, int8_order, repair_count,
+                                   run_recipe, run_splits)
+    from tledge.rundir import read_manifest, SPLIT, read_record, write_manifest
+    run_dir = shutil.copytree(built_run[0], tmp_path / "run")
+    recipe = run_recipe(run_dir)
+    splits = run_splits(run_dir, recipe)
+    calibration, repair = int8_order(splits, recipe)
+    total = len(splits.y_train)
+    assert len(repair) == repair_count(total, recipe.export) == \
+        min(recipe.export.int8_repair_images, total - recipe.export.calibration_samples) > 0
+    assert not set(calibration) & set(repair) and len(calibration) + len(repair) == total
+    # the plain calibration set is the one it always was (a prefix of the same order)
+    assert np.array_equal(splits.x_train[calibration[:recipe.export.calibration_samples]],
+                          calibration_images(splits, recipe.export.calibration_samples,
+                                             seed=recipe.seed))
+    # every class is in it
+    assert set(np.asarray(splits.y_train)[repair]) == set(np.asarray(splits.y_train))
+    # a run copied without its data cache carries the repair split beside calibration
+    manifest = read_manifest(run_dir)
+    manifest.setdefault("data", {})["inputs"] = carry_inputs(run_dir, splits, recipe)
+    write_manifest(run_dir, manifest)
+    carried = carried_splits(run_dir, read_record(run_dir / SPLIT))
+    carried_calibration, carried_repair = int8_order(carried, recipe)
+    assert np.array_equal(carried.x_train[carried_repair], splits.x_train[repair])
+    count = len(carried_calibration)
+    assert np.array_equal(carried.x_train[carried_calibration],
+                          splits.x_train[calibration[:count]])

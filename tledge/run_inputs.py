@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from tledge.data.cache import cache_root, open_entry
-from tledge.data.sources import in_class_order, load_splits, prepared_entry
+from tledge.data.sources import (calibration_order, in_class_order, load_splits,
+                                 prepared_entry)
 from tledge.errors import DataError, first_line, RunDirError
 from tledge.recipe.load import load_recipe
 from tledge.rundir import check_run_dir, read_manifest, read_record, RECIPE, SPLIT
@@ -70,3 +73,24 @@ def evaluation_split(splits):
         return splits.x_val, splits.y_val, "val"
     raise RunDirError("the run has neither a test nor a validation split to validate on; "
                       "set data.test_fraction > 0")
+
+
+def repair_count(train_images: int, export) -> int:
+    """How many training images the int8 repair split holds apart from calibration:
+    `export.int8_repair_images`, fewer where the training split cannot spare them beside
+    `export.calibration_samples` calibration images."""
+    return max(0, min(export.int8_repair_images, train_images - export.calibration_samples))
+
+
+def int8_order(splits, recipe) -> tuple[np.ndarray, np.ndarray]:
+    """(the training images calibration may take, in the order it takes them; the repair
+    split's): the repair split is the tail of the calibration order over the whole training
+    split, so calibration (a prefix) never reaches it and the plain calibration set is the one
+    `calibration_images` gives. A carried split (`carry_inputs`) holds both, repair last."""
+    total = len(splits.y_train)
+    if getattr(splits, "calibration_ordered", False):
+        held = int(((splits.record or {}).get("carried") or {}).get("repair") or 0)
+        return np.arange(total - held), np.arange(total - held, total)
+    order = calibration_order(splits.y_train, total, recipe.seed)
+    held = repair_count(total, recipe.export)
+    return order[:total - held], order[total - held:]

@@ -2,15 +2,19 @@
 
 Diagnosis: where a full-integer artifact's error comes from, layer by layer, measured on
 calibration images (TFLite's quantization debugger; for ONNX, the float and QDQ graphs'
-intermediate tensors compared). Repair: when a plain int8 export fails parity, the remedies
-that apply are tried in order of cost, each judged in the format's real runtime on the
-validation split (never the images it was calibrated on, never the test split the validate
-stage judges), and the first that passes is kept (or the best, marked failed).
+intermediate tensors compared). Repair: when a plain int8 export fails parity (or passes only
+narrowly), a path of remedies is tried, each a real export judged in the format's real
+runtime on the repair split (training images held apart from calibration; never the test
+split the validate stage judges). A remedy whose gain in agreement over the file kept so far
+exceeds the noise of that paired comparison is kept, and the next remedy is tried on top of
+it; the search stops at the first candidate that passes with margin (its agreement's 95 %
+lower bound clears the threshold), or when its budget is spent:
 
-    ONNX:   reduce_range (x86 CPU without VNNI, `int8_needs`; then kept in every later
-            candidate), more calibration images, percentile and entropy calibration,
-            per-tensor weights, signed activations, then the k worst layers kept in float
-    TFLite: 2x and 4x the calibration images, then the k worst layers kept in float
+    ONNX:   reduce_range (x86 CPU without VNNI, `int8_needs`; then carried by every later
+            candidate), 2x and 4x the calibration images, percentile and entropy calibration,
+            per-tensor weights, signed activations, then the worst layers of the diagnosis
+            (made on the kept settings) kept in float, 1, 2, 4, 8 of them
+    TFLite: 2x and 4x the calibration images, then the worst layers kept in float
 
 The settings of the kept artifact go into its manifest entry; a later export of the same
 model starts from them, so a rebuild reproduces the artifact without searching again.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +51,7 @@ from tledge.runners import RUNTIMES, runtimes_for
 
 DIAGNOSIS_IMAGES = 64       # calibration images the per-layer comparison runs on
 FLOAT_LAYER_STEPS = (1, 2, 4, 8, 16)  # how many of the worst layers to keep in float
+NEEDED_PREFIX = "reduce_range"  # the remedy a CPU without VNNI needs (`int8_needs`)
 
 
 def defaults(family: str) -> dict:
@@ -105,14 +111,15 @@ def int8_needs(isa: str | None = None) -> dict[str, dict]:
 
 def remedies(family: str, *, isa: str, calibration_samples: int, train_images: int):
     """[(what is tried, settings change)] before any layer is kept in float, cheapest first:
-    none of them changes the graph, so none should cost latency (signed activations can, in
-    ONNX Runtime on x86: last). What this CPU needs (`int8_needs`) comes first, and every
-    later step carries it too: a candidate judged without it would be judged saturating."""
+    calibration size, then method, then per-tensor weights and signed activations (which can
+    cost latency in ONNX Runtime on x86: last). The search applies each on top of the
+    settings kept so far. What this CPU needs (`int8_needs`) comes first, and every later
+    step carries it too: a candidate judged without it would be judged saturating."""
     steps, count = [], calibration_samples
     needed = int8_needs(isa).get(family, {})
     if needed.get("reduce_range"):
-        steps.append(("reduce_range: 7-bit weights, since this CPU has no VNNI and its "
-                      "uint8 x int8 kernels can saturate", {"reduce_range": True}))
+        steps.append((NEEDED_PREFIX + " (7-bit weights: this CPU has no VNNI, its "
+                      "uint8 x int8 kernels can saturate)", {"reduce_range": True}))
     for factor in (2, 4):
         more = min(calibration_samples * factor, train_images)
         if more > count:
@@ -153,8 +160,11 @@ class Judge:
                       self.tasks)
         return {"accuracy": row.accuracy, "accuracy_drop": row.accuracy_drop,
                 "agreement": row.agreement, "max_abs_diff": row.max_abs_diff,
+                "agreement_low": round(agreement_lower_bound(row.agreement, len(self.labels)),
+                                       4) if row.agreement is not None else None,
                 "passed": row.status == "passed", "problems": row.problems,
-                "p50_ms": p50, "size_bytes": Path(path).stat().st_size}
+                "p50_ms": p50, "size_bytes": Path(path).stat().st_size,
+                AGREES: agrees_with(probabilities, self.reference, self.tasks)}
 
     def side_by_side(self, candidates, fmt, rounds: int = 3) -> list[float]:
         """p50 of each (path, spec), timed in turns (the median of `rounds` turns each), so
@@ -182,18 +192,64 @@ class Judge:
         return summarize(samples, 1)["p50_ms"]
 
 
+AGREES = "_agrees"  # per-image agreement of an attempt: compared in the search, never stored
+
+
+def agrees_with(probabilities, reference, tasks=None) -> np.ndarray:
+    """Per image, whether a candidate's top class is the Keras model's (every task's, for a
+    multi-task model)."""
+    probabilities, reference = np.asarray(probabilities), np.asarray(reference)
+    if not tasks:
+        return probabilities.argmax(-1) == reference.argmax(-1)
+    same, start = np.ones(len(reference), bool), 0
+    for task in tasks:
+        width = len(task["labels"])
+        same &= probabilities[:, start:start + width].argmax(-1) == \
+            reference[:, start:start + width].argmax(-1)
+        start += width
+    return same
+
+
+Z = statistics.NormalDist().inv_cdf(CONFIDENCE)
+
+
+def paired_gain(candidate, kept) -> tuple[float, float]:
+    """(gain, noise) of a candidate's agreement over the kept one's on the same images: the
+    gain is the difference of the two agreements; the noise is the one-sided 95 % margin of
+    that difference under a sign test on the images where the two files differ (z √(b + c) / n,
+    b images gained, c lost). A gain not above its noise could be luck of the images."""
+    new, old = candidate.get(AGREES), kept.get(AGREES)
+    if new is None or old is None or len(new) != len(old) or not len(new):
+        return 0.0, float("inf")
+    gained, lost = int(np.sum(new & ~old)), int(np.sum(~new & old))
+    return (gained - lost) / len(new), Z * float(np.sqrt(gained + lost)) / len(new)
+
+
+def better(candidate, kept) -> bool:
+    """Whether `candidate` replaces `kept`: its agreement's gain exceeds the comparison's
+    noise, and it fails no threshold that `kept` passes."""
+    if candidate.get("agreement") is None:
+        return False
+    gain, noise = paired_gain(candidate, kept)
+    return gain > noise and (bool(candidate.get("passed")) or not kept.get("passed"))
+
+
 def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibration_samples,
                          train_images, isa, diagnose, recorded=None, max_attempts=8,
-                         max_seconds=300.0, log=print) -> dict:
+                         float_steps=len(FLOAT_LAYER_STEPS), max_seconds=300.0,
+                         log=print) -> dict:
     """Write the int8 artifact of `fmt` at `out_path`, repairing it when it fails parity.
 
     Args:
         export: `export(settings, path) -> spec`: one int8 export with these settings.
-        judge: a `Judge`; None exports once with `recorded` or the default settings.
+        judge: a `Judge` (on the repair split); None exports once with `recorded` or the
+            default settings.
         diagnose: `diagnose(settings) -> diagnosis`, called when the plain export fails.
         recorded: what a previous export of this model kept (`{"settings", "remedy",
             "diagnosis"}`): tried first, so a rebuild reproduces a repaired artifact without
             searching (and keeps the diagnosis that explained it).
+        max_attempts: exports of quantization settings (the first included); the float-layer
+            steps (`float_steps` at most) come on top, within `max_seconds` in all.
 
     Returns:
         The record kept in the manifest entry: settings, remedy, attempts, diagnosis, spec.
@@ -201,11 +257,11 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
     base = {**defaults(fmt.family), "calibration_samples": calibration_samples}
     start = time.perf_counter()
     attempts: list[dict] = []
-    diagnosis, diagnosed = None, False
-
+    diagnosis, diagnosed, stopped = None, False, None
     files = []  # (path, spec) of each attempt
+    images = len(judge.labels) if judge is not None else 0
 
-    def attempt(remedy, settings, folder):
+    def attempt(remedy, settings, folder, kept=None):
         path = Path(folder) / f"candidate{len(attempts)}{fmt.suffix}"
         began = time.perf_counter()
         try:
@@ -215,66 +271,108 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
             spec, verdict = None, {"passed": False, "problems": [first_line(error)]}
         row = {"remedy": remedy, "settings": settings, **verdict,
                "seconds": round(time.perf_counter() - began, 1)}
+        if kept is not None:
+            gain, noise = paired_gain(row, kept)
+            row.update(gain=round(gain, 4), noise=round(noise, 4) if np.isfinite(noise)
+                       else None, kept=better(row, kept))
         attempts.append(row)
         files.append((path, spec))
         if judge:
-            log(f"    int8 {fmt.name}: {remedy}: " + _attempt_line(row))
+            log(f"    int8 {fmt.name}: {remedy}: " + _attempt_line(row, kept))
         return path, spec, row
+
+    def spent(reason=None):
+        nonlocal stopped
+        elapsed = time.perf_counter() - start
+        if elapsed > max_seconds:
+            stopped = (f"stopped searching after {len(attempts)} attempts: the time budget "
+                       f"({max_seconds:.0f} s, export.int8_repair_seconds) was spent "
+                       f"({elapsed:.0f} s)")
+        elif reason:
+            stopped = reason
+        if stopped:
+            log(f"    int8 {fmt.name}: {stopped}")
+        return bool(stopped)
+
+    def done(row):
+        return bool(row.get("passed")) and confident(row, thresholds, images)
 
     with tempfile.TemporaryDirectory(prefix="tledge-int8-") as folder:
         first = recorded["settings"] if recorded else base
         kept = attempt(recorded["remedy"] if recorded else "plain", first, folder)
         if recorded and kept[2]["passed"]:  # reproduced: what explained it still does
             diagnosis, diagnosed = recorded.get("diagnosis"), True
-        fast = _fast_enough(kept[2])
+        plain = kept
         narrow = judge is not None and kept[2]["passed"] and not recorded and \
-            not confident(kept[2], thresholds, len(judge.labels)) and \
-            kept[2].get("agreement") != 1.0 and \
-            agreement_lower_bound(1.0, len(judge.labels)) >= thresholds["min_agreement"]
+            not confident(kept[2], thresholds, images) and kept[2].get("agreement") != 1.0 \
+            and agreement_lower_bound(1.0, images) >= thresholds["min_agreement"]
         # (a perfect agreement, or a judge with too few images for any margin: no search)
         if recorded:
             narrow = bool(recorded.get("narrow"))
-        if narrow and not recorded:
+        search = judge is not None and (narrow or not kept[2]["passed"])
+        if search and narrow:
             log(f"    int8 {fmt.name}: a narrow pass (the agreement's {CONFIDENCE:.0%} lower "
-                f"bound on {len(judge.labels)} images is below {thresholds['min_agreement']}): "
+                f"bound on {images} images is below {thresholds['min_agreement']}): "
                 "trying the remedies that change no kernel")
+        path_names: list[str] = []  # the remedies kept so far, in order
+        if search:
             for remedy, change in remedies(fmt.family, isa=isa,
                                            calibration_samples=calibration_samples,
                                            train_images=train_images):
-                if set(change) & set(GRAPH_SETTINGS) or len(attempts) >= max_attempts or \
-                        time.perf_counter() - start > max_seconds:
+                if narrow and set(change) & set(GRAPH_SETTINGS):
                     continue
-                candidate = attempt(remedy, {**base, **change}, folder)
-                if _score(candidate[2], fast) > _score(kept[2], fast):
-                    kept = candidate
-                if candidate[2]["passed"] and confident(candidate[2], thresholds,
-                                                        len(judge.labels)):
-                    break
-        if judge is not None and not kept[2]["passed"]:
-            for remedy, settings in _search(fmt, base, kept[2], isa=isa,
-                                            calibration_samples=calibration_samples,
-                                            train_images=train_images):
-                if len(attempts) >= max_attempts or \
-                        time.perf_counter() - start > max_seconds:
-                    log(f"    int8 {fmt.name}: stopped searching after {len(attempts)} "
-                        f"attempts ({time.perf_counter() - start:.0f} s; "
-                        "export.int8_repair_attempts / int8_repair_seconds)")
-                    break
-                if settings == "diagnose":
-                    diagnosis, diagnosed = _safe(diagnose, first, log, fmt), True
+                settings = {**kept[2]["settings"], **change}
+                if settings == kept[2]["settings"]:
                     continue
-                if callable(settings):  # float layers chosen from the diagnosis, added to
-                    settings = settings(diagnosis, best(attempts, fast)["settings"])  # the
-                    if settings is None:  # closest candidate that costs no latency
-                        continue
-                candidate = attempt(remedy if isinstance(remedy, str) else remedy(settings),
-                                    settings, folder)
-                if _score(candidate[2], fast) > _score(kept[2], fast):
+                if len(attempts) >= max_attempts:
+                    log(f"    int8 {fmt.name}: quantization settings stopped after "
+                        f"{len(attempts)} attempts (export.int8_repair_attempts)"
+                        + ("" if narrow else "; the float-layer steps follow"))
+                    break
+                if spent(None):
+                    break
+                if any(name.startswith(NEEDED_PREFIX) for name in path_names):
+                    remedy = remedy.split(", with ")[0]  # the path names it already
+                candidate = attempt(" + ".join(path_names + [remedy]), settings, folder,
+                                    kept[2])
+                if candidate[2]["kept"]:
+                    kept, path_names = candidate, path_names + [remedy]
+                if done(kept[2]):
+                    break
+        if search and not narrow and not done(kept[2]) and not stopped:
+            diagnosis, diagnosed = _safe(diagnose, kept[2]["settings"], log, fmt), True
+            key = "float_nodes" if fmt.family == "onnx" else "float_layers"
+            previous = 0
+            for count in FLOAT_LAYER_STEPS[:float_steps]:
+                layers = worst_layers(diagnosis, count)
+                if len(layers) <= previous:
+                    break  # no diagnosis, or no more layers than the step before
+                if spent(None):
+                    break
+                previous = len(layers)
+                names = [name for layer in layers for name in layer.get("nodes", [layer["name"]])]
+                remedy = (f"{len(layers)} worst layer{'s' if len(layers) > 1 else ''} in float "
+                          f"({', '.join(_short(layer['name']) for layer in layers[:3])}"
+                          f"{', …' if len(layers) > 3 else ''})")
+                candidate = attempt(" + ".join([name for name in path_names
+                                                if "in float" not in name] + [remedy]),
+                                    {**kept[2]["settings"], key: names}, folder, kept[2])
+                if candidate[2]["kept"]:
                     kept = candidate
-                if candidate[2]["passed"] and fast(candidate[2]):
-                    break  # a pass that costs latency is kept only if no cheaper one passes
+                    path_names = [name for name in path_names if "in float" not in name] + \
+                        [remedy]
+                if done(kept[2]):
+                    break
+            if not done(kept[2]) and not stopped:
+                stopped = ("ended with no candidate passing with margin: every remedy and "
+                           f"{previous} worst layer{'s' if previous != 1 else ''} in float "
+                           f"(export.int8_float_steps = {float_steps}) tried"
+                           if previous else "ended with no candidate passing with margin, and "
+                           "no layer to keep in float (no per-layer diagnosis, or "
+                           "export.int8_float_steps = 0)")
+                log(f"    int8 {fmt.name}: the search {stopped}")
         path, spec, row = kept
-        if judge is not None and row is not attempts[0] and files[0][1] is not None \
+        if judge is not None and row is not plain[2] and files[0][1] is not None \
                 and spec is not None:  # the latency cost of the remedy, measured in turns
             attempts[0]["p50_ms"], row["p50_ms"] = judge.side_by_side(
                 [files[0], (path, spec)], fmt)
@@ -286,33 +384,18 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
         Path(path).replace(out_path)
     if judge is not None and not attempts[0]["passed"] and not diagnosed:
         diagnosis = _safe(diagnose, first, log, fmt)
+    for attempt_row in attempts:
+        attempt_row.pop(AGREES, None)
+    float_names = row["settings"].get("float_nodes") or row["settings"].get("float_layers") \
+        or []
     return {"settings": row["settings"], "remedy": row["remedy"],
             "repaired": row["remedy"] != "plain" and bool(row["passed"]),
             "narrow": narrow,  # the plain file passed, but not by a margin the images support
-            "passed": row["passed"], "split": judge.split if judge else None,
+            "passed": row["passed"], "confident": done(row) if judge else None,
+            "split": judge.split if judge else None, "images": images or None,
+            "isa": isa, "seconds": round(time.perf_counter() - start, 1),
+            "stopped": stopped, "float": list(float_names),
             "attempts": attempts, "diagnosis": diagnosis, "spec": spec}
-
-
-def _search(fmt, base, plain, *, isa, calibration_samples, train_images):
-    """The remedies after a failed plain export, in order: (label, settings) pairs, the marker
-    "diagnose" where the per-layer error is measured, then float-layer steps that pick the
-    worst layers from it."""
-    for remedy, change in remedies(fmt.family, isa=isa, calibration_samples=calibration_samples,
-                                   train_images=train_images):
-        yield remedy, {**base, **change}
-    yield None, "diagnose"
-    key = "float_nodes" if fmt.family == "onnx" else "float_layers"
-    for count in FLOAT_LAYER_STEPS:
-        def keep_worst(diagnosis, settings, count=count):
-            layers = worst_layers(diagnosis, count)
-            if len(layers) <= count // 2:
-                return None  # no diagnosis, or no more layers than the step before
-            return {**settings, key: [name for layer in layers
-                                      for name in layer.get("nodes", [layer["name"]])]}
-        yield (lambda settings: f"{len(settings[key])} worst layer"
-               f"{'s' if len(settings[key]) > 1 else ''} kept in float "
-               f"({', '.join(_short(name) for name in settings[key][:3])}"
-               f"{', …' if len(settings[key]) > 3 else ''})"), keep_worst
 
 
 def worst_layers(diagnosis, count: int) -> list[dict]:
@@ -322,9 +405,6 @@ def worst_layers(diagnosis, count: int) -> list[dict]:
     layers = [layer for layer in diagnosis["layers"] if layer.get("error") is not None
               and not layer.get("reads_input") and not layer.get("writes_output")]
     return sorted(layers, key=lambda layer: -layer["error"])[:count]
-
-
-LATENCY_ALLOWANCE = 0.10  # a remedy may cost this much p50 over the plain int8 file
 
 
 def confident(row, thresholds, images: int) -> bool:
@@ -337,33 +417,6 @@ def confident(row, thresholds, images: int) -> bool:
 # The settings that change the graph's kernels; the others (calibration images and method,
 # reduce_range) change only its numbers, and so never its latency, whatever a noisy timer says
 GRAPH_SETTINGS = ("float_layers", "float_nodes", "activations", "per_channel")
-
-
-def _fast_enough(plain):
-    """Whether an attempt is as fast as the plain one: it changes no kernel, or its p50 is
-    within `LATENCY_ALLOWANCE` of the plain attempt's."""
-    limit, settings = plain.get("p50_ms"), plain.get("settings") or {}
-
-    def fast(row):
-        if all((row.get("settings") or {}).get(key) == settings.get(key)
-               for key in GRAPH_SETTINGS):
-            return True
-        return limit is None or row.get("p50_ms") is None or \
-            row["p50_ms"] <= limit * (1 + LATENCY_ALLOWANCE)
-    return fast
-
-
-def best(attempts, fast) -> dict:
-    """The closest attempt among those that cost no more latency than allowed (the plain
-    one is always among them): by agreement, then accuracy."""
-    judged = [row for row in attempts if row.get("agreement") is not None and fast(row)]
-    return max(judged, key=lambda row: _score(row, fast)) if judged else attempts[0]
-
-
-def _score(row, fast):
-    """Passed beats failed, then no latency cost beats a cost, then agreement and accuracy."""
-    return (bool(row.get("passed")), bool(fast(row)), row.get("agreement") or 0.0,
-            row.get("accuracy") or 0.0)
 
 
 def _safe(diagnose, settings, log, fmt):
@@ -380,12 +433,20 @@ def _short(name: str) -> str:
     return name if len(name) <= 40 else "…" + name[-39:]
 
 
-def _attempt_line(row) -> str:
+def _attempt_line(row, kept=None) -> str:
     if row.get("agreement") is None:
         return "FAILED: " + "; ".join(row.get("problems") or ["no result"])
-    return (f"accuracy {row['accuracy']:.4f}, agreement {row['agreement']:.4f}, "
+    line = (f"accuracy {row['accuracy']:.4f}, agreement {row['agreement']:.4f} "
+            f"(95% lower bound {row['agreement_low']:.4f}), "
             f"{row['size_bytes'] / 1024:,.0f} KiB, p50 {row['p50_ms']:.3f} ms, "
             + ("passed" if row["passed"] else "failed: " + "; ".join(row["problems"])))
+    if kept is not None and kept.get("agreement") is not None:
+        noise = "-" if row.get("noise") is None else f"{row['noise']:.4f}"
+        line += (f"; against the kept file's {kept['agreement']:.4f} (lower bound "
+                 f"{kept['agreement_low']:.4f}): gain {row['gain']:+.4f}, noise {noise}: "
+                 + ("KEPT, the next remedy builds on it" if row.get("kept") else
+                    "not kept (the gain does not exceed the noise)"))
+    return line
 
 
 # -- diagnosis -------------------------------------------------------------------------------

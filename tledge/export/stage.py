@@ -28,7 +28,8 @@ from tledge.formats import format_for, FORMATS
 from tledge.model import load_model
 from tledge.parity import predict_all
 from tledge.quiet import quiet
-from tledge.run_inputs import run_recipe, run_splits
+from tledge.metrics import CONFIDENCE, images_needed
+from tledge.run_inputs import int8_order, run_recipe, run_splits
 from tledge.rundir import (artifact_entry, artifacts, atomic_path, empty_manifest, failed_entry,
                            find_artifact, read_manifest, record_stage, set_artifact, sha256,
                            stage_hash, verified_artifact, write_manifest)
@@ -146,26 +147,49 @@ class Int8Plan:
     """What an int8 export of a run needs to judge and repair itself (`tledge.export.int8`)."""
     calibration_for: Callable  # count -> training images, the first `count` of one order
     calibration_samples: int
-    train_images: int
-    judge: object  # an int8.Judge on the validation split; None with export.int8_repair off
+    train_images: int  # the training images calibration may take (the repair split's apart)
+    judge: object  # an int8.Judge on the repair split; None with export.int8_repair off
     thresholds: Callable  # format name -> parity thresholds
     recorded: dict  # format name -> what its last export of this model kept
     isa: str
     max_attempts: int
     max_seconds: float
+    float_steps: int = 4
 
 
-JUDGE_IMAGES = 2000  # at most this many validation images judge each int8 candidate
+JUDGE_IMAGES = 2000  # at most this many images judge each int8 candidate
 
 
 def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int8Plan:
-    """The int8 plan of a run: candidates are judged on the validation split (test if there
-    is none) against the Keras model, in the runtime each format runs in."""
+    """The int8 plan of a run: candidates are judged against the Keras model, in the runtime
+    each format runs in, on the repair split: training images held apart from calibration
+    (`tledge.run_inputs.int8_order`), never the test split the validate stage judges. Where
+    the training split cannot spare any (or `export.int8_repair_images = 0`), on the
+    validation split (test if there is none), as the log says."""
     judge = None
+    calibration_order, repair = int8_order(splits, recipe)
     if recipe.export.int8_repair == "auto":
-        split = "val" if len(splits.y_val) else "test"
-        images, labels = (splits.x_val, splits.y_val) if split == "val" \
-            else (splits.x_test, splits.y_test)
+        thresholds = [recipe.validate.tolerance(name)["min_agreement"]
+                      for name in ("tflite_int8", "onnx_int8")]
+        needed = images_needed(max(thresholds))
+        if len(repair):
+            split, images, labels = "repair", splits.x_train[repair], \
+                np.asarray(splits.y_train)[repair]
+            log(f"  int8: repair candidates judged on {len(repair)} training images held "
+                f"apart from calibration (export.int8_repair_images = "
+                f"{recipe.export.int8_repair_images})"
+                + ("" if needed is not None and len(repair) >= needed else
+                   f"; fewer than the {needed} a perfect agreement needs to show "
+                   f"{max(thresholds)} at {CONFIDENCE:.0%}: no margin can be shown"))
+        else:
+            split = "val" if len(splits.y_val) else "test"
+            images, labels = (splits.x_val, splits.y_val) if split == "val" \
+                else (splits.x_test, splits.y_test)
+            log(f"  int8: the training split cannot spare images for a repair split "
+                f"({len(splits.y_train)} training images, {recipe.export.calibration_samples} "
+                f"for calibration, export.int8_repair_images = "
+                f"{recipe.export.int8_repair_images}); repair candidates judged on the "
+                f"{split} split")
         chosen = np.arange(len(labels))
         if len(chosen) > JUDGE_IMAGES:  # a seeded sample, every class in its proportion
             chosen = np.sort(np.random.default_rng(recipe.seed).choice(
@@ -178,8 +202,7 @@ def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int
                           tasks=manifest.get("tasks"))
             runner.close()
         else:
-            log("  int8: no validation or test images to judge int8 candidates on; "
-                "exported once, without repair")
+            log("  int8: no images to judge int8 candidates on; exported once, without repair")
     recorded = {entry["name"]: {"settings": entry["quantization"]["settings"],
                                 "remedy": entry["quantization"]["remedy"],
                                 "narrow": entry["quantization"].get("narrow", False),
@@ -188,14 +211,22 @@ def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int
                 and entry["quantization"].get("model_sha256") == reference["sha256"]
                 and entry["quantization"].get("passed")
                 and isinstance(entry["quantization"].get("settings"), dict)}
+
+    def calibration_for(count):
+        count = count or recipe.export.calibration_samples
+        if count > len(calibration_order):
+            warnings.warn(f"asked for {count} calibration images but the training split "
+                          f"spares only {len(calibration_order)} beside the repair split; "
+                          f"calibrating with {len(calibration_order)}", stacklevel=2)
+        return splits.x_train[calibration_order[:count]]
     return Int8Plan(
-        calibration_for=lambda count: calibration_images(
-            splits, count or recipe.export.calibration_samples, seed=recipe.seed),
+        calibration_for=calibration_for,
         calibration_samples=recipe.export.calibration_samples,
-        train_images=len(splits.y_train), judge=judge, thresholds=recipe.validate.tolerance,
-        recorded=recorded, isa=machine_facts()["isa"],
+        train_images=len(calibration_order), judge=judge,
+        thresholds=recipe.validate.tolerance, recorded=recorded, isa=machine_facts()["isa"],
         max_attempts=recipe.export.int8_repair_attempts,
-        max_seconds=recipe.export.int8_repair_seconds)
+        max_seconds=recipe.export.int8_repair_seconds,
+        float_steps=recipe.export.int8_float_steps)
 
 
 def _export_int8(row, model, path, plan, *, int8_io, model_sha256, log, tasks=None):
@@ -220,7 +251,8 @@ def _export_int8(row, model, path, plan, *, int8_io, model_sha256, log, tasks=No
         row, export, path, judge=plan.judge, thresholds=plan.thresholds(row.name),
         calibration_samples=plan.calibration_samples, train_images=plan.train_images,
         isa=plan.isa, diagnose=diagnose, recorded=plan.recorded.get(row.name),
-        max_attempts=plan.max_attempts, max_seconds=plan.max_seconds, log=log)
+        max_attempts=plan.max_attempts, max_seconds=plan.max_seconds,
+        float_steps=plan.float_steps, log=log)
     record["model_sha256"] = model_sha256
     return record.pop("spec"), record
 

@@ -247,6 +247,15 @@ class ExportRecipe:
                                        help="int8 exports tried per format, the first included")
     int8_repair_seconds: float = option(300.0, minimum=0.0, maximum=86_400.0,
                                         help="time after which the int8 search stops")
+    int8_repair_images: int = option(500, minimum=0, maximum=100_000,
+                                     help="training images held apart from calibration to "
+                                          "judge int8 repair candidates on (fewer where the "
+                                          "training split cannot spare them; 0: judge on the "
+                                          "validation split)")
+    int8_float_steps: int = option(4, minimum=0, maximum=5,
+                                   help="int8 repair: steps keeping the worst layers in float "
+                                        "(1, 2, 4, 8, 16 of them), tried after the "
+                                        "int8_repair_attempts, within int8_repair_seconds")
     author: str = option("", help="the author named in each .tflite's standard metadata")
     license: str = option("", help="the license named in each .tflite's standard metadata")
 
@@ -418,7 +427,8 @@ _HASHED_WHEN_SET = (("data", "synthetic", "domain", DEFAULT_DOMAIN), ("model", "
                     ("data", "train_per_class", 0), ("data", "tasks", []),
                     ("data", "synthetic", "colours", ["red", "green", "blue"]),
                     ("data", "synthetic", "sizes", list(SIZES)), ("model", "tasks", []),
-                    ("train", "best_by", "mean"), ("train", "compare_single_task", False))
+                    ("train", "best_by", "mean"), ("train", "compare_single_task", False),
+                    ("export", "int8_repair_images", 500), ("export", "int8_float_steps", 4))
 # An inline ensemble member's model and train tables: the keys added after members were
 _MEMBER_HASHED_WHEN_SET = (("model", "tasks", []), ("train", "best_by", "mean"),
                            ("train", "compare_single_task", False))

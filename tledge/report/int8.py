@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tledge import plots
 from tledge.export.int8 import GRAPH_SETTINGS
+from tledge.metrics import CONFIDENCE
 from tledge.rundir import artifacts
 
 
@@ -52,20 +53,30 @@ def section(manifest, parity_rows, split, figures, md) -> list[str]:
         lines += [f"**{name}**: " + sentence(record, parity_rows.get(name), split), ""]
         attempts = record.get("attempts") or []
         if len(attempts) > 1 or record.get("passed") is False:
-            judged_on = record.get("split") or "validation"
-            lines += [f"Attempts, judged in the artifact's own runtime on the {judged_on} split "
-                      "(the validate stage then judges the kept one on its own split):", "",
-                      "| # | remedy | accuracy | agreement | size KiB | p50 ms | result |",
-                      "|---:|---|---:|---:|---:|---:|---|"]
+            lines += [f"Attempts, judged in the artifact's own runtime on {_judged_on(record)} "
+                      "(the validate stage then judges the kept one on its own split). Each "
+                      "remedy is tried on top of the ones kept before it; a candidate replaces "
+                      "the kept file only when its gain in agreement exceeds the noise of the "
+                      f"comparison (one-sided {CONFIDENCE:.0%}, a sign test on the images where "
+                      "the two differ):", "",
+                      "| # | remedy | accuracy | agreement | 95 % lower bound | gain / noise "
+                      "| size KiB | p50 ms | result |",
+                      "|---:|---|---:|---:|---:|---|---:|---:|---|"]
             kept = _kept(record)
             for number, row in enumerate(attempts, 1):
                 size = row["size_bytes"] / 1024 if row.get("size_bytes") else None
+                versus = "-" if row.get("gain") is None else (
+                    f"{row['gain']:+.4f} / {_num(row.get('noise'))}"
+                    + (" kept" if row.get("kept") else ""))
                 lines.append(f"| {number} | {md(row['remedy'])}"
                              f"{' **(kept)**' if row is kept else ''} | "
                              f"{_num(row.get('accuracy'))} | {_num(row.get('agreement'))} | "
+                             f"{_num(row.get('agreement_low'))} | {versus} | "
                              f"{_num(size, ',.0f')} | {_num(row.get('p50_ms'), '.3f')} | "
                              f"{_result(row, md)} |")
             lines.append("")
+            if record.get("stopped"):
+                lines += [f"The search {record['stopped']}.", ""]
         key = f"quantization_{name}"
         if key in figures:
             lines += [f"![{figures[key][0]}]({figures[key][1]})", ""]
@@ -87,16 +98,19 @@ def repair_note(manifest, name) -> str:
         return (f" Its plain int8 export passed only narrowly; it ships with "
                 f"{record['remedy']}, the closest of the remedies that change no kernel on the "
                 "same images (see Quantization).")
-    return (f" Its plain int8 export failed parity; it passes with {record['remedy']} "
-            "(see Quantization).")
+    return (f" Its plain int8 export failed parity on the {record.get('split') or 'validation'}"
+            f" split; {record['remedy']} passed there (see Quantization).")
 
 
 def sentence(record, parity_row, split="test") -> str:
-    """What happened to one int8 artifact, in one sentence."""
+    """What happened to one int8 artifact, in one sentence. "Repaired" is said only of a file
+    that passes, on the repair split and on the validate stage's split; a file that fails is
+    said to fail."""
     attempts = record.get("attempts") or []
     plain, kept = (attempts[0] if attempts else {}), _kept(record)
-    final = ""
+    final, fails = "", False
     if parity_row and parity_row.get("agreement") is not None:
+        fails = parity_row["status"] == "failed"
         verdict = {"passed": "passes parity", "insufficient": "has not enough evidence for "
                    "parity: its figures meet the thresholds, on too few images to show them"}.get(
             parity_row["status"], "FAILS parity")
@@ -108,30 +122,67 @@ def sentence(record, parity_row, split="test") -> str:
                 + final + ".")
     if len(attempts) <= 1:
         how = "exported with the plain settings" + (
-            ", which passed on the " + (record.get("split") or "validation") + " split"
-            if plain.get("passed") else "")
+            ", which passed on " + _judged_on(record) if plain.get("passed") else
+            ", which FAILED on " + _judged_on(record) if plain.get("passed") is False else "")
         return how + final + "."
     if plain.get("remedy") != "plain":  # a rebuild reproduced an earlier repair
         return (f"reproduced the settings an earlier export kept ({record['remedy']})"
                 + final + ".")
-    cost = ""
-    if same_kernels(kept, plain):
-        cost = ", the same kernels as the plain file, so the same speed"
-    elif kept.get("p50_ms") and plain.get("p50_ms"):
-        change = kept["p50_ms"] / plain["p50_ms"] - 1
-        cost = (f", p50 {kept['p50_ms']:.3f} ms against {plain['p50_ms']:.3f} ms "
-                + ("unrepaired" if abs(change) < 0.005 else f"unrepaired, {change:+.0%}"))
+    cost = _cost(kept, plain)
     kept_name = "the plain export itself" if record["remedy"] == "plain" else record["remedy"]
+    bound = (f"agreement {kept.get('agreement') or 0:.4f}, 95 % lower bound "
+             f"{_num(kept.get('agreement_low'))}")
     if record.get("narrow"):
         return (f"the plain export passed only narrowly (agreement {plain.get('agreement', 0):.4f}"
-                f" on the {record.get('split') or 'validation'} split, too few images to "
-                f"trust a margin that thin); of the remedies that change no kernel, kept "
-                f"{kept_name} (agreement {kept.get('agreement', 0):.4f}{cost}){final}.")
+                f" on {_judged_on(record)}, too few images to trust a margin that thin); of "
+                f"the remedies that change no kernel, kept {kept_name} ({bound}{cost}){final}.")
     why = "; ".join(plain.get("problems") or []) or "it failed parity"
-    outcome = "repaired by" if record.get("passed") else \
-        "no remedy passed; kept the closest attempt,"
-    return (f"the plain export failed ({why}); {outcome} {kept_name} "
-            f"(agreement {kept.get('agreement', 0):.4f}{cost}){final}.")
+    if record.get("passed") and not fails:
+        outcome = f"repaired by {kept_name}"
+    elif record.get("passed"):
+        outcome = (f"the search kept {kept_name}, which passed on the repair split, but the "
+                   "file FAILS on the test split: not repaired")
+    else:
+        outcome = (f"no remedy passed: FAILED; kept the closest attempt, {kept_name}"
+                   if record["remedy"] != "plain" else
+                   "no remedy passed and none beat the plain file by more than the noise: "
+                   "FAILED; kept the plain export")
+    return (f"the plain export failed ({why}); {outcome} ({bound}{cost}){_floats(record, plain)}"
+            f"{final}.")
+
+
+def _judged_on(record) -> str:
+    split, images = record.get("split") or "validation", record.get("images")
+    if split == "repair":
+        return (f"the repair split ({images} training images held apart from calibration)"
+                if images else "the repair split")
+    return f"the {split} split" + (f" ({images} images)" if images else "")
+
+
+def _cost(kept, plain) -> str:
+    if same_kernels(kept, plain):
+        return ", the same kernels as the plain file, so the same speed"
+    if kept.get("p50_ms") and plain.get("p50_ms"):
+        change = kept["p50_ms"] / plain["p50_ms"] - 1
+        return (f", p50 {kept['p50_ms']:.3f} ms against {plain['p50_ms']:.3f} ms "
+                + ("unrepaired" if abs(change) < 0.005 else f"unrepaired, {change:+.0%}"))
+    return ""
+
+
+def _floats(record, plain) -> str:
+    """Which layers stayed in float and what they cost in size (latency: `_cost`)."""
+    kept = _kept(record)
+    names = (kept.get("settings") or {}).get("float_layers") or \
+        (kept.get("settings") or {}).get("float_nodes") or []
+    if not names:
+        return ""
+    size = ""
+    if kept.get("size_bytes") and plain.get("size_bytes"):
+        size = (f", {kept['size_bytes'] / 1024:,.0f} KiB against "
+                f"{plain['size_bytes'] / 1024:,.0f} KiB all-int8")
+    return (f"; {len(names)} layer{'s' if len(names) > 1 else ''} stayed in float ("
+            + ", ".join(f"`{md_name(name)}`" for name in names[:6])
+            + (", …" if len(names) > 6 else "") + f"{size})")
 
 
 def same_kernels(row, plain) -> bool:
