@@ -15,7 +15,6 @@ verdict), the layers kept in float and their cost, the search's time, and this C
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

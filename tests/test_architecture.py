@@ -12,18 +12,34 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "tledge"
 
 # Bottom to top. A module may import modules of its own layer and of the layers below, never
-# above. Patterns are module names or prefixes ending in ".".
+# above. Every module is named: a new module takes a layer by being placed here, not by the
+# folder it lands in.
 LAYERS = [
     ("base", ["tledge.errors", "tledge.schema", "tledge.formats", "tledge.quiet",
-              "tledge.parity", "tledge.bench.core", "tledge.tasks", "tledge.metrics"]),
+              "tledge.parity", "tledge.metrics", "tledge.bench.core", "tledge.tasks"]),
     ("run directory", ["tledge.rundir"]),
-    ("libraries", ["tledge.data", "tledge.data.", "tledge.backbones", "tledge.model",
-                   "tledge.flops", "tledge.recipe", "tledge.recipe.", "tledge.runners",
-                   "tledge.runners.", "tledge.plots", "tledge.run_inputs"]),
-    ("stages", ["tledge.train", "tledge.train.", "tledge.export", "tledge.export.",
-                "tledge.validate", "tledge.bench", "tledge.bench.", "tledge.explain",
-                "tledge.report", "tledge.report.", "tledge.predict", "tledge.inspection",
-                "tledge.domains"]),
+    ("libraries", ["tledge.data", "tledge.data.cache", "tledge.data.cifar10",
+                   "tledge.data.corruptions", "tledge.data.csv_source", "tledge.data.feed",
+                   "tledge.data.images", "tledge.data.leakage", "tledge.data.npz_source",
+                   "tledge.data.prepare", "tledge.data.prepare_worker", "tledge.data.sources",
+                   "tledge.data.synthetic", "tledge.backbones", "tledge.model", "tledge.flops",
+                   "tledge.recipe", "tledge.recipe.dump", "tledge.recipe.load",
+                   "tledge.recipe.rules", "tledge.recipe.spec", "tledge.runners",
+                   "tledge.runners.keras_runner", "tledge.runners.litert_runner",
+                   "tledge.runners.openvino_runner", "tledge.runners.ort_runner",
+                   "tledge.plots", "tledge.run_inputs"]),
+    ("pipeline", ["tledge.pipeline"]),
+    ("stages", ["tledge.train", "tledge.train.adabn", "tledge.train.bottlenecks",
+                "tledge.train.distribute", "tledge.train.ensemble", "tledge.train.loop",
+                "tledge.train.multi_worker", "tledge.train.phase", "tledge.train.stage",
+                "tledge.export", "tledge.export.int8", "tledge.export.metadata",
+                "tledge.export.onnx", "tledge.export.savedmodel", "tledge.export.stage",
+                "tledge.export.tflite", "tledge.export.tflite_standard", "tledge.validate",
+                "tledge.bench", "tledge.bench.bundle", "tledge.bench.emulate",
+                "tledge.bench.single_task", "tledge.bench.stage", "tledge.bench.worker",
+                "tledge.explain", "tledge.report", "tledge.report.document",
+                "tledge.report.domains", "tledge.report.int8", "tledge.report.tasks",
+                "tledge.predict", "tledge.inspection", "tledge.domains"]),
     ("orchestration", ["tledge.stages"]),
     ("interface", ["tledge.cli", "tledge.__main__", "tledge"]),
 ]
@@ -53,10 +69,17 @@ def imports(module: str, path: Path | None = None):
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            subs = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's own package, up level - 1
+                parts = module.split(".")
+                if (path or MODULES[module]).name != "__init__.py":
+                    parts = parts[:-1]
+                parts = parts[:len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            subs = [f"{base}.{alias.name}" for alias in node.names]
             # `from package import submodule` imports the submodule
-            names = [sub for sub in subs if sub in MODULES] or [node.module]
+            names = [sub for sub in subs if sub in MODULES] or [base]
         else:
             continue
         for name in names:
@@ -73,15 +96,10 @@ GRAPH = {module: imports(module) for module in MODULES}
 
 
 def layer_of(module: str) -> int:
-    best = None
-    for index, (_, patterns) in enumerate(LAYERS):
-        for pattern in patterns:
-            if module == pattern or (pattern.endswith(".") and module.startswith(pattern)):
-                length = len(pattern)
-                if best is None or length > best[1]:
-                    best = (index, length)
-    assert best is not None, f"{module} is in no layer of tests/test_architecture.py"
-    return best[0]
+    found = [index for index, (_, names) in enumerate(LAYERS) if module in names]
+    assert len(found) == 1, f"{module} is in {len(found)} layers of tests/test_architecture.py " \
+                            "(place it in one: which layer may it import?)"
+    return found[0]
 
 
 def test_every_module_has_a_layer():
@@ -89,9 +107,13 @@ def test_every_module_has_a_layer():
         layer_of(module)
 
 
+def test_every_layer_names_modules_that_exist():
+    named = [name for _, names in LAYERS for name in names]
+    assert sorted(set(named) - set(MODULES)) == []
+
+
 def test_no_import_cycles():
-    edges = {module: {target for target, _, _ in GRAPH[module][0] if target != "tledge"}
-             for module in MODULES}
+    edges = {module: {target for target, _, _ in GRAPH[module][0]} for module in MODULES}
     cycles = []
     state = {}
 
@@ -114,7 +136,7 @@ def test_no_upward_imports():
     upward = [f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} "
               f"({LAYERS[layer_of(target)][0]}), line {line}"
               for module in MODULES for target, line, _ in GRAPH[module][0]
-              if target != "tledge" and layer_of(target) > layer_of(module)]
+              if layer_of(target) > layer_of(module)]
     assert not upward, "\n".join(upward)
 
 
@@ -126,13 +148,35 @@ def test_tledge_imports_are_at_module_top():
     assert not nested, "\n".join(nested)
 
 
-# (the int8 export's diagnosis uses ONNX Runtime's quantization tools on graphs it is making;
-# it judges the files it keeps through the runners, like validate)
-@pytest.mark.parametrize("module", ["tledge.validate", "tledge.bench.stage", "tledge.bench.worker",
-                                    "tledge.bench.bundle", "tledge.predict", "tledge.explain"])
-def test_stages_reach_runtimes_only_through_the_runners(module):
+# Who may import a runtime itself: the runners, the engines every process shares (the device
+# script among them), and the exporters (the int8 export's diagnosis uses ONNX Runtime's
+# quantization tools on graphs it is making; it judges the files it keeps through the runners)
+RUNTIME_USERS = ("tledge.runners.", "tledge.bench.core", "tledge.export.")
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_every_other_module_reaches_runtimes_only_through_the_runners(module):
+    if module.startswith(RUNTIME_USERS):
+        return
     assert not GRAPH[module][1] & set(RUNTIME_MODULES), \
         f"{module} imports a runtime directly; load artifacts with tledge.runners.load"
+
+
+def test_the_runtime_table_loads_only_runner_modules():
+    """The runtime table names the modules it imports by string (importlib): each is a runner
+    module (libraries layer) with the loader it names."""
+    from tledge.formats import RUNTIME_ROWS
+    for row in RUNTIME_ROWS:
+        assert row.module.startswith("tledge.runners.") and row.module in MODULES, row
+        tree = ast.parse(MODULES[row.module].read_text(encoding="utf-8"))
+        assert row.loader in {node.name for node in tree.body
+                              if isinstance(node, ast.FunctionDef)}, row
+
+
+def test_a_recipe_imports_no_runner():
+    bad = [target for module in MODULES if module.startswith("tledge.recipe")
+           for target, _, _ in GRAPH[module][0] if target.startswith("tledge.runners")]
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("tledge.runners")])
@@ -148,11 +192,18 @@ def test_the_device_script_stands_alone():
 
 
 def test_the_reader_sees_what_the_rules_judge(tmp_path):
-    """An upward, a nested and a runtime import planted in a copy of a module are all seen."""
-    planted = tmp_path / "errors.py"
-    planted.write_text("import onnxruntime\nfrom tledge.stages import build\n\n\n"
+    """Upward, nested, relative, package-level and runtime imports planted in a copy of a
+    module are all seen."""
+    planted = tmp_path / "stage.py"
+    planted.write_text("import onnxruntime\nfrom tledge.stages import build\n"
+                       "from ..report import document\nfrom . import worker\n"
+                       "from tledge import build as also\n\n\n"
                        "def f():\n    from tledge import cli\n", encoding="utf-8")
-    found, third_party = imports("tledge.errors", planted)
-    assert ("tledge.stages", 2, True) in found and ("tledge.cli", 6, False) in found
+    found, third_party = imports("tledge.bench.stage", planted)
+    assert ("tledge.stages", 2, True) in found and ("tledge.cli", 9, False) in found
+    assert ("tledge.report.document", 3, True) in found
+    assert ("tledge.bench.worker", 4, True) in found
+    assert ("tledge", 5, True) in found  # the interface layer: upward from a stage
     assert "onnxruntime" in third_party
-    assert layer_of("tledge.stages") > layer_of("tledge.errors")
+    assert layer_of("tledge.stages") > layer_of("tledge.bench.stage")
+    assert layer_of("tledge") > layer_of("tledge.bench.stage")

@@ -59,7 +59,7 @@ def stages_redone(output) -> set:
             if f"== {stage} " in output or f"== {stage}\n" in output}
 
 
-def test_a_moved_checkout_and_a_copied_run_need_nothing_redone(tmp_path):
+def test_a_moved_checkout_and_a_copied_run_need_nothing_redone(tmp_path, monkeypatch):
     first = tmp_path / "first"
     recipe = checkout(first)
     result = invoke("build", recipe, "--out", first / "models" / "moved")
@@ -80,13 +80,26 @@ def test_a_moved_checkout_and_a_copied_run_need_nothing_redone(tmp_path):
     assert stages_redone(result.output) == set(), result.output
     assert "data: preparing" in result.output  # the copy's files were read, not trusted
 
-    # The run directory alone, copied elsewhere: every later stage works from the copy
+    # The run directory alone, copied elsewhere, with the checkout (recipes and photos) and
+    # the data cache gone: every command but training works from the images the run carries
     alone = shutil.copytree(second / "models" / "moved", tmp_path / "elsewhere" / "run")
     shutil.rmtree(second)
-    for command in (["validate"], ["bench", "--runtime", "litert"], ["report"],
-                    ["bundle", "--out", tmp_path / "bundle.zip"], ["bench", "--pick"]):
+    monkeypatch.setenv("TLEDGE_CACHE_DIR", str(tmp_path / "empty-cache"))
+    result = invoke("status", alone)
+    assert result.exit_code == 0 and "STALE" not in result.output, result.output
+    for command in (["export", "--format", "tflite", "--precision", "int8"], ["validate"], ["bench"],
+                    ["explain"], ["report"], ["bundle", "--out", tmp_path / "b.zip"],
+                    ["bench", "--pick"]):
         result = invoke(command[0], alone, *command[1:])
         assert result.exit_code == 0, (command, result.output)
+    empty = tmp_path / "empty-cache"  # nothing was prepared: the carried images were read
+    assert not empty.exists() or not any(empty.iterdir())
+    result = invoke("status", alone, "--json")
+    states = {stage["stage"]: stage["status"]
+              for stage in json.loads(result.output)["runs"][0]["stages"]}
+    assert result.exit_code == 0 and set(states.values()) == {"current"}, result.output
+    result = invoke("train", alone)  # only training needs what the run was trained from
+    assert result.exit_code == 2 and "photos" in result.output, result.output
 
 
 def test_a_bench_from_another_machine_is_not_current_here(built_run, tmp_path, small_recipe,

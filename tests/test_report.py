@@ -177,11 +177,20 @@ def test_explain_writes_an_overlay_for_an_image(built_run, tmp_path):
     from tledge.data.synthetic import generate
     pixels, _ = generate(["star"], 1, (32, 32), noise=0.0, seed=1)
     Image.fromarray(pixels[0]).save(image)
-    result = invoke("explain", image, "--run", run_dir, "--out", tmp_path / "out")
+    (tmp_path / "b").mkdir()
+    Image.fromarray(pixels[0][::-1]).save(tmp_path / "b" / "shape.png")  # the same name
+    result = invoke("explain", run_dir, image, tmp_path / "b" / "shape.png",
+                    "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert_real_png(tmp_path / "out" / "shape.gradcam.png")
+    assert_real_png(tmp_path / "out" / "b_shape.gradcam.png")  # not written over the first
+    # the older grammar (--run) still works
+    result = invoke("explain", image, "--run", run_dir, "--out", tmp_path / "old")
+    assert result.exit_code == 0, result.output
+    assert_real_png(tmp_path / "old" / "shape.gradcam.png")
 
 
 def test_explain_a_missing_image(built_run, tmp_path):
     run_dir, _, _ = built_run
-    assert_usage_error(invoke("explain", tmp_path / "nope.png", "--run", run_dir), "nope.png")
+    assert_usage_error(invoke("explain", run_dir, tmp_path / "nope.png"), "nope.png")
+    assert_usage_error(invoke("explain", tmp_path), "not a tledge run directory")

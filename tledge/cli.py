@@ -21,12 +21,13 @@ from tledge.data import load_splits
 from tledge.data.cache import cache_root, clear_entries, list_entries
 from tledge.data.corruptions import CORRUPTIONS, corrupt_folder
 from tledge.domains import evaluate_run
-from tledge.errors import TledgeError
+from tledge.errors import RecipeError, TledgeError
 from tledge.explain import explain_images, explain_run
 from tledge.export.stage import export_model_file, export_run
 from tledge.flops import backbone_cost
 from tledge.formats import FORMATS
 from tledge.inspection import describe_file, format_description
+from tledge.pipeline import check_sub_runs, require_current, run_status, STAGES
 from tledge.predict import predict_files
 from tledge.quiet import quiet
 from tledge.recipe.dump import dump_toml
@@ -144,9 +145,9 @@ def main():
 
     \b
     Another domain (another camera, light or line):
-      tledge evaluate models/quickstart --data photos/    the shift, in one number
-      tledge adapt models/quickstart --data photos/       AdaBN: adapt without labels
-      tledge corrupt photos/ photos_dim/ --corruption contrast
+      tledge evaluate models/quickstart --data recipes/adapt_quickstart.toml   the shift
+      tledge adapt models/quickstart --data recipes/adapt_quickstart.toml      AdaBN
+      tledge corrupt PHOTOS/ photos_dim/ --corruption contrast   (your class folders)
     """
 
 
@@ -155,17 +156,39 @@ RECIPE = click.Path(dir_okay=False, path_type=Path)
 RUN_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
+_JSON = click.option("--json", "as_json", is_flag=True,
+                     help="Print the result as JSON only (progress lines go to stderr).")
+
+
+def _json(data) -> str:
+    return json.dumps(data, indent=2,
+                      default=lambda value: value.item() if hasattr(value, "item") else str(value))
+
+
+def _log(as_json):
+    """Where progress lines go: stdout, or stderr when stdout carries JSON."""
+    return (lambda line: click.echo(line, err=True)) if as_json else click.echo
+
+
 @command(needs_tensorflow=False, name="check")
 @click.argument("recipe", type=RECIPE)
-def check(recipe):
+@_JSON
+def check(recipe, as_json):
     """Check RECIPE and print it with every default filled in.
 
-    Every problem is listed at once, with its key path. Exit code 0 when the recipe is
-    valid, 2 when it is not.
+    Every problem is listed at once, with its key path; the recipes a build derives from it
+    (its [baseline]'s, its single-task models') are checked too. Exit code 0 when the recipe
+    is valid, 2 when it is not.
 
     Example: tledge check recipes/quickstart.toml
     """
     resolved = load_recipe(recipe)
+    problems = check_sub_runs(resolved)  # what a build derives from it must hold too
+    if problems:
+        raise RecipeError(recipe, problems)
+    if as_json:
+        click.echo(_json(resolved.to_dict()))
+        return
     click.echo(f"# {recipe}: valid\n" + dump_toml(resolved.to_dict()))
 
 
@@ -247,7 +270,7 @@ def cache():
     Examples:
       tledge cache list
       tledge cache prepare recipes/mobilenet_cifar.toml
-      tledge cache clear 2d4df494851158fc99530ae9
+      tledge cache clear KEY     (a key `tledge cache list` prints)
     """
 
 
@@ -284,7 +307,7 @@ def cache_clear(keys, everything, cache_dir):
 
     A run whose entry is gone prepares it again from its source when it next needs it.
 
-    Example: tledge cache clear 2d4df494851158fc99530ae9
+    Example: tledge cache clear KEY   (a key from `tledge cache list`)
     """
     if not keys and not everything:
         raise UsageFailure("name the entries to delete (see `tledge cache list`), or --all")
@@ -327,6 +350,52 @@ def _table_epilog(title: str, rows) -> str:
     return "\b\n" + title + "\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in rows)
 
 
+_MARKS = {"current": "ok", "stale": "STALE", "missing": "missing", "failed": "FAILED"}
+
+
+@command(needs_tensorflow=False, name="status", epilog=_table_epilog(
+    "Stages (tledge.pipeline.STAGES), in order:",
+    [(row.name, f"reads {row.reads}; made current by `{row.command.format(run='RUN')}`")
+     for row in STAGES]))
+@click.argument("run_dir", type=RUN_DIR)
+@click.option("--json", "as_json", is_flag=True, help="Print the states as JSON only.")
+def status(run_dir, as_json):
+    """Show each stage of RUN_DIR and of its sub-runs: current, stale (and why), missing or
+    failed, with the command that makes it current.
+
+    Reads the run, never writes it, and needs nothing else: a run copied alone shows the same
+    states. Exit code 0 when every stage is current (a failed artifact is a known result),
+    1 otherwise.
+
+    \b
+    Examples: tledge status models/quickstart
+              tledge status models/quickstart --json
+    """
+    result = run_status(run_dir)
+    if as_json:
+        click.echo(_json(result))
+    else:
+        for run in result["runs"]:
+            where = run_dir if run["run"] == "." else run_dir / run["run"]
+            click.echo(f"{where}" + (f": {run['error']}" if "error" in run else ""))
+            for stage in run["stages"]:
+                line = f"  {stage['stage']:<9} {_MARKS[stage['status']]:<8}"
+                if stage["reason"]:
+                    line += f" {stage['reason']}"
+                if stage["status"] not in ("current", "failed") or \
+                        (stage["status"] == "failed" and stage["stage"] == "export"):
+                    line += f"  -> `{stage['command']}`"
+                click.echo(line.rstrip())
+        pick = result["pick"]
+        bench = next(stage for stage in result["runs"][0]["stages"] if stage["stage"] == "bench")
+        if pick:
+            click.echo(f"pick: {pick_name(pick)} on {pick['runtime']}"
+                       + ("" if bench["status"] == "current" else
+                          f" (not current: bench is {bench['status']})"))
+    if not result["current"]:
+        sys.exit(1)
+
+
 @command(name="export", lock="source", epilog=_table_epilog(
     "Formats (tledge.formats.FORMATS):",
     [(row.name, row.description) for row in FORMATS.values() if row.family != "keras"]))
@@ -351,32 +420,46 @@ def export(source, formats, precisions, calibration_dir, out):
     \b
     Examples: tledge export models/quickstart --format tflite
               tledge export models/quickstart --format onnx --precision int8
-              tledge export model.keras --format all --calibration-dir photos/
+              tledge export models/quickstart/model.keras --calibration-dir PHOTOS/
     """
     if source.is_file():
         if source.suffix != ".keras":
             raise UsageFailure(f"{source}: expected a run directory or a .keras file")
+        if "int8" in precisions or any("int8" in name for name in formats):
+            if calibration_dir is None:
+                raise UsageFailure("int8 needs images to calibrate with: add --calibration-dir "
+                                   "FOLDER (any images of the kind the model will see)")
         out_dir, entries = export_model_file(source, out, only=formats or None,
                                              precisions=precisions or None,
                                              calibration_dir=calibration_dir, log=click.echo)
         click.echo(f"wrote {out_dir / 'manifest.json'}")
     else:
+        for option, value in (("--out", out), ("--calibration-dir", calibration_dir)):
+            if value is not None:
+                raise UsageFailure(f"{option} is for a .keras file; a run directory is exported "
+                                   "into itself, calibrated on its own training images")
         entries = export_run(source, only=formats or None, precisions=precisions or None,
                              log=click.echo)
+        click.echo(f"the run's validation no longer covers these files: run `tledge validate "
+                   f"{source}` (then `tledge bench {source}`), or `tledge status {source}`")
     if any(entry["status"] == "failed" for entry in entries):
         sys.exit(1)
 
 
 @command(name="validate", lock="run_dir")
 @click.argument("run_dir", type=RUN_DIR)
-def validate(run_dir):
+@_JSON
+def validate(run_dir, as_json):
     """Check every artifact's accuracy against the Keras model, in its real runtime.
 
     Exit code 1 when any artifact fails its thresholds.
 
     Example: tledge validate models/quickstart
     """
-    _exit_on_parity(validate_run(run_dir, log=click.echo))
+    parity = validate_run(run_dir, log=_log(as_json))
+    if as_json:
+        click.echo(_json(parity.to_dict()))
+    _exit_on_parity(parity)
 
 
 def _parse_counts(ctx, param, value):
@@ -404,7 +487,8 @@ def _parse_counts(ctx, param, value):
               metavar="RESULT.json",
               help="Store a device's result (from a bundle's bench_device.py) in the run's "
                    "devices.json and report, under the device's name (runs nothing).")
-def bench(run_dir, runtimes, threads, batch, pick_only, device_result):
+@_JSON
+def bench(run_dir, runtimes, threads, batch, pick_only, device_result, as_json):
     """Time every artifact in every runtime it runs on, and name the pick.
 
     Each combination runs in its own process; a row gives load time, first inference,
@@ -423,21 +507,48 @@ def bench(run_dir, runtimes, threads, batch, pick_only, device_result):
                    f"combinations ran; wrote {report_run(run_dir)}")
         return
     if pick_only:
+        require_current(run_dir, "bench", using=f"bench {run_dir} --pick", escape=False)
         pick = load_pick(run_dir)
+        if as_json:
+            click.echo(_json(pick))
+            return
         click.echo(f"{pick_name(pick)} {pick['runtime']} threads={pick['threads']} "
                    f"batch={pick['batch']} p50_ms={pick['p50_ms']:.3f} "
                    f"path={_artifact_path(pick_folder(run_dir, pick), pick['artifact'])}"
                    if pick else "none")
         return
     result = bench_run(run_dir, runtimes=runtimes or None, threads=threads, batch_sizes=batch,
-                       log=click.echo)
+                       log=_log(as_json))
+    if as_json:
+        click.echo(_json(result))
+        return
     pick = result["pick"]
     click.echo(f"pick: {pick_name(pick)} on {pick['runtime']}" if pick else
                "pick: none (no artifact passed parity and ran)")
 
 
+def _pick_path(run_dir, unvalidated) -> Path:
+    """The file of a run's pick, after checking that the run's bench (and what it read) is
+    current, unless `unvalidated`."""
+    check_run_dir(run_dir)
+    if not unvalidated:
+        require_current(run_dir, "bench", using=f"predict --model {run_dir}")
+    pick = load_pick(run_dir)
+    if pick is None:
+        raise UsageFailure(f"{run_dir} has no pick (no artifact passed parity and ran); name a "
+                           "file with --model")
+    return Path(_artifact_path(pick_folder(run_dir, pick), pick["artifact"]))
+
+
 def _artifact_path(run_dir, name) -> str:
     return str(Path(run_dir) / find_artifact(read_manifest(run_dir), name)["path"])
+
+
+_UNVALIDATED = click.option(
+    "--unvalidated", is_flag=True,
+    help="Use the run's artifacts even when they are not validated as they are now (exported "
+         "again, or never validated): each is marked unvalidated. Without it, such a run is "
+         "refused with the command that validates it.")
 
 
 @command(name="bundle")
@@ -450,7 +561,8 @@ def _artifact_path(run_dir, name) -> str:
 @click.option("--images", "image_count", type=click.IntRange(min=0), default=0,
               help=f"Evaluation images to bundle for the device check, the classes taken "
                    f"in turns. Default 0: all of them, up to {IMAGE_CAP}.")
-def bundle(run_dir, out, names, image_count):
+@_UNVALIDATED
+def bundle(run_dir, out, names, image_count, unvalidated):
     """Pack artifacts into a zip to benchmark on a device (a Raspberry Pi, a Jetson).
 
     The zip holds the artifacts, labels, evaluation images (every class, taken in turns) with
@@ -465,9 +577,10 @@ def bundle(run_dir, out, names, image_count):
     """
     wanted = [name.strip() for group in names for name in group.split(",") if name.strip()]
     path = write_bundle(run_dir, out, names=wanted or None, image_count=image_count,
-                        log=click.echo)
+                        unvalidated=unvalidated, log=click.echo)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); on the device: unzip it, "
-               "then `python3 bench_device.py`")
+               "then `python3 bench_device.py --name DEVICE`, and bring result.json back with "
+               f"`tledge bench {run_dir} --import result.json`")
 
 
 @command(name="emulate", lock="run_dir")
@@ -478,7 +591,8 @@ def bundle(run_dir, out, names, image_count):
                              "(default: '<arch> (emulated)').")
 @click.option("--images", "image_count", type=click.IntRange(min=0), default=0,
               help="Evaluation images for the check (default 0: all, up to the bundle's cap).")
-def emulate_device(run_dir, arch, name, image_count):
+@_UNVALIDATED
+def emulate_device(run_dir, arch, name, image_count, unvalidated):
     """Run the device check on an emulated ARM userland: does the artifact classify there
     like here?
 
@@ -492,7 +606,8 @@ def emulate_device(run_dir, arch, name, image_count):
 
     Example: sudo tledge emulate models/quickstart --arch arm64
     """
-    outcome = emulate(run_dir, arch=arch, name=name, images=image_count, log=click.echo)
+    outcome = emulate(run_dir, arch=arch, name=name, images=image_count,
+                      unvalidated=unvalidated, log=click.echo)
     for check in outcome["result"].get("accuracy") or []:
         if "error" in check:
             click.echo(f"  {check['artifact']:<16} check failed: {check['error']}")
@@ -503,28 +618,40 @@ def emulate_device(run_dir, arch, name, image_count):
     click.echo(f"imported {outcome['device']!r}; wrote {report_run(run_dir)}")
 
 
-@command(name="explain", lock="run_dir")
-@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--run", "run_dir", type=RUN_DIR, required=True,
-              help="The run directory whose model explains the images.")
+@command(name="explain")
+@click.argument("arguments", nargs=-1, type=click.Path(path_type=Path),
+                metavar="RUN_DIR [IMAGE]...")
+@click.option("--run", "run_option", type=RUN_DIR, hidden=True,
+              help="The run directory (the first argument now; kept for older scripts).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for the overlays (default: beside each image).")
-def explain(images, run_dir, out):
+              help="Folder for the overlays of IMAGE files (default: beside each image).")
+def explain(arguments, run_option, out):
     """Grad-CAM: where the run's model looks for the class it predicts.
 
     With IMAGE files, writes IMAGE.gradcam.png for each (the image and its heat map side by
-    side). Without, redraws the run's Grad-CAM grids and feature maps and rebuilds the report.
+    side; two images of one name from two folders are told apart by their folders). Without,
+    redraws the run's Grad-CAM grids and feature maps and rebuilds the report.
 
     \b
-    Examples: tledge explain photo.jpg --run models/quickstart
-              tledge explain --run models/quickstart
+    Examples: tledge explain models/quickstart PHOTO.jpg
+              tledge explain models/quickstart
     """
-    if images:
-        for path in explain_images(list(images), run_dir, out=out):
+    arguments = list(arguments)
+    if run_option is None:
+        if not arguments:
+            raise UsageFailure("name the run directory: `tledge explain RUN_DIR [IMAGE]...`")
+        run_option = arguments.pop(0)
+    run_dir = check_run_dir(run_option)
+    if arguments:
+        for path in explain_images(arguments, run_dir, out=out):
             click.echo(f"wrote {path}")
         return
-    explain_run(run_dir, log=click.echo)
-    click.echo(f"wrote {report_run(run_dir)}")
+    if out is not None:
+        raise UsageFailure("--out is where IMAGE overlays go; a run's own figures are written "
+                           "into the run")
+    with run_lock(run_dir):
+        explain_run(run_dir, log=click.echo)
+        click.echo(f"wrote {report_run(run_dir)}")
 
 
 @command(needs_tensorflow=False, name="report", lock="run_dir")
@@ -545,7 +672,8 @@ def report(run_dir):
                    "test split is judged).")
 @click.option("--name", help="The domain's name in domains.json and the report (default: the "
                              "folder's, file's or recipe's name).")
-def evaluate(run_dir, data, name):
+@_JSON
+def evaluate(run_dir, data, name, as_json):
     """How much worse is the model on other data? The domain shift, in one number.
 
     Runs the Keras model and every artifact that passed parity on DATA, in their real
@@ -554,10 +682,14 @@ def evaluate(run_dir, data, name):
     name and shown in the report's Domains section.
 
     \b
-    Examples: tledge evaluate models/quickstart --data photos_from_the_line/
-              tledge evaluate models/adapt_quickstart --data recipes/adapt_target.toml
+    Examples: tledge evaluate models/quickstart --data recipes/adapt_quickstart.toml
+              tledge evaluate models/quickstart --data PHOTOS/   (your class folders)
     """
-    result = evaluate_run(run_dir, data, name=name, log=click.echo)
+    result = evaluate_run(run_dir, data, name=name, log=_log(as_json))
+    if as_json:
+        report_run(run_dir)
+        click.echo(_json(result))
+        return
     keras_row = result["rows"][0]
     if keras_row.get("source_accuracy") is not None:
         click.echo(f"shift: {keras_row['source_accuracy']:.1%} on the source "
@@ -588,7 +720,7 @@ def adapt(run_dir, data, out, name):
     "keep").
 
     \b
-    Example: tledge adapt models/adapt_quickstart --data recipes/adapt_target.toml
+    Example: tledge adapt models/quickstart --data recipes/adapt_quickstart.toml
     """
     run, parity = adapt_run(run_dir, data, out=out, name=name, log=click.echo)
     _exit_on_parity(parity)
@@ -610,7 +742,8 @@ def corrupt(source, out, corruption, severity, seed):
     how the model holds up before it meets such images for real.
 
     \b
-    Example: tledge corrupt photos/ photos_dim/ --corruption contrast --severity 3
+    Example: tledge corrupt PHOTOS/ photos_dim/ --corruption contrast --severity 3
+    (PHOTOS/: your folder of class sub-folders)
     """
     count = corrupt_folder(source, out, corruption, severity, seed=seed, log=click.echo)
     click.echo(f"wrote {count} images to {out} ({corruption}, severity {severity})")
@@ -641,18 +774,24 @@ def inspect_artifact(artifact, as_json):
 
 @command(name="predict")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "artifact", required=True, type=ARTIFACT,
-              help="The artifact to run: a .tflite, .onnx or .keras file.")
+@click.option("--model", "artifact", required=True, type=click.Path(path_type=Path),
+              help="The artifact to run: a .tflite, .onnx or .keras file, or a run directory "
+                   "(its pick, which must be validated and benchmarked as it is).")
+@_UNVALIDATED
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many classes to show per image.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON only: a list with one object per image.")
-def predict(images, artifact, top_k, as_json):
+def predict(images, artifact, top_k, as_json, unvalidated):
     """Classify IMAGE files with an artifact, in its real runtime and through the same image
     loader as training.
 
-    Example: tledge predict photo.jpg --model models/quickstart/model_int8.tflite --top-k 3
+    \b
+    Examples: tledge predict PHOTO.jpg --model models/quickstart/model_int8.tflite --top-k 3
+              tledge predict PHOTO.jpg --model models/quickstart   (the run's pick)
     """
+    if artifact.is_dir():
+        artifact = _pick_path(artifact, unvalidated)
     results = predict_files(list(images), artifact, top_k=top_k)
     if as_json:
         click.echo(json.dumps(results, indent=2))

@@ -24,6 +24,7 @@ from tledge.errors import DataError
 from tledge.formats import FORMATS
 from tledge.metrics import accuracy, agreement, confusion_matrix, per_class_accuracy
 from tledge.parity import predict_all
+from tledge.pipeline import validated_rows
 from tledge.recipe.load import load_recipe
 from tledge.recipe.spec import CsvRecipe, DataRecipe
 from tledge.rundir import (DOMAINS, PARITY, artifacts, find_artifact, read_manifest,
@@ -143,8 +144,12 @@ def evaluate_run(run_dir, data_arg, *, name=None, log=print) -> dict:
         runner.close()
     source = source_figures(run_dir)
     rows = [_row("keras", "keras", reference, labels, reference, manifest["labels"], source)]
-    passed = {(row["artifact"], row["runtime"]) for row in _parity_rows(run_dir)
-              if row["status"] == "passed"}
+    current = validated_rows(run_dir, manifest)  # rows of the files as they are now
+    passed = {key for key, row in current.items() if row["status"] == "passed"}
+    for entry in artifacts(manifest):
+        if entry["name"] != "keras" and not any(key[0] == entry["name"] for key in current):
+            log(f"evaluate: {entry['name']} is left out: not validated as it is now (run "
+                f"`tledge validate {run_dir}`)")
     for entry in artifacts(manifest):
         for artifact, runtime in sorted(passed):
             if artifact != entry["name"]:
@@ -172,11 +177,6 @@ def _row(artifact, runtime, probabilities, labels, reference, classes, source) -
             **scores(probabilities, labels, reference, classes),
             "source_accuracy": own.get("accuracy"), "source_split": own.get("split"),
             "source_per_class": dict(zip(classes, own.get("per_class") or []))}
-
-
-def _parity_rows(run_dir) -> list:
-    path = Path(run_dir) / PARITY
-    return read_record(path)["rows"] if path.is_file() else []
 
 
 def line(row) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tledge.data.images import load_image, resize_images
-from tledge.errors import ArtifactError, RunDirError
+from tledge.errors import ArtifactError
 from tledge.model import find_backbone, load_model, predict_in_batches
 from tledge.plots import FIGURES, pyplot, save_figure
 from tledge.run_inputs import evaluation_split, run_splits
@@ -164,25 +164,6 @@ def _models_to_explain(run_dir, manifest):
              verified_artifact(run_dir, keras_entry))]
 
 
-def explain_is_current(run_dir) -> bool:
-    """explain.json exists, its figures too, and it explained the models the run has now."""
-    run_dir = Path(run_dir)
-    if not (run_dir / EXPLAIN).is_file():
-        return False
-    try:
-        record = read_record(run_dir / EXPLAIN)
-    except RunDirError:
-        return False  # explain writes it again
-    models = {portable(path, run_dir): path
-              for _, _, path in _models_to_explain(run_dir, read_manifest(run_dir))}
-    recorded = record.get("models")
-    return (isinstance(recorded, dict) and sorted(recorded) == sorted(models)
-            and all(path.is_file() and sha256(path) == recorded[key]
-                    for key, path in models.items())
-            and all(isinstance(figure, dict) and isinstance(figure.get("file"), str)
-                    and (run_dir / figure["file"]).is_file() for figure in record["figures"]))
-
-
 def explain_run(run_dir, *, log=print) -> dict:
     """Grad-CAM grids (and one image's feature maps) for the run's evaluation split."""
     run_dir = Path(run_dir)
@@ -194,7 +175,7 @@ def explain_run(run_dir, *, log=print) -> dict:
     record = {"split": split, "figures": [], "models": {}}
     for title, stem, path in _models_to_explain(run_dir, manifest):
         model = load_model(path)
-        record["models"][portable(path, run_dir)] = sha256(path)
+        record["models"][portable(Path(path).resolve(), run_dir)] = sha256(path)
         size = tuple(model.inputs[0].shape[1:3])
         seen = images if images.shape[1:3] == size else resize_images(images, size)
         outputs = predict_in_batches(model, seen)
@@ -232,6 +213,7 @@ def explain_images(paths, run_dir, *, out=None) -> list[Path]:
     model = load_model(path)
     size = tuple(model.inputs[0].shape[1:3])
     written = []
+    targets = _overlay_paths([Path(path) for path in paths], out)
     for image_path in map(Path, paths):
         if not image_path.is_file():
             raise ArtifactError(f"{image_path} does not exist")
@@ -247,9 +229,25 @@ def explain_images(paths, run_dir, *, out=None) -> list[Path]:
             axis.axis("off")
         classes = tasks[0]["labels"] if tasks else manifest["labels"]
         axes[1].set_title(f"Grad-CAM: {classes[int(chosen[0])]}", fontsize=9)
-        target = Path(out) / f"{image_path.stem}.gradcam.png" if out else \
-            image_path.with_name(f"{image_path.stem}.gradcam.png")
-        written.append(save_figure(figure, target))
+        written.append(save_figure(figure, targets[image_path]))
     return written
+
+
+def _overlay_paths(paths, out) -> dict:
+    """{image: its overlay's path}: IMAGE.gradcam.png beside the image, or in `out`; two
+    images of the same name (from two folders) into one `out` are told apart by their
+    folders' names, never written over each other."""
+    targets, taken = {}, set()
+    for path in paths:
+        folder = Path(out) if out else path.parent
+        target = folder / f"{path.stem}.gradcam.png"
+        parents = [part for part in reversed(path.resolve().parent.parts) if part != "/"]
+        for depth in range(len(parents)):
+            if target.resolve() not in taken:
+                break
+            target = folder / f"{'_'.join(reversed(parents[:depth + 1]))}_{path.stem}.gradcam.png"
+        targets[path] = target
+        taken.add(target.resolve())
+    return targets
 
 

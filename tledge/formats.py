@@ -1,9 +1,12 @@
 """The table of artifact formats: one row per format x precision.
 
 This one table feeds the recipe's choices, the export dispatch, the default parity
-tolerances, `tledge export --help` and the parametrized tests. Which runtimes run a family is
-the runners' table (`tledge.runners.RUNTIMES`). A new precision is
-a new row here plus its branch in the exporter module of its family.
+tolerances, `tledge export --help` and the parametrized tests. A new precision is a new row
+here plus its branch in the exporter module of its family.
+
+Below it, the table of runtimes: which runtime runs which family, in which runner module.
+It is plain data, so that a recipe can name runtimes without importing any runner;
+`tledge.runners.RUNTIMES` is the same table with the behaviour (load, unavailable).
 """
 
 from __future__ import annotations
@@ -72,3 +75,37 @@ def precisions(family: str) -> tuple[str, ...]:
 
 def format_for(family: str, precision: str) -> Format:
     return FORMATS[f"{family}_{precision}" if family != "keras" else "keras"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeRow:
+    name: str
+    families: tuple[str, ...]  # artifact families it executes
+    module: str  # the runner module (tledge.runners.*) that loads it
+    loader: str  # the function of that module that loads an artifact
+    description: str
+    device: str | None = None  # a runtime bound to one device ("gpu"): overrides the caller's
+
+
+RUNTIME_ROWS: tuple[RuntimeRow, ...] = (
+    RuntimeRow("keras", ("keras",), "tledge.runners.keras_runner", "load_keras",
+               "Keras model as a compiled tf.function (never model.predict)"),
+    RuntimeRow("litert", ("tflite",), "tledge.runners.litert_runner", "load_litert",
+               "LiteRT interpreter (ai_edge_litert), XNNPACK delegate"),
+    RuntimeRow("litert_no_xnnpack", ("tflite",), "tledge.runners.litert_runner",
+               "load_litert_builtin", "LiteRT interpreter, builtin kernels only (XNNPACK off)"),
+    RuntimeRow("onnxruntime", ("onnx",), "tledge.runners.ort_runner", "load_onnxruntime",
+               "ONNX Runtime, CPU execution provider"),
+    RuntimeRow("openvino", ("onnx",), "tledge.runners.openvino_runner", "load_openvino",
+               "OpenVINO on the CPU (the .onnx artifacts; pip install openvino)"),
+    RuntimeRow("tensorflow", ("savedmodel",), "tledge.runners.keras_runner", "load_savedmodel",
+               "a SavedModel's serving signature, in TensorFlow"),
+    RuntimeRow("keras_gpu", ("keras",), "tledge.runners.keras_runner", "load_keras",
+               "Keras model on TensorFlow's first GPU", device="gpu"),
+    RuntimeRow("onnxruntime_cuda", ("onnx",), "tledge.runners.ort_runner", "load_onnxruntime",
+               "ONNX Runtime, CUDA execution provider", device="gpu"),
+    RuntimeRow("onnxruntime_tensorrt", ("onnx",), "tledge.runners.ort_runner",
+               "load_onnxruntime", "ONNX Runtime, TensorRT execution provider",
+               device="tensorrt"),
+)
+RUNTIME_NAMES = tuple(row.name for row in RUNTIME_ROWS)

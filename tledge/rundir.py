@@ -18,7 +18,6 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from tledge.bench.core import machine_facts
 from tledge.errors import RunDirError
 from tledge.tasks import tasks_problem
 
@@ -402,7 +401,7 @@ def record_stage(manifest: dict, stage: str, *, outputs=(), reads=(), run_dir=No
     """Enter a finished stage in the manifest (not saved): its facts, the sha256 of each
     record it wrote (`outputs`) and of each run file it read (`reads`; None for one that was
     not there; kept by name, or by path from `run_dir` when given). A stage is current
-    only while both are still what they were (see `stage_is_current`): a record rewritten after
+    only while both are still what they were (see `tledge.pipeline.stage_state`): a record rewritten after
     the manifest, or an input that changed or appeared since, makes the stage run again."""
     manifest["stages"][stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **facts}
     if reads:
@@ -418,70 +417,6 @@ def note_output(manifest: dict, stage: str, path) -> None:
     record = manifest["stages"].get(stage)
     if record is not None:
         record.setdefault("outputs", {})[Path(path).name] = sha256(path)
-
-
-# Each stage depends on the stage before it and on its own recipe section.
-STAGE_INPUTS = {"export": ("train", "export"), "validate": ("export", "validate"),
-                "bench": ("validate", "bench")}
-# The records each stage writes: a stage whose record is missing or damaged is not current
-STAGE_OUTPUTS = {"train": (SPLIT, HISTORY), "validate": (PARITY,), "bench": (BENCH,)}
-
-
-def stage_hash(manifest: dict, recipe, stage: str) -> str | None:
-    """The hash a stage's outputs carry: the previous stage's hash, its recipe section, and
-    the files it reads: export the trained model, validate every artifact (and the runtimes
-    of [bench]), bench the machine it measures on (a bench from another machine is not
-    current here).
-
-    None when the previous stage has not run.
-    """
-    previous, section = STAGE_INPUTS[stage]
-    before = manifest["stages"].get(previous, {}).get("hash")
-    if before is None:
-        return None
-    text = f"{before}:{recipe.hash(section)}"
-    reads = {"export": [entry for entry in artifacts(manifest) if entry["name"] == "keras"],
-             "validate": artifacts(manifest)}.get(stage, [])
-    text += ":" + ",".join(sorted(f"{entry['name']}={entry.get('sha256')}" for entry in reads))
-    if stage == "validate":  # a runtime added to [bench] is validated (and benchmarked)
-        text += ":" + ",".join(recipe.bench.runtimes)
-    if stage == "bench":  # the pick is made there too
-        text += ":" + machine_key() + ":" + recipe.hash("pick")
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def machine_key() -> str:
-    """What makes a latency figure this machine's: the CPU, its vector ISA and core count."""
-    facts = machine_facts()
-    return "|".join(str(facts.get(key)) for key in ("cpu", "isa", "cores", "arch"))
-
-
-def stage_is_current(run_dir, manifest: dict, stage: str, expected: str | None) -> bool:
-    """Whether `stage` already ran with `expected` hash and its outputs are intact."""
-    record = manifest["stages"].get(stage)
-    if expected is None or not record or record.get("hash") != expected:
-        return False
-    for name in STAGE_OUTPUTS.get(stage, ()):
-        try:
-            read_record(Path(run_dir) / name)
-        except RunDirError:
-            return False
-    for name, digest in (record.get("outputs") or {}).items():
-        if checked_sha256(Path(run_dir) / str(name)) != digest:
-            return False  # rewritten since the stage recorded it
-    for name, digest in (record.get("reads") or {}).items():
-        if checked_sha256(Path(run_dir) / str(name)) != digest:
-            return False  # what it read changed since
-    if stage == "export" and any(entry.get("status") == "failed"
-                                 for entry in manifest["artifacts"]):
-        return False  # a format that failed (a full disk?) is tried again
-    if stage in ("train", "export"):
-        family = {"train": ("keras",), "export": ("tflite", "onnx", "savedmodel")}[stage]
-        for entry in artifacts(manifest):
-            if entry["family"] in family:
-                if checked_sha256(Path(run_dir) / entry["path"]) != entry["sha256"]:
-                    return False
-    return True
 
 
 def artifacts(manifest: dict, *, include_failed=False) -> list[dict]:

@@ -22,21 +22,22 @@ from tledge.data import load_splits
 from tledge.data.sources import BAD_IMAGES, prepared_entry
 from tledge.domains import target_data, target_splits
 from tledge.errors import RecipeError, RunDirError, TledgeError, TrainError
-from tledge.explain import explain_is_current, explain_run
+from tledge.explain import explain_run
 from tledge.export.stage import export_run
 from tledge.formats import FORMATS
 from tledge.model import load_model
+from tledge.pipeline import baseline_recipe, run_states, single_task_recipe, STAGES
 from tledge.quiet import quiet
 from tledge.recipe.dump import stored_recipe_text
 from tledge.recipe.load import load_recipe, member_recipes
-from tledge.recipe.spec import PhaseRecipe, Recipe
+from tledge.recipe.spec import Recipe
 from tledge.report.document import baseline_warning, own_runtime_rows, report_run
-from tledge.run_inputs import evaluation_split, run_recipe, run_splits
+from tledge.run_inputs import carry_inputs, evaluation_split, run_recipe, run_splits
 from tledge.rundir import (artifact_entry, atomic_path, BENCH, DOMAINS, find_artifact, HISTORY,
                            INNER_RUNS, LOCK, MANIFEST, new_manifest, PARITY, portable,
                            read_manifest, read_record, RECIPE, record_stage, REPORT, run_lock,
-                           set_artifact, sha256, SINGLE_TASK, SPLIT, stage_hash,
-                           stage_is_current, verified_artifact, write_json, write_manifest,
+                           set_artifact, sha256, SINGLE_TASK, SPLIT, verified_artifact,
+                           write_json, write_manifest,
                            write_text)
 from tledge.train.adabn import adapt_batchnorm
 from tledge.train.distribute import worker_role
@@ -304,25 +305,12 @@ def _trained_manifest(folder, recipe, model, splits) -> dict:
     set_artifact(manifest, entry)
     manifest["data"] = {"cache_key": splits.record["cache"]["key"],
                         "cache_root": splits.record["cache"]["root"],
-                        "fingerprint": splits.record["fingerprint"]}
+                        "fingerprint": splits.record["fingerprint"],
+                        "inputs": carry_inputs(folder, splits, recipe)}
     return manifest
 
 
 BASELINE_DIR = INNER_RUNS[0]  # a run's [baseline] model: a run directory of its own inside it
-
-
-def baseline_recipe(recipe) -> Recipe:
-    """The recipe a run's `[baseline]` model is exported, validated and benchmarked under:
-    the same data, split, export, validation and bench, its own model and training."""
-    settings = recipe.baseline
-    return dataclasses.replace(
-        recipe, name=f"{recipe.name}.baseline", baseline=None, ensemble=None,
-        model=dataclasses.replace(recipe.model, backbone=settings.backbone, weights="none",
-                                  alpha=None),
-        train=dataclasses.replace(recipe.train, feature_extraction=PhaseRecipe(
-            epochs=settings.epochs, learning_rate=settings.learning_rate,
-            optimizer=settings.optimizer, early_stopping=settings.early_stopping),
-            fine_tune=dataclasses.replace(recipe.train.fine_tune, epochs=0)))
 
 
 def _write_baseline_run(run_dir, recipe, model, splits, train_key, summary) -> None:
@@ -331,7 +319,8 @@ def _write_baseline_run(run_dir, recipe, model, splits, train_key, summary) -> N
     _write_inner_run(Path(run_dir) / BASELINE_DIR, baseline_recipe(recipe), model, splits,
                      f"{train_key}-baseline",
                      {"phases": [summary["phase"]], "backbone": summary["backbone"],
-                      "test_accuracy": summary["test_accuracy"], "baseline_of": ".."})
+                      "pretrained": False, "test_accuracy": summary["test_accuracy"],
+                      "baseline_of": ".."})
 
 
 def _write_inner_run(folder, derived, model, splits, train_key, history) -> None:
@@ -394,15 +383,6 @@ def _single_task_current(folder, train_key) -> bool:
     except (RunDirError, KeyError, StopIteration):
         return False
     return manifest["stages"].get("train", {}).get("hash") == train_key
-
-
-def single_task_recipe(recipe, task: str) -> Recipe:
-    """The recipe of a multi-task run's single-task model for `task`: the same data, split,
-    backbone, training, export and bench, one output."""
-    return dataclasses.replace(
-        recipe, name=f"{recipe.name}.{task}",
-        model=dataclasses.replace(recipe.model, tasks=(task,)),
-        train=dataclasses.replace(recipe.train, best_by="mean", compare_single_task=False))
 
 
 def candidate_runs(run_dir) -> list[Path]:
@@ -488,44 +468,58 @@ def build(recipe_path, *, out=None, log=print, verbose="auto", force=False):
 
 def _build_locked(recipe, run_dir, *, log, verbose, force):
     started = time.perf_counter()
-
-    def current(folder, stage, expected, label):
-        if force or not (folder / MANIFEST).is_file():
-            return False
-        if stage_is_current(folder, read_manifest(folder), stage, expected):
-            log(f"== {stage}{label}: up to date (hash {expected}), skipped; --force redoes it")
-            return True
-        return False
-
     set_aside_damaged_manifest(run_dir, log)
     starting = starting_points(recipe, run_dir, log=log, verbose=verbose)
-    if force or not current(run_dir, "train", train_hash(recipe, starting[0], log=log), ""):
+    expected = train_hash(recipe, starting[0], log=log)
+    if _redo(run_dir, "train", recipe, run_dir, log=log, force=force, expected=expected):
         log(f"== train  {recipe.name} -> {run_dir}")
         train_run(recipe, run_dir, log=log, verbose=verbose, restart=force, starting=starting)
     else:  # the sections after train may have changed, and the stored copy may be damaged:
         write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))  # later stages read it
         _complete_single_task(recipe, run_dir, starting, log=log, verbose=verbose)
-    parity = _after_training(run_dir, recipe, log=log, force=force, current=current)
+    parity = _after_training(run_dir, recipe, log=log, force=force)
     log(f"built {recipe.name} in {time.perf_counter() - started:.0f} s")
     return run_dir, parity
 
 
-def _after_training(run_dir, recipe, *, log, force, current):
-    """export, validate, bench (each skipped when `current`), explain and report of a run
-    whose model is trained (or adapted); returns its parity report."""
-    runs = candidate_runs(run_dir)  # the baseline's stages run too, and it is benchmarked
-    for stage, run in (("export", export_run), ("validate", validate_run),  # before the run
-                       ("bench", bench_run)):  # itself, whose pick weighs both
-        for folder in reversed(runs) if stage == "bench" else runs:
-            label = "" if folder == run_dir else f" ({folder.relative_to(run_dir)})"
-            folder_recipe = recipe if folder == run_dir else run_recipe(folder)
-            if not current(folder, stage, stage_hash(read_manifest(folder), folder_recipe,
-                                                     stage), label):
-                log(f"== {stage}{label}")
-                run(folder, log=log)
-    if force or not explain_is_current(run_dir):
-        log("== explain")
-        explain_run(run_dir, log=log)
+def _redo(folder, stage, recipe, run_dir, *, log, force, expected=None) -> bool:
+    """Whether a build runs `stage` of `folder` (the run or one of its sub-runs): the
+    pipeline's table decides (`tledge.pipeline`); the build says what it skips and why it
+    redoes."""
+    label = "" if folder == run_dir else f" ({folder.relative_to(run_dir)})"
+    if force or not (folder / MANIFEST).is_file():
+        return True
+    states = run_states(folder, recipe=recipe if folder == run_dir else None,
+                        expected_train=expected, sub_run=folder != run_dir)
+    state = next(state for state in states if state.stage == stage)
+    if not state.redo:
+        log(f"== {stage}{label}: up to date, skipped; --force redoes it")
+        return False
+    if state.status == "stale" and state.reason:
+        log(f"   ({stage}{label} is stale: {state.reason})")
+    return True
+
+
+_RUN = {"export": export_run, "validate": validate_run, "bench": bench_run,
+        "explain": explain_run}
+
+
+def _after_training(run_dir, recipe, *, log, force):
+    """The stages after training, in the pipeline's table order (each skipped when current):
+    export, validate and bench of the run and of its sub-runs (the sub-runs benchmarked
+    before the run itself, whose pick weighs them all), explain, report. Returns the run's
+    parity report."""
+    runs = candidate_runs(run_dir)
+    for row in STAGES[1:]:
+        if row.name == "report":
+            continue
+        folders = (list(reversed(runs)) if row.name == "bench" else runs) if row.sub_runs \
+            else [run_dir]
+        for folder in folders:
+            if _redo(folder, row.name, recipe, run_dir, log=log, force=force):
+                log(f"== {row.name}" + ("" if folder == run_dir
+                                        else f" ({folder.relative_to(run_dir)})"))
+                _RUN[row.name](folder, log=log)
     parity = load_parity(run_dir)
     path = report_run(run_dir)
     pick = read_manifest(run_dir).get("pick")
@@ -608,8 +602,7 @@ def adapt_run(parent_dir, data_arg, *, out=None, name=None, log=print):
         record_stage(manifest, "train", hash=_adapt_hash(reference["sha256"], recipe),
                      adapted_from=adaptation["parent"], method="adabn")
         write_manifest(run_dir, manifest)
-        parity = _after_training(run_dir, recipe, log=log, force=True,
-                                 current=lambda *args: False)
+        parity = _after_training(run_dir, recipe, log=log, force=True)
     log(f"adapted {parent.name} to {target.name} in {time.perf_counter() - started:.0f} s")
     return run_dir, parity
 

@@ -24,8 +24,9 @@ from tledge.errors import first_line, RunDirError, RuntimeUnavailable
 from tledge.export.int8 import diagnose_entry
 from tledge.parity import (compare, evidence_text, judge_evidence, ParityRow, predict_all,
                            reference_row)
+from tledge.pipeline import stage_record
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
-from tledge.rundir import (artifacts, PARITY, read_manifest, read_record, record_stage, stage_hash,
+from tledge.rundir import (artifacts, PARITY, read_manifest, read_record, record_stage,
                            write_json, write_manifest)
 from tledge.runners import load, RUNTIMES, runtimes_for
 from tledge.tasks import targets
@@ -150,7 +151,7 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
     report = ParityReport(split, len(labels), rows)
     written = write_json(run_dir / PARITY, report.to_dict())
     record_stage(manifest, "validate", outputs=[written], split=split, images=len(labels),
-                 hash=stage_hash(manifest, recipe, "validate"),
+                 **stage_record(manifest, recipe, "validate"),
                  failed=[row.artifact for row in report.failed])
     write_manifest(run_dir, manifest)
     return report

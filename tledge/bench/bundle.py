@@ -30,10 +30,11 @@ import numpy as np
 from tledge.bench import core as device_bench
 from tledge.errors import BundleError
 from tledge.flops import model_flops
+from tledge.pipeline import require_current, validated_rows
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
 from tledge.tasks import targets
 from tledge.rundir import artifacts, atomic_path, DEVICES, read_manifest, read_record, write_json
-from tledge.runners import load
+from tledge.runners import load, runtimes_for
 
 DEVICE_FAMILIES = ("tflite", "onnx")  # what bench_device.py runs
 
@@ -96,14 +97,27 @@ def bundle_images(run_dir, recipe, count: int = 0):
     return np.asarray(images[chosen]), labels[chosen]
 
 
-def write_bundle(run_dir, out, *, names=None, image_count: int = 0, log=print) -> Path:
-    """Write the bundle of `run_dir` to `out` (a .zip file)."""
+def write_bundle(run_dir, out, *, names=None, image_count: int = 0, unvalidated=False,
+                 log=print) -> Path:
+    """Write the bundle of `run_dir` to `out` (a .zip file).
+
+    The run's artifacts must be validated as they are (`tledge.pipeline.require_current`);
+    with `unvalidated` they are packed as they are, each marked so in bundle.json."""
     run_dir, out = Path(run_dir), Path(out)
     if out.is_dir():
         raise BundleError(f"{out} is a directory; give the bundle a file name, e.g. "
                           f"{out / 'bundle.zip'}")
+    if out.suffix.lower() != ".zip":
+        raise BundleError(f"{out}: a bundle is a .zip file; give a name ending in .zip")
+    if out.exists() and not zipfile.is_zipfile(out):
+        raise BundleError(f"{out} exists and is not a zip file; tledge overwrites only a "
+                          "bundle it wrote: give another name")
     manifest = read_manifest(run_dir)
     entries = select_artifacts(manifest, names)
+    if not unvalidated:
+        require_current(run_dir, "validate", names=[entry["name"] for entry in entries],
+                        using=f"bundle {run_dir}")
+    judged = validated_rows(run_dir, manifest)
     recipe = run_recipe(run_dir)
     images, expected = bundle_images(run_dir, recipe, image_count)
     listed, outputs = [], {}
@@ -118,7 +132,8 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 0, log=print) -
                        "precision": entry.get("precision"),
                        "file": f"artifacts/{Path(entry['path']).name}",
                        "sha256": entry["sha256"], "size_bytes": entry["size_bytes"],
-                       "input": entry["input"], "output": entry["output"]})
+                       "input": entry["input"], "output": entry["output"],
+                       "parity": _parity_of(entry, judged)})
     settings = recipe.bench
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     document = {"format": device_bench.BUNDLE_FORMAT, "version": device_bench.VERSION,
@@ -154,6 +169,13 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 0, log=print) -
                 archive.write(run_dir / entry["path"], item["file"])
                 log(f"  {item['file']}  {entry['size_bytes'] / 1024:,.0f} KiB")
     return out
+
+
+def _parity_of(entry, judged) -> str:
+    """An artifact's parity as the bundle says it: its own runtime's row on the file as it is
+    ("passed", "failed"...), else "unvalidated"."""
+    row = judged.get((entry["name"], runtimes_for(entry["family"])[0]))
+    return row["status"] if row else "unvalidated"
 
 
 def _add_file(archive, name: str, data) -> None:

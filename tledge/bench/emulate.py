@@ -28,6 +28,7 @@ from pathlib import Path
 from tledge.bench import core
 from tledge.bench.bundle import import_device_result, write_bundle
 from tledge.errors import BundleError, first_line
+from tledge.pipeline import require_current
 
 ARCHES = {"arm64": {"debian": "arm64", "qemu": "qemu-aarch64-static", "binfmt": "qemu-aarch64",
                     "machine": "aarch64"}}
@@ -41,12 +42,16 @@ class EmulationError(BundleError):
     """The emulated userland cannot be prepared or run here; the message says what to do."""
 
 
-def emulate(run_dir, *, arch="arm64", name=None, images=0, cache=None, log=print) -> dict:
+def emulate(run_dir, *, arch="arm64", name=None, images=0, cache=None, unvalidated=False,
+            log=print) -> dict:
     """Bundle `run_dir`, run its device check on an emulated `arch` userland, import the
-    result; returns {"device": name, "result": stored entry, "seconds": {step: seconds}}."""
+    result; returns {"device": name, "result": stored entry, "seconds": {step: seconds}}.
+    The run's artifacts must be validated as they are, unless `unvalidated`."""
     spec = ARCHES.get(arch)
     if spec is None:
         raise EmulationError(f"--arch {arch}: expected one of {', '.join(ARCHES)}")
+    if not unvalidated:  # before minutes of preparing a userland
+        require_current(run_dir, "validate", using=f"emulate {run_dir}")
     qemu = check_tools(spec)
     enable_binfmt(spec, qemu, log)
     cache = Path(cache or Path(os.environ.get("TLEDGE_EMULATE_DIR")
@@ -62,7 +67,7 @@ def emulate(run_dir, *, arch="arm64", name=None, images=0, cache=None, log=print
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tledge-emulate-") as folder:
         zipped = write_bundle(run_dir, Path(folder) / "bundle.zip", image_count=images,
-                              log=lambda line: None)
+                              unvalidated=unvalidated, log=lambda line: None)
         result = run_bundle(rootfs, site, zipped, device, log, spec)
         seconds["check"] = time.perf_counter() - start
         stored = import_device_result(run_dir, result)

@@ -23,9 +23,10 @@ from tledge.errors import RunDirError, RuntimeUnavailable
 from tledge.flops import model_flops
 from tledge.parity import evidence_text, row_is_current
 from tledge.recipe.spec import PickRecipe
+from tledge.pipeline import stage_record
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
 from tledge.rundir import (artifacts, BENCH, find_artifact, INNER_RUNS, MANIFEST, PARITY,
-                           read_manifest, read_record, record_stage, stage_hash, verified_artifact,
+                           read_manifest, read_record, record_stage, verified_artifact,
                            write_json, write_manifest)
 from tledge.runners import load, RUNTIMES
 
@@ -158,7 +159,8 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                  reads=[run_dir / PARITY, *read, *(folder / MANIFEST for folder in
                                                     singles.values())],
                  run_dir=run_dir,
-                 rows=len(rows), hash=None if custom else stage_hash(manifest, recipe, "bench"))
+                 rows=len(rows),
+                 **({"hash": None} if custom else stage_record(manifest, recipe, "bench")))
     write_manifest(run_dir, manifest)
     return result
 

@@ -54,6 +54,9 @@ class Splits:
     y_test: np.ndarray
     class_names: tuple[str, ...]
     record: dict
+    # the training images are already in calibration order (a run's carried copy holds only
+    # the ones calibration takes, in the order it takes them: `tledge.run_inputs`)
+    calibration_ordered: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -418,6 +421,22 @@ def fingerprint(arrays: dict, class_names) -> str:
     return digest.hexdigest()
 
 
+def calibration_order(labels, count: int, seed: int) -> np.ndarray:
+    """Indices of up to `count` training images in the order calibration takes them: classes
+    round-robin in a seeded order, each giving its next image in a seeded order. A smaller
+    count takes a prefix of a larger one's order."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    queues = [list(rng.permutation(np.flatnonzero(labels == label)))
+              for label in rng.permutation(np.unique(labels))]
+    picked = []
+    while len(picked) < count and any(queues):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    return np.asarray(picked, dtype=np.int64)
+
+
 def calibration_images(splits: Splits, count: int, seed: int) -> np.ndarray:
     """Training images for int8 calibration, spread evenly over the classes.
 
@@ -432,18 +451,11 @@ def calibration_images(splits: Splits, count: int, seed: int) -> np.ndarray:
     """
     if count < 1:
         raise DataError(f"calibration needs at least 1 image, asked for {count}")
-    labels = splits.y_train
-    if len(labels) == 0:
+    if len(splits.y_train) == 0:
         raise DataError("no training images to calibrate int8 with; lower "
                         "data.val_fraction/test_fraction or add training data")
-    rng = np.random.default_rng(seed)
-    queues = [list(rng.permutation(np.flatnonzero(labels == label)))
-              for label in rng.permutation(np.unique(labels))]
-    picked = []
-    while len(picked) < count and any(queues):
-        for queue in queues:
-            if queue and len(picked) < count:
-                picked.append(queue.pop(0))
+    picked = np.arange(min(count, len(splits.y_train))) if splits.calibration_ordered \
+        else calibration_order(splits.y_train, count, seed)
     if len(picked) < count:
         warnings.warn(f"asked for {count} calibration images but the training split has "
                       f"only {len(picked)}; calibrating with {len(picked)}", stacklevel=2)

@@ -28,11 +28,12 @@ from tledge.formats import format_for, FORMATS
 from tledge.model import load_model
 from tledge.parity import predict_all
 from tledge.quiet import quiet
+from tledge.pipeline import stage_record, stage_state
 from tledge.metrics import CONFIDENCE, images_needed
 from tledge.run_inputs import int8_order, run_recipe, run_splits
 from tledge.rundir import (artifact_entry, artifacts, atomic_path, empty_manifest, failed_entry,
                            find_artifact, read_manifest, record_stage, set_artifact, sha256,
-                           stage_hash, verified_artifact, write_manifest)
+                           verified_artifact, write_manifest)
 from tledge.runners import load
 from tledge.tasks import targets, task_names
 
@@ -121,6 +122,7 @@ def export_run(run_dir, *, only=None, precisions=None, log=print) -> list[dict]:
     reference = find_artifact(manifest, "keras")
     if reference.get("status") != "ok":
         raise RunDirError(f"{run_dir} has no trained model; run `tledge train` first")
+    was_current = stage_state(run_dir, manifest, "export", recipe).status == "current"
     model = load_model(verified_artifact(run_dir, reference))
     calibration, plan = None, None
     if any(row.precision == "int8" for row in rows):
@@ -131,13 +133,17 @@ def export_run(run_dir, *, only=None, precisions=None, log=print) -> list[dict]:
     entries = export_artifacts(model, run_dir, manifest, rows, calibration=calibration,
                                int8_io=recipe.export.int8_io, about=about_model(recipe),
                                int8=plan, log=log)
-    default = not only and not precisions
-    earlier = [] if default else manifest["stages"].get("export", {}).get("formats", [])
-    # a partial export leaves the stage without a hash: the next build redoes it and what
-    # depends on it, and parity rows of rewritten files no longer match their sha256
+    earlier = manifest["stages"].get("export", {}).get("formats", [])
+    # an export of some formats completes the stage when every format the recipe lists is
+    # now of this model (the others exported by a current export before); else the stage is
+    # left without a hash, and the next build redoes it. Either way, what depends on a
+    # rewritten file is stale: its parity rows no longer match its sha256
+    complete = not only and not precisions or (was_current and {
+        row.name for row in requested_formats(recipe)} <= set(earlier) | {
+        entry["name"] for entry in entries if entry["status"] == "ok"})
     record_stage(manifest, "export",
                  formats=list(dict.fromkeys(earlier + [row.name for row in rows])),
-                 hash=stage_hash(manifest, recipe, "export") if default else None)
+                 **(stage_record(manifest, recipe, "export") if complete else {"hash": None}))
     write_manifest(run_dir, manifest)
     return entries
 
@@ -330,6 +336,9 @@ def export_model_file(model_path, out_dir=None, *, only=None, precisions=None,
     if only or precisions:
         rows = requested_formats(None, only, precisions or
                                  tuple(dict.fromkeys(row.precision for row in rows)))
+    if calibration_dir is None and any(row.precision == "int8" for row in rows):
+        log("  int8 needs images to calibrate with (--calibration-dir): left out")
+        rows = [row for row in rows if row.precision != "int8"]
     calibration = None
     if any(row.precision == "int8" for row in rows) and calibration_dir:
         files = sorted(p for p in Path(calibration_dir).rglob("*")

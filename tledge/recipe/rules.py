@@ -32,7 +32,8 @@ def check_together(recipe, *, stored=False, more=()) -> list[str]:
     """
     problems = []
     check_data = functools.partial(_check_data, need_path=not stored)
-    rules = (_check_name, check_data, _check_weights, _check_training, _check_bench,
+    check_weights = functools.partial(_check_weights, need_file=not stored)
+    rules = (_check_name, check_data, check_weights, _check_training, _check_bench,
              _check_model_backbone, _check_baseline, _check_tasks)
     if recipe.ensemble is not None:  # its models are its members'
         rules = (_check_name, check_data, _check_bench, _check_baseline, _check_tasks)
@@ -140,7 +141,9 @@ def _check_tasks(recipe) -> list[str]:
     return problems
 
 
-def _check_weights(recipe) -> list[str]:
+def _check_weights(recipe, need_file=True) -> list[str]:
+    """A `stored` recipe (a run's copy) is not asked for its weights file: only training reads
+    it, and a run copied alone has no checkout beside it."""
     weights = recipe.model.weights
     if recipe.model.head == "keep" and Path(weights).suffix not in (".toml", ".keras"):
         return [f"model.head: \"keep\" keeps the head of a trained model; set model.weights to "
@@ -151,6 +154,8 @@ def _check_weights(recipe) -> list[str]:
     if weights_path.suffix not in (".h5", ".keras", ".toml"):
         return [f"model.weights: expected 'imagenet', 'none', a .h5/.weights.h5/.keras file or "
                 f"a recipe .toml, found {weights!r}"]
+    if not need_file:
+        return []
     if not weights_path.is_file():
         return [f"model.weights: no such file '{weights}' (relative paths are read from the "
                 "recipe's folder)"]

@@ -13,8 +13,7 @@ from types import MappingProxyType
 from tledge.backbones import BACKBONES
 from tledge.data.synthetic import (BACKGROUNDS, COLOURS, DEFAULT_DOMAIN, PALETTES, SHAPES,
                                    SIZES)
-from tledge.formats import FORMATS, precisions
-from tledge.runners import RUNTIMES
+from tledge.formats import FORMATS, precisions, RUNTIME_NAMES
 from tledge.schema import option, to_dict
 
 SOURCES = ("synthetic", "folder", "csv", "npz", "cifar10")
@@ -44,7 +43,7 @@ def _format_names():
 
 
 def _runtime_names():
-    return tuple(RUNTIMES)
+    return RUNTIME_NAMES
 
 
 @dataclasses.dataclass(frozen=True)

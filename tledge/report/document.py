@@ -15,8 +15,10 @@ from tledge.report import domains as report_domains
 from tledge.report import int8 as report_int8
 from tledge.report import tasks as report_tasks
 from tledge.parity import evidence_text, row_is_current
+from tledge.pipeline import report_inputs, run_status
 from tledge.rundir import (artifacts, BENCH, DEVICES, EXPLAIN, HISTORY, PARITY, read_manifest,
-                           read_record, RECIPE, REPORT, REPORT_HTML, SPLIT, write_text)
+                           read_record, RECIPE, record_stage, REPORT, REPORT_HTML, SPLIT,
+                           write_manifest, write_text)
 
 
 def md(value) -> str:
@@ -59,6 +61,7 @@ def report_run(run_dir) -> Path:
     figures = draw_figures(run_dir, manifest, history, parity, bench)
     title = f"tledge report: {manifest['recipe']['name']}"
     lines = [f"# tledge report: {md(manifest['recipe']['name'])}", ""]
+    lines += _not_current_lines(run_dir)
     lines += _headline(run_dir, manifest, history, parity, bench)
     lines += _multitask_headline(run_dir, manifest, parity, bench)
     checksums = {entry["name"]: entry.get("sha256") for entry in manifest["artifacts"]}
@@ -90,7 +93,27 @@ def report_run(run_dir) -> Path:
     lines += _recipe_section(run_dir)
     markdown_text = "\n".join(lines).rstrip() + "\n"
     write_text(run_dir / REPORT_HTML, to_html(markdown_text, run_dir, title))
-    return write_text(run_dir / REPORT, markdown_text)
+    written = write_text(run_dir / REPORT, markdown_text)
+    manifest = read_manifest(run_dir)  # the report's entry: what it was written from
+    record_stage(manifest, "report", inputs=report_inputs(run_dir, manifest))
+    write_manifest(run_dir, manifest)
+    return written
+
+
+def _not_current_lines(run_dir) -> list[str]:
+    """A warning above everything when a stage of the run (or of a sub-run) is not current:
+    the report then describes files or results that are not the run's as it is now."""
+    stale = [(run["run"], stage) for run in run_status(run_dir)["runs"]
+             for stage in run["stages"] if stage["status"] in ("stale", "missing")
+             and stage["stage"] != "report"]
+    if not stale:
+        return []
+    listed = "; ".join(f"{stage['stage']}{'' if where == '.' else f' ({where})'} is "
+                       f"{stage['status']}" + (f" ({stage['reason']})" if stage["reason"] else "")
+                       for where, stage in stale)
+    return [f"**Not current:** {md(listed)}. What follows describes the run as its records "
+            f"stand; run `tledge build` (or `{md(stale[0][1]['command'])}`) to bring it up to "
+            "date, and `tledge status` to see every stage.", ""]
 
 
 QUANTIZED = ("int8", "fp16", "dynamic")
@@ -539,7 +562,7 @@ def _training_section(history) -> list[str]:
         return lines + ["No training: the parent run's model, adapted by AdaBN (see Domains).",
                         ""]
     lines.append(f"Backbone `{history['backbone']}`, "
-                 + ("pretrained weights." if history["pretrained"] else "trained from scratch."))
+                 + ("pretrained weights." if history.get("pretrained") else "trained from scratch."))
     if history.get("task_accuracy"):
         lines += ["", f"One head per task; the best epoch by the {history.get('best_by', 'mean')}"
                       " of the tasks' validation accuracies (`train.best_by`). Test accuracy: "

@@ -23,17 +23,13 @@ from typing import Callable
 
 from tledge.bench.core import dequantize, output_names, prepare_pixels
 from tledge.errors import RuntimeUnavailable
+from tledge.formats import RuntimeRow, RUNTIME_ROWS
 from tledge.rundir import verified_artifact
 
 
 @dataclasses.dataclass(frozen=True)
-class Runtime:
-    name: str
-    families: tuple[str, ...]  # artifact families it executes
-    module: str
-    loader: str
-    description: str
-    device: str | None = None  # a runtime bound to one device ("gpu"): overrides the caller's
+class Runtime(RuntimeRow):
+    """A row of the runtime table (`tledge.formats.RUNTIME_ROWS`) with what it does."""
 
     def load(self, path, spec, threads, device) -> "Runner":
         loader: Callable = getattr(importlib.import_module(self.module), self.loader)
@@ -45,26 +41,8 @@ class Runtime:
         return check(self.device or "cpu", self.loader) if check else None
 
 
-RUNTIMES: dict[str, Runtime] = {row.name: row for row in (
-    Runtime("keras", ("keras",), "tledge.runners.keras_runner", "load_keras",
-            "Keras model as a compiled tf.function (never model.predict)"),
-    Runtime("litert", ("tflite",), "tledge.runners.litert_runner", "load_litert",
-            "LiteRT interpreter (ai_edge_litert), XNNPACK delegate"),
-    Runtime("litert_no_xnnpack", ("tflite",), "tledge.runners.litert_runner",
-            "load_litert_builtin", "LiteRT interpreter, builtin kernels only (XNNPACK off)"),
-    Runtime("onnxruntime", ("onnx",), "tledge.runners.ort_runner", "load_onnxruntime",
-            "ONNX Runtime, CPU execution provider"),
-    Runtime("openvino", ("onnx",), "tledge.runners.openvino_runner", "load_openvino",
-            "OpenVINO on the CPU (the .onnx artifacts; pip install openvino)"),
-    Runtime("tensorflow", ("savedmodel",), "tledge.runners.keras_runner", "load_savedmodel",
-            "a SavedModel's serving signature, in TensorFlow"),
-    Runtime("keras_gpu", ("keras",), "tledge.runners.keras_runner", "load_keras",
-            "Keras model on TensorFlow's first GPU", device="gpu"),
-    Runtime("onnxruntime_cuda", ("onnx",), "tledge.runners.ort_runner", "load_onnxruntime",
-            "ONNX Runtime, CUDA execution provider", device="gpu"),
-    Runtime("onnxruntime_tensorrt", ("onnx",), "tledge.runners.ort_runner", "load_onnxruntime",
-            "ONNX Runtime, TensorRT execution provider", device="tensorrt"),
-)}
+RUNTIMES: dict[str, Runtime] = {row.name: Runtime(**dataclasses.asdict(row))
+                                for row in RUNTIME_ROWS}
 
 
 class Runner(abc.ABC):
