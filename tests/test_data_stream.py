@@ -91,12 +91,18 @@ def test_later_stages_read_the_cache_not_the_source(tmp_path, cache):
     report = validate_run(run_dir, log=lambda line: None)
     assert report.images == split["splits"]["test"]["count"] and not report.failed
 
-    # The entry is gone and the source is back unchanged: prepared again, same data
+    # The entry is gone: the images the run carries are read (checked against the manifest)
     shutil.move(tmp_path / "away", tmp_path / "photos")
     clear_entries(cache, [key])
     lines = []
+    carried = run_splits(run_dir, log=lines.append)
+    assert any("reading the images the run carries" in line for line in lines), lines
+    assert len(carried.y_test) == split["splits"]["test"]["count"]
+    # ...and without them (deleted), the source, back unchanged: prepared again, same data
+    (run_dir / "inputs.npz").unlink()
+    lines = []
     assert run_splits(run_dir, log=lines.append).record["fingerprint"] == split["fingerprint"]
-    assert any("preparing it again" in line for line in lines)
+    assert any("preparing it again" in line for line in lines), lines
     # An image changed while the entry exists: the run keeps reading the data it was trained
     # on
     target = tmp_path / "photos" / "red" / "0.png"

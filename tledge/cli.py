@@ -452,7 +452,10 @@ def export(source, formats, precisions, calibration_dir, out):
 def validate(run_dir, as_json):
     """Check every artifact's accuracy against the Keras model, in its real runtime.
 
-    Exit code 1 when any artifact fails its thresholds.
+    Exit code 1 when any artifact fails its thresholds. A row that meets them on fewer images
+    than can show its agreement threshold is "not enough evidence" (a warning names how many
+    images would do; exit code 0): it is not called passed, and ships only when nothing
+    passed, marked unproven.
 
     Example: tledge validate models/quickstart
     """
@@ -515,7 +518,7 @@ def bench(run_dir, runtimes, threads, batch, pick_only, device_result, as_json):
         click.echo(f"{pick_name(pick)} {pick['runtime']} threads={pick['threads']} "
                    f"batch={pick['batch']} p50_ms={pick['p50_ms']:.3f} "
                    f"path={_artifact_path(pick_folder(run_dir, pick), pick['artifact'])}"
-                   if pick else "none")
+                   + _unproven(pick) if pick else "none")
         return
     result = bench_run(run_dir, runtimes=runtimes or None, threads=threads, batch_sizes=batch,
                        log=_log(as_json))
@@ -523,8 +526,17 @@ def bench(run_dir, runtimes, threads, batch, pick_only, device_result, as_json):
         click.echo(_json(result))
         return
     pick = result["pick"]
-    click.echo(f"pick: {pick_name(pick)} on {pick['runtime']}" if pick else
+    click.echo(f"pick: {pick_name(pick)} on {pick['runtime']}{_unproven(pick)}" if pick else
                "pick: none (no artifact passed parity and ran)")
+
+
+def _unproven(pick) -> str:
+    """What a pick that only lacked evidence says of itself."""
+    if pick.get("parity") != "insufficient":
+        return ""
+    needed = (pick.get("evidence") or {}).get("images_needed")
+    return " (UNPROVEN: not enough evidence" + (f", {needed} images would do)" if needed
+                                                 else ")")
 
 
 def _pick_path(run_dir, unvalidated) -> Path:

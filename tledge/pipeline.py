@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tledge.bench.core import machine_facts
 from tledge.errors import RecipeError, RunDirError
+from tledge.parity import row_is_current
 from tledge.backbones import BACKBONES
 from tledge.recipe.dump import stored_recipe_text
 from tledge.recipe.load import load_recipe, parse_recipe
@@ -227,8 +228,8 @@ def stage_state(run_dir, manifest: dict, stage: str, recipe=None, *,
     for name in row.writes:
         try:
             read_record(run_dir / name)
-        except RunDirError:
-            return state("stale", f"{name} is missing or damaged")
+        except RunDirError as error:  # its first clause says what is wrong, path and all
+            return state("stale", str(error).split("; ")[0].replace(str(run_dir / name), name))
     for name, digest in (record.get("outputs") or {}).items():
         if checked_sha256(run_dir / str(name)) != digest:
             return state("stale", f"{name} was rewritten since")
@@ -238,10 +239,13 @@ def stage_state(run_dir, manifest: dict, stage: str, recipe=None, *,
     if stage in ("train", "export"):
         family = {"train": ("keras",), "export": ("tflite", "onnx", "savedmodel")}[stage]
         for entry in artifacts(manifest):
-            if entry["family"] in family and \
-                    checked_sha256(run_dir / entry["path"]) != entry["sha256"]:
-                return state("stale", f"{entry['path']} is missing or not the file the "
-                                      "manifest records")
+            digest = checked_sha256(run_dir / entry["path"]) if entry["family"] in family \
+                else entry["sha256"]
+            if digest is None:
+                return state("stale", f"{entry['path']} is missing")
+            if digest != entry["sha256"]:
+                return state("stale", f"{entry['path']} is not the file the manifest records "
+                                      "(sha256 differs)")
     if stage == "export":
         failed = [entry["name"] for entry in manifest["artifacts"]
                   if entry.get("status") == "failed"]
@@ -485,6 +489,6 @@ def validated_rows(run_dir, manifest=None) -> dict:
     run_dir = Path(run_dir)
     manifest = manifest or read_manifest(run_dir)
     parity = _optional_record(run_dir / PARITY) or {"rows": []}
-    checksums = {entry["name"]: entry.get("sha256") for entry in artifacts(manifest)}
+    entries = {entry["name"]: entry for entry in artifacts(manifest)}
     return {(row["artifact"], row["runtime"]): row for row in parity["rows"]
-            if row.get("sha256") and checksums.get(row["artifact"]) == row["sha256"]}
+            if row_is_current(row, entries.get(row["artifact"]))}

@@ -50,7 +50,12 @@ def run_splits(run_dir, recipe=None, *, log=None):
             if entry is not None:
                 break
     if entry is None:
-        carried = carried_splits(run_dir, recorded)
+        try:
+            carried = carried_splits(run_dir, recorded)
+        except RunDirError as error:  # gone or damaged: the source, as a last resort
+            carried = None
+            if log:
+                log(f"data: {first_line(error).split('; ')[0]}")
         if carried is not None:
             if log:
                 log(f"data: the prepared data of {run_dir} is not in the cache; reading the "
@@ -129,8 +134,10 @@ def carry_inputs(folder, splits, recipe) -> dict:
 def repair_count(train_images: int, export) -> int:
     """How many training images the int8 repair split holds apart from calibration:
     `export.int8_repair_images`, fewer where the training split cannot spare them beside
-    `export.calibration_samples` calibration images."""
-    return max(0, min(export.int8_repair_images, train_images - export.calibration_samples))
+    twice `export.calibration_samples` (the repair's first calibration remedy: a small split
+    keeps it, and the repair is judged on the validation split beside what is held)."""
+    return max(0, min(export.int8_repair_images,
+                      train_images - 2 * export.calibration_samples))
 
 
 def int8_order(splits, recipe) -> tuple[np.ndarray, np.ndarray]:

@@ -226,10 +226,14 @@ def paired_gain(candidate, kept) -> tuple[float, float]:
 
 
 def better(candidate, kept) -> bool:
-    """Whether `candidate` replaces `kept`: its agreement's gain exceeds the comparison's
-    noise, and it fails no threshold that `kept` passes."""
+    """Whether `candidate` replaces `kept`: it passes every threshold where `kept` fails one
+    (a file that fails is not one to keep while one that passes exists, however close the
+    two); else its agreement's gain exceeds the comparison's noise, and it fails no threshold
+    that `kept` passes."""
     if candidate.get("agreement") is None:
         return False
+    if candidate.get("passed") and not kept.get("passed"):
+        return True
     gain, noise = paired_gain(candidate, kept)
     return gain > noise and (bool(candidate.get("passed")) or not kept.get("passed"))
 
@@ -267,8 +271,11 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
         try:
             spec = export(settings, path)
             verdict = judge(path, fmt, spec, thresholds) if judge else {"passed": None}
-        except TledgeError as error:
-            spec, verdict = None, {"passed": False, "problems": [first_line(error)]}
+        except Exception as error:  # a candidate that cannot be made or run (LiteRT refusing
+            # a graph with some layers in float) is a failed candidate, not a failed export
+            reason = first_line(error) if isinstance(error, TledgeError) else \
+                f"{type(error).__name__}: {first_line(error)}"
+            spec, verdict = None, {"passed": False, "problems": [reason]}
         row = {"remedy": remedy, "settings": settings, **verdict,
                "seconds": round(time.perf_counter() - began, 1)}
         if kept is not None:

@@ -179,12 +179,18 @@ def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int
                       for name in ("tflite_int8", "onnx_int8")]
         needed = images_needed(max(thresholds))
         if len(repair):
-            split, images, labels = "repair", splits.x_train[repair], \
-                np.asarray(splits.y_train)[repair]
-            log(f"  int8: repair candidates judged on {len(repair)} training images held "
-                f"apart from calibration (export.int8_repair_images = "
-                f"{recipe.export.int8_repair_images})"
-                + ("" if needed is not None and len(repair) >= needed else
+            # the training images calibration never takes, and the validation split: images
+            # the model never fitted, so the evidence is of data like the deployment's too
+            split = "repair"
+            images = np.concatenate([np.asarray(splits.x_train[repair]),
+                                     np.asarray(splits.x_val)])
+            labels = np.concatenate([np.asarray(splits.y_train)[repair],
+                                     np.asarray(splits.y_val)])
+            log(f"  int8: repair candidates judged on {len(labels)} images: {len(repair)} "
+                f"training images held apart from calibration (export.int8_repair_images = "
+                f"{recipe.export.int8_repair_images}) and the {len(splits.y_val)} of the "
+                "validation split"
+                + ("" if needed is not None and len(labels) >= needed else
                    f"; fewer than the {needed} a perfect agreement needs to show "
                    f"{max(thresholds)} at {CONFIDENCE:.0%}: no margin can be shown"))
         else:

@@ -61,9 +61,9 @@ def report_run(run_dir) -> Path:
     figures = draw_figures(run_dir, manifest, history, parity, bench)
     title = f"tledge report: {manifest['recipe']['name']}"
     lines = [f"# tledge report: {md(manifest['recipe']['name'])}", ""]
-    lines += _not_current_lines(run_dir)
     lines += _headline(run_dir, manifest, history, parity, bench)
     lines += _multitask_headline(run_dir, manifest, parity, bench)
+    lines += _not_current_lines(run_dir)
     checksums = {entry["name"]: entry.get("sha256") for entry in manifest["artifacts"]}
     crossed = cross_architecture(devices, parity, bench, checksums)
     lines += _cross_architecture_warning(crossed, manifest.get("pick"))
