@@ -9,7 +9,6 @@ import json
 import re
 import textwrap
 
-import numpy as np
 import pytest
 
 from conftest import invoke, SMALL_RECIPE, THREADS
