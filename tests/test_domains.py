@@ -92,8 +92,8 @@ def test_evaluate_measures_the_shift_in_every_validated_artifact(run_copy, tmp_p
     domains = json.loads((run_copy / "domains.json").read_text())["domains"]
     entry = domains["shifted"]
     parity = json.loads((run_copy / "parity.json").read_text())
-    passed = {(row["artifact"], row["runtime"]) for row in parity["rows"]
-              if row["status"] == "passed"}
+    passed = {(row["artifact"], row["runtime"]) for row in parity["rows"]  # every threshold
+              if row["status"] in ("passed", "insufficient")}  # met, on however few images
     rows = {(row["artifact"], row["runtime"]): row for row in entry["rows"]}
     assert set(rows) == {("keras", "keras")} | passed
     keras = rows[("keras", "keras")]

@@ -688,8 +688,9 @@ def report(run_dir):
 def evaluate(run_dir, data, name, as_json):
     """How much worse is the model on other data? The domain shift, in one number.
 
-    Runs the Keras model and every artifact that passed parity on DATA, in their real
-    runtimes: accuracy, per-class accuracy, confusion and agreement with the Keras model,
+    Runs the Keras model and every artifact that met its parity thresholds (passed, or on too
+    few images to show it) on DATA, in their real runtimes: accuracy, per-class accuracy,
+    confusion and agreement with the Keras model,
     beside the accuracy on the run's own test split. Stored in domains.json under the domain's
     name and shown in the report's Domains section.
 
