@@ -467,8 +467,9 @@ def require_current(run_dir, stage: str = "validate", *, using: str, names=None,
         why = f": {state.reason}" if state.reason else ""
         raise RunDirError(f"{run_dir}: {name} is {state.status}{why}; the artifacts{what} are "
                           f"not {'validated' if stage == 'validate' else 'validated and timed'}"
-                          f" as they are now: run `{state.command}` (or `tledge build`) before "
-                          f"`tledge {using}`" + (", or pass --unvalidated to use them as they "
+                          f" as they are now: run `{state.command}` "
+                          f"{'first' if state.status == 'missing' else 'again'} (or `tledge "
+                          f"build`) before `tledge {using}`" + (", or pass --unvalidated to use them as they "
                                                  "are, marked unvalidated" if escape else ""))
     return None
 
