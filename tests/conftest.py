@@ -11,6 +11,24 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the tests' own choice, like the CLI's
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the default, pyproject.toml): one worker per core, at most four (each worker
+    holds TensorFlow and a few models: about 3 GiB at its peak)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+# The files that take longest go to the workers first, so that no worker is left with one of
+# them when the others are done (xdist hands out files in collection order).
+LONGEST_FIRST = ("test_multitask.py", "test_backbones.py", "test_reliability.py",
+                 "test_emulate.py", "test_domains.py", "test_ensemble.py", "test_train.py",
+                 "test_lock_interrupt.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
+
+
 @pytest.fixture(autouse=True, scope="session")
 def data_cache(tmp_path_factory):
     """Every test prepares data into one throwaway cache, never the user's ~/.cache; tests that
@@ -58,6 +76,7 @@ threads = [{threads}]
 min_runs = 5
 min_seconds = 0.0
 warmup = 1
+isolate = false
 """
 
 
@@ -71,7 +90,11 @@ def write_recipe(folder, text, name="recipe.toml"):
 @pytest.fixture(scope="session")
 def small_recipe(tmp_path_factory):
     folder = tmp_path_factory.mktemp("recipes")
-    return write_recipe(folder, SMALL_RECIPE.format(name="small", epochs=10, threads=THREADS))
+    # the shared run benchmarks each row in its own process, as a user's build does (the tests
+    # of that read its bench.json); the other test builds time in-process, where isolation is
+    # not what they test
+    text = SMALL_RECIPE.format(name="small", epochs=10, threads=THREADS)
+    return write_recipe(folder, text.replace("isolate = false", "isolate = true"))
 
 
 @pytest.fixture(scope="session")

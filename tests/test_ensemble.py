@@ -51,6 +51,7 @@ min_runs = 3
 min_seconds = 0.0
 warmup = 1
 runtimes = ["litert", "onnxruntime"]
+isolate = false
 """
 
 

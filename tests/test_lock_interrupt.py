@@ -34,7 +34,7 @@ def test_a_run_in_use_is_refused_and_a_stale_lock_taken_over(run_copy):
 
 
 def test_ctrl_c_stops_with_its_own_exit_code_and_the_next_run_resumes(tmp_path):
-    text = SMALL_RECIPE.format(name="interrupted", epochs=60, threads=1).replace(
+    text = SMALL_RECIPE.format(name="interrupted", epochs=20, threads=1).replace(
         "samples_per_class = 60", "samples_per_class = 30")
     path = write_recipe(tmp_path, text)
     run_dir = tmp_path / "run"
@@ -59,7 +59,7 @@ def test_ctrl_c_stops_with_its_own_exit_code_and_the_next_run_resumes(tmp_path):
                                     "from_scratch.backup/latest.weights.h5",
                                     "from_scratch.state.json"])
 def test_a_damaged_checkpoint_is_discarded_and_the_phase_restarts(tmp_path, victim):
-    command, run_dir, state = killed_training(tmp_path, "damaged", epochs=40, samples=20,
+    command, run_dir, state = killed_training(tmp_path, "damaged", epochs=14, samples=20,
                                               after=2)
     damaged = state.parent / victim
     assert damaged.is_file(), sorted(p.name for p in state.parent.rglob("*"))
@@ -71,4 +71,4 @@ def test_a_damaged_checkpoint_is_discarded_and_the_phase_restarts(tmp_path, vict
     assert "is damaged" in result.stderr and "starts again from its first epoch" in result.stderr
     import json
     phase = json.loads((run_dir / "history.json").read_text())["phases"][0]
-    assert phase["resumed_from_epoch"] is None and len(phase["epochs"]) == 40
+    assert phase["resumed_from_epoch"] is None and len(phase["epochs"]) == 14

@@ -5,6 +5,11 @@ Each fault is done to a private copy of a built run. The first command that meet
 stop with its exit code and one line that names the file and the fix, never a traceback
 (or, for faults tledge repairs by itself, succeed); then the next `tledge build`, without
 `--force`, must redo exactly the stages the fault touched, and no other.
+
+What a build redoes is the pipeline's plan (`tledge.pipeline.plan`, which the build prints and
+follows): every fault is asserted through it, and one fault of each kind of redo (train again,
+export again, validate again, ...) and every fault whose rebuild has something of its own to
+show is rebuilt for real, where the stages the build ran must be the ones planned.
 """
 
 from __future__ import annotations
@@ -227,15 +232,15 @@ MANIFEST_FAULTS = {
 
 RECORD_FAULTS = {
     "parity: a list": ("parity.json", "[]", "a JSON list instead of an object", "report {run}",
-                       ("validate",)),
+                       ("validate", "bench")),
     "parity: no rows": ("parity.json", '{"split": "test", "images": 3}', "'rows' is missing",
-                        "report {run}", ("validate",)),
+                        "report {run}", ("validate", "bench")),
     "parity: rows not objects": ("parity.json", '{"split": "test", "images": 3, "rows": [1]}',
                                  "'rows' holds something other than objects", "report {run}",
-                                 ("validate",)),
+                                 ("validate", "bench")),
     "parity: row without artifact": ("parity.json", '{"split": "test", "images": 3, '
                                      '"rows": [{"status": "passed"}]}', "rows[0] has no artifact",
-                                     "report {run}", ("validate",)),
+                                     "report {run}", ("validate", "bench")),
     "bench: rows not a list": ("bench.json", '{"rows": 3, "pick": null}',
                                "'rows' is missing or not list", "bench {run} --pick", ("bench",)),
     "bench: empty object": ("bench.json", "{}", "'rows' is missing", "report {run}", ("bench",)),
@@ -313,7 +318,7 @@ FAULTS = {
                                        during=disk_full(".model_fp32.*.onnx")),
     "disk full: writing parity.json": Fault(delete("parity.json"), "validate {run}",
                                             ("cannot write", "parity.json",
-                                             "No space left on device"), ("validate",),
+                                             "No space left on device"), ("validate", "bench"),
                                             during=disk_full(".parity.*.json")),
     "disk full: writing the manifest": Fault(delete("bench.json"), "bench {run} --runtime litert",
                                              ("cannot write", "manifest.json",
@@ -334,6 +339,40 @@ FAULTS = {
 
 def test_the_table_has_forty_faults_or_more():
     assert len(FAULTS) >= 40, len(FAULTS)
+
+
+def expected_redo(fault) -> list[str]:
+    return list(STAGES) if "train" in fault.redo else [s for s in STAGES if s in fault.redo]
+
+
+def rebuilt_for_real() -> set[str]:
+    """The first fault of each kind of redo, and every fault with an `after` or `then_says`."""
+    chosen, kinds = set(), set()
+    for name, fault in FAULTS.items():
+        kind = tuple(expected_redo(fault))
+        if kind not in kinds or fault.after or fault.then_says:
+            chosen.add(name)
+            kinds.add(kind)
+    return chosen
+
+
+REBUILT = rebuilt_for_real()
+
+
+def test_every_kind_of_redo_is_rebuilt_for_real_once_at_least():
+    kinds = {tuple(expected_redo(fault)) for fault in FAULTS.values()}
+    assert kinds == {tuple(expected_redo(FAULTS[name])) for name in REBUILT}
+    assert len(kinds) >= 6, kinds  # train, export, validate, bench, explain, nothing
+
+
+def build_plan(recipe_path, run_dir) -> list[str]:
+    """What `tledge build` would run now, as it decides it (the small recipe starts from no
+    weights file, so its train hash needs no starting files)."""
+    from tledge.pipeline import plan
+    from tledge.recipe.load import load_recipe
+    from tledge.stages import train_hash
+    recipe = load_recipe(recipe_path)
+    return plan(run_dir, recipe=recipe, expected_train=train_hash(recipe, []))
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
@@ -358,12 +397,16 @@ def test_a_fault_is_one_clear_line_and_the_next_build_recovers(name, run_copy, s
     if fault.after:
         fault.after(run_copy)
 
+    planned = build_plan(small_recipe, run_copy)
+    assert planned == expected_redo(fault), planned
+    if name not in REBUILT:
+        return
     rebuilt = invoke("build", small_recipe, "--out", run_copy)
     assert rebuilt.exit_code == 0, rebuilt.output
-    redone = {stage for stage in STAGES if f"== {stage} " in rebuilt.output
-              or f"== {stage}\n" in rebuilt.output}
-    expected = set(STAGES) if "train" in fault.redo else set(fault.redo)
-    assert redone == expected, (redone, rebuilt.output)
+    redone = [stage for stage in STAGES if f"== {stage} " in rebuilt.output
+              or f"== {stage}\n" in rebuilt.output]
+    assert redone == planned, (redone, rebuilt.output)
+    assert f"plan: {', '.join(planned) or 'every stage is current'}" in rebuilt.output
     for fragment in fault.then_says:
         assert fragment in rebuilt.output, (fragment, rebuilt.output)
     assert not (run_copy / ".tledge.lock").exists()

@@ -39,6 +39,7 @@ onnx = ["fp32"]
 min_runs = 3
 min_seconds = 0.0
 warmup = 1
+isolate = false
 """
 
 

@@ -416,6 +416,26 @@ def run_states(run_dir, *, recipe=None, expected_train: str | None = None, sub_r
     return states
 
 
+def plan(run_dir, *, recipe, expected_train: str | None) -> list[str]:
+    """The stages of the run itself that `tledge build` of `recipe` runs now, in table order
+    (the report, rewritten by every build, aside): those not current, and every stage after
+    them (`run_states` carries staleness down the table). A run with no manifest, or one that
+    cannot be read, is trained again: every stage."""
+    everything = [row.name for row in STAGES if row.name != "report"]
+    run_dir = Path(run_dir)
+    if not (run_dir / MANIFEST).is_file():
+        return everything
+    try:
+        states = run_states(run_dir, recipe=recipe, expected_train=expected_train)
+    except RunDirError:
+        return everything
+    redo = {state.stage for state in states if state.redo}
+    for row in STAGES:  # a stage after one that is redone reads what it writes anew
+        if row.after in redo:
+            redo.add(row.name)
+    return [name for name in everything if name in redo]
+
+
 def run_status(run_dir) -> dict:
     """Every stage of a run and of its sub-runs, as `tledge status --json` prints it. Reads,
     never writes."""

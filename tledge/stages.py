@@ -26,7 +26,8 @@ from tledge.explain import explain_run
 from tledge.export.stage import export_run
 from tledge.formats import FORMATS
 from tledge.model import load_model
-from tledge.pipeline import baseline_recipe, run_states, single_task_recipe, STAGES
+from tledge.pipeline import (baseline_recipe, plan, run_states, single_task_recipe, STAGE,
+                             STAGES)
 from tledge.quiet import quiet
 from tledge.recipe.dump import stored_recipe_text
 from tledge.recipe.load import load_recipe, member_recipes
@@ -471,32 +472,40 @@ def _build_locked(recipe, run_dir, *, log, verbose, force):
     set_aside_damaged_manifest(run_dir, log)
     starting = starting_points(recipe, run_dir, log=log, verbose=verbose)
     expected = train_hash(recipe, starting[0], log=log)
-    if _redo(run_dir, "train", recipe, run_dir, log=log, force=force, expected=expected):
+    planned = [row.name for row in STAGES if row.name != "report"] if force \
+        else plan(run_dir, recipe=recipe, expected_train=expected)
+    log(f"plan: {', '.join(planned) or 'every stage is current'}; then the report"
+        + (" (--force)" if force else ""))
+    if _redo(run_dir, "train", recipe, run_dir, log=log, force=force, expected=expected,
+             planned=planned):
         log(f"== train  {recipe.name} -> {run_dir}")
         train_run(recipe, run_dir, log=log, verbose=verbose, restart=force, starting=starting)
     else:  # the sections after train may have changed, and the stored copy may be damaged:
         write_text(run_dir / RECIPE, stored_recipe_text(recipe, run_dir))  # later stages read it
         _complete_single_task(recipe, run_dir, starting, log=log, verbose=verbose)
-    parity = _after_training(run_dir, recipe, log=log, force=force)
+    parity = _after_training(run_dir, recipe, log=log, force=force, planned=planned)
     log(f"built {recipe.name} in {time.perf_counter() - started:.0f} s")
     return run_dir, parity
 
 
-def _redo(folder, stage, recipe, run_dir, *, log, force, expected=None) -> bool:
+def _redo(folder, stage, recipe, run_dir, *, log, force, expected=None, planned=()) -> bool:
     """Whether a build runs `stage` of `folder` (the run or one of its sub-runs): the
-    pipeline's table decides (`tledge.pipeline`); the build says what it skips and why it
-    redoes."""
+    pipeline's table decides (`tledge.pipeline`), and a stage of the run's plan is run even
+    when what it reads came out of an earlier stage unchanged (a build does what it said it
+    would). The build says what it skips and why it redoes."""
     label = "" if folder == run_dir else f" ({folder.relative_to(run_dir)})"
     if force or not (folder / MANIFEST).is_file():
         return True
     states = run_states(folder, recipe=recipe if folder == run_dir else None,
                         expected_train=expected, sub_run=folder != run_dir)
     state = next(state for state in states if state.stage == stage)
-    if not state.redo:
+    if not state.redo and stage not in planned:
         log(f"== {stage}{label}: up to date, skipped; --force redoes it")
         return False
     if state.status == "stale" and state.reason:
         log(f"   ({stage}{label} is stale: {state.reason})")
+    elif not state.redo:
+        log(f"   ({stage}{label}: planned after {STAGE[stage].after}, which was redone)")
     return True
 
 
@@ -504,7 +513,7 @@ _RUN = {"export": export_run, "validate": validate_run, "bench": bench_run,
         "explain": explain_run}
 
 
-def _after_training(run_dir, recipe, *, log, force):
+def _after_training(run_dir, recipe, *, log, force, planned=()):
     """The stages after training, in the pipeline's table order (each skipped when current):
     export, validate and bench of the run and of its sub-runs (the sub-runs benchmarked
     before the run itself, whose pick weighs them all), explain, report. Returns the run's
@@ -516,7 +525,8 @@ def _after_training(run_dir, recipe, *, log, force):
         folders = (list(reversed(runs)) if row.name == "bench" else runs) if row.sub_runs \
             else [run_dir]
         for folder in folders:
-            if _redo(folder, row.name, recipe, run_dir, log=log, force=force):
+            if _redo(folder, row.name, recipe, run_dir, log=log, force=force,
+                     planned=planned if folder == run_dir else ()):
                 log(f"== {row.name}" + ("" if folder == run_dir
                                         else f" ({folder.relative_to(run_dir)})"))
                 _RUN[row.name](folder, log=log)

@@ -103,7 +103,7 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                           "(`tledge build RECIPE`, or `tledge export RUN_DIR`)")
     for entry in artifacts(manifest):  # time only the files that were written and validated
         verified_artifact(run_dir, entry)
-    rows = []
+    rows, unavailable = [], {}
     for entry in artifacts(manifest):
         for runtime in runtimes:
             if entry["family"] not in RUNTIMES[runtime].families:
@@ -111,11 +111,11 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
             for thread_count in threads:
                 for batch in batch_sizes:
                     reason = RUNTIMES[runtime].unavailable()
-                    if reason:  # no process to start for what cannot run here
+                    if reason:  # no process to start for what cannot run here; said once
                         rows.append(BenchRow(entry["name"], runtime, thread_count, batch,
                                              "skipped", reason=reason,
                                              size_bytes=entry.get("size_bytes")))
-                        log(format_row(rows[-1]))
+                        unavailable.setdefault(runtime, reason)
                         continue
                     measure = bench_isolated if settings.isolate else bench_artifact
                     row = measure(entry, run_dir, runtime, threads=thread_count,
@@ -124,6 +124,8 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                                          min_seconds=settings.min_seconds)
                     rows.append(row)
                     log(format_row(row))
+    if unavailable:
+        log("  " + unavailable_line(unavailable))
     flops = model_flops(run_dir, manifest)
     for row in rows:
         if row.status == "ok" and flops:
@@ -150,7 +152,7 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
               **({"single_task": compared} if compared else {}),
               "settings": {"threads": list(threads), "batch_sizes": list(batch_sizes),
                            "warmup": settings.warmup, "min_runs": settings.min_runs,
-                           "min_seconds": settings.min_seconds},
+                           "min_seconds": settings.min_seconds, "isolate": settings.isolate},
               "flops_per_image": flops, "machine": machine_facts()}
     written = write_json(run_dir / BENCH, result)
     manifest["pick"] = pick
@@ -320,6 +322,13 @@ def choose(rows, parity, *, threads: int, batch: int, checksums=None, settings=N
 
 def _which(candidate) -> tuple:
     return candidate["model"], candidate["artifact"], candidate["runtime"]
+
+
+def unavailable_line(reasons: dict) -> str:
+    """One line for the runtimes this machine cannot have ({runtime: why}), instead of a
+    skipped row per artifact in every table."""
+    return "not on this machine: " + "; ".join(f"{runtime} ({reason})"
+                                                for runtime, reason in reasons.items())
 
 
 def format_row(row: BenchRow) -> str:

@@ -8,8 +8,9 @@ import re
 from pathlib import Path
 
 from tledge import plots
-from tledge.bench.stage import pick_folder, pick_name
+from tledge.bench.stage import pick_folder, pick_name, unavailable_line
 from tledge.errors import RunDirError
+from tledge.formats import RUNTIME_ROWS
 from tledge.plots import FIGURES
 from tledge.report import domains as report_domains
 from tledge.report import int8 as report_int8
@@ -792,6 +793,14 @@ def _status(row) -> str:
     return row["status"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
 
 
+def _isolated(bench) -> bool:
+    settings = bench.get("settings")
+    return not isinstance(settings, dict) or settings.get("isolate", True) is not False
+
+
+_GPU_RUNTIMES = {row.name for row in RUNTIME_ROWS if row.device == "gpu"}
+
+
 def _bench_section(bench, parity, checksums=None) -> list[str]:
     lines = ["## Latency", ""]
     if not bench or not bench["rows"]:
@@ -803,12 +812,19 @@ def _bench_section(bench, parity, checksums=None) -> list[str]:
               f"({md(machine.get('cores', '?'))} cores), {md(machine.get('system', '?'))}."
               + (f" The model costs {flops / 1e9:.3f} GFLOPs per image."
                  if isinstance(flops, (int, float)) and flops else ""),
-              "Accuracy and parity are the validate stage's, for the same artifact. Each row "
-              "ran in its own process; peak MiB is that process's peak resident memory.", "",
+              "Accuracy and parity are the validate stage's, for the same artifact. "
+              + ("Each row ran in its own process; peak MiB is that process's peak resident "
+                 "memory." if _isolated(bench) else
+                 "Every row ran in one process (`bench.isolate = false`): peak MiB is that "
+                 "process's peak so far, not the row's own."), "",
               "| artifact | runtime | threads | batch | status | parity | accuracy "
               + _LATENCY_HEAD, "|---|---|---:|---:|---|---|---:|" + _LATENCY_RULE]
     judged = own_runtime_rows(parity)
+    unavailable = {}  # runtimes this machine cannot have: one line under the table
     for row in bench["rows"]:
+        if row["status"] == "skipped" and row["runtime"] in _GPU_RUNTIMES:
+            unavailable.setdefault(row["runtime"], row.get("reason"))
+            continue
         check = judged.get(row["artifact"], {})
         verdict = check.get("status", "not validated")
         if checksums is not None and _stale(check, {"sha256": checksums.get(row["artifact"])}):
@@ -816,6 +832,9 @@ def _bench_section(bench, parity, checksums=None) -> list[str]:
         lines.append(f"| {row['artifact']} | {row['runtime']} | {row['threads']} | "
                      f"{row['batch']} | {_status(row)} | {verdict} | "
                      f"{_num(check.get('accuracy'))} | " + _latency_cells(row))
+    if unavailable:
+        said = unavailable_line(unavailable)
+        lines += ["", md(said[0].upper() + said[1:]) + "."]
     return lines + [""]
 
 

@@ -93,7 +93,8 @@ def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_pe
             min_lr=phase.learning_rate / 100))
     start = time.perf_counter()
     model.fit(train_data, validation_data=val_data, epochs=initial_epoch + phase.epochs,
-              initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
+              initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
+              shuffle=False)  # the dataset shuffles itself; Keras would warn it ignores True
     wall = time.perf_counter() - start + recorder.earlier_seconds
     ran = len(recorder.rows)
     result = PhaseResult(name, recorder.rows, recorder.best_epoch,
