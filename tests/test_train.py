@@ -195,7 +195,9 @@ def test_a_baseline_that_beats_the_transfer_is_exported_judged_and_shipped(base_
     report = (run_dir / "report.md").read_text()
     assert f"**Ship `baseline/{pick['artifact']}` on {pick['runtime']}**" in report
     assert "of the most accurate model (weighed: this run's model, baseline)" in report
-    assert "The trade: picked" in report
+    # the trade is stated when the fastest or the most accurate of all is not the pick (the
+    # two models are the same small_cnn: which is fastest is the timing's to say)
+    assert ("The trade: picked" in report) == bool(pick["alternatives"]), pick["alternatives"]
     # a second build finds every stage of both models current
     again = []
     build(recipe, out=run_dir, log=again.append, verbose=0)
