@@ -6,7 +6,11 @@ prints: each `== stage` line starts a stage, so a stage's seconds run to the nex
 pretrained backbone's own build (a recipe named as weights) is split out the same way. Prints
 the machine (CPU, ISA, cores), each stage's seconds and share, and the total.
 
+A run of the weights recipe that the checkout ships (models/quickstart_pretrain) is copied in
+beside the build, as a user's build finds it; `--pretrain` leaves it out, so it is trained too.
+
     python benchmarks/quickstart_profile.py
+    python benchmarks/quickstart_profile.py --pretrain
     python benchmarks/quickstart_profile.py recipes/multitask_quickstart.toml --keep models/qs
 """
 
@@ -26,6 +30,8 @@ def main():
     parser.add_argument("recipe", nargs="?", default="recipes/quickstart.toml")
     parser.add_argument("--keep", type=Path, default=None,
                         help="Build into this folder and keep it (default: a temporary one).")
+    parser.add_argument("--pretrain", action="store_true",
+                        help="Train the weights recipe too, instead of the run models/ ships.")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     folder = Path(tempfile.mkdtemp(prefix="tledge-profile-"))
@@ -33,6 +39,11 @@ def main():
     out = args.keep or folder / "models" / Path(args.recipe).stem
     if args.keep:
         shutil.rmtree(args.keep, ignore_errors=True)
+    shipped = Path("models") / "quickstart_pretrain"
+    beside = out.parent / shipped.name
+    if not args.pretrain and (shipped / "manifest.json").is_file() \
+            and beside.resolve() != shipped.resolve():
+        shutil.copytree(shipped, beside, dirs_exist_ok=True)
 
     from tledge.bench.core import machine_facts
     from tledge.stages import build
