@@ -55,12 +55,24 @@ def test_ctrl_c_stops_with_its_own_exit_code_and_the_next_run_resumes(tmp_path):
     assert (run_dir / "model.keras").is_file()
 
 
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """One training killed after two checkpointed epochs, copied by each case that damages it."""
+    folder = tmp_path_factory.mktemp("killed")
+    command, run_dir, state = killed_training(folder, "damaged", epochs=14, samples=20,
+                                              after=2)
+    return folder, command, state.relative_to(folder)
+
+
 @pytest.mark.parametrize("victim", ["from_scratch.best.weights.h5",
                                     "from_scratch.backup/latest.weights.h5",
                                     "from_scratch.state.json"])
-def test_a_damaged_checkpoint_is_discarded_and_the_phase_restarts(tmp_path, victim):
-    command, run_dir, state = killed_training(tmp_path, "damaged", epochs=14, samples=20,
-                                              after=2)
+def test_a_damaged_checkpoint_is_discarded_and_the_phase_restarts(killed_run, tmp_path, victim):
+    import shutil
+    original, command, state = killed_run
+    folder = shutil.copytree(original, tmp_path / "copy")
+    command = [str(part).replace(str(original), str(folder)) for part in command]
+    run_dir, state = folder / "run", folder / state
     damaged = state.parent / victim
     assert damaged.is_file(), sorted(p.name for p in state.parent.rglob("*"))
     damaged.write_bytes(damaged.read_bytes()[:len(damaged.read_bytes()) // 2])
