@@ -416,14 +416,14 @@ def run_states(run_dir, *, recipe=None, expected_train: str | None = None, sub_r
     return states
 
 
-def plan(run_dir, *, recipe, expected_train: str | None) -> list[str]:
+def plan(run_dir, *, recipe, expected_train: str | None, force=False) -> list[str]:
     """The stages of the run itself that `tledge build` of `recipe` runs now, in table order
     (the report, rewritten by every build, aside): those not current, and every stage after
-    them (`run_states` carries staleness down the table). A run with no manifest, or one that
-    cannot be read, is trained again: every stage."""
+    them (`run_states` carries staleness down the table). With `force`, a run with no
+    manifest, or one that cannot be read (it is trained again): every stage."""
     everything = [row.name for row in STAGES if row.name != "report"]
     run_dir = Path(run_dir)
-    if not (run_dir / MANIFEST).is_file():
+    if force or not (run_dir / MANIFEST).is_file():
         return everything
     try:
         states = run_states(run_dir, recipe=recipe, expected_train=expected_train)

@@ -472,8 +472,7 @@ def _build_locked(recipe, run_dir, *, log, verbose, force):
     set_aside_damaged_manifest(run_dir, log)
     starting = starting_points(recipe, run_dir, log=log, verbose=verbose)
     expected = train_hash(recipe, starting[0], log=log)
-    planned = [row.name for row in STAGES if row.name != "report"] if force \
-        else plan(run_dir, recipe=recipe, expected_train=expected)
+    planned = plan(run_dir, recipe=recipe, expected_train=expected, force=force)
     log(f"plan: {', '.join(planned) or 'every stage is current'}; then the report"
         + (" (--force)" if force else ""))
     if _redo(run_dir, "train", recipe, run_dir, log=log, force=force, expected=expected,
