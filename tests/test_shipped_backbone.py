@@ -41,5 +41,7 @@ def test_the_shipped_backbone_is_as_accurate_as_its_run_says():
     predicted = predict_in_batches(model, splits.x_test).argmax(axis=1)
     accuracy = float(np.mean(predicted == splits.y_test))
     recorded = json.loads((SHIPPED / "history.json").read_text())["test_accuracy"]
-    assert accuracy == recorded, (accuracy, recorded)
+    # trained on an AVX2 CPU; another CPU's float kernels round differently, which can move
+    # an image that sits on a class boundary: one image of the 200, no more
+    assert abs(accuracy - recorded) <= 1 / len(splits.y_test) + 1e-9, (accuracy, recorded)
     assert accuracy >= 0.8  # eight shapes: chance is 0.125
