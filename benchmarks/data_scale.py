@@ -36,7 +36,7 @@ CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "hbars", "ch
 
 
 def cpu_name() -> str:
-    from tledge.bench.core import machine_facts
+    from tledge.core.machine import machine_facts
     facts = machine_facts()
     return f"{facts['cpu']} ({facts['isa']})"
 

@@ -76,7 +76,7 @@ def main():
     parser.add_argument("--skip", choices=("synthetic", "cifar"), help="leave one case out")
     args = parser.parse_args()
 
-    from tledge.bench.core import machine_facts
+    from tledge.core.machine import machine_facts
     from tledge.data.corruptions import corrupt_folder
     from tledge.domains import evaluate_run
     from tledge.rundir import read_record

@@ -48,7 +48,7 @@ def main():
     args = parser.parse_args()
 
     import numpy as np
-    from tledge.bench.core import summarize, time_runner
+    from tledge.core.timing import summarize, time_runner
     from tledge.data import calibration_images, load_splits
     from tledge.export.stage import _exporter
     from tledge.formats import FORMATS

@@ -80,8 +80,9 @@ def main():
     batches = [int(b) for b in args.batch.split(",")]
 
     import numpy as np
-    from tledge.bench.core import (machine_facts, predicted_classes, runtime_versions, summarize,
-                                   time_runner)
+    from tledge.core.engines import predicted_classes
+    from tledge.core.machine import machine_facts, runtime_versions
+    from tledge.core.timing import summarize, time_runner
     from tledge.errors import RunDirError, RuntimeUnavailable, first_line
     from tledge.parity import predict_all
     from tledge.run_inputs import run_splits, evaluation_split

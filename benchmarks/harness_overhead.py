@@ -61,7 +61,7 @@ def main():
     args = parser.parse_args()
 
     import numpy as np
-    from tledge.bench.core import summarize
+    from tledge.core.timing import summarize
     from tledge.bench.stage import bench_artifact
     from tledge.rundir import find_artifact, read_manifest
 

@@ -105,9 +105,9 @@ def build(recipe: Path, out: Path, log_file: Path) -> list[str]:
 
 
 def report(run: Path, seconds_by_format: dict) -> None:
-    from tledge.bench.core import machine_facts
+    from tledge.core.machine import machine_facts
     from tledge.export.int8 import int8_needs
-    from tledge.metrics import wilson_lower_bound
+    from tledge.core.metrics import wilson_lower_bound
     from tledge.report.int8 import int8_records
     from tledge.rundir import PARITY, read_manifest, read_record
     facts = machine_facts()

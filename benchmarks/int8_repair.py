@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def main():
-    from tledge.bench.core import machine_facts
+    from tledge.core.machine import machine_facts
     from tledge.rundir import PARITY, read_manifest, read_record
     from tledge.report.int8 import int8_records
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -34,7 +34,7 @@ def main():
     from mediapipe.tasks.python.core.base_options import BaseOptions
     from PIL import Image
     from tledge.data.synthetic import generate
-    from tledge.bench.core import machine_facts
+    from tledge.core.machine import machine_facts
     from tledge.predict import predict_files
 
     run_dir = Path(args.run_dir)

@@ -23,7 +23,7 @@ CALLS = 40  # bench stage's, for figures to quote)
 
 
 def main():
-    from tledge.bench.core import machine_facts
+    from tledge.core.machine import machine_facts
     from tledge.bench.single_task import side_by_side
     from tledge.rundir import PARITY, read_manifest, read_record, SINGLE_TASK
     from tledge.run_inputs import evaluation_split, run_splits

@@ -45,7 +45,7 @@ def main():
             and beside.resolve() != shipped.resolve():
         shutil.copytree(shipped, beside, dirs_exist_ok=True)
 
-    from tledge.bench.core import machine_facts
+    from tledge.core.machine import machine_facts
     from tledge.stages import build
     started = time.perf_counter()
     import tensorflow  # noqa: F401  (its import is part of what a user waits for)

@@ -40,8 +40,8 @@ def main():
     import keras
     import numpy as np
     import tensorflow as tf
-    from tledge.bench.core import summarize, time_runner
-    from tledge.bench.core import machine_facts
+    from tledge.core.timing import summarize, time_runner
+    from tledge.core.machine import machine_facts
     from tledge.export.onnx import export_onnx
     from tledge.export.tflite import export_tflite
     from tledge.quiet import quiet

@@ -15,8 +15,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tledge"
 # above. Every module is named: a new module takes a layer by being placed here, not by the
 # folder it lands in.
 LAYERS = [
+    ("core", ["tledge.core", "tledge.core.metrics", "tledge.core.engines",
+              "tledge.core.machine", "tledge.core.timing", "tledge.core.device"]),
     ("base", ["tledge.errors", "tledge.schema", "tledge.formats", "tledge.quiet",
-              "tledge.parity", "tledge.metrics", "tledge.bench.core", "tledge.tasks"]),
+              "tledge.parity", "tledge.tasks"]),
     ("run directory", ["tledge.rundir"]),
     ("libraries", ["tledge.data", "tledge.data.cache", "tledge.data.cifar10",
                    "tledge.data.corruptions", "tledge.data.csv_source", "tledge.data.feed",
@@ -151,7 +153,7 @@ def test_tledge_imports_are_at_module_top():
 # Who may import a runtime itself: the runners, the engines every process shares (the device
 # script among them), and the exporters (the int8 export's diagnosis uses ONNX Runtime's
 # quantization tools on graphs it is making; it judges the files it keeps through the runners)
-RUNTIME_USERS = ("tledge.runners.", "tledge.bench.core", "tledge.export.")
+RUNTIME_USERS = ("tledge.runners.", "tledge.core.", "tledge.export.")
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -186,9 +188,28 @@ def test_runners_import_neither_training_nor_export(module):
     assert not bad, f"{module} imports {bad}"
 
 
-def test_the_device_script_stands_alone():
-    # tledge/bench/core.py is copied verbatim into every bundle as bench_device.py
-    assert not GRAPH["tledge.bench.core"][0]
+CORE = [module for module in MODULES if module == "tledge.core" or module.startswith("tledge.core.")]
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_the_package_every_process_needs_stands_alone(module):
+    """tledge.core is copied whole into every bundle as tledge_core/: it imports nothing of
+    tledge but itself, and only relatively (`from .engines import ...`), so the copy imports
+    the copy."""
+    outside = [target for target, _, _ in GRAPH[module][0] if target not in CORE]
+    assert not outside, f"{module} imports {outside}"
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    absolute = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and not node.level and (node.module or "").startswith("tledge")]
+    absolute += [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 and any(alias.name.startswith("tledge") for alias in node.names)]
+    assert not absolute, f"{module}: absolute tledge imports at lines {absolute}"
+
+
+@pytest.mark.parametrize("module", ["tledge.rundir", "tledge.pipeline"])
+def test_the_store_does_not_import_the_benchmark_package(module):
+    bad = [target for target, _, _ in GRAPH[module][0] if target.startswith("tledge.bench")]
+    assert not bad, f"{module} imports {bad}"
 
 
 def test_the_reader_sees_what_the_rules_judge(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tledge.bench.core import summarize, time_runner
+from tledge.core.timing import summarize, time_runner
 from tledge.bench.stage import BenchRow, bench_artifact, choose
 
 

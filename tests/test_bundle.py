@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -98,20 +99,28 @@ def test_device_script_times_and_checks_every_artifact(built_run, device_result)
 
 
 def test_device_script_is_python_3_9_and_needs_only_numpy_and_a_runtime(device_result):
+    """bench_device.py and tledge.core, copied whole and unchanged as tledge_core/: Python 3.9,
+    and nothing but the standard library, numpy, a runtime and the package itself."""
+    import tledge.core
     folder, _, _ = device_result
-    source = (folder / "bench_device.py").read_text()
-    tree = ast.parse(source, feature_version=(3, 9))  # a SyntaxError fails the test
+    package = Path(tledge.core.__file__).parent
+    copied = sorted(path.name for path in (folder / "tledge_core").glob("*.py"))
+    assert copied == sorted(path.name for path in package.glob("*.py"))
+    for name in copied:
+        assert (folder / "tledge_core" / name).read_bytes() == (package / name).read_bytes()
     allowed = set(sys.stdlib_module_names) | {"numpy", "ai_edge_litert", "tflite_runtime",
-                                              "onnxruntime", "openvino"}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            modules = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            modules = [node.module]
-        else:
-            continue
-        for module in modules:
-            assert module.split(".")[0] in allowed, module
+                                              "onnxruntime", "openvino", "tledge_core"}
+    for path in [folder / "bench_device.py", *(folder / "tledge_core").glob("*.py")]:
+        tree = ast.parse(path.read_text(), feature_version=(3, 9))  # a SyntaxError fails
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = ["tledge_core"] if node.level else [node.module]
+            else:
+                continue
+            for module in modules:
+                assert module.split(".")[0] in allowed, (path.name, module)
 
 
 def test_device_script_skips_a_runtime_it_does_not_have_and_reports_a_crash(device_result,
@@ -141,7 +150,7 @@ def test_a_runtime_that_kills_the_check_costs_its_row_only(device_result, tmp_pa
     import shutil
     folder = shutil.copytree(device_result[0], tmp_path / "copy")
     (folder / "result.json").unlink()
-    script = folder / "bench_device.py"
+    script = folder / "tledge_core" / "device.py"
     text = script.read_text()
     script.write_text(text.replace(  # the check of one artifact dies the hardest way
         "def check_one(job: dict) -> dict:\n",
@@ -155,7 +164,7 @@ def test_a_runtime_that_kills_the_check_costs_its_row_only(device_result, tmp_pa
 
 
 def test_bench_device_names_the_cpu_it_sees_and_says_when_it_is_emulated():
-    from tledge.bench.core import cpu_facts
+    from tledge.core.machine import cpu_facts
     pi = ("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
           "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU part\t: 0xd08\n"
           "Model\t\t: Raspberry Pi 4 Model B Rev 1.4\n")

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import invoke, SMALL_RECIPE, THREADS
 from tledge.bench.stage import BenchRow, choose
-from tledge.metrics import (agreement, confusion_matrix, enough_images, images_needed,
+from tledge.core.metrics import (agreement, confusion_matrix, enough_images, images_needed,
                             per_class_accuracy, wilson_lower_bound)
 from tledge.parity import evidence_text, judge_evidence, ParityRow, row_is_current
 
@@ -47,7 +47,7 @@ def test_the_figures_of_one_model_against_another():
 
 def test_metrics_imports_nothing_of_tledge():
     from test_architecture import GRAPH
-    found, third_party = GRAPH["tledge.metrics"]
+    found, third_party = GRAPH["tledge.core.metrics"]
     assert found == [] and third_party <= {"numpy", "math", "statistics", "__future__"}
 
 

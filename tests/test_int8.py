@@ -85,7 +85,7 @@ def cpu(request, monkeypatch):
     `machine_facts` reads them. Yields (the ISA it should name, what ONNX int8 needs)."""
     import builtins
     import platform
-    import tledge.bench.core as core
+    import tledge.core.machine as core
     cpuinfo, arch, isa, needs = CPUS[request.param]
 
     def fake_open(path, *args, **kwargs):
@@ -104,7 +104,7 @@ def test_what_int8_needs_follows_the_cpu_that_runs_the_kernels(cpu):
     uint8 x int8 kernels saturate on x86 without VNNI, so ONNX int8 needs 7-bit weights there
     (reduce_range); AVX-512 VNNI, AVX-VNNI, AMX and ARM (sdot, or NEON's widening multiplies;
     under emulation too, whatever the host) need nothing; TFLite never does."""
-    from tledge.bench.core import machine_facts
+    from tledge.core.machine import machine_facts
     from tledge.export.int8 import int8_needs
     isa, needs = cpu
     assert machine_facts()["isa"] == isa
@@ -266,7 +266,7 @@ def test_onnx_diagnosis_names_nodes_that_can_be_kept_in_float(model_and_images, 
 
 def _repair(model, calibration, images, labels, tmp_path, *, fmt, thresholds,
             calibration_samples=32, **options):
-    from tledge.bench.core import machine_facts
+    from tledge.core.machine import machine_facts
     from tledge.export.stage import _exporter
     tmp_path.mkdir(parents=True, exist_ok=True)
     from tledge.export.int8 import Judge, diagnose_onnx, diagnose_tflite, quantize_with_repair

@@ -276,6 +276,30 @@ def multitask_run(tmp_path_factory):
     return run_dir, parity, lines
 
 
+def test_host_and_device_define_a_multitask_agreement_the_same_way():
+    """The build machine's parity and a device's check (tledge.core.device, in a bundle) give
+    one figure for the same two outputs: the lowest task's agreement, not the mean over
+    images x tasks, so the device's figure is compared with min_agreement like with like."""
+    from tledge.core.device import compare_outputs
+    from tledge.parity import compare
+    tasks = [{"name": "shape", "labels": ["a", "b", "c"]}, {"name": "colour", "labels": ["x", "y"]}]
+    rng = np.random.default_rng(0)
+    labels = np.stack([rng.integers(0, 3, 20), rng.integers(0, 2, 20)], axis=1)
+    reference = np.concatenate([np.eye(3)[labels[:, 0]], np.eye(2)[labels[:, 1]]], axis=1)
+    artifact = reference.copy()
+    artifact[:6, 3:] = artifact[:6, 3:][:, ::-1]  # colour flips on 6 of 20 images
+    reference, artifact = reference.astype(np.float32), artifact.astype(np.float32)
+    host = compare(artifact, reference, labels, 1.0,
+                   {"max_accuracy_drop": 1.0, "min_agreement": 0.0, "max_abs_diff": None}, tasks)
+    spec = [{"name": task["name"], "shape": [1, len(task["labels"])], "dtype": "float32"}
+            for task in tasks]
+    device = compare_outputs(artifact, reference, labels, spec)
+    assert host.agreement == device["agreement_with_host"] == pytest.approx(14 / 20)
+    assert host.tasks["shape"]["agreement"] == 1.0  # the mean (0.85) would hide colour's 0.7
+    assert host.accuracy == device["accuracy"] == pytest.approx((1.0 + 14 / 20) / 2)
+    assert device["flipped_count"] == 6
+
+
 def test_every_artifact_has_an_output_per_task_named_after_it(multitask_run):
     from ai_edge_litert.interpreter import Interpreter
     import onnx
@@ -345,7 +369,7 @@ def test_int8_outputs_in_litert_directly_agree_with_keras_per_task(multitask_run
 
 
 def test_predict_and_bundle_answer_every_task(multitask_run, tmp_path):
-    from tledge.bench import core
+    from tledge.core import device as core
     run_dir, _, _ = multitask_run
     images, _ = generate(["square"], 1, (32, 32), 0.0, 5, None,
                          [("shape", ("square",)), ("colour", ("blue",))])

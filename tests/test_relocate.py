@@ -106,11 +106,11 @@ def test_a_moved_checkout_and_a_copied_run_need_nothing_redone(tmp_path, monkeyp
 def test_a_bench_from_another_machine_is_not_current_here(built_run, tmp_path, small_recipe,
                                                           monkeypatch):
     import tledge.bench.stage
-    import tledge.bench.core
+    import tledge.core.machine
     run_dir = shutil.copytree(built_run[0], tmp_path / "run")
     result = invoke("build", small_recipe, "--out", run_dir)
     assert stages_redone(result.output) == set(), result.output
-    real = tledge.bench.core.machine_facts
+    real = tledge.core.machine.machine_facts
     # another machine, as every module that asks sees it (each holds its own name for it)
     for module in [module for name, module in sys.modules.items()
                    if name.startswith("tledge") and hasattr(module, "machine_facts")]:

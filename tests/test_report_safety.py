@@ -62,7 +62,7 @@ def hostile_run(tmp_path, monkeypatch):
 def hostile_device(run_dir, tmp_path):
     """A device result whose every free-text field is hostile (it passes the format checks:
     nothing forces a device's name or CPU string to be plain text)."""
-    from tledge.bench import core as device_bench
+    from tledge.core import device as device_bench
     row = {"artifact": "<script>alert('row')</script>", "runtime": "<b onmouseover=x()>",
            "threads": 1, "batch": 1, "status": "ok", "p50_ms": 1.0, "p90_ms": 1.0,
            "p99_ms": 1.0, "mean_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0, "throughput_ips": 1.0}

@@ -14,7 +14,7 @@ import click
 
 from tledge.backbones import BACKBONES
 from tledge.bench.bundle import IMAGE_CAP, import_device_result, write_bundle
-from tledge.bench.core import parse_counts
+from tledge.core.device import parse_counts
 from tledge.bench.emulate import ARCHES, emulate
 from tledge.bench.stage import bench_run, load_pick, pick_folder, pick_name
 from tledge.data import load_splits

@@ -22,7 +22,7 @@ from tledge.data import load_splits
 from tledge.data.sources import in_class_order
 from tledge.errors import DataError
 from tledge.formats import FORMATS
-from tledge.metrics import accuracy, agreement, confusion_matrix, per_class_accuracy
+from tledge.core.metrics import accuracy, agreement, confusion_matrix, per_class_accuracy
 from tledge.parity import predict_all
 from tledge.pipeline import validated_rows
 from tledge.recipe.load import load_recipe

@@ -1,7 +1,7 @@
 """Parity numbers of one artifact against the reference: the row, the comparison and the
 batched prediction that produce it. The validate stage judges every artifact with them, and
 int8 repair judges each candidate the same way (so it sits below both). The figures
-themselves (accuracy, agreement, confusion, the Wilson bound) are `tledge.metrics`'.
+themselves (accuracy, agreement, confusion, the Wilson bound) are `tledge.core.metrics`'.
 
 A row's status: "reference" (the Keras model), "passed", "failed" (a threshold missed),
 "skipped" (the runtime cannot run here), or "insufficient": every threshold met, but on
@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from tledge.metrics import (accuracy, agreement, CONFIDENCE, confusion_matrix, images_needed,
+from tledge.core.metrics import (accuracy, agreement, CONFIDENCE, confusion_matrix, images_needed,
                             wilson_lower_bound)
 from tledge.tasks import blocks
 
@@ -112,11 +112,14 @@ def _compare_tasks(probabilities, reference, labels, reference_accuracy, thresho
         expected = labels[:, index]
         parts[task["name"]] = compare(mine, theirs, expected,
                                       accuracy(theirs.argmax(axis=1), expected), thresholds)
-    mean = float(np.mean([part.accuracy for part in parts.values()]))
+    predicted, reference_predicted = (
+        np.stack([block.argmax(axis=1) for block in blocks(outputs, tasks)], axis=1)
+        for outputs in (probabilities, reference))
+    mean = accuracy(predicted, labels)  # the figures a device's check computes (one function)
     difference = np.abs(probabilities - reference)
     row = ParityRow("", "", "passed", accuracy=mean,
                     accuracy_drop=reference_accuracy - mean,
-                    agreement=min(part.agreement for part in parts.values()),
+                    agreement=agreement(predicted, reference_predicted),
                     max_abs_diff=float(difference.max()), mean_abs_diff=float(difference.mean()),
                     thresholds=dict(thresholds),
                     problems=[f"{name}: {problem}" for name, part in parts.items()

@@ -25,7 +25,7 @@ import json
 import tomllib
 from pathlib import Path
 
-from tledge.bench.core import machine_facts
+from tledge.core.machine import machine_facts
 from tledge.errors import RecipeError, RunDirError
 from tledge.parity import row_is_current
 from tledge.backbones import BACKBONES

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tledge.core.metrics import per_class_accuracy as per_class
 from tledge.rundir import atomic_path
 
 # matplotlib is imported inside the functions that use it: the CLI imports this
@@ -117,7 +118,7 @@ def confusion(matrix, labels, title, path) -> Path | None:
 def per_class_accuracy(series, labels, path) -> Path | None:
     """Bars of per-class accuracy (recall), one group per class, one bar per model.
 
-    `series`: [(name, confusion matrix)].
+    `series`: [(name, confusion matrix)]; the figures are `tledge.core.metrics`'.
     """
     series = [(name, matrix) for name, matrix in series if matrix]
     if not series:
@@ -127,8 +128,8 @@ def per_class_accuracy(series, labels, path) -> Path | None:
     figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(labels) + 2), 3.4))
     width = 0.8 / len(series)
     for index, (name, matrix) in enumerate(series):
-        counts = np.asarray(matrix)
-        recall = np.diag(counts) / np.maximum(counts.sum(axis=1), 1)
+        # a class with no image has no bar (not a bar at 0)
+        recall = [np.nan if value is None else value for value in per_class(matrix)]
         axis.bar(np.arange(len(labels)) + index * width - 0.4 + width / 2, recall, width,
                  label=name)
     axis.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)

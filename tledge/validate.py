@@ -19,7 +19,7 @@ import dataclasses
 from pathlib import Path
 
 
-from tledge.bench.core import machine_facts
+from tledge.core.machine import machine_facts
 from tledge.errors import first_line, RunDirError, RuntimeUnavailable
 from tledge.export.int8 import diagnose_entry
 from tledge.parity import (compare, evidence_text, judge_evidence, ParityRow, predict_all,

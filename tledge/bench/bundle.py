@@ -4,7 +4,9 @@ A bundle is a zip a user copies to a Raspberry Pi or a Jetson and runs there wit
 Python, numpy and one runtime:
 
     bundle.zip
-      bench_device.py     the benchmark (tledge/bench/core.py, verbatim)
+      bench_device.py     the benchmark: runs tledge_core.device
+      tledge_core/...     tledge.core, copied whole (the engines, timing, metrics and
+                          machine facts the build machine uses)
       bundle.json         artifacts (file, sha256, input/output spec), labels, settings
       images.npy          evaluation images, every class present, uint8 [N, H, W, 3]
       host_outputs.npz    each artifact's raw outputs for them on the build machine
@@ -27,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.bench import core as device_bench
+import tledge.core
+from tledge.core import device as device_bench
 from tledge.errors import BundleError
 from tledge.flops import model_flops
 from tledge.pipeline import require_current, validated_rows
@@ -37,6 +40,7 @@ from tledge.rundir import artifacts, atomic_path, DEVICES, read_manifest, read_r
 from tledge.runners import load, runtimes_for
 
 DEVICE_FAMILIES = ("tflite", "onnx")  # what bench_device.py runs
+DEVICE_PACKAGE = "tledge_core"  # tledge.core in a bundle
 
 README = """\
 tledge bundle of run {run!r} ({count} artifacts), made {created}.
@@ -156,8 +160,10 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 0, unvalidated=
     np.savez(raw, **outputs)
     with atomic_path(out) as temporary:
         with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.write(device_bench.__file__, "bench_device.py")
             add = functools.partial(_add_file, archive)
+            add("bench_device.py", device_bench.LAUNCHER)
+            for source in sorted(Path(tledge.core.__file__).parent.glob("*.py")):
+                archive.write(source, f"{DEVICE_PACKAGE}/{source.name}")
             add("bundle.json", json.dumps(document, indent=2) + "\n")
             add("images.npy", pixels.getvalue())
             add(device_bench.HOST_OUTPUTS, raw.getvalue())

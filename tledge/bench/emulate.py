@@ -25,8 +25,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from tledge.bench import core
 from tledge.bench.bundle import import_device_result, write_bundle
+from tledge.core.machine import runtime_versions
 from tledge.errors import BundleError, first_line
 from tledge.pipeline import require_current
 
@@ -179,7 +179,7 @@ def platform_tags(machine: str) -> list[str]:
 def runtime_wheels(cache: Path, spec, version: str, log) -> tuple[Path, bool]:
     """(the folder of runtime packages for the userland, pinned to this machine's versions;
     whether it was cached)."""
-    pinned = {module: value for module, value in core.runtime_versions().items()
+    pinned = {module: value for module, value in runtime_versions().items()
               if module in RUNTIME_WHEELS}
     key = "-".join(f"{module}{value}" for module, value in sorted(pinned.items()))
     site = cache / f"site-py{version}-{key}"

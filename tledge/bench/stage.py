@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.bench.core import (format_line, gflops_per_second, machine_facts, measure,
-                               run_child)
+from tledge.core.machine import machine_facts
+from tledge.core.timing import format_line, gflops_per_second, measure, run_child
 from tledge.bench.single_task import side_by_side, single_task_runs
 from tledge.errors import RunDirError, RuntimeUnavailable
 from tledge.flops import model_flops
@@ -60,7 +60,7 @@ class BenchRow:
 def bench_artifact(entry, run_dir, runtime, *, threads, batch, images, warmup, min_runs,
                    min_seconds) -> BenchRow:
     """One row, in this process: load, first inference, steady-state latency and memory, or
-    why it could not run (`tledge.bench.core.measure` through tledge's runners)."""
+    why it could not run (`tledge.core.timing.measure` through tledge's runners)."""
     row = measure(dataclasses.asdict(_first_row(entry, runtime, threads, batch)),
                   lambda: load(entry, run_dir, runtime, threads=threads),
                   lambda runner, chosen: runner.prepare(chosen), images, warmup=warmup,

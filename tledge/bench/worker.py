@@ -2,7 +2,7 @@
 
 Reads a JSON job on stdin (artifact entry, run directory, runtime, threads, batch, timing
 settings, and an .npy file of images), runs `tledge.bench.stage.bench_artifact` and emits the
-row (`tledge.bench.core.emit_row`), memory figures included. `tledge.bench.core.run_child`
+row (`tledge.core.timing.emit_row`), memory figures included. `tledge.core.timing.run_child`
 starts it and reads the row back.
 """
 
@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from tledge.bench.core import emit_row
+from tledge.core.timing import emit_row
 from tledge.bench.stage import bench_artifact
 
 

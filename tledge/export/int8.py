@@ -32,13 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.bench.core import machine_facts, summarize, time_runner
+from tledge.core.machine import machine_facts
+from tledge.core.timing import summarize, time_runner
 from tledge.data import calibration_images
 from tledge.errors import ExportError, first_line, TledgeError
 from tledge.export.onnx import (_Images, float_proto, INT8_DEFAULTS, prepare_for_quantization,
                                 quantize)
 from tledge.export.tflite import _representative, int8_converter
-from tledge.metrics import CONFIDENCE, wilson_lower_bound as agreement_lower_bound
+from tledge.core.metrics import CONFIDENCE, wilson_lower_bound as agreement_lower_bound
 from tledge.model import load_model
 from tledge.parity import accuracy_of, compare, predict_all
 from tledge.quiet import quiet
@@ -102,7 +103,7 @@ def int8_needs(isa: str | None = None) -> dict[str, dict]:
     """{family: the int8 settings a CPU with this ISA needs}: the one rule for it, read by the
     repair (`remedies`: every candidate after the plain export carries them) and by the tests.
 
-    `isa` is `tledge.bench.core.machine_facts()["isa"]` (this machine's when None). ONNX
+    `isa` is `tledge.core.machine.machine_facts()["isa"]` (this machine's when None). ONNX
     needs `reduce_range` on x86 without VNNI (see the table above); TFLite needs nothing."""
     if isa is None:
         isa = machine_facts()["isa"]

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from tledge.bench.core import machine_facts
+from tledge.core.machine import machine_facts
 from tledge.data import calibration_images, IMAGE_SUFFIXES, load_images
 from tledge.errors import (ArtifactError, DataError, ExportError, first_line, RunDirError,
                            TledgeError)
@@ -29,7 +29,7 @@ from tledge.model import load_model
 from tledge.parity import predict_all
 from tledge.quiet import quiet
 from tledge.pipeline import stage_record, stage_state
-from tledge.metrics import CONFIDENCE, images_needed
+from tledge.core.metrics import CONFIDENCE, images_needed
 from tledge.run_inputs import int8_order, run_recipe, run_splits
 from tledge.rundir import (artifact_entry, artifacts, atomic_path, empty_manifest, failed_entry,
                            find_artifact, read_manifest, record_stage, set_artifact, sha256,

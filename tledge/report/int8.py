@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tledge import plots
 from tledge.export.int8 import GRAPH_SETTINGS
-from tledge.metrics import CONFIDENCE
+from tledge.core.metrics import CONFIDENCE
 from tledge.rundir import artifacts
 
 

@@ -21,7 +21,7 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
-from tledge.bench.core import dequantize, output_names, prepare_pixels
+from tledge.core.engines import dequantize, output_names, prepare_pixels
 from tledge.errors import RuntimeUnavailable
 from tledge.formats import RuntimeRow, RUNTIME_ROWS
 from tledge.rundir import verified_artifact

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 
-from tledge.bench.core import concatenated
+from tledge.core.engines import concatenated
 from tledge.errors import RuntimeUnavailable
 from tledge.model import load_model
 from tledge.runners import Runner

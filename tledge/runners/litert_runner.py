@@ -1,13 +1,13 @@
 """LiteRT runner: the `ai_edge_litert` interpreter with the XNNPACK delegate, or without it.
 
-The interpreter itself is `tledge.bench.core.TFLiteModel`, the same class bench_device.py
+The interpreter itself is `tledge.core.engines.TFLiteModel`, the same class bench_device.py
 runs on a device; this runner adds the runner contract (input and output specs, errors as
 `RuntimeUnavailable`) and keeps LiteRT's delegate announcements off the terminal.
 """
 
 from __future__ import annotations
 
-from tledge.bench.core import TFLiteModel
+from tledge.core.engines import TFLiteModel
 from tledge.errors import RuntimeUnavailable
 from tledge.quiet import quiet
 from tledge.runners import Runner

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 
 
-from tledge.bench.core import OpenVinoModel
+from tledge.core.engines import OpenVinoModel
 from tledge.errors import RuntimeUnavailable
 from tledge.quiet import quiet
 from tledge.runners import Runner
@@ -28,7 +28,7 @@ def unavailable(device, loader=None) -> str | None:
 
 
 class OpenVINORunner(Runner):
-    """The compiled model is `tledge.bench.core.OpenVinoModel`, as on a device."""
+    """The compiled model is `tledge.core.engines.OpenVinoModel`, as on a device."""
 
     runtime = "openvino"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tledge.bench.core import OnnxModel
+from tledge.core.engines import OnnxModel
 from tledge.errors import RuntimeUnavailable
 from tledge.runners import Runner
 
@@ -27,7 +27,7 @@ def unavailable(device, loader=None) -> str | None:
 
 
 class OnnxRuntimeRunner(Runner):
-    """The session is `tledge.bench.core.OnnxModel`, the class bench_device.py runs too."""
+    """The session is `tledge.core.engines.OnnxModel`, the class bench_device.py runs too."""
 
     runtime = "onnxruntime"
 

@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from tledge.core.metrics import accuracy
 from tledge.data.feed import (augmentation, class_weights, training_batches,
                               validation_batches)
 from tledge.errors import TrainError
@@ -187,7 +188,7 @@ def evaluate(model, images, labels, batch=64) -> float | None:
     if not len(labels):
         return None
     predicted = predict_in_batches(model, images, batch).argmax(axis=1)
-    return float(np.mean(predicted == labels))
+    return accuracy(predicted, labels)
 
 
 def evaluate_tasks(model, images, labels, tasks, class_names, batch=64) -> dict:
@@ -197,7 +198,7 @@ def evaluate_tasks(model, images, labels, tasks, class_names, batch=64) -> dict:
     outputs = predict_in_batches(model, images, batch)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     expected = targets(labels, tasks, class_names)
-    return {task["name"]: float(np.mean(output.argmax(axis=1) == expected[:, index]))
+    return {task["name"]: accuracy(output.argmax(axis=1), expected[:, index])
             for index, (task, output) in enumerate(zip(tasks, outputs))}
 
 

@@ -3,9 +3,13 @@ class, agreement between two models' predictions, the confusion matrix, and how 
 measured on a few images can show (the Wilson lower bound, `images_needed`).
 
 Pure numpy, and nothing else of tledge: host validation (`tledge.parity`), int8 repair,
-domains, tasks and the report read these figures from here. (`tledge/bench/core.py` is
-copied into device bundles and may import nothing of tledge: its device checks keep their
-own arithmetic.)
+training's validation accuracy, domains, tasks, the report and a device's own check
+(`tledge.core.device`, in a bundle) read these figures from here, so a figure measured on the
+build machine and the same figure measured on a device are compared like with like.
+
+A multi-task model's classes come as [N, tasks] (one column per task): its accuracy is the
+mean of its tasks' accuracies, its agreement the lowest task's (a task that lost its way is
+not averaged away by one that kept it).
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ CONFIDENCE = 0.95  # one-sided: "at least this", right 95 times in 100
 
 
 def accuracy(predicted, labels) -> float:
-    """Top-1 accuracy: the share of `predicted` class indices equal to `labels`."""
+    """Top-1 accuracy: the share of `predicted` class indices equal to `labels`; for [N, tasks]
+    classes the mean of the tasks' accuracies."""
     return float(np.mean(np.asarray(predicted) == np.asarray(labels)))
 
 
 def agreement(predicted, reference_predicted) -> float:
-    """The share of images on which two models predict the same class."""
-    return float(np.mean(np.asarray(predicted) == np.asarray(reference_predicted)))
+    """The share of images on which two models predict the same class; for [N, tasks] classes
+    the lowest task's share."""
+    same = np.asarray(predicted) == np.asarray(reference_predicted)
+    return float(same.mean(axis=0).min()) if same.ndim == 2 else float(np.mean(same))
 
 
 def confusion_matrix(labels, predicted, classes: int) -> list:
