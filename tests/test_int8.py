@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -454,6 +455,52 @@ def test_recorded_settings_are_tried_first_and_reproduce_without_searching(model
         recorded["settings"]
     assert record["passed"] and record["repaired"] and record["remedy"] == recorded["remedy"]
     assert record["diagnosis"] == earlier  # what explained the repair still explains it
+
+
+def test_a_failure_the_cpu_rule_explains_costs_no_per_layer_diagnosis(tmp_path):
+    """On a CPU without VNNI a plain ONNX int8 file that fails and passes with margin once it
+    has what this CPU needs (7-bit weights) is explained by that rule: no diagnosis of the
+    saturating file. One that needs more than that is diagnosed as before. (The search's
+    bookkeeping, with scripted candidates: whether real kernels saturate is the CPU's, see
+    test_each_onnx_int8_setting_quantizes_and_runs_in_onnx_runtime.)"""
+    from tledge.export.int8 import AGREES, agreement_lower_bound, quantize_with_repair
+    images = 300
+
+    def run(passes):
+        diagnosed = []
+
+        def export(settings, path):
+            Path(path).write_bytes(b"candidate")
+            return {"settings": dict(settings)}
+
+        class Scripted:
+            labels, split = np.zeros(images), "repair"
+
+            def __call__(self, path, fmt, spec, thresholds):
+                ok = passes(spec["settings"])
+                agree = np.ones(images, bool) if ok else np.arange(images) % 5 != 0
+                return {"passed": ok, "accuracy": float(agree.mean()),
+                        "agreement": float(agree.mean()), AGREES: agree,
+                        "agreement_low": agreement_lower_bound(agree.mean(), images),
+                        "size_bytes": 9, "p50_ms": 1.0,
+                        "problems": [] if ok else ["agreement 0.8000 < 0.97"]}
+
+            def side_by_side(self, candidates, fmt):
+                return [1.0, 1.0]
+        record = quantize_with_repair(
+            FORMATS["onnx_int8"], export, tmp_path / "kept.onnx", judge=Scripted(),
+            thresholds={"max_accuracy_drop": 0.01, "min_agreement": 0.97, "max_abs_diff": None},
+            calibration_samples=32, train_images=32, isa="AVX2",
+            diagnose=lambda settings: diagnosed.append(settings) or {"layers": []},
+            log=lambda line: None)
+        return record, diagnosed
+
+    record, diagnosed = run(lambda settings: bool(settings.get("reduce_range")))
+    assert record["repaired"] and record["remedy"].startswith("reduce_range")
+    assert diagnosed == [] and record["diagnosis"] is None
+    record, diagnosed = run(lambda settings: settings.get("method") == "percentile")
+    assert record["repaired"] and "percentile" in record["remedy"]
+    assert diagnosed and not diagnosed[0].get("reduce_range")  # the plain file's
 
 
 # ---- through the stages --------------------------------------------------------------------
