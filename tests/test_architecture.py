@@ -19,7 +19,7 @@ LAYERS = [
               "tledge.core.machine", "tledge.core.timing", "tledge.core.device"]),
     ("base", ["tledge.errors", "tledge.schema", "tledge.formats", "tledge.quiet",
               "tledge.parity", "tledge.tasks"]),
-    ("run directory", ["tledge.rundir"]),
+    ("run directory", ["tledge.rundir", "tledge.records"]),
     ("libraries", ["tledge.data", "tledge.data.cache", "tledge.data.cifar10",
                    "tledge.data.corruptions", "tledge.data.csv_source", "tledge.data.feed",
                    "tledge.data.images", "tledge.data.leakage", "tledge.data.npz_source",
@@ -228,3 +228,25 @@ def test_the_reader_sees_what_the_rules_judge(tmp_path):
     assert "onnxruntime" in third_party
     assert layer_of("tledge.stages") > layer_of("tledge.bench.stage")
     assert layer_of("tledge") > layer_of("tledge.bench.stage")
+
+
+RESULT_RECORDS = {"PARITY", "BENCH", "DEVICES", "HISTORY", "DOMAINS", "parity.json",
+                  "bench.json", "devices.json", "history.json", "domains.json"}
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_each_results_record_has_one_reader(module):
+    """parity, bench, devices, history and domains are read through tledge.records alone (its
+    typed rows and helpers), never by a module of its own with its own defaults."""
+    if module in ("tledge.records", "tledge.rundir"):
+        return
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(
+                node.func, "attr", None)) in ("read_record", "read_json", "loads", "load"):
+            names = {child.id for child in ast.walk(node) if isinstance(child, ast.Name)} | {
+                child.value for child in ast.walk(node)
+                if isinstance(child, ast.Constant) and isinstance(child.value, str)}
+            found += [f"line {node.lineno}: {name}" for name in sorted(names & RESULT_RECORDS)]
+    assert not found, f"{module} reads a results record itself: {found}"

@@ -7,6 +7,8 @@ import pytest
 
 from tledge.core.timing import summarize, time_runner
 from tledge.bench.stage import BenchRow, bench_artifact, choose
+from tledge.parity import ParityRow
+from tledge.records import Parity
 
 
 def test_summarize_against_known_samples():
@@ -35,12 +37,11 @@ def row(artifact, p50, status="ok", threads=1, batch=1, runtime=None):
 
 
 def parity(*passed, failed=(), pairs=()):
-    rows = [{"artifact": "keras", "runtime": "keras", "status": "reference"}]
-    rows += [{"artifact": name, "runtime": own(name), "status": "passed"} for name in passed]
-    rows += [{"artifact": name, "runtime": own(name), "status": "failed"} for name in failed]
-    rows += [{"artifact": name, "runtime": runtime, "status": status}
-             for name, runtime, status in pairs]
-    return {"rows": rows}
+    rows = [ParityRow("keras", "keras", "reference")]
+    rows += [ParityRow(name, own(name), "passed") for name in passed]
+    rows += [ParityRow(name, own(name), "failed") for name in failed]
+    rows += [ParityRow(name, runtime, status) for name, runtime, status in pairs]
+    return Parity("test", 300, rows)
 
 
 def test_pick_is_the_fastest_that_passed_parity():
@@ -74,9 +75,9 @@ def test_pick_ignores_other_settings_and_rows_that_did_not_run():
 
 def _judged(*rows):
     """Parity rows with accuracies: (artifact, runtime, accuracy), the reference first."""
-    return {"rows": [{"artifact": artifact, "runtime": runtime, "accuracy": accuracy,
-                      "status": "reference" if artifact == "keras" else "passed"}
-                     for artifact, runtime, accuracy in rows]}
+    return Parity("test", 300, [
+        ParityRow(artifact, runtime, "reference" if artifact == "keras" else "passed",
+                  accuracy=accuracy) for artifact, runtime, accuracy in rows])
 
 
 def test_the_pick_weighs_every_model_by_the_recipes_objective_and_constraints():

@@ -16,6 +16,7 @@ from tledge.bench.stage import BenchRow, choose
 from tledge.core.metrics import (agreement, confusion_matrix, enough_images, images_needed,
                             per_class_accuracy, wilson_lower_bound)
 from tledge.parity import evidence_text, judge_evidence, ParityRow, row_is_current
+from tledge.records import Parity
 
 
 # -- the arithmetic --------------------------------------------------------------------------
@@ -89,12 +90,11 @@ def test_an_agreement_of_one_can_never_be_shown():
 
 
 def test_a_row_is_current_only_for_the_file_it_judged():
-    row = {"artifact": "tflite_int8", "runtime": "litert", "sha256": "abc"}
+    row = ParityRow("tflite_int8", "litert", "passed", sha256="abc")
     assert row_is_current(row, {"name": "tflite_int8", "sha256": "abc"})
-    assert row_is_current(_row(), {"sha256": "abc"})  # a ParityRow as well as its dict
     assert not row_is_current(row, {"name": "tflite_int8", "sha256": "def"})  # re-exported
     assert not row_is_current(row, None)  # no longer in the manifest
-    assert not row_is_current({"artifact": "onnx_fp32", "sha256": None}, {"sha256": None})
+    assert not row_is_current(ParityRow("onnx_fp32", "onnxruntime", "skipped"), {"sha256": None})
 
 
 # -- the pick ------------------------------------------------------------------------------
@@ -106,11 +106,10 @@ def _bench(*timed):
 
 def _parity(*rows):
     evidence = {"images": 6, "threshold": 0.99, "lower_bound": 0.6892, "images_needed": 268}
-    return {"rows": [{"artifact": "keras", "runtime": "keras", "status": "reference",
-                      "accuracy": 0.33}] + [
-        {"artifact": artifact, "runtime": runtime, "status": status, "accuracy": 0.33,
-         **({"evidence": evidence} if status == "insufficient" else {})}
-        for artifact, runtime, status in rows]}
+    return Parity("test", 6, [ParityRow("keras", "keras", "reference", accuracy=0.33)] + [
+        ParityRow(artifact, runtime, status, accuracy=0.33,
+                  evidence=evidence if status == "insufficient" else None)
+        for artifact, runtime, status in rows])
 
 
 TIMED = _bench(("keras", "keras", 5.0), ("tflite_fp32", "litert", 0.2),

@@ -392,8 +392,9 @@ def test_predict_and_bundle_answer_every_task(multitask_run, tmp_path):
 
 
 def test_the_report_answers_whether_one_multitask_model_is_worth_it(multitask_run):
+    from tledge.records import read_bench, read_parity
     from tledge.report.tasks import comparison
-    from tledge.rundir import read_manifest, read_record
+    from tledge.rundir import read_manifest
     run_dir, parity, lines = multitask_run
     for task in ("shape", "colour"):
         single = run_dir / "single_task" / task
@@ -401,8 +402,8 @@ def test_the_report_answers_whether_one_multitask_model_is_worth_it(multitask_ru
         assert [spec["name"] for spec in read_manifest(single)["artifacts"][0]["output"]] == [task]
     report = (run_dir / "report.md").read_text()
     assert "## Tasks" in report and "### One multi-task model or one model per task?" in report
-    found = comparison(run_dir, read_manifest(run_dir), read_record(run_dir / "parity.json"),
-                       read_record(run_dir / "bench.json"))
+    found = comparison(run_dir, read_manifest(run_dir), read_parity(run_dir),
+                       read_bench(run_dir))
     row = next(row for row in found["artifacts"] if row["artifact"] == "tflite_int8")
     assert row["runtime"] == "litert" and row["calls"] >= 100  # timed side by side, in turns
     assert row["ratio"] == pytest.approx(row["multi_p50_ms"] / row["single_p50_ms"], rel=1e-3)

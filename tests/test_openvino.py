@@ -44,14 +44,15 @@ def test_openvino_rows_are_validated_and_timed_with_what_ran(onnx_run):
 
 def test_the_pick_takes_an_openvino_row_only_when_it_passed(onnx_run):
     from tledge.bench.stage import BenchRow, choose
-    parity = json.loads((onnx_run / "parity.json").read_text())
+    from tledge.records import read_parity
+    parity = read_parity(onnx_run)
     bench = json.loads((onnx_run / "bench.json").read_text())
     rows = [BenchRow(**row) for row in bench["rows"] if row["runtime"] == "openvino"]
     pick = choose(rows, parity, threads=rows[0].threads, batch=rows[0].batch)
     assert pick["runtime"] == "openvino"
-    for row in parity["rows"]:
-        if row["runtime"] == "openvino":
-            row["status"] = "failed"
+    for row in parity.rows:
+        if row.runtime == "openvino":
+            row.status = "failed"
     assert choose(rows, parity, threads=rows[0].threads, batch=rows[0].batch) is None
 
 

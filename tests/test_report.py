@@ -45,14 +45,15 @@ def test_each_plot_alone_from_hand_made_json(tmp_path):
              "val_accuracy": 0.6 + 0.04 * e, "val_loss": 1.0 - 0.1 * e} for e in (1, 2)]}],
         "baseline": {"backbone": "small_cnn", "phase": {"epochs": [
             {"epoch": e, "val_accuracy": 0.1 * e, "val_loss": 2 - 0.2 * e} for e in (1, 2, 3)]}}}
-    rows = [{"artifact": a, "runtime": r, "threads": 1, "batch": 1, "status": "ok",
-             "p50_ms": p, "p90_ms": p * 1.2} for a, r, p in
+    from tledge.core.timing import BenchRow
+    rows = [BenchRow(a, r, 1, 1, "ok", p50_ms=p, p90_ms=p * 1.2) for a, r, p in
             [("keras", "keras", 4.0), ("tflite_fp32", "litert", 0.4),
              ("tflite_int8", "litert", 0.2)]]
-    parity = {"split": "test", "rows": [
-        {"artifact": "keras", "status": "reference", "accuracy": 0.9},
-        {"artifact": "tflite_fp32", "status": "passed", "accuracy": 0.9},
-        {"artifact": "tflite_int8", "status": "failed", "accuracy": 0.7}]}
+    from tledge.parity import ParityRow
+    from tledge.records import Parity
+    parity = Parity("test", 300, [ParityRow("keras", "keras", "reference", accuracy=0.9),
+                                  ParityRow("tflite_fp32", "litert", "passed", accuracy=0.9),
+                                  ParityRow("tflite_int8", "litert", "failed", accuracy=0.7)])
     matrix = [[8, 2, 0], [1, 9, 0], [0, 3, 7]]
     labels = ["cat", "dog", "fish"]
     written = [

@@ -461,7 +461,7 @@ def validate(run_dir, as_json):
     """
     parity = validate_run(run_dir, log=_log(as_json))
     if as_json:
-        click.echo(_json(parity.to_dict()))
+        click.echo(_json(parity.to_json()))
     _exit_on_parity(parity)
 
 

@@ -27,8 +27,8 @@ from tledge.parity import predict_all
 from tledge.pipeline import validated_rows
 from tledge.recipe.load import load_recipe
 from tledge.recipe.spec import CsvRecipe, DataRecipe
-from tledge.rundir import (DOMAINS, PARITY, artifacts, find_artifact, read_manifest,
-                           read_record, write_json)
+from tledge.records import read_domains, read_parity
+from tledge.rundir import (DOMAINS, artifacts, find_artifact, read_manifest, write_json)
 from tledge.run_inputs import run_recipe
 from tledge.runners import load, runtimes_for
 
@@ -108,18 +108,11 @@ def scores(probabilities, labels, reference, classes) -> dict:
 def source_figures(run_dir) -> dict:
     """Accuracy and per-class accuracy of each (artifact, runtime) on the run's own test split,
     from its parity record."""
-    path = Path(run_dir) / PARITY
-    if not path.is_file():
-        return {}
-    parity = read_record(path)
-    figures = {}
-    for row in parity["rows"]:
-        if row.get("accuracy") is None:
-            continue
-        per_class = per_class_accuracy(row.get("confusion") or [])
-        figures[(row["artifact"], row["runtime"])] = {
-            "accuracy": row["accuracy"], "per_class": per_class, "split": parity["split"]}
-    return figures
+    parity = read_parity(run_dir)
+    return {(row.artifact, row.runtime): {
+        "accuracy": row.accuracy, "per_class": per_class_accuracy(row.confusion or []),
+        "split": parity.split} for row in (parity.rows if parity else [])
+        if row.accuracy is not None}
 
 
 def evaluate_run(run_dir, data_arg, *, name=None, log=print) -> dict:
@@ -146,7 +139,7 @@ def evaluate_run(run_dir, data_arg, *, name=None, log=print) -> dict:
     rows = [_row("keras", "keras", reference, labels, reference, manifest["labels"], source)]
     current = validated_rows(run_dir, manifest)  # rows of the files as they are now
     passed = {key for key, row in current.items()  # met its thresholds, on however few
-              if row["status"] in ("passed", "insufficient")}
+              if row.status in ("passed", "insufficient")}
     for entry in artifacts(manifest):
         if entry["name"] != "keras" and not any(key[0] == entry["name"] for key in current):
             log(f"evaluate: {entry['name']} is left out: not validated as it is now (run "
@@ -200,12 +193,11 @@ def _own(artifact: str) -> str:
 def store_domain(run_dir, name: str, result: dict) -> None:
     """Keep `result` under `name` in the run's domains.json (replacing one of that name)."""
     path = Path(run_dir) / DOMAINS
-    domains = read_record(path)["domains"] if path.is_file() else {}
+    domains = read_domains(run_dir)
     domains[name] = result
     write_json(path, {"domains": domains})
 
 
 def load_domains(run_dir) -> dict:
     """The domains a run was evaluated on, by name ({} before any)."""
-    path = Path(run_dir) / DOMAINS
-    return read_record(path)["domains"] if path.is_file() else {}
+    return read_domains(run_dir)

@@ -20,8 +20,9 @@ from tledge.errors import ArtifactError
 from tledge.model import find_backbone, load_model, predict_in_batches
 from tledge.plots import FIGURES, pyplot, save_figure
 from tledge.run_inputs import evaluation_split, run_splits
-from tledge.rundir import (EXPLAIN, find_artifact, HISTORY, portable, read_manifest, read_record,
-                           sha256, verified_artifact, write_json)
+from tledge.records import read_history
+from tledge.rundir import (EXPLAIN, find_artifact, portable, read_manifest, sha256,
+                           verified_artifact, write_json)
 from tledge.tasks import targets
 
 # TensorFlow, Keras and matplotlib are imported inside the functions that use them: the CLI imports this
@@ -153,7 +154,7 @@ def feature_grid(maps, layer_name, image, path) -> Path:
 
 def _models_to_explain(run_dir, manifest):
     """[(title, file stem, model path)]: the run's model, or each member of an ensemble."""
-    history = read_record(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else {}
+    history = read_history(run_dir) or {}
     members = (history.get("ensemble") or {}).get("members")
     if members:
         return [(f"member {member['name']} ({member['backbone']})",

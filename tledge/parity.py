@@ -166,9 +166,8 @@ def evidence_text(evidence: dict, split: str | None = None) -> str:
 
 
 def row_is_current(row, entry) -> bool:
-    """Whether a parity row (a `ParityRow` or its dict) judged the file a manifest entry
-    (`entry`, or None when the manifest has none of that name) records now: both carry the
-    same sha256. A row of an earlier file is stale: its verdict is not the file's. A row that
-    judged no file (skipped, export failed) is never current."""
-    digest = row.get("sha256") if isinstance(row, dict) else row.sha256
-    return bool(digest) and entry is not None and entry.get("sha256") == digest
+    """Whether a `ParityRow` judged the file a manifest entry (`entry`, or None when the
+    manifest has none of that name) records now: both carry the same sha256. A row of an
+    earlier file is stale: its verdict is not the file's. A row that judged no file (skipped,
+    export failed) is never current."""
+    return bool(row.sha256) and entry is not None and entry.get("sha256") == row.sha256

@@ -32,6 +32,7 @@ from tledge.backbones import BACKBONES
 from tledge.recipe.dump import stored_recipe_text
 from tledge.recipe.load import load_recipe, parse_recipe
 from tledge.recipe.spec import PhaseRecipe
+from tledge.records import check_record, read_history, read_parity
 from tledge.rundir import (artifacts, BENCH, checked_sha256, DEVICES, DOMAINS, EXPLAIN,
                            HISTORY, INNER_RUNS, MANIFEST, PARITY, portable, read_manifest,
                            read_record, RECIPE, REPORT, SINGLE_TASK, SPLIT)
@@ -227,7 +228,7 @@ def stage_state(run_dir, manifest: dict, stage: str, recipe=None, *,
             return state("stale", _changed_part(manifest, recipe, stage, record))
     for name in row.writes:
         try:
-            read_record(run_dir / name)
+            check_record(run_dir / name)
         except RunDirError as error:  # its first clause says what is wrong, path and all
             return state("stale", str(error).split("; ")[0].replace(str(run_dir / name), name))
     for name, digest in (record.get("outputs") or {}).items():
@@ -327,7 +328,10 @@ def explained_models(run_dir, manifest) -> dict:
     """{portable path: path} of the models explain draws: the run's model, or each member of
     an ensemble."""
     run_dir = Path(run_dir)
-    history = _optional_record(run_dir / HISTORY) or {}
+    try:
+        history = read_history(run_dir) or {}
+    except RunDirError:  # its own stage (train) reports it
+        history = {}
     members = (history.get("ensemble") or {}).get("members")
     if members:
         paths = [run_dir / member["model"] for member in members]
@@ -335,13 +339,6 @@ def explained_models(run_dir, manifest) -> dict:
         paths = [run_dir / entry["path"] for entry in artifacts(manifest)
                  if entry["name"] == "keras"]
     return {portable(Path(path).resolve(), run_dir): path for path in paths}
-
-
-def _optional_record(path):
-    try:
-        return read_record(path) if Path(path).is_file() else None
-    except RunDirError:
-        return None
 
 
 REPORT_INPUTS = (SPLIT, HISTORY, PARITY, BENCH, EXPLAIN, DEVICES, DOMAINS)
@@ -509,7 +506,10 @@ def validated_rows(run_dir, manifest=None) -> dict:
     records now (a row whose sha256 is not its artifact's is left out: stale)."""
     run_dir = Path(run_dir)
     manifest = manifest or read_manifest(run_dir)
-    parity = _optional_record(run_dir / PARITY) or {"rows": []}
+    try:
+        parity = read_parity(run_dir)
+    except RunDirError:  # a damaged record validates nothing
+        parity = None
     entries = {entry["name"]: entry for entry in artifacts(manifest)}
-    return {(row["artifact"], row["runtime"]): row for row in parity["rows"]
-            if row_is_current(row, entries.get(row["artifact"]))}
+    return {(row.artifact, row.runtime): row for row in (parity.rows if parity else [])
+            if row_is_current(row, entries.get(row.artifact))}

@@ -153,24 +153,23 @@ def _log_milliseconds(axis, values) -> None:
 
 
 def _label(row) -> str:
-    return f"{row['artifact']} · {row['runtime']} · {row['threads']}t · b{row['batch']}"
+    return f"{row.artifact} · {row.runtime} · {row.threads}t · b{row.batch}"
 
 
 def latency_bars(rows, path) -> Path | None:
-    """p50 (bar) and p90 (tick) of every combination that ran."""
-    rows = [row for row in rows if row["status"] == "ok"]
+    """p50 (bar) and p90 (tick) of every combination that ran (`rows`: `BenchRow`s)."""
+    rows = [row for row in rows if row.status == "ok"]
     if not rows:
         return None
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.3))
     positions = range(len(rows))
-    axis.barh(positions, [row["p50_ms"] for row in rows], color="#1f77b4", label="p50")
-    axis.scatter([row["p90_ms"] for row in rows], positions, marker="|", s=200,
+    axis.barh(positions, [row.p50_ms for row in rows], color="#1f77b4", label="p50")
+    axis.scatter([row.p90_ms for row in rows], positions, marker="|", s=200,
                  color="#d62728", label="p90", zorder=3)
     axis.set_yticks(positions, [_label(row) for row in rows], fontsize=8)
     axis.invert_yaxis()
-    _log_milliseconds(axis.xaxis, [row["p90_ms"] for row in rows] +
-                      [row["p50_ms"] for row in rows])
+    _log_milliseconds(axis.xaxis, [row.p90_ms for row in rows] + [row.p50_ms for row in rows])
     axis.set_xlabel("latency per call, ms (log scale)")
     axis.grid(axis="x", alpha=0.3)
     axis.legend(fontsize=8)
@@ -193,35 +192,34 @@ def pareto_front(points):
 
 def pareto(rows, parity, pick, path) -> Path | None:
     """Accuracy against p50 latency for every combination that ran and was validated; the
-    front drawn, failed parity in red, the pick starred."""
-    checked = {(row["artifact"], row.get("runtime")): row
-               for row in (parity or {}).get("rows", []) if row.get("accuracy") is not None}
+    front drawn, failed parity in red, the pick starred. `rows`: `BenchRow`s; `parity`: a
+    `tledge.records.Parity` (or None)."""
+    checked = {(row.artifact, row.runtime): row
+               for row in (parity.rows if parity else []) if row.accuracy is not None}
 
     def judged(row):  # the parity row of this (artifact, runtime) pair, if it was validated
-        return checked.get((row["artifact"], row["runtime"])) \
-            or checked.get((row["artifact"], None))
-    rows = [row for row in rows if row["status"] == "ok" and judged(row)]
+        return checked.get((row.artifact, row.runtime))
+    rows = [row for row in rows if row.status == "ok" and judged(row)]
     if not rows:
         return None
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(7.5, 4.2))
-    points = [(row["p50_ms"], judged(row)["accuracy"])
-              for row in rows]
+    points = [(row.p50_ms, judged(row).accuracy) for row in rows]
     front = pareto_front(points)
     # neighbours along the latency axis get their labels on opposite sides
     side = {index: rank % 2 for rank, index in
             enumerate(sorted(range(len(points)), key=lambda i: points[i][0]))}
     for index, row in enumerate(rows):
-        failed = judged(row)["status"] == "failed"
+        failed = judged(row).status == "failed"
         axis.scatter(*points[index], s=36, zorder=3,
                      color="#d62728" if failed else ("#1f77b4" if index in front else "#aaaaaa"))
-        axis.annotate(f"{row['artifact']} / {row['runtime']}", points[index], fontsize=7,
+        axis.annotate(f"{row.artifact} / {row.runtime}", points[index], fontsize=7,
                       xytext=(5, 4 if side[index] else -11), textcoords="offset points")
     ordered = sorted(points[index] for index in front)
     axis.plot(*zip(*ordered), "-", color="#1f77b4", linewidth=1, label="Pareto front")
     if pick:
         chosen = next((points[i] for i, row in enumerate(rows)
-                       if (row["artifact"], row["runtime"], row["threads"], row["batch"]) ==
+                       if (row.artifact, row.runtime, row.threads, row.batch) ==
                        (pick["artifact"], pick["runtime"], pick["threads"], pick["batch"])),
                       None)
         if chosen:
@@ -233,7 +231,7 @@ def pareto(rows, parity, pick, path) -> Path | None:
         max(0.03, (max(accuracies) - min(accuracies)) * 0.6)
     axis.set_ylim(max(0.0, middle - half), min(1.005, middle + half))
     axis.set_xlabel("p50 latency, ms (log scale)")
-    axis.set_ylabel(f"accuracy ({(parity or {}).get('split', 'test')} split)")
+    axis.set_ylabel(f"accuracy ({parity.split} split)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="best")
     axis.set_title("Accuracy against latency (red: failed parity)", fontsize=10)

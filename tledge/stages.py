@@ -32,11 +32,12 @@ from tledge.quiet import quiet
 from tledge.recipe.dump import stored_recipe_text
 from tledge.recipe.load import load_recipe, member_recipes
 from tledge.recipe.spec import Recipe
-from tledge.report.document import baseline_warning, own_runtime_rows, report_run
+from tledge.records import read_bench, read_history, read_parity
+from tledge.report.document import baseline_warning, report_run
 from tledge.run_inputs import carry_inputs, evaluation_split, run_recipe, run_splits
 from tledge.rundir import (artifact_entry, atomic_path, BENCH, DOMAINS, find_artifact, HISTORY,
                            INNER_RUNS, LOCK, MANIFEST, new_manifest, PARITY, portable,
-                           read_manifest, read_record, RECIPE, record_stage, REPORT, run_lock,
+                           read_manifest, RECIPE, record_stage, REPORT, run_lock,
                            set_artifact, sha256, SINGLE_TASK, SPLIT, verified_artifact,
                            write_json, write_manifest,
                            write_text)
@@ -45,7 +46,7 @@ from tledge.train.distribute import worker_role
 from tledge.train.ensemble import train_ensemble
 from tledge.tasks import model_tasks
 from tledge.train.stage import evaluate, train_baseline, train_model
-from tledge.validate import load_parity, validate_run
+from tledge.validate import validate_run
 
 MODELS_DIR = Path("models")
 
@@ -161,18 +162,15 @@ def build_members(recipe, run_dir, *, log=print, verbose="auto") -> list[dict]:
 def _describe_member(member, member_dir) -> dict:
     """What the ensemble report shows of a member, read from its own run's records (each
     checked, its model file verified against its manifest)."""
-
-    def read(name):
-        path = member_dir / name
-        return read_record(path) if path.is_file() else {}
-    history, parity, bench = read(HISTORY), read(PARITY), read(BENCH)
+    history = read_history(member_dir) or {}
+    bench, parity = read_bench(member_dir), read_parity(member_dir)
     manifest = read_manifest(member_dir)
-    own = own_runtime_rows(parity)
-    accuracy = {name: row.get("accuracy") for name, row in own.items()}
-    status = {name: row["status"] for name, row in own.items()}
-    latency = [{key: row.get(key) for key in ("artifact", "runtime", "threads", "batch",
-                                               "p50_ms", "p90_ms", "size_bytes")}
-               for row in bench.get("rows", []) if row["status"] == "ok"]
+    own = parity.own_rows() if parity else {}
+    accuracy = {name: row.accuracy for name, row in own.items()}
+    status = {name: row.status for name, row in own.items()}
+    latency = [{key: getattr(row, key) for key in ("artifact", "runtime", "threads", "batch",
+                                                    "p50_ms", "p90_ms", "size_bytes")}
+               for row in (bench.timed() if bench else [])]
     model = find_artifact(manifest, "keras")
     return {"name": member.name, "run_dir": str(member_dir.resolve()),
             "recipe": member.path, "backbone": member.model.backbone,
@@ -529,7 +527,7 @@ def _after_training(run_dir, recipe, *, log, force, planned=()):
                 log(f"== {row.name}" + ("" if folder == run_dir
                                         else f" ({folder.relative_to(run_dir)})"))
                 _RUN[row.name](folder, log=log)
-    parity = load_parity(run_dir)
+    parity = read_parity(run_dir)
     path = report_run(run_dir)
     pick = read_manifest(run_dir).get("pick")
     log(f"== report {path}")

@@ -15,64 +15,21 @@ how many images would do.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 
 from tledge.core.machine import machine_facts
-from tledge.errors import first_line, RunDirError, RuntimeUnavailable
+from tledge.errors import first_line, RuntimeUnavailable
 from tledge.export.int8 import diagnose_entry
 from tledge.parity import (compare, evidence_text, judge_evidence, ParityRow, predict_all,
                            reference_row)
 from tledge.pipeline import stage_record
+from tledge.records import Parity
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
-from tledge.rundir import (artifacts, PARITY, read_manifest, read_record, record_stage,
+from tledge.rundir import (artifacts, PARITY, read_manifest, record_stage,
                            write_json, write_manifest)
 from tledge.runners import load, RUNTIMES, runtimes_for
 from tledge.tasks import targets
-
-@dataclasses.dataclass
-class ParityReport:
-    split: str
-    images: int
-    rows: list
-
-    @property
-    def failed(self) -> list:
-        return [row for row in self.rows if row.status == "failed"]
-
-    @property
-    def insufficient(self) -> list:
-        """Rows that met their thresholds on too few images to show them."""
-        return [row for row in self.rows if row.status == "insufficient"]
-
-    def to_dict(self) -> dict:
-        return {"split": self.split, "images": self.images,
-                "rows": [_row_dict(row) for row in self.rows]}
-
-
-def _row_dict(row) -> dict:
-    """A parity row as parity.json keeps it (`tasks` only for a multi-task artifact)."""
-    data = dataclasses.asdict(row)
-    for key in ("tasks", "evidence"):
-        if data.get(key) is None:
-            data.pop(key)
-    return data
-
-
-def load_parity(run_dir) -> ParityReport | None:
-    """The parity report a run's validate stage wrote, or None before it ran."""
-    path = Path(run_dir) / PARITY
-    if not path.is_file():
-        return None
-    data = read_record(path)
-    try:
-        return ParityReport(data["split"], data["images"],
-                            [ParityRow(**row) for row in data["rows"]])
-    except TypeError as error:  # a row with keys tledge does not write
-        raise RunDirError(f"{path} is not what tledge writes ({first_line(error)}); run "
-                          f"`tledge validate {run_dir}` again") from None
-
 
 def parity_pairs(entries, bench_runtimes) -> list[tuple[dict, str]]:
     """Every (artifact, runtime) pair that needs a parity check: each exported artifact in its
@@ -93,7 +50,7 @@ def parity_pairs(entries, bench_runtimes) -> list[tuple[dict, str]]:
     return exported + others
 
 
-def validate_run(run_dir, *, log=print) -> ParityReport:
+def validate_run(run_dir, *, log=print) -> Parity:
     """Run every artifact of the run over the evaluation split; write parity.json."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -148,8 +105,8 @@ def validate_run(run_dir, *, log=print) -> ParityReport:
                                   problems=[f"export failed: {entry['error']}"]))
     _diagnose_failed_int8(run_dir, manifest, recipe, rows, log)
     _warn_insufficient(unproven, split, log)
-    report = ParityReport(split, len(labels), rows)
-    written = write_json(run_dir / PARITY, report.to_dict())
+    report = Parity(split, len(labels), rows)
+    written = write_json(run_dir / PARITY, report.to_json())
     record_stage(manifest, "validate", outputs=[written], split=split, images=len(labels),
                  **stage_record(manifest, recipe, "validate"),
                  failed=[row.artifact for row in report.failed])

@@ -34,9 +34,10 @@ from tledge.core import device as device_bench
 from tledge.errors import BundleError
 from tledge.flops import model_flops
 from tledge.pipeline import require_current, validated_rows
+from tledge.records import read_devices
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
 from tledge.tasks import targets
-from tledge.rundir import artifacts, atomic_path, DEVICES, read_manifest, read_record, write_json
+from tledge.rundir import artifacts, atomic_path, DEVICES, read_manifest, write_json
 from tledge.runners import load, runtimes_for
 
 DEVICE_FAMILIES = ("tflite", "onnx")  # what bench_device.py runs
@@ -181,7 +182,7 @@ def _parity_of(entry, judged) -> str:
     """An artifact's parity as the bundle says it: its own runtime's row on the file as it is
     ("passed", "failed"...), else "unvalidated"."""
     row = judged.get((entry["name"], runtimes_for(entry["family"])[0]))
-    return row["status"] if row else "unvalidated"
+    return row.status if row else "unvalidated"
 
 
 def _add_file(archive, name: str, data) -> None:
@@ -264,7 +265,7 @@ def import_device_result(run_dir, path) -> dict:
                               "(sha256 differs): the run was re-exported since the bundle was "
                               "made; make a new bundle")
     record = run_dir / DEVICES  # written here alone: bench.json is the bench stage's
-    devices = read_record(record)["devices"] if record.is_file() else {}
+    devices = {name: result.to_json() for name, result in read_devices(run_dir).items()}
     name = document["device"]["name"].strip()
     stored = {key: document.get(key) for key in
               ("device", "settings", "rows", "accuracy", "artifacts", "measured", "bundle")}

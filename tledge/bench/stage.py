@@ -17,44 +17,19 @@ from pathlib import Path
 import numpy as np
 
 from tledge.core.machine import machine_facts
-from tledge.core.timing import format_line, gflops_per_second, measure, run_child
+from tledge.core.timing import BenchRow, format_line, gflops_per_second, measure, run_child
 from tledge.bench.single_task import side_by_side, single_task_runs
 from tledge.errors import RunDirError, RuntimeUnavailable
 from tledge.flops import model_flops
-from tledge.parity import evidence_text, row_is_current
+from tledge.parity import evidence_text, ParityRow, row_is_current
 from tledge.recipe.spec import PickRecipe
 from tledge.pipeline import stage_record
+from tledge.records import read_bench, read_parity
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
 from tledge.rundir import (artifacts, BENCH, find_artifact, INNER_RUNS, MANIFEST, PARITY,
-                           read_manifest, read_record, record_stage, verified_artifact,
+                           read_manifest, record_stage, verified_artifact,
                            write_json, write_manifest)
 from tledge.runners import load, RUNTIMES
-
-
-@dataclasses.dataclass
-class BenchRow:
-    artifact: str
-    runtime: str
-    threads: int
-    batch: int
-    status: str  # "ok" | "skipped" | "failed"
-    reason: str = ""
-    size_bytes: int | None = None
-    load_ms: float | None = None
-    first_ms: float | None = None
-    runs: int | None = None
-    p50_ms: float | None = None
-    p90_ms: float | None = None
-    p99_ms: float | None = None
-    mean_ms: float | None = None
-    std_ms: float | None = None
-    min_ms: float | None = None
-    max_ms: float | None = None
-    throughput_ips: float | None = None
-    gflops_per_second: float | None = None  # achieved: the model's FLOPs x images / p50
-    peak_rss_mb: float | None = None  # the benchmark process's peak resident memory
-    runtime_rss_mb: float | None = None  # of which added by loading and running the runtime
-    executed: str | None = None  # how the runtime ran it, where it says (OpenVINO's precision)
 
 
 def bench_artifact(entry, run_dir, runtime, *, threads, batch, images, warmup, min_runs,
@@ -130,7 +105,7 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     for row in rows:
         if row.status == "ok" and flops:
             row.gflops_per_second = gflops_per_second(flops, row.batch, row.p50_ms)
-    parity = read_record(run_dir / PARITY) if (run_dir / PARITY).is_file() else None
+    parity = read_parity(run_dir)
     if parity is None:
         log(f"note: {run_dir / PARITY} is missing (not validated): nothing can be picked until "
             f"`tledge validate {run_dir}` has run; a build does both")
@@ -190,8 +165,8 @@ def other_candidates(run_dir, *, threads: int, batch: int, members=False, log=pr
         for entry in artifacts(manifest):
             verified_artifact(folder, entry)
             checksums[entry["name"]] = entry["sha256"]
-        pools.append(candidates(read_record(folder / BENCH)["rows"],
-                                read_record(folder / PARITY), threads=threads, batch=batch,
+        pools.append(candidates(read_bench(folder).rows,
+                                read_parity(folder), threads=threads, batch=batch,
                                 checksums=checksums, model=name))
     return pools, read
 
@@ -212,13 +187,11 @@ def pick_folder(run_dir, pick) -> Path:
 def load_pick(run_dir) -> dict | None:
     """The pick the last bench of a run wrote (None when nothing qualified), after checking
     that its file is still the one that was benchmarked."""
-    bench = read_record(Path(run_dir) / BENCH)
-    pick = bench.get("pick") if isinstance(bench, dict) else None
-    if not isinstance(bench, dict) or "pick" not in bench \
-            or (pick is not None and not isinstance(pick.get("artifact") if isinstance(
-                pick, dict) else None, str)):
-        raise RunDirError(f"{Path(run_dir) / BENCH} is not a bench result tledge wrote; run "
-                          f"`tledge bench {run_dir}` again")
+    bench = read_bench(run_dir)
+    if bench is None:
+        raise RunDirError(f"{Path(run_dir) / BENCH} is missing; run `tledge bench {run_dir}` "
+                          "first (or `tledge build RECIPE`)")
+    pick = bench.pick
     if pick is not None:
         folder = pick_folder(run_dir, pick)
         verified_artifact(folder, find_artifact(read_manifest(folder), pick["artifact"]))
@@ -231,35 +204,33 @@ def candidates(rows, parity, *, threads: int, batch: int, checksums=None,
     passed parity, or met its thresholds on too few images to show them ("insufficient"),
     with its accuracy and its model's: what the pick chooses from. Each says which in
     `parity` ("reference", "passed" or "insufficient", the latter with its `evidence`).
+    `parity`: the model's `tledge.records.Parity` (None before validate ran).
 
     The Keras model in Keras is the reference: it always qualifies. Without a parity report no
     exported artifact qualifies, since nothing says it still classifies correctly; nor does
     one whose file changed since it was validated (`checksums`: artifact name -> sha256;
     `tledge.parity.row_is_current`).
-    Rows are `BenchRow`s or their dicts (another model's bench.json).
+    `rows`: `BenchRow`s (this bench's, or another model's `tledge.records.Bench`).
     """
-    rows = [row if isinstance(row, dict) else dataclasses.asdict(row) for row in rows]
-    parity_rows = (parity or {}).get("rows", [])
-    reference = next((row.get("accuracy") for row in parity_rows
-                      if row["status"] == "reference"), None)
-    judged = {("keras", "keras"): {"status": "reference", "accuracy": reference}}
-    judged.update({(row["artifact"], row["runtime"]): row for row in parity_rows
-                   if row["status"] in ("passed", "insufficient")
+    reference_row = parity.reference if parity else None
+    reference = reference_row.accuracy if reference_row else None
+    judged = {("keras", "keras"): ParityRow("keras", "keras", "reference", accuracy=reference)}
+    judged.update({(row.artifact, row.runtime): row for row in (parity.rows if parity else [])
+                   if row.status in ("passed", "insufficient")
                    and (checksums is None or row_is_current(
-                       row, {"sha256": checksums.get(row["artifact"])}))})
+                       row, {"sha256": checksums.get(row.artifact)}))})
     found = []
     for row in rows:
-        check = judged.get((row["artifact"], row["runtime"]))
-        if row["status"] != "ok" or row["threads"] != threads or row["batch"] != batch \
-                or check is None:
+        check = judged.get((row.artifact, row.runtime))
+        if row.status != "ok" or row.threads != threads or row.batch != batch or check is None:
             continue
-        found.append({"model": model, "artifact": row["artifact"], "runtime": row["runtime"],
-                      "threads": row["threads"], "batch": row["batch"],
-                      "p50_ms": row["p50_ms"], "size_bytes": row.get("size_bytes"),
-                      "accuracy": check.get("accuracy"), "model_accuracy": reference,
-                      "parity": check["status"],
-                      **({"evidence": check.get("evidence")}
-                         if check["status"] == "insufficient" else {})})
+        found.append({"model": model, "artifact": row.artifact, "runtime": row.runtime,
+                      "threads": row.threads, "batch": row.batch,
+                      "p50_ms": row.p50_ms, "size_bytes": row.size_bytes,
+                      "accuracy": check.accuracy, "model_accuracy": reference,
+                      "parity": check.status,
+                      **({"evidence": check.evidence} if check.status == "insufficient"
+                         else {})})
     return found
 
 

@@ -9,6 +9,7 @@ copied whole into every device bundle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import subprocess
@@ -16,6 +17,35 @@ import sys
 import time
 
 import numpy as np
+
+
+@dataclasses.dataclass
+class BenchRow:
+    """One timed combination (artifact, runtime, threads, batch): the row `measure` fills,
+    as bench.json and a device's result.json keep it."""
+    artifact: str
+    runtime: str
+    threads: int
+    batch: int
+    status: str  # "ok" | "skipped" | "failed"
+    reason: str = ""
+    size_bytes: int | None = None
+    load_ms: float | None = None
+    first_ms: float | None = None
+    runs: int | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    mean_ms: float | None = None
+    std_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    throughput_ips: float | None = None
+    gflops_per_second: float | None = None  # achieved: the model's FLOPs x images / p50
+    peak_rss_mb: float | None = None  # the benchmark process's peak resident memory
+    runtime_rss_mb: float | None = None  # of which added by loading and running the runtime
+    executed: str | None = None  # how the runtime ran it, where it says (OpenVINO's precision)
+
 
 def summarize(samples_ns, batch: int) -> dict:
     """Latency statistics in milliseconds from per-call samples in nanoseconds."""

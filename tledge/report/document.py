@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import re
 from pathlib import Path
@@ -17,9 +18,9 @@ from tledge.report import int8 as report_int8
 from tledge.report import tasks as report_tasks
 from tledge.parity import evidence_text, row_is_current
 from tledge.pipeline import report_inputs, run_status
-from tledge.rundir import (artifacts, BENCH, DEVICES, EXPLAIN, HISTORY, PARITY, read_manifest,
-                           read_record, RECIPE, record_stage, REPORT, REPORT_HTML, SPLIT,
-                           write_manifest, write_text)
+from tledge.records import read_bench, read_devices, read_history, read_parity
+from tledge.rundir import (artifacts, EXPLAIN, read_manifest, read_record, RECIPE,
+                           record_stage, REPORT, REPORT_HTML, SPLIT, write_manifest, write_text)
 
 
 def md(value) -> str:
@@ -33,11 +34,16 @@ def md(value) -> str:
 
 
 def own_runtime_rows(parity) -> dict:
-    """{artifact: its parity row in its own runtime} (rows for other runtimes come after)."""
-    judged = {}
-    for row in (parity or {}).get("rows", []):
-        judged.setdefault(row["artifact"], row)
-    return judged
+    """{artifact: its `ParityRow` in its own runtime} of a `Parity` ({} for None)."""
+    return parity.own_rows() if parity else {}
+
+
+def _rows(parity) -> list:
+    return parity.rows if parity else []
+
+
+def _split(parity) -> str:
+    return parity.split if parity else "test"
 
 
 def _optional(path):
@@ -54,11 +60,11 @@ def report_run(run_dir) -> Path:
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     split = _optional(run_dir / SPLIT)
-    history = _optional(run_dir / HISTORY)
-    parity = _optional(run_dir / PARITY)
-    bench = _optional(run_dir / BENCH)
+    history = read_history(run_dir)
+    parity = read_parity(run_dir)
+    bench = read_bench(run_dir)
     explain = _optional(run_dir / EXPLAIN)
-    devices = _optional(run_dir / DEVICES)
+    devices = read_devices(run_dir)
     figures = draw_figures(run_dir, manifest, history, parity, bench)
     title = f"tledge report: {manifest['recipe']['name']}"
     lines = [f"# tledge report: {md(manifest['recipe']['name'])}", ""]
@@ -79,8 +85,8 @@ def report_run(run_dir) -> Path:
     lines += _parity_section(parity, checksums)
     lines += report_tasks.section(run_dir, manifest, parity, bench, figures, md)
     lines += _cross_architecture_lines(crossed)
-    lines += report_int8.section(manifest, own_runtime_rows(parity),
-                                 (parity or {}).get("split", "test"), figures, md)
+    lines += report_int8.section(manifest, own_runtime_rows(parity), _split(parity), figures,
+                                 md)
     lines += _figure_lines(figures, "confusion_reference", "confusion_pick", "per_class")
     lines += _bench_section(bench, parity, checksums)
     lines += _figure_lines(figures, "pareto", "latency")
@@ -124,15 +130,14 @@ def draw_figures(run_dir, manifest, history, parity, bench) -> dict:
     """{key: (caption, path relative to the run)} of every figure the JSON files allow."""
     folder = Path(run_dir) / plots.FIGURES
     labels = manifest["labels"]
-    rows = (bench or {}).get("rows", [])
-    pick = (bench or {}).get("pick")
+    rows = bench.rows if bench else []
+    pick = bench.pick if bench else None
     judged = own_runtime_rows(parity)
-    reference = judged.get("keras", {}).get("confusion")
-    picked = judged.get((pick or {}).get("artifact"), {})
-    quantized_pick = picked.get("confusion") if pick and \
-        pick.get("model", "model") == "model" and \
-        pick["artifact"].rsplit("_", 1)[-1] in QUANTIZED else None
-    split = (parity or {}).get("split", "test")
+    keras, picked = judged.get("keras"), judged.get((pick or {}).get("artifact"))
+    reference = keras.confusion if keras else None
+    quantized_pick = picked.confusion if picked and pick.get("model", "model") == "model" \
+        and pick["artifact"].rsplit("_", 1)[-1] in QUANTIZED else None
+    split = _split(parity)
     drawn = {
         "learning_curves": ("Learning curves", plots.learning_curves(
             history, folder / "learning_curves.png")),
@@ -259,9 +264,9 @@ def _story(manifest, split, history, parity, bench) -> list[str]:
                  + (f" (held apart: {', '.join(held)})" if held else "") + "."]
     judged = own_runtime_rows(parity)
     reference = judged.get("keras")
-    if reference and reference.get("accuracy") is not None:
-        sentences.append(f"The trained model classifies {reference['accuracy']:.1%} of the "
-                         f"{parity['images']} {parity['split']} images correctly"
+    if reference and reference.accuracy is not None:
+        sentences.append(f"The trained model classifies {reference.accuracy:.1%} of the "
+                         f"{parity.images} {parity.split} images correctly"
                          + (" (the mean of its tasks)." if tasks else "."))
     sentences += _int8_sentences(judged, manifest, bench)
     return [" ".join(sentences), ""]
@@ -270,26 +275,25 @@ def _story(manifest, split, history, parity, bench) -> list[str]:
 def _int8_sentences(judged, manifest, bench) -> list[str]:
     """What full int8 costs in accuracy and buys in speed and size, against fp32 TFLite."""
     int8, fp32 = judged.get("tflite_int8"), judged.get("tflite_fp32")
-    if not int8 or int8.get("accuracy") is None:
+    if not int8 or int8.accuracy is None:
         return []
     sizes = {entry["name"]: entry["size_bytes"] for entry in artifacts(manifest)}
-    change = -int8["accuracy_drop"] * 100
-    words = [f"Full int8 (tflite_int8) scores {int8['accuracy']:.1%}, "
+    change = -int8.accuracy_drop * 100
+    words = [f"Full int8 (tflite_int8) scores {int8.accuracy:.1%}, "
              + (f"{abs(change):.1f} points {'above' if change > 0 else 'below'} the trained model"
                 if round(change, 1) else "the same as the trained model")]
     if "tflite_fp32" in sizes and "tflite_int8" in sizes:
         words.append(f"is {sizes['tflite_fp32'] / sizes['tflite_int8']:.1f}x smaller than "
                      f"fp32 ({sizes['tflite_int8'] / 1024:,.0f} KiB against "
                      f"{sizes['tflite_fp32'] / 1024:,.0f} KiB)")
-    pick = (bench or {}).get("pick") or {}
-    at = {(row["artifact"]): row for row in (bench or {}).get("rows", [])
-          if row["status"] == "ok" and row["runtime"] == "litert"
-          and row["threads"] == pick.get("threads") and row["batch"] == pick.get("batch")}
+    pick = (bench.pick if bench else None) or {}
+    at = {row.artifact: row for row in (bench.timed(runtime="litert") if bench else [])
+          if row.threads == pick.get("threads") and row.batch == pick.get("batch")}
     if fp32 and "tflite_int8" in at and "tflite_fp32" in at:
-        ratio = at["tflite_fp32"]["p50_ms"] / at["tflite_int8"]["p50_ms"]
+        ratio = at["tflite_fp32"].p50_ms / at["tflite_int8"].p50_ms
         words.append(f"and runs {ratio:.2f}x " + ("faster" if ratio >= 1 else "as fast")
-                     + f" on LiteRT (p50 {at['tflite_int8']['p50_ms']:.3f} ms against "
-                     f"{at['tflite_fp32']['p50_ms']:.3f} ms)")
+                     + f" on LiteRT (p50 {at['tflite_int8'].p50_ms:.3f} ms against "
+                     f"{at['tflite_fp32'].p50_ms:.3f} ms)")
     return [", ".join(words) + "."]
 
 
@@ -299,11 +303,10 @@ def _headline(run_dir, manifest, history, parity, bench) -> list[str]:
     quantization, latency and reference accuracy, whichever model of the run it is)."""
     lines = []
     entries = {entry["name"]: entry for entry in artifacts(manifest)}
-    failed = [row for row in (parity or {}).get("rows", []) if row["status"] == "failed"]
-    for row in failed:
+    for row in parity.failed if parity else []:
         lines.append(f"> **FAILED PARITY: {_row_name(row, parity)}**: "
-                     + "; ".join(md(problem) for problem in row["problems"])
-                     + _stale_note(row, entries.get(row["artifact"]), "RUN_DIR"))
+                     + "; ".join(md(problem) for problem in row.problems)
+                     + _stale_note(row, entries.get(row.artifact), "RUN_DIR"))
     lines += _insufficient_lines(parity, entries, "RUN_DIR")
     if history and (history.get("verdict") or {}).get("regressed"):
         lines.append(f"> **{history['verdict']['message']}**")
@@ -312,7 +315,7 @@ def _headline(run_dir, manifest, history, parity, bench) -> list[str]:
         lines.append(f"> **{warning}**")
     if lines:
         lines.append("")
-    pick = (bench or {}).get("pick")
+    pick = bench.pick if bench else None
     shipped = _shipped(run_dir, pick, manifest, parity) if pick else None
     if pick:
         lines += _ship_lines(pick, shipped, history)
@@ -326,14 +329,14 @@ def _headline(run_dir, manifest, history, parity, bench) -> list[str]:
 
 def _row_name(row, parity) -> str:
     """An artifact, with its runtime when the row is not the one in its own runtime."""
-    own = own_runtime_rows(parity).get(row["artifact"]) is row
-    return row["artifact"] + ("" if own or not row.get("runtime") else f" on {row['runtime']}")
+    own = parity.is_own(row)
+    return row.artifact + ("" if own or not row.runtime else f" on {row.runtime}")
 
 
 def _stale(row, entry) -> bool:
     """A parity row of a file the manifest no longer records (`row_is_current`); a row that
     judged no file (skipped, export failed, or written before rows had a sha256) is not."""
-    return bool(row.get("sha256")) and not row_is_current(row, entry)
+    return bool(row.sha256) and not row_is_current(row, entry)
 
 
 def _stale_note(row, entry, where) -> str:
@@ -346,15 +349,15 @@ def _stale_note(row, entry, where) -> str:
 def _insufficient_lines(parity, entries, where, model="") -> list[str]:
     """One headline warning per threshold that the split was too small to show."""
     groups = {}
-    for row in (parity or {}).get("rows", []):
-        if row["status"] == "insufficient" and row.get("evidence"):
-            groups.setdefault(row["evidence"]["threshold"], []).append(row)
+    for row in parity.insufficient if parity else []:
+        if row.evidence:
+            groups.setdefault(row.evidence["threshold"], []).append(row)
     lines = []
     for rows in groups.values():
         names = ", ".join(model + _row_name(row, parity) + _stale_note(
-            row, entries.get(row["artifact"]), where) for row in rows)
+            row, entries.get(row.artifact), where) for row in rows)
         lines.append(f"> **NOT ENOUGH EVIDENCE: {names}**: "
-                     + evidence_text(rows[0]["evidence"], parity.get("split"))
+                     + evidence_text(rows[0].evidence, parity.split)
                      + ". The figures meet the thresholds, on too few images to show them: "
                      "not passed.")
     return lines
@@ -373,13 +376,12 @@ def _shipped(run_dir, pick, manifest, parity) -> dict:
             manifest = read_manifest(folder)
         except RunDirError:
             manifest = {"artifacts": []}
-        parity = _optional(folder / PARITY)
+        parity = read_parity(folder)
     entry = next((entry for entry in artifacts(manifest)
                   if entry["name"] == pick["artifact"]), None)
-    rows = (parity or {}).get("rows", [])
-    wanted = "reference" if (pick["artifact"], pick["runtime"]) == ("keras", "keras") else None
-    row = next((row for row in rows if (row["status"] == wanted if wanted else (
-        row["artifact"], row["runtime"]) == (pick["artifact"], pick["runtime"]))), None)
+    reference = (pick["artifact"], pick["runtime"]) == ("keras", "keras")
+    row = None if parity is None else parity.reference if reference \
+        else parity.find(pick["artifact"], pick["runtime"])
     return {"model": model, "where": where, "manifest": manifest, "parity": parity,
             "row": row, "entry": entry}
 
@@ -396,10 +398,10 @@ def _ship_lines(pick, shipped, history) -> list[str]:
                     "parity has no row of it") + f"; run `tledge validate {shipped['where']}` "
                  f"(then `tledge bench {shipped['where']}`) before shipping it. "
                  f"Timed then: {figures}."]
-    elif row["status"] == "insufficient" or pick.get("parity") == "insufficient":
-        evidence = row.get("evidence") or pick.get("evidence") or {}
+    elif row.status == "insufficient" or pick.get("parity") == "insufficient":
+        evidence = row.evidence or pick.get("evidence") or {}
         lines = [f"**Ship {name}: UNPROVEN, not enough evidence**: "
-                 + (evidence_text(evidence, (shipped["parity"] or {}).get("split")) + ". "
+                 + (evidence_text(evidence, _split(shipped["parity"])) + ". "
                     if evidence else "")
                  + "No artifact passed parity; among those that met their thresholds on too "
                  f"few images to show them, it is {_pick_reason(pick, history, proven=False)}, "
@@ -407,12 +409,12 @@ def _ship_lines(pick, shipped, history) -> list[str]:
     else:
         lines = [f"**Ship {name}**: {_pick_reason(pick, history)}, {figures}."
                  + report_int8.repair_note(shipped["manifest"], pick["artifact"])]
-    if row is not None and row["status"] != "reference":
-        status = "stale" if _stale(row, shipped["entry"]) else row["status"]
-        lines.append(f"Its parity: accuracy {_num(row.get('accuracy'))} (drop "
-                     f"{_num(row.get('accuracy_drop'), '+.4f')}), agreement "
-                     f"{_num(row.get('agreement'))} with its Keras model on "
-                     f"{shipped['parity']['images']} {shipped['parity']['split']} images: "
+    if row is not None and row.status != "reference":
+        status = "stale" if _stale(row, shipped["entry"]) else row.status
+        lines.append(f"Its parity: accuracy {_num(row.accuracy)} (drop "
+                     f"{_num(row.accuracy_drop, '+.4f')}), agreement "
+                     f"{_num(row.agreement)} with its Keras model on "
+                     f"{shipped['parity'].images} {shipped['parity'].split} images: "
                      f"{'not enough evidence' if status == 'insufficient' else status}.")
     if pick.get("alternatives"):
         lines.append("The trade: " + "; ".join(
@@ -427,23 +429,22 @@ def _ship_lines(pick, shipped, history) -> list[str]:
 
 def _reference_line(parity, model="model") -> list[str]:
     """The Keras model's accuracy on the images validate judged (the shipped model's)."""
-    reference = next((row for row in (parity or {}).get("rows", [])
-                      if row["status"] == "reference"), None)
+    reference = parity.reference if parity else None
     if not reference:
         return []
     whose = "" if model == "model" else f" of the shipped model ({md(model)})"
-    return [f"Reference (Keras) accuracy{whose}: {reference['accuracy']:.4f} on "
-            f"{parity['images']} {parity['split']} images"
+    return [f"Reference (Keras) accuracy{whose}: {reference.accuracy:.4f} on "
+            f"{parity.images} {parity.split} images"
             + (" (the mean of its tasks': " + ", ".join(
                 f"{md(name)} {part['accuracy']:.4f}"
-                for name, part in reference["tasks"].items()) + ")"
-               if reference.get("tasks") else "") + "."]
+                for name, part in reference.tasks.items()) + ")"
+               if reference.tasks else "") + "."]
 
 
 def _shipped_section(run_dir, manifest, parity, bench) -> list[str]:
     """When the pick is another model's (the baseline, an ensemble member): that model's
     parity, quantization and latency, since the Ship line describes it."""
-    pick = (bench or {}).get("pick")
+    pick = bench.pick if bench else None
     if not pick or pick.get("model", "model") == "model":
         return []
     shipped = _shipped(run_dir, pick, manifest, parity)
@@ -453,13 +454,13 @@ def _shipped_section(run_dir, manifest, parity, bench) -> list[str]:
              f"run directory, `{md(model)}/`), not of this run's model. Its figures:", ""]
     checksums = {entry["name"]: entry.get("sha256")
                  for entry in artifacts(shipped["manifest"])}
-    its_bench = _optional(pick_folder(run_dir, pick) / BENCH)
+    its_bench = read_bench(pick_folder(run_dir, pick))
     lines += _insufficient_lines(shipped["parity"], {e["name"]: e for e in artifacts(
         shipped["manifest"])}, shipped["where"], f"{model}/")
     lines += [""] if lines[-1] != "" else []
     for part in (_parity_section(shipped["parity"], checksums),
                  report_int8.section(shipped["manifest"], own_runtime_rows(shipped["parity"]),
-                                     (shipped["parity"] or {}).get("split", "test"), {}, md),
+                                     _split(shipped["parity"]), {}, md),
                  _bench_section(its_bench, shipped["parity"], checksums)):
         lines += [("#" + line) if line.startswith("## ") else line for line in part]
     return lines
@@ -668,8 +669,8 @@ def _ensemble_section(history, bench) -> list[str]:
                      f"{p50(rows, 'keras', 'keras')} | "
                      f"{_num(member['accuracy'].get('tflite_int8'))} | "
                      f"{p50(rows, 'tflite_int8', 'litert')} | {size(rows, 'tflite_int8')} |")
-    own = (bench or {}).get("rows", [])
-    own = [row for row in own if row["status"] == "ok"]
+    # as the members' latency lists (history.json) keep them
+    own = [dataclasses.asdict(row) for row in (bench.timed() if bench else [])]
     lines.append(f"| **fused** | {ensemble['fusion']} | | {_num(history.get('test_accuracy'))} "
                  f"| | {p50(own, 'keras', 'keras')} | | {p50(own, 'tflite_int8', 'litert')} | "
                  f"{size(own, 'tflite_int8')} |")
@@ -687,28 +688,26 @@ def cross_architecture(devices, parity, bench, checksums) -> list[dict]:
     recipe's agreement threshold. A check of a file that was exported again since is left
     out (the On devices section marks it stale)."""
     own = own_runtime_rows(parity)
-    here = ((bench or {}).get("machine") or {}).get("arch") or "x86_64"
+    here = (bench.machine if bench else {}).get("arch") or "x86_64"
     rows = []
-    for name, result in ((devices or {}).get("devices") or {}).items():
-        arch = result["device"].get("arch")
+    for name, result in devices.items():
+        arch = result.device.get("arch")
         if not arch or arch == here:
             continue
-        measured = result.get("artifacts") or {}
-        for check in result.get("accuracy") or []:
-            if measured.get(check.get("artifact")) != checksums.get(check.get("artifact")):
+        for check in result.checks:
+            if result.artifacts.get(check.artifact) != checksums.get(check.artifact) \
+                    or check.error is not None or "int8" not in check.artifact:
                 continue
-            parity_row = own.get(check.get("artifact")) or {}
-            threshold = (parity_row.get("thresholds") or {}).get("min_agreement")
-            if "error" in check or "int8" not in check["artifact"]:
-                continue
-            rows.append({"device": name, "arch": arch,
-                         "emulated": result["device"].get("emulated"),
-                         "artifact": check["artifact"], "here": parity_row.get("agreement"),
-                         "there": check["agreement_with_host"], "threshold": threshold,
-                         "difference": check.get("max_difference"),
-                         "unit": check.get("difference_unit", ""),
+            parity_row = own.get(check.artifact)
+            threshold = ((parity_row.thresholds if parity_row else None) or {}).get(
+                "min_agreement")
+            rows.append({"device": name, "arch": arch, "emulated": result.device.get("emulated"),
+                         "artifact": check.artifact,
+                         "here": parity_row.agreement if parity_row else None,
+                         "there": check.agreement_with_host, "threshold": threshold,
+                         "difference": check.max_difference, "unit": check.difference_unit,
                          "below": threshold is not None and
-                         check["agreement_with_host"] < threshold})
+                         check.agreement_with_host < threshold})
     return rows
 
 
@@ -754,23 +753,22 @@ def _parity_section(parity, checksums) -> list[str]:
     lines = ["## Parity", ""]
     if not parity:
         return lines + ["(not validated yet: `tledge validate RUN_DIR`)", ""]
-    machines = sorted({row["machine"] for row in parity["rows"] if row.get("machine")})
+    machines = sorted({row.machine for row in parity.rows if row.machine})
     where = f" on {md(', '.join(machines))} (int8 results can differ on another CPU)" \
         if machines else ""
-    lines += [f"Every artifact ran the {parity['images']} {parity['split']} images in its own "
+    lines += [f"Every artifact ran the {parity.images} {parity.split} images in its own "
               f"runtime and was compared with the Keras model{where}.", "",
               "| artifact | runtime | status | accuracy | drop | agreement | max abs diff |",
               "|---|---|---|---:|---:|---:|---:|"]
-    for row in parity["rows"]:
-        status = row["status"] if not row["problems"] else \
-            f"{row['status']}: " + "; ".join(row["problems"])
-        if row["status"] == "insufficient" and row.get("evidence"):
-            status = "not enough evidence: " + evidence_text(row["evidence"])
-        if _stale(row, {"sha256": checksums.get(row["artifact"])}):
+    for row in parity.rows:
+        status = row.status if not row.problems else f"{row.status}: " + "; ".join(row.problems)
+        if row.status == "insufficient" and row.evidence:
+            status = "not enough evidence: " + evidence_text(row.evidence)
+        if _stale(row, {"sha256": checksums.get(row.artifact)}):
             status += " (stale: the file changed since; run `tledge validate`)"
-        lines.append(f"| {row['artifact']} | {row['runtime']} | {status} | "
-                     f"{_num(row['accuracy'])} | {_num(row['accuracy_drop'])} | "
-                     f"{_num(row['agreement'])} | {_num(row['max_abs_diff'], '.1e')} |")
+        lines.append(f"| {row.artifact} | {row.runtime} | {status} | "
+                     f"{_num(row.accuracy)} | {_num(row.accuracy_drop)} | "
+                     f"{_num(row.agreement)} | {_num(row.max_abs_diff, '.1e')} |")
     return lines + [""]
 
 
@@ -781,21 +779,16 @@ _LATENCY_RULE = "---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 
 def _latency_cells(row) -> str:
     """The statistics columns of one bench row, host or device."""
-    size = f"{row['size_bytes'] / 1024:,.0f}" if row.get("size_bytes") else ""
-    return (f"{_num(row.get('p50_ms'), '.3f')} | {_num(row.get('p90_ms'), '.3f')} | "
-            f"{_num(row.get('p99_ms'), '.3f')} | {_num(row.get('throughput_ips'), '.1f')} | "
-            f"{_num(row.get('gflops_per_second'), '.1f')} | {_num(row.get('load_ms'), '.0f')} | "
-            f"{_num(row.get('first_ms'), '.1f')} | {_num(row.get('peak_rss_mb'), '.0f')} | "
+    size = f"{row.size_bytes / 1024:,.0f}" if row.size_bytes else ""
+    return (f"{_num(row.p50_ms, '.3f')} | {_num(row.p90_ms, '.3f')} | "
+            f"{_num(row.p99_ms, '.3f')} | {_num(row.throughput_ips, '.1f')} | "
+            f"{_num(row.gflops_per_second, '.1f')} | {_num(row.load_ms, '.0f')} | "
+            f"{_num(row.first_ms, '.1f')} | {_num(row.peak_rss_mb, '.0f')} | "
             f"{size} |")
 
 
 def _status(row) -> str:
-    return row["status"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
-
-
-def _isolated(bench) -> bool:
-    settings = bench.get("settings")
-    return not isinstance(settings, dict) or settings.get("isolate", True) is not False
+    return row.status if row.status == "ok" else f"{row.status}: {row.reason}"
 
 
 _GPU_RUNTIMES = {row.name for row in RUNTIME_ROWS if row.device == "gpu"}
@@ -803,10 +796,9 @@ _GPU_RUNTIMES = {row.name for row in RUNTIME_ROWS if row.device == "gpu"}
 
 def _bench_section(bench, parity, checksums=None) -> list[str]:
     lines = ["## Latency", ""]
-    if not bench or not bench["rows"]:
+    if not bench or not bench.rows:
         return lines + ["(not benchmarked on this machine yet: `tledge bench RUN_DIR`)", ""]
-    machine = bench.get("machine") if isinstance(bench.get("machine"), dict) else {}
-    flops = bench.get("flops_per_image")
+    machine, flops = bench.machine, bench.flops_per_image
     isa = f", {md(machine['isa'])}" if machine.get("isa") else ""
     lines += [f"Measured on {md(machine.get('cpu', 'an unrecorded CPU'))}{isa} "
               f"({md(machine.get('cores', '?'))} cores), {md(machine.get('system', '?'))}."
@@ -814,33 +806,34 @@ def _bench_section(bench, parity, checksums=None) -> list[str]:
                  if isinstance(flops, (int, float)) and flops else ""),
               "Accuracy and parity are the validate stage's, for the same artifact. "
               + ("Each row ran in its own process; peak MiB is that process's peak resident "
-                 "memory." if _isolated(bench) else
+                 "memory." if bench.isolated else
                  "Every row ran in one process (`bench.isolate = false`): peak MiB is that "
                  "process's peak so far, not the row's own."), "",
               "| artifact | runtime | threads | batch | status | parity | accuracy "
               + _LATENCY_HEAD, "|---|---|---:|---:|---|---|---:|" + _LATENCY_RULE]
     judged = own_runtime_rows(parity)
     unavailable = {}  # runtimes this machine cannot have: one line under the table
-    for row in bench["rows"]:
-        if row["status"] == "skipped" and row["runtime"] in _GPU_RUNTIMES:
-            unavailable.setdefault(row["runtime"], row.get("reason"))
+    for row in bench.rows:
+        if row.status == "skipped" and row.runtime in _GPU_RUNTIMES:
+            unavailable.setdefault(row.runtime, row.reason)
             continue
-        check = judged.get(row["artifact"], {})
-        verdict = check.get("status", "not validated")
-        if checksums is not None and _stale(check, {"sha256": checksums.get(row["artifact"])}):
+        check = judged.get(row.artifact)
+        verdict = check.status if check else "not validated"
+        if check and checksums is not None and \
+                _stale(check, {"sha256": checksums.get(row.artifact)}):
             verdict += " (stale)"
-        lines.append(f"| {row['artifact']} | {row['runtime']} | {row['threads']} | "
-                     f"{row['batch']} | {_status(row)} | {verdict} | "
-                     f"{_num(check.get('accuracy'))} | " + _latency_cells(row))
+        lines.append(f"| {row.artifact} | {row.runtime} | {row.threads} | "
+                     f"{row.batch} | {_status(row)} | {verdict} | "
+                     f"{_num(check.accuracy if check else None)} | " + _latency_cells(row))
     if unavailable:
         said = unavailable_line(unavailable)
         lines += ["", md(said[0].upper() + said[1:]) + "."]
     return lines + [""]
 
 
-def _devices_section(record, bench, checksums, labels=()) -> list[str]:
-    """Results measured on devices with `tledge bundle` and imported with `--import`."""
-    devices = (record or {}).get("devices") or {}
+def _devices_section(devices, bench, checksums, labels=()) -> list[str]:
+    """Results measured on devices with `tledge bundle` and imported with `--import`
+    (`devices`: {name: `DeviceResult`})."""
     if not devices:
         return []
     lines = ["## On devices", "",
@@ -849,7 +842,7 @@ def _devices_section(record, bench, checksums, labels=()) -> list[str]:
              "images; agreement is with the build machine's predictions for the same images.",
              ""]
     for name, result in devices.items():
-        device = result["device"]
+        device = result.device
         runtimes = ", ".join(f"{md(module)} {md(version)}" for module, version
                              in device.get("runtimes", {}).items())
         emulated = device.get("emulated")
@@ -858,26 +851,27 @@ def _devices_section(record, bench, checksums, labels=()) -> list[str]:
                   (f"{md(device['model'])}: " if device.get("model") else "")
                   + f"{md(device.get('cpu', '?'))}, "
                   f"{md(device.get('cores', '?'))} cores, {md(device.get('system', '?'))}; "
-                  f"{runtimes}. Measured {md(result.get('measured', '?'))}.", ""]
+                  f"{runtimes}. Measured {md(result.measured or '?')}.", ""]
         if emulated:
             lines += [f"**Emulated, not a device**: this {md(device.get('arch', '?'))} userland "
                       f"ran under {md(emulated)} on the build machine. Its outputs are the "
                       "emulated CPU's kernels' (what parity across architectures needs); its "
                       "latencies are the emulator's and say nothing of a device's speed.", ""]
-        stale = sorted(artifact for artifact, checksum in (result.get("artifacts") or {}).items()
-                       if checksums.get(artifact) != checksum)
+        stale = result.stale(checksums)
         if stale:
             lines += [f"**Stale**: {', '.join(stale)} changed since this device measured it; "
                       "bundle and measure again.", ""]
-        accuracy = {row["artifact"]: row for row in result.get("accuracy") or []}
+        accuracy = {check.artifact: check for check in result.checks}
         lines += _device_checks(accuracy, labels)
         lines += ["| artifact | runtime | threads | batch | status | accuracy | agreement "
                   + _LATENCY_HEAD, "|---|---|---:|---:|---|---:|---:|" + _LATENCY_RULE]
-        for row in result["rows"]:
-            check = accuracy.get(row["artifact"], {})
-            lines.append(f"| {md(row['artifact'])} | {md(row['runtime'])} | {row['threads']} | "
-                         f"{row['batch']} | {md(_status(row))} | {_num(check.get('accuracy'))} | "
-                         f"{_num(check.get('agreement_with_host'))} | " + _latency_cells(row))
+        for row in result.rows:
+            check = accuracy.get(row.artifact)
+            lines.append(f"| {md(row.artifact)} | {md(row.runtime)} | {row.threads} | "
+                         f"{row.batch} | {md(_status(row))} | "
+                         f"{_num(check.accuracy if check else None)} | "
+                         f"{_num(check.agreement_with_host if check else None)} | "
+                         + _latency_cells(row))
         lines += [""] + _kernel_differences(accuracy, bench)
     return lines
 
@@ -885,13 +879,14 @@ def _devices_section(record, bench, checksums, labels=()) -> list[str]:
 def _device_checks(accuracy: dict, labels=()) -> list[str]:
     """Per artifact, how the device's outputs compare with the build machine's on the bundled
     images: agreement, the largest difference, the images that changed class."""
-    if not any("max_difference" in check or "error" in check for check in accuracy.values()):
+    if not any(check.max_difference is not None or check.error is not None
+               for check in accuracy.values()):
         return []  # a result of an older bench_device.py: agreement only, in the table below
     lines = ["| artifact | images | accuracy (build machine) | agreement | largest output "
              "difference | changed class |", "|---|---:|---:|---:|---:|---|"]
     for name, check in accuracy.items():
-        if "error" in check:
-            lines.append(f"| {md(name)} | | | | | check failed: {md(check['error'])} |")
+        if check.error is not None:
+            lines.append(f"| {md(name)} | | | | | check failed: {md(check.error)} |")
             continue
         def name_of(index):  # a class index, or one per task (labels: one list per task)
             if isinstance(index, list):
@@ -904,12 +899,12 @@ def _device_checks(accuracy: dict, labels=()) -> list[str]:
                 else []
             return names[index] if 0 <= index < len(names) else index
         flips = ", ".join(f"#{flip['image']} ({name_of(flip['build'])}→{name_of(flip['device'])})"
-                          for flip in (check.get("flipped") or [])[:8])
-        more = check.get("flipped_count", 0) - min(len(check.get("flipped") or []), 8)
+                          for flip in check.flipped[:8])
+        more = check.flipped_count - min(len(check.flipped), 8)
         lines.append(
-            f"| {md(name)} | {check['images']} | {_num(check['accuracy'])} "
-            f"({_num(check['host_accuracy'])}) | {_num(check['agreement_with_host'])} | "
-            f"{check['max_difference']:g} {md(check['difference_unit'])} | "
+            f"| {md(name)} | {check.images} | {_num(check.accuracy)} "
+            f"({_num(check.host_accuracy)}) | {_num(check.agreement_with_host)} | "
+            f"{check.max_difference:g} {md(check.difference_unit)} | "
             + (md(flips) + (f" and {more} more" if more > 0 else "") if flips else "none")
             + " |")
     return lines + [""]
@@ -919,12 +914,12 @@ def _kernel_differences(accuracy: dict, bench) -> list[str]:
     """A warning for each int8 artifact whose top class on the device differs from the build
     machine's on some bundled image: int8 kernels differ between CPUs (VNNI or not, ARM dot
     product or not), so parity measured on the build machine does not hold there."""
-    machine = (bench or {}).get("machine") or {}
+    machine = bench.machine if bench else {}
     host = f"{md(machine.get('cpu', 'the build machine'))}" + (
         f", {md(machine['isa'])}" if machine.get("isa") else "")
     lines = []
     for name, check in accuracy.items():
-        agreement = check.get("agreement_with_host")
+        agreement = check.agreement_with_host
         if "int8" in str(name) and isinstance(agreement, (int, float)) and agreement < 1.0:
             lines += [f"**int8 kernels differ**: on this device {md(name)} predicts another "
                       f"class than the build machine ({host}) for {1 - agreement:.1%} of the "

@@ -12,13 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from tledge.errors import RunDirError
+from tledge.records import read_domains, read_history
 from tledge.rundir import (DOMAINS, HISTORY, MANIFEST, SPLIT, read_manifest, read_record)
 
 
 def section(run_dir, manifest, history, md) -> list[str]:
     """The Domains section's lines ([] when the run met no other domain)."""
     run_dir = Path(run_dir)
-    domains = (_record(run_dir / DOMAINS) or {}).get("domains", {})
+    domains = read_domains(run_dir)
     adaptation = (history or {}).get("adaptation")
     family = adaptations(run_dir)
     if not domains and not adaptation and not family:
@@ -133,7 +134,7 @@ def _parent(folder: Path) -> Path | None:
     if train.get("adapted_from"):
         return (folder / train["adapted_from"]).resolve()
     weights = train.get("weights_from")
-    history = _record(folder / HISTORY)
+    history = _quietly(read_history, folder)
     if isinstance(weights, str) and weights.endswith(".keras") and history and \
             history.get("head") == "keep":
         return (folder / weights).resolve().parent
@@ -143,10 +144,10 @@ def _parent(folder: Path) -> Path | None:
 def _judged(folder: Path, is_parent: bool) -> dict:
     """{target fingerprint: row} of what this run's Keras model scored on target splits."""
     found = {}
-    history = _record(folder / HISTORY) or {}
+    history = _quietly(read_history, folder) or {}
     split = _record(folder / SPLIT) or {}
     if is_parent:
-        for name, result in (_record(folder / DOMAINS) or {}).get("domains", {}).items():
+        for name, result in (_quietly(read_domains, folder) or {}).items():
             if result.get("fingerprint") and result["judged"] == "test":
                 found[result["fingerprint"]] = {
                     "run": folder.name, "how": "before adaptation", "target": name,
@@ -166,6 +167,14 @@ def _judged(folder: Path, is_parent: bool) -> dict:
             "accuracy": history.get("test_accuracy")}
     found.pop(None, None)
     return found
+
+
+def _quietly(reader, folder):
+    """A sibling run's record, or None when it is damaged (its own stages report that)."""
+    try:
+        return reader(folder)
+    except RunDirError:
+        return None
 
 
 def _record(path: Path):

@@ -21,7 +21,7 @@ def int8_records(manifest) -> list[tuple[dict, dict]]:
 
 def needs_explaining(record, parity_row) -> bool:
     """An artifact whose diagnosis the report shows: it failed parity, or needed repair."""
-    failed = parity_row is not None and parity_row.get("status") == "failed"
+    failed = parity_row is not None and parity_row.status == "failed"
     return bool(record.get("diagnosis")) and (failed or record.get("remedy") != "plain"
                                               or record.get("passed") is False)
 
@@ -43,7 +43,8 @@ def draw(run_dir, manifest, parity_rows) -> dict:
 
 
 def section(manifest, parity_rows, split, figures, md) -> list[str]:
-    """The "Quantization" section (empty when the run has no int8 artifact)."""
+    """The "Quantization" section (empty when the run has no int8 artifact). `parity_rows`:
+    {artifact: its `ParityRow` in its own runtime} (`Parity.own_rows`)."""
     records = int8_records(manifest)
     if not records:
         return []
@@ -109,14 +110,14 @@ def sentence(record, parity_row, split="test") -> str:
     attempts = record.get("attempts") or []
     plain, kept = (attempts[0] if attempts else {}), _kept(record)
     final, fails = "", False
-    if parity_row and parity_row.get("agreement") is not None:
-        fails = parity_row["status"] == "failed"
+    if parity_row and parity_row.agreement is not None:
+        fails = parity_row.status == "failed"
         verdict = {"passed": "passes parity", "insufficient": "has not enough evidence for "
                    "parity: its figures meet the thresholds, on too few images to show them"}.get(
-            parity_row["status"], "FAILS parity")
+            parity_row.status, "FAILS parity")
         final = (f"; on the {split} split it {verdict} "
-                 f"(accuracy {parity_row['accuracy']:.4f}, agreement "
-                 f"{parity_row['agreement']:.4f})")
+                 f"(accuracy {parity_row.accuracy:.4f}, agreement "
+                 f"{parity_row.agreement:.4f})")
     if len(attempts) <= 1 and record.get("remedy") not in (None, "plain"):
         return (f"reproduced the settings an earlier export kept ({record['remedy']})"
                 + final + ".")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tledge import plots
 from tledge.bench.single_task import single_task_folders
-from tledge.rundir import PARITY, read_manifest, read_record, SINGLE_TASK
+from tledge.records import read_parity
+from tledge.rundir import read_manifest, SINGLE_TASK
 
 ACCURACY_POINTS = 2.0  # a task may lose this much against its single-task model and still
 LATENCY_RATIO = 1.0  # ... count as "worth it", when the multi-task graph is also faster
@@ -22,7 +23,8 @@ LATENCY_RATIO = 1.0  # ... count as "worth it", when the multi-task graph is als
 
 def draw(run_dir, manifest, judged, split="test") -> dict:
     """{key: (caption, path)}: a confusion matrix per task of the reference model."""
-    reference = (judged.get("keras") or {}).get("tasks") or {}
+    keras = judged.get("keras")
+    reference = (keras.tasks if keras else None) or {}
     folder = Path(run_dir) / plots.FIGURES
     drawn = {}
     for task in manifest.get("tasks") or []:
@@ -47,22 +49,22 @@ def section(run_dir, manifest, parity, bench, figures, md) -> list[str]:
         lines.append(f"| {md(task['name'])} | {len(task['labels'])}: "
                      f"{', '.join(md(label) for label in task['labels'])} | "
                      f"{task.get('loss_weight', 1.0):g} |")
-    rows = [row for row in (parity or {}).get("rows", []) if row.get("tasks")]
+    rows = [row for row in (parity.rows if parity else []) if row.tasks]
     if rows:
         names = [task["name"] for task in tasks]
-        lines += ["", f"Accuracy per task on the {parity['split']} split (agreement with the "
+        lines += ["", f"Accuracy per task on the {parity.split} split (agreement with the "
                       "Keras model in brackets):", "",
                   "| artifact | runtime | " + " | ".join(md(name) for name in names) + " |",
                   "|---|---|" + "---:|" * len(names)]
         for row in rows:
             cells = []
             for name in names:
-                part = row["tasks"].get(name) or {}
+                part = row.tasks.get(name) or {}
                 cell = _percent(part.get("accuracy"))
                 if part.get("agreement") is not None:
                     cell += f" ({part['agreement']:.3f})"
                 cells.append(cell)
-            lines.append(f"| {row['artifact']} | {row['runtime']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {row.artifact} | {row.runtime} | " + " | ".join(cells) + " |")
     for task in tasks:
         key = f"confusion_{task['name']}"
         if key in figures:
@@ -90,11 +92,10 @@ def comparison(run_dir, manifest, parity, bench) -> dict | None:
               "missing": [task["name"] for task in tasks if task["name"] not in singles]}
     for name, path in singles.items():
         read_manifest(path)  # a single-task run tledge wrote, or a one-line error
-        single_parity = read_record(path / PARITY) if (path / PARITY).is_file() else None
-        theirs = _reference_tasks(single_parity).get(name) if single_parity else None
+        theirs = _reference_tasks(read_parity(path)).get(name)
         result["accuracy"].append({"task": name, "multi": mine.get(name), "single": theirs})
     if not result["missing"]:
-        result["artifacts"] = list((bench or {}).get("single_task") or [])
+        result["artifacts"] = list(bench.single_task) if bench else []
     return result
 
 
@@ -164,11 +165,10 @@ def verdict(found, manifest) -> str:
 
 
 def _reference_tasks(parity) -> dict:
-    """{task: the Keras model's accuracy} from a parity record."""
-    for row in (parity or {}).get("rows", []):
-        if row.get("status") == "reference":
-            return {name: part.get("accuracy") for name, part in (row.get("tasks") or {}).items()}
-    return {}
+    """{task: the Keras model's accuracy} from a `Parity` (None: {})."""
+    reference = parity.reference if parity else None
+    return {name: part.get("accuracy")
+            for name, part in ((reference.tasks if reference else None) or {}).items()}
 
 
 def _percent(value) -> str:
