@@ -150,6 +150,37 @@ def scattered_shapes(count_per_class, seed):
     return images, labels, boxes
 
 
+@pytest.mark.parametrize("isa, int8_ms, says", [
+    ("AVX2", 0.30, "**int8 is slower than fp32 here**: 1.50x the fp32 file's time"),
+    ("AVX-512 VNNI", 0.10, "int8 is 2.00x faster than fp32"),
+    ("AVX2", 0.205, "about the same speed"),
+])
+def test_the_quantization_section_says_what_int8_costs_in_time_on_this_cpu(isa, int8_ms, says):
+    """Measured, not assumed: int8's p50 against its fp32 file's in the same runtime, threads
+    and batch, with the CPU and its ISA; an ONNX int8 file on x86 without VNNI says what that
+    CPU's kernels need (the rule the repair follows) and whether the kept file has it."""
+    from tledge.core.timing import BenchRow
+    from tledge.records import Bench
+    from tledge.report.document import md
+    from tledge.report.int8 import kernels, speed
+    bench = Bench([BenchRow("onnx_int8", "onnxruntime", 2, 1, "ok", p50_ms=int8_ms),
+                   BenchRow("onnx_fp32", "onnxruntime", 2, 1, "ok", p50_ms=0.20),
+                   BenchRow("onnx_int8", "openvino", 2, 1, "ok", p50_ms=9.0)],
+                  machine={"cpu": "AMD EPYC", "isa": isa})
+    entry = {"name": "onnx_int8", "family": "onnx"}
+    line = speed(entry, bench, md)
+    assert says in line and "AMD EPYC" in line and isa.split()[0] in line
+    assert f"p50 {int8_ms:.3f} ms against 0.200 ms for onnx_fp32" in line  # not openvino's
+    assert speed({"name": "tflite_int8", "family": "tflite"}, bench, md) == ""  # not timed
+    record = {"isa": isa, "settings": {"reduce_range": True}}
+    if isa == "AVX2":
+        assert "has no VNNI" in kernels(entry, record, bench, md)
+        assert "made without it" in kernels(entry, {"isa": isa, "settings": {}}, bench, md)
+    else:
+        assert kernels(entry, record, bench, md) == ""
+    assert kernels({"name": "tflite_int8", "family": "tflite"}, record, bench, md) == ""
+
+
 def test_gradcam_looks_at_the_object(tmp_path):
     """A model that had to find a small shape on an empty canvas: for the images it gets
     right, Grad-CAM's mass falls mostly inside the shape's box."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tledge import plots
-from tledge.export.int8 import GRAPH_SETTINGS
 from tledge.core.metrics import CONFIDENCE
+from tledge.export.int8 import GRAPH_SETTINGS, has_vnni, int8_needs
 from tledge.rundir import artifacts
+from tledge.runners import runtimes_for
 
 
 def int8_records(manifest) -> list[tuple[dict, dict]]:
@@ -42,16 +43,18 @@ def draw(run_dir, manifest, parity_rows) -> dict:
     return drawn
 
 
-def section(manifest, parity_rows, split, figures, md) -> list[str]:
+def section(manifest, parity_rows, split, figures, md, bench=None) -> list[str]:
     """The "Quantization" section (empty when the run has no int8 artifact). `parity_rows`:
-    {artifact: its `ParityRow` in its own runtime} (`Parity.own_rows`)."""
+    {artifact: its `ParityRow` in its own runtime} (`Parity.own_rows`); `bench`: the run's
+    `tledge.records.Bench`, for what int8 costs or buys in time on this machine."""
     records = int8_records(manifest)
     if not records:
         return []
     lines = ["## Quantization", ""]
     for entry, record in records:
         name = entry["name"]
-        lines += [f"**{name}**: " + sentence(record, parity_rows.get(name), split), ""]
+        lines += [f"**{name}**: " + sentence(record, parity_rows.get(name), split)
+                  + speed(entry, bench, md) + kernels(entry, record, bench, md), ""]
         attempts = record.get("attempts") or []
         if len(attempts) > 1 or record.get("passed") is False:
             lines += [f"Attempts, judged in the artifact's own runtime on {_judged_on(record)} "
@@ -150,6 +153,47 @@ def sentence(record, parity_row, split="test") -> str:
                    "FAILED; kept the plain export")
     return (f"the plain export failed ({why}); {outcome} ({bound}{cost}){_floats(record, plain)}"
             f"{final}.")
+
+
+def speed(entry, bench, md) -> str:
+    """What int8 buys or costs in time here: its p50 against its float32 file's, timed in the
+    same runtime, threads and batch by the bench stage on this machine (CPU and ISA named: on
+    a CPU without fast int8 kernels int8 can be the slower file). "" when both were not timed."""
+    if bench is None:
+        return ""
+    fp32 = entry["name"].replace("int8", "fp32")
+    runtime = runtimes_for(entry["family"])[0]
+    timed = {}
+    for row in bench.timed(runtime=runtime):
+        timed.setdefault((row.threads, row.batch), {})[row.artifact] = row
+    pair = next((rows for rows in timed.values() if entry["name"] in rows and fp32 in rows), None)
+    if pair is None:
+        return ""
+    mine, theirs = pair[entry["name"]], pair[fp32]
+    ratio = theirs.p50_ms / mine.p50_ms
+    machine = bench.machine or {}
+    where = f"{md(machine.get('cpu', 'this machine'))}" + (
+        f", {md(machine['isa'])}" if machine.get("isa") else "")
+    # within 5 %: two p50s of a busy machine, not a difference of kernels
+    verdict = (f"**int8 is slower than fp32 here**: {1 / ratio:.2f}x the fp32 file's time"
+               if ratio < 1 / 1.05 else f"int8 is {ratio:.2f}x faster than fp32"
+               if ratio > 1.05 else "int8 and fp32 run at about the same speed here")
+    return (f" Timed on {where} in {runtime} ({mine.threads} thread(s), batch {mine.batch}): "
+            f"p50 {mine.p50_ms:.3f} ms against {theirs.p50_ms:.3f} ms for {fp32}; {verdict}.")
+
+
+def kernels(entry, record, bench, md) -> str:
+    """What this CPU's int8 kernels need (`int8_needs`, the rule the repair follows), said where
+    it shaped the file: an ONNX int8 file on an x86 CPU without VNNI."""
+    isa = record.get("isa") or ((bench.machine or {}).get("isa") if bench else None)
+    if entry["family"] != "onnx" or not isa or has_vnni(isa):
+        return ""
+    kept = bool((record.get("settings") or {}).get("reduce_range"))
+    needed = int8_needs(isa)["onnx"]
+    return (f" This CPU ({md(isa)}) has no VNNI: ONNX Runtime's uint8 x int8 kernels can "
+            f"saturate there, so int8 needs {', '.join(needed)} (7-bit weights)"
+            + ("; the kept file has it." if kept else
+               "; the kept file was made without it: expect it to disagree more here."))
 
 
 def _judged_on(record) -> str:
