@@ -255,11 +255,29 @@ def other_file(result):
     return changed
 
 
+def changed(path, value):
+    """A result with one value replaced (`path`: keys and indexes down to it)."""
+    def change(result):
+        broken = json.loads(json.dumps(result))
+        target = broken
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        return broken
+    return change
+
+
 @pytest.mark.parametrize("content, fragments", [
     ("not json at all", ["is not JSON"]),
     ({"rows": [], "device": {"name": "x"}}, ["is not a tledge device benchmark"]),
     (malformed, ["rows[0].p50_ms: expected a number", "result.json"]),
     (other_file, ["measured a different", "make a new bundle"]),
+    # what the report and the pick read: refused before it lands in devices.json
+    (changed(("device", "runtimes"), "ai-edge-litert 2.3"), ["device.runtimes: expected"]),
+    (changed(("device", "cpu"), ["ARM"]), ["device.cpu: expected text"]),
+    (changed(("rows", 0, "colour"), "red"), ["rows[0]", "colour"]),
+    (changed(("accuracy", 0, "flipped"), [3]), ["accuracy[0].flipped"]),
+    (changed(("accuracy", 0, "agreement_with_host"), "all"), ["agreement_with_host: expected"]),
 ])
 def test_import_rejects_what_is_not_a_device_result_of_this_run(run_copy, device_result,
                                                                  tmp_path, content, fragments):
@@ -306,3 +324,18 @@ def test_bench_on_a_run_without_artifacts(run_copy):
     assert_usage_error(invoke("bench", run_copy), "has no artifacts to benchmark")
     assert_usage_error(invoke("bundle", run_copy, "--out", run_copy / "b.zip"),
                        "no .tflite or .onnx artifact")
+
+
+def test_a_devices_record_damaged_by_hand_is_one_line_for_every_reader(run_copy, device_result):
+    """devices.json edited by hand (runtimes as text) is refused by its one reader, in one
+    line that says how to recover, by the report and by status alike: never a traceback."""
+    path = run_copy / "devices.json"
+    result = json.loads(json.dumps(device_result[1]))
+    result["device"]["runtimes"] = "ai-edge-litert 2.3"
+    path.write_text(json.dumps({"devices": {"pi": {
+        key: result.get(key) for key in ("device", "settings", "rows", "accuracy", "artifacts",
+                                         "measured", "bundle")}}}))
+    outcome = invoke("report", run_copy)
+    assert outcome.exit_code == 2 and "Traceback" not in outcome.output, outcome.output
+    assert "devices.json is not what tledge writes" in outcome.output
+    assert "device.runtimes" in outcome.output and "--import" in outcome.output

@@ -223,13 +223,100 @@ def read_devices(folder) -> dict:
     path = Path(folder) / DEVICES
     if not path.is_file():
         return {}
-    devices = read_record(path)["devices"]
-    with _rows_of(path, f"tledge bench {path.parent} --import RESULT"):
-        return {name: DeviceResult(
-            name, _table(result.get("device")), [BenchRow(**row) for row in result["rows"]],
-            [DeviceCheck(**check) for check in result.get("accuracy") or []],
-            _table(result.get("artifacts")), _table(result.get("settings")),
-            result.get("measured"), result.get("bundle")) for name, result in devices.items()}
+    found = {}
+    for name, result in read_record(path)["devices"].items():
+        problems = device_problems(result)
+        if problems:
+            raise RunDirError(f"{path} is not what tledge writes ({name}: {problems[0]}); import "
+                              f"the device's result again (`tledge bench {path.parent} --import "
+                              "RESULT`) or delete the file")
+        found[name] = device_result(name, result)
+    return found
+
+
+def device_result(name: str, result: dict) -> DeviceResult:
+    """A stored device result as its type (`device_problems` of it must be empty)."""
+    return DeviceResult(
+        name, result["device"], [BenchRow(**row) for row in result["rows"]],
+        [DeviceCheck(**check) for check in result.get("accuracy") or []],
+        result["artifacts"], _table(result.get("settings")), result.get("measured"),
+        result.get("bundle"))
+
+
+_DEVICE_TEXT = ("name", "cpu", "isa", "arch", "system", "python", "model", "emulated")
+_CHECK_NUMBERS = ("accuracy", "host_accuracy", "agreement_with_host", "max_difference")
+
+
+def device_problems(result) -> list:
+    """Every way one stored device result is not what the report and the pick can read: what
+    `tledge bench --import` refuses before it lands, and what reading refuses after."""
+    if not isinstance(result, dict):
+        return [f"a device result is a JSON object, found {_shown(result)}"]
+    problems = []
+    device = result.get("device")
+    if not isinstance(device, dict):
+        problems.append(f"device: expected an object, found {_shown(device)}")
+        device = {}
+    for key in _DEVICE_TEXT:
+        if device.get(key) is not None and not isinstance(device[key], str):
+            problems.append(f"device.{key}: expected text, found {_shown(device[key])}")
+    cores = device.get("cores")
+    if cores is not None and (not isinstance(cores, int) or isinstance(cores, bool)):
+        problems.append(f"device.cores: expected a whole number, found {_shown(cores)}")
+    runtimes = device.get("runtimes", {})
+    if not _text_table(runtimes):
+        problems.append("device.runtimes: expected {module: version} as text, found "
+                        f"{_shown(runtimes)}")
+    if not _text_table(result.get("artifacts")):
+        problems.append("artifacts: expected {artifact: sha256} as text, found "
+                        f"{_shown(result.get('artifacts'))}")
+    if result.get("measured") is not None and not isinstance(result["measured"], str):
+        problems.append(f"measured: expected text, found {_shown(result['measured'])}")
+    rows = result.get("rows")
+    if not isinstance(rows, list):
+        problems.append(f"rows: expected a list, found {_shown(rows)}")
+        rows = []
+    for number, row in enumerate(rows):
+        try:
+            BenchRow(**row)
+        except TypeError as error:  # not an object, or a key tledge does not write
+            problems.append(f"rows[{number}]: {first_line(error)}")
+    checks = result.get("accuracy") or []
+    if not isinstance(checks, list):
+        problems.append(f"accuracy: expected a list, found {_shown(checks)}")
+        checks = []
+    for number, check in enumerate(checks):
+        where = f"accuracy[{number}]"
+        try:
+            check = DeviceCheck(**check)
+        except TypeError as error:
+            problems.append(f"{where}: {first_line(error)}")
+            continue
+        if not isinstance(check.artifact, str):
+            problems.append(f"{where}.artifact: expected text, found {_shown(check.artifact)}")
+        for key in _CHECK_NUMBERS:
+            value = getattr(check, key)
+            if value is not None and (not isinstance(value, (int, float))
+                                      or isinstance(value, bool)):
+                problems.append(f"{where}.{key}: expected a number, found {_shown(value)}")
+        if not isinstance(check.flipped, list) or not all(
+                isinstance(flip, dict) and {"image", "build", "device"} <= set(flip)
+                for flip in check.flipped):
+            problems.append(f"{where}.flipped: expected a list of {{image, build, device}}")
+        if not isinstance(check.flipped_count, int) or isinstance(check.flipped_count, bool):
+            problems.append(f"{where}.flipped_count: expected a whole number, found "
+                            f"{_shown(check.flipped_count)}")
+    return problems
+
+
+def _text_table(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(key, str) and isinstance(item, str)
+                                           for key, item in value.items())
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def read_history(folder) -> dict | None:

@@ -34,7 +34,7 @@ from tledge.core import device as device_bench
 from tledge.errors import BundleError
 from tledge.flops import model_flops
 from tledge.pipeline import require_current, validated_rows
-from tledge.records import read_devices
+from tledge.records import device_problems, read_devices
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
 from tledge.tasks import targets
 from tledge.rundir import artifacts, atomic_path, DEVICES, read_manifest, write_json
@@ -251,6 +251,10 @@ def import_device_result(run_dir, path) -> dict:
         raise BundleError(f"{path} is not JSON ({error}); give the result.json that "
                           "bench_device.py wrote") from None
     problems = check_device_result(document, path)
+    if not problems:  # and what reading devices.json will check, before it lands there
+        stored = {key: document.get(key) for key in
+                  ("device", "settings", "rows", "accuracy", "artifacts", "measured", "bundle")}
+        problems = device_problems(stored)
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise BundleError(f"{path}: {problems[0]}{more}")
@@ -267,8 +271,6 @@ def import_device_result(run_dir, path) -> dict:
     record = run_dir / DEVICES  # written here alone: bench.json is the bench stage's
     devices = {name: result.to_json() for name, result in read_devices(run_dir).items()}
     name = document["device"]["name"].strip()
-    stored = {key: document.get(key) for key in
-              ("device", "settings", "rows", "accuracy", "artifacts", "measured", "bundle")}
     devices[name] = stored
     write_json(record, {"devices": devices})
     return stored
