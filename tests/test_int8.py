@@ -503,6 +503,60 @@ def test_a_failure_the_cpu_rule_explains_costs_no_per_layer_diagnosis(tmp_path):
     assert diagnosed and not diagnosed[0].get("reduce_range")  # the plain file's
 
 
+def _other_filesystem(path):
+    """A folder on another filesystem than `path` (tmpfs /dev/shm), or None where there is
+    none to write to."""
+    import os
+    import tempfile
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or \
+            os.stat(shm).st_dev == os.stat(path).st_dev:
+        return None
+    return Path(tempfile.mkdtemp(prefix="tledge-test-", dir=shm))
+
+
+@pytest.mark.parametrize("name", ["tflite_int8", "onnx_int8"])
+def test_int8_exports_with_tmpdir_on_another_filesystem(name, model_and_images, tmp_path,
+                                                       monkeypatch):
+    """The repair search writes its candidates in $TMPDIR; the kept one is moved into the run
+    directory, which may be another filesystem (a rename alone: "Invalid cross-device link")."""
+    import tempfile
+    other = _other_filesystem(tmp_path)
+    if other is None:
+        pytest.skip("no writable filesystem other than the test folder's (/dev/shm) here")
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(other))
+        model, calibration, images, labels = model_and_images
+        lenient = {"max_accuracy_drop": 1.0, "min_agreement": 0.0, "max_abs_diff": None}
+        record, _ = _repair(model, calibration, images, labels, tmp_path, fmt=FORMATS[name],
+                            thresholds=lenient, calibration_samples=8)
+        kept = tmp_path / f"kept{FORMATS[name].suffix}"
+        assert record["spec"] and kept.stat().st_size > 1000
+        assert not list(kept.parent.glob(".*.moving"))  # nothing half-moved left beside it
+        assert not any(other.iterdir())  # the candidates' folder is gone from $TMPDIR
+    finally:
+        import shutil
+        shutil.rmtree(other, ignore_errors=True)
+
+
+def test_a_file_moves_across_filesystems_whole(tmp_path):
+    from tledge.rundir import move_file
+    other = _other_filesystem(tmp_path)
+    if other is None:
+        pytest.skip("no writable filesystem other than the test folder's (/dev/shm) here")
+    try:
+        source = other / "candidate.tflite"
+        source.write_bytes(b"x" * 100_000)
+        (tmp_path / "model_int8.tflite").write_bytes(b"old")
+        move_file(source, tmp_path / "model_int8.tflite")
+        assert (tmp_path / "model_int8.tflite").read_bytes() == b"x" * 100_000
+        assert not source.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+            "model_int8.tflite"]
+    finally:
+        import shutil
+        shutil.rmtree(other, ignore_errors=True)
+
+
 # ---- through the stages --------------------------------------------------------------------
 
 def _tighten(run_dir, table: str):

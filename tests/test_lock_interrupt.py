@@ -33,6 +33,28 @@ def test_a_run_in_use_is_refused_and_a_stale_lock_taken_over(run_copy):
     assert not lock.exists()
 
 
+def test_a_lock_that_is_a_folder_or_cannot_be_written_is_one_line(run_copy, monkeypatch):
+    import errno
+    import os
+    lock = run_copy / ".tledge.lock"
+    lock.mkdir()
+    assert_usage_error(invoke("validate", run_copy), "is a folder, not tledge's lock file")
+    assert lock.is_dir()  # not ours to remove
+    lock.rmdir()
+    real = os.fdopen
+
+    def full_disk(handle, *args, **kwargs):  # the lock's first write finds no space
+        if isinstance(handle, int):
+            os.close(handle)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(handle, *args, **kwargs)
+    monkeypatch.setattr(os, "fdopen", full_disk)
+    assert_usage_error(invoke("report", run_copy), "No space left on device", "free some space")
+    assert not lock.exists()  # no half-written lock left to refuse the next command
+    monkeypatch.setattr(os, "fdopen", real)
+    assert invoke("report", run_copy).exit_code == 0
+
+
 def test_ctrl_c_stops_with_its_own_exit_code_and_the_next_run_resumes(tmp_path):
     text = SMALL_RECIPE.format(name="interrupted", epochs=20, threads=1).replace(
         "samples_per_class = 60", "samples_per_class = 30")

@@ -114,6 +114,10 @@ def run_lock(run_dir):
             path.parent.mkdir(parents=True, exist_ok=True)
             handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            if path.is_dir() and not path.is_symlink():
+                raise RunDirError(f"{path} is a folder, not tledge's lock file (a file holding "
+                                  "the host and pid of the run's holder); remove it and run "
+                                  "the same command again") from None
             holder = _lock_holder(path)
             if holder == mine:
                 break  # this process holds it already
@@ -129,8 +133,13 @@ def run_lock(run_dir):
         except OSError as error:
             raise RunDirError(f"cannot write to {run_dir}: {error.strerror}; choose another "
                               "directory with --out") from None
-        with os.fdopen(handle, "w") as file:
-            file.write(mine + "\n")
+        try:
+            with os.fdopen(handle, "w") as file:
+                file.write(mine + "\n")
+        except OSError as error:  # a full disk: no half-written lock is left behind
+            path.unlink(missing_ok=True)
+            raise RunDirError(f"cannot write {path}: {error.strerror}; free some space (or "
+                              "choose another --out) and run the same command again") from None
         taken = True
         break
     try:
@@ -178,6 +187,28 @@ def write_text(path, text: str) -> Path:
 
 def write_json(path, data) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def move_file(source, target) -> None:
+    """Move a file to `target`, across filesystems too: a rename where it can be one (the same
+    filesystem), else a copy written beside the target and renamed into place, so the target is
+    never half-written, then the source removed. ($TMPDIR on another filesystem than the run
+    directory made every int8 export fail with "Invalid cross-device link".)"""
+    try:
+        os.replace(source, target)
+        return
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+    import shutil
+    target = Path(target)
+    beside = target.with_name(f".{target.name}.moving")
+    try:
+        shutil.copy2(source, beside)
+        os.replace(beside, target)
+    finally:
+        beside.unlink(missing_ok=True)
+    os.unlink(source)
 
 
 def read_json(path):

@@ -44,7 +44,7 @@ from tledge.model import load_model
 from tledge.parity import accuracy_of, compare, predict_all
 from tledge.quiet import quiet
 from tledge.run_inputs import run_splits
-from tledge.rundir import find_artifact, read_manifest, verified_artifact
+from tledge.rundir import find_artifact, move_file, read_manifest, verified_artifact
 from tledge.runners import RUNTIMES, runtimes_for
 
 # TensorFlow, onnx and ONNX Runtime are imported inside the functions that use them: the CLI imports this
@@ -389,7 +389,7 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
         if spec is None:
             raise ExportError(row["problems"][0] if row.get("problems") else
                               f"{fmt.name}: no int8 candidate could be written")
-        Path(path).replace(out_path)
+        move_file(path, out_path)  # from $TMPDIR, which may be another filesystem
     # a plain file that failed because this CPU's kernels saturate, and passed with margin
     # with what the CPU needs alone, is explained by the CPU rule: no per-layer diagnosis
     explained = judge is not None and done(row) and row["remedy"].startswith(NEEDED_PREFIX) \
