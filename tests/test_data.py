@@ -327,6 +327,10 @@ def test_npz_errors_name_key_and_shape(tmp_path):
         load_splits(recipe("npz", path), seed=0)
     with pytest.raises(DataError, match="no such .npz"):
         load_splits(recipe("npz", tmp_path / "none.npz"), seed=0)
+    path.write_text("x_train,y_train\n1,2\n")  # a text file named .npz
+    with pytest.raises(DataError, match="not a .npz archive") as caught:
+        load_splits(recipe("npz", path), seed=0)
+    assert "pickle" not in str(caught.value)  # no advice to load it unsafely
 
 
 # ---- cifar10 ------------------------------------------------------------------------------

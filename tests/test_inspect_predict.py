@@ -220,6 +220,23 @@ def test_predict_on_a_file_that_is_not_an_image(built_run, tmp_path):
     _one_line_error(result, str(fake), "not a readable image")
 
 
+def test_predict_refuses_an_input_it_cannot_feed_pixels_to(tmp_path):
+    """An ONNX file whose input is int64 (not the input contract): one line, no runtime
+    error from inside ONNX Runtime."""
+    import onnx
+    from onnx import helper, TensorProto
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["image"], ["scores"], to=TensorProto.FLOAT)], "g",
+        [helper.make_tensor_value_info("image", TensorProto.INT64, [None, 8, 8, 3])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 8, 8, 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "int64.onnx"))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "black.png")
+    _one_line_error(CliRunner().invoke(main, ["predict", str(tmp_path / "black.png"), "--model",
+                                              str(tmp_path / "int64.onnx")]),
+                    "its input is int64", "float32")
+
+
 @pytest.mark.parametrize("command", [["inspect"], ["predict", "x.png", "--model"]])
 def test_an_unknown_artifact_suffix(tmp_path, command):
     artifact = tmp_path / "model.pt"

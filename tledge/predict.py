@@ -47,6 +47,11 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
     if len(shape) != 4 or shape[3] != 3 or min(shape[1:3]) < 1:
         raise ArtifactError(f"{artifact_path}: input shape {shape} is not [batch, H, W, 3] with "
                             "a fixed H and W; tledge predict feeds raw RGB images")
+    dtype = info["input"].get("dtype")
+    if dtype not in FED_DTYPES:
+        raise ArtifactError(f"{artifact_path}: its input is {dtype}; tledge predict feeds raw "
+                            "RGB pixels as float32 (or as uint8/int8 to a quantized input), the "
+                            "input contract of every artifact tledge exports")
     pixels = load_images(images, (shape[1], shape[2]))  # every image read before any model
     runtime = runtime or runtimes_for(info["family"])[0]
     runner = load(info, artifact_path.parent, runtime, threads=threads)
@@ -79,6 +84,9 @@ def predict_files(images, artifact_path, *, top_k: int = 5, runtime: str | None 
         results.append({"image": str(image), "artifact": str(artifact_path),
                         "runtime": runtime, "top": _top(row, labels, top_k)})
     return results
+
+
+FED_DTYPES = ("float32", "uint8", "int8")  # what `tledge.core.engines.prepare_pixels` gives
 
 
 def _top(row, labels, top_k) -> list[dict]:

@@ -25,6 +25,10 @@ def describe_npz(data, seed):
 
 
 def _npz_arrays(path, size):
+    import zipfile
+    if not zipfile.is_zipfile(path):  # numpy would advise loading it as pickled objects
+        raise DataError(f"{path}: not a .npz archive (a .npz is a zip of .npy arrays); write "
+                        "it with numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
