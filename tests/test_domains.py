@@ -59,6 +59,14 @@ def test_a_corrupted_copy_of_a_folder_keeps_its_classes(tmp_path):
         corrupt_folder(source, tmp_path / "dim", "contrast", 1)
     with pytest.raises(DataError, match="inside"):
         corrupt_folder(source, source / "copy", "contrast", 1)
+    # class folders that are symlinks, which the folder source reads: corrupted the same
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in CLASSES[:2]:
+        (linked / name).symlink_to(source / name, target_is_directory=True)
+    assert corrupt_folder(linked, tmp_path / "dim_linked", "contrast", 1) == len(labels)
+    assert sorted(p.relative_to(tmp_path / "dim_linked").as_posix()
+                  for p in (tmp_path / "dim_linked").rglob("*.png")) == written
 
 
 def test_a_synthetic_domain_shifts_the_images_and_the_default_does_not():

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from tledge.data.images import is_image_file
+from tledge.data.images import image_files, visible_dirs
 from tledge.errors import DataError, first_line
 
 
@@ -86,11 +86,13 @@ def corrupt_folder(source, out, name: str, severity: int, *, seed: int = 0, log=
         raise DataError(f"{out} is inside {source}; write the corrupted copy elsewhere")
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} is not empty; choose a new folder for the corrupted copy")
-    files = sorted(path for path in source.rglob("*") if is_image_file(path)
-                   and not any(part.startswith(".") for part in path.relative_to(source).parts))
+    # the images a folder source reads: class folders (symlinked ones too), any depth below
+    where = {path: out / folder.name / path.relative_to(folder)
+             for folder in visible_dirs(source) for path in image_files(folder)}
+    files = sorted(where)
     targets = {}
     for path in files:  # a.jpg and a.png would both become a.png
-        target = (out / path.relative_to(source)).with_suffix(".png")
+        target = where[path].with_suffix(".png")
         if target in targets:
             raise DataError(f"{targets[target].name} and {path.name} in {path.parent} would "
                             f"both be written as {target.name}; rename one")
@@ -105,7 +107,7 @@ def corrupt_folder(source, out, name: str, severity: int, *, seed: int = 0, log=
                 image = np.asarray(opened.convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise DataError(f"{path}: not a readable image ({first_line(error)})") from None
-        target = (out / path.relative_to(source)).with_suffix(".png")
+        target = where[path].with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(function(image[None], levels[severity - 1], rng)[0]).save(target)
         if log and number % 500 == 0:

@@ -16,6 +16,7 @@ Conversions, chosen once here:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -29,6 +30,23 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 def is_image_file(path) -> bool:
     """Whether a file name has one of IMAGE_SUFFIXES, in any case."""
     return os.fspath(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def visible_dirs(folder: Path) -> list[Path]:
+    """The class folders of a folder source: sub-folders (symlinks to folders too), not hidden."""
+    return sorted(path for path in folder.iterdir()
+                  if path.is_dir() and not path.name.startswith("."))
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files anywhere below `folder` (as keras' image_dataset_from_directory looks),
+    skipping hidden files and folders; sorted, so the order does not depend on the disk."""
+    found = []
+    for path in folder.rglob("*"):
+        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+        if not hidden and path.is_file() and is_image_file(path.name):
+            found.append(path)
+    return sorted(found)
 
 
 def load_image(path, size: tuple[int, int]) -> np.ndarray:

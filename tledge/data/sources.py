@@ -19,7 +19,7 @@ import numpy as np
 from tledge.data.cache import cache_key, cache_root, files_identity, ImageRows, open_entry
 from tledge.data.cifar10 import describe_cifar10
 from tledge.data.csv_source import describe_csv
-from tledge.data.images import IMAGE_SUFFIXES, is_image_file
+from tledge.data.images import image_files, IMAGE_SUFFIXES, visible_dirs
 from tledge.data.leakage import duplicate_line, find_duplicates
 from tledge.data.npz_source import describe_npz
 from tledge.data.prepare import ArraySplit, FileSplit, prepare
@@ -241,7 +241,7 @@ def _folder(data, seed):
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; data.path must be a folder with one "
                         "sub-folder of images per class")
-    folders = _visible_dirs(root)
+    folders = visible_dirs(root)
     split_dirs = {split: [root / name for name in names if (root / name) in folders]
                   for split, names in _SPLIT_FOLDERS.items()}
     if any(split_dirs.values()):
@@ -291,7 +291,7 @@ def _split_trees(root: Path, folders: list[Path], split_dirs: dict) -> dict:
 
 def _list_classes(tree: Path) -> dict[str, list[Path]]:
     """{class name: sorted image files} for a folder of class folders, checked."""
-    classes = {folder.name: _image_files(folder) for folder in _visible_dirs(tree)}
+    classes = {folder.name: image_files(folder) for folder in visible_dirs(tree)}
     if not classes:
         raise DataError(f"{tree}: no class sub-folders; put the images of each class in "
                         "their own sub-folder, e.g. cats/ and dogs/")
@@ -303,22 +303,6 @@ def _list_classes(tree: Path) -> dict[str, list[Path]]:
         raise DataError(f"{tree}: found only one class folder ({next(iter(classes))}); "
                         "a classifier needs at least 2 classes")
     return classes
-
-
-def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.iterdir()
-                  if path.is_dir() and not path.name.startswith("."))
-
-
-def _image_files(folder: Path) -> list[Path]:
-    """Image files anywhere below `folder` (as keras' image_dataset_from_directory looks),
-    skipping hidden files and folders; sorted, so the order does not depend on the disk."""
-    found = []
-    for path in folder.rglob("*"):
-        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if not hidden and path.is_file() and is_image_file(path.name):
-            found.append(path)
-    return sorted(found)
 
 
 def _assemble(given, class_names, data, size, seed, extra) -> Splits:
