@@ -232,6 +232,32 @@ def test_csv_source_with_a_split_column(tmp_path, cache):
     assert np.array_equal(splits.x_train[index], load_image(tmp_path / "img" / "3_2.jpg", SIZE))
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_csv_row_naming_a_pipe_is_a_bad_image_not_a_hang(tmp_path, cache, workers):
+    """A named pipe would block the decoder forever (in this process or a worker): it is a
+    bad image like any unreadable file, listed, and nothing half-prepared is left."""
+    import signal
+    rows = []
+    for label, name in enumerate(("ants", "bees")):
+        for index in range(6):
+            photo(tmp_path / "img" / f"{name}_{index}.jpg", 10 * label + index)
+            rows.append((f"img/{name}_{index}.jpg", name, "train"))
+    os.mkfifo(tmp_path / "img" / "pipe.jpg")
+    rows.append(("img/pipe.jpg", "ants", "train"))
+    write_csv(tmp_path / "labels.csv", rows)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading a named pipe hung"))
+    signal.alarm(120)
+    try:
+        with pytest.raises(DataError) as caught:
+            load_splits(data("csv", tmp_path / "labels.csv", workers=workers), seed=0)
+    finally:
+        signal.alarm(0)
+    assert "img/pipe.jpg: not a readable image" in str(caught.value)
+    listed = next(cache.rglob("bad_images.txt")).read_text()
+    assert "pipe.jpg" in listed and "not a regular file" in listed
+    assert not [entry for entry in cache.iterdir() if "partial" in entry.name]
+
+
 def test_csv_source_carves_and_names_its_columns(tmp_path, cache):
     rows = []
     for name in ("cat", "dog"):

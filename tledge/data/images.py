@@ -62,6 +62,9 @@ def load_image(path, size: tuple[int, int]) -> np.ndarray:
     Raises:
         DataError: the file is missing or cannot be decoded.
     """
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe would block forever
+        raise DataError(f"{path}: not a readable image (not a regular file: a folder, a pipe "
+                        "or a device); replace or remove it")
     try:
         with Image.open(path) as image:
             image.seek(0)
