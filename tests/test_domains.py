@@ -250,3 +250,8 @@ def test_adapt_refuses_to_write_over_the_run_it_adapts(run_copy, tmp_path):
     result = invoke("adapt", run_copy, "--data", shifted_recipe(tmp_path), "--out", run_copy)
     assert result.exit_code == 2 and "is the run being adapted" in result.output
     assert (run_copy / "model.keras").is_file() and (run_copy / "parity.json").is_file()
+    # a --name that would put the adapted run outside the runs' folder: refused, nothing made
+    before = sorted(path.name for path in run_copy.parent.iterdir())
+    result = invoke("adapt", run_copy, "--data", shifted_recipe(tmp_path), "--name", "../../x")
+    assert result.exit_code == 2 and "--name" in result.output and "'../../x'" in result.output
+    assert sorted(path.name for path in run_copy.parent.iterdir()) == before  # nothing made

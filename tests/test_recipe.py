@@ -341,7 +341,10 @@ CASES = [
     ("one_shape", dict(data='synthetic = { classes = ["circle", "circle"] }'),
      "data.synthetic.classes", "expected at least 2 different classes"),
     ("bad_name", dict(name="my run"),
-     "name", "expected letters, digits, '_', '-' or '.', found 'my run'"),
+     "name", "expected letters, digits, '_', '-' or '.' (not starting with '.'), found 'my run'"),
+    # a name is one folder inside models/: never the folder above it, nor a hidden one
+    ("dots_name", dict(name=".."), "name", "found '..'"),
+    ("hidden_name", dict(name=".run"), "name", "not starting with '.'"),
 ]
 
 

@@ -21,7 +21,7 @@ from tledge.bench.stage import bench_run, pick_name
 from tledge.data import load_splits
 from tledge.data.sources import BAD_IMAGES, prepared_entry
 from tledge.domains import target_data, target_splits
-from tledge.errors import RecipeError, RunDirError, TledgeError, TrainError
+from tledge.errors import DataError, RecipeError, RunDirError, TledgeError, TrainError
 from tledge.explain import explain_run
 from tledge.export.stage import export_run
 from tledge.formats import FORMATS
@@ -31,6 +31,7 @@ from tledge.pipeline import (baseline_recipe, plan, run_states, single_task_reci
 from tledge.quiet import quiet
 from tledge.recipe.dump import stored_recipe_text
 from tledge.recipe.load import load_recipe, member_recipes
+from tledge.recipe.rules import name_problem
 from tledge.recipe.spec import Recipe
 from tledge.records import read_bench, read_history, read_parity
 from tledge.report.document import baseline_warning, report_run
@@ -568,6 +569,10 @@ def adapt_run(parent_dir, data_arg, *, out=None, name=None, log=print):
         parent, name=f"{parent.name}_adabn_{target.name}".replace(" ", "_"), seed=target.seed,
         description=f"{parent.name} adapted to {target.name} by AdaBN", data=data,
         baseline=None)
+    problem = name_problem(target.name)
+    if problem:  # it names the adapted run's folder: checked before anything is written
+        raise DataError(f"the target domain's name (--name, or the data's): {problem}; give "
+                          "--name NAME")
     run_dir = Path(out) if out else parent_dir.parent / recipe.name
     if run_dir.resolve() == parent_dir.resolve():
         raise RunDirError(f"--out {out} is the run being adapted; the adapted model is a run "

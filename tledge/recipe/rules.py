@@ -18,7 +18,7 @@ from tledge.recipe.spec import Recipe
 from tledge.schema import Parser
 from tledge.tasks import MEAN
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a folder's name: never "..", ".x"
 _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
@@ -45,9 +45,19 @@ def check_together(recipe, *, stored=False, more=()) -> list[str]:
     return problems
 
 
+def name_problem(name) -> str | None:
+    """Why `name` cannot name a run directory (None when it can): letters, digits, '_', '-'
+    and '.', not starting with '.', so it stays one folder inside the folder it is made in."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        return (f"expected letters, digits, '_', '-' or '.' (not starting with '.'), found "
+                f"{name!r}")
+    return None
+
+
 def _check_name(recipe) -> list[str]:
-    if not _NAME.match(recipe.name):
-        return [f"name: expected letters, digits, '_', '-' or '.', found {recipe.name!r}"]
+    problem = name_problem(recipe.name)
+    if problem:
+        return [f"name: {problem}"]
     return []
 
 
