@@ -61,15 +61,17 @@ def hostile_run(tmp_path, monkeypatch):
 
 def hostile_device(run_dir, tmp_path):
     """A device result whose every free-text field is hostile (it passes the format checks:
-    nothing forces a device's name or CPU string to be plain text)."""
+    nothing forces a device's name or CPU string to be plain text; its core count is a
+    number, as `bench --import` checks)."""
     from tledge.core import device as device_bench
     row = {"artifact": "<script>alert('row')</script>", "runtime": "<b onmouseover=x()>",
            "threads": 1, "batch": 1, "status": "ok", "p50_ms": 1.0, "p90_ms": 1.0,
            "p99_ms": 1.0, "mean_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0, "throughput_ips": 1.0}
     document = {"format": device_bench.RESULT_FORMAT, "version": device_bench.VERSION,
                 "device": {"name": "<iframe src=javascript:alert(2)>",
-                           "model": "<svg onload=alert(3)>", "cpu": "[x](javascript:alert(4))",
-                           "cores": "<u>4</u>", "system": "![i](http://evil.example/p.png)",
+                           "model": "<svg onload=alert(3)>",
+                           "cpu": "[x](javascript:alert(4)) <u>4</u>",
+                           "cores": 4, "system": "![i](http://evil.example/p.png)",
                            "runtimes": {"<script>": "<script>"}},
                 "rows": [row], "artifacts": {}, "measured": "<marquee>now</marquee>"}
     path = tmp_path / "result.json"
