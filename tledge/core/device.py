@@ -1,6 +1,6 @@
 """Benchmark a tledge bundle on the device itself: `python3 bench_device.py`.
 
-A bundle (`tledge bundle`) carries this package whole, as `tledge_core/`, and a two-line
+A bundle (`tledge bundle`) carries this package whole, as `tledge_core/`, and a small
 `bench_device.py` that runs `main` here. It runs on a Raspberry Pi, a Jetson or any machine
 with Python 3.9+, numpy and one runtime: `ai-edge-litert` or `tflite-runtime` for .tflite
 files, `onnxruntime` or `openvino` for .onnx files. It needs nothing else.
