@@ -7,7 +7,8 @@ are exported with the repair search (judged on the repair split, training images
 from calibration) and validated on the test photos. Recipes and runs live in a temp folder
 (`--work` to keep them). Printed per int8 format: the plain and the kept candidate on the
 repair split (agreement and its 95 % lower bound), the kept file on the test split (the
-verdict), the layers kept in float and their cost, the search's time, and this CPU's ISA.
+verdict), every remedy tried (the quantization-aware fine-tune last, with the steps that ran),
+the layers kept in float and their cost, the search's time, and this CPU's ISA.
 
     python benchmarks/int8_real.py [--data DIR] [--work DIR] [--seconds 600]
 """
@@ -141,10 +142,16 @@ def report(run: Path, seconds_by_format: dict) -> None:
                   f"{row['agreement']:.4f} (95% lower bound {row.get('agreement_low')}), "
                   f"{row['size_bytes'] / 1024:,.0f} KiB, p50 {row['p50_ms']:.3f} ms, "
                   f"{'passed' if row['passed'] else 'failed'}")
-        for row in attempts[1:]:
-            print(f"    tried {row['remedy'][:100]}: agreement {row.get('agreement')} "
-                  f"(lower {row.get('agreement_low')}), gain {row.get('gain')} / noise "
-                  f"{row.get('noise')}{' KEPT' if row.get('kept') else ''}")
+        for row in attempts[1:]:  # each remedy by its own name (the path is in the log)
+            tuned = (row.get("settings") or {}).get("qat")
+            print(f"    tried {row['remedy'].split(' + ')[-1][:100]}"
+                  + (f" ({tuned['steps']} steps ran, {row['seconds']:.0f} s)" if tuned else "")
+                  + f": agreement {row.get('agreement')} (lower {row.get('agreement_low')}), "
+                  f"gain {row.get('gain')} / noise {row.get('noise')}"
+                  + (f", {row['size_bytes'] / 1024:,.0f} KiB, p50 {row['p50_ms']:.3f} ms"
+                     if row.get("size_bytes") and row.get("p50_ms") else
+                     f": {'; '.join(row.get('problems') or [])}")
+                  + f"{' KEPT' if row.get('kept') else ''}")
         if test:
             low = wilson_lower_bound(test["agreement"], test_images or 1)
             print(f"  test   accuracy {test['accuracy']:.4f} (drop {test['accuracy_drop']:+.4f}), "

@@ -327,3 +327,81 @@ def test_duplicates_within_and_across_splits_are_counted_and_paired(tmp_path, ca
     assert load_splits(data("folder", clean), seed=0,
                        report_dir=tmp_path).record["duplicates"]["total"] == 0
     assert not (tmp_path / "duplicates.json").exists()  # the old list went with its data
+
+
+def test_labels_and_class_names_are_verified_and_a_damaged_entry_is_prepared_again(
+        tmp_path, cache):
+    """Labels rotated inside an entry, or its class names swapped in meta.json: the entry is
+    named as damaged, never used, and prepared again from the source (the labels trained on
+    are the source's)."""
+    from tledge.data.cache import labels_digest
+    class_folders(tmp_path / "photos", count=6)
+    recipe = data("folder", tmp_path / "photos")
+    first = load_splits(recipe, seed=0)
+    key = first.record["cache"]["key"]
+    entry = open_entry(cache, key)
+    meta = json.loads((entry.folder / "meta.json").read_text())
+    assert meta["splits"]["train"]["labels_sha256"] == \
+        labels_digest(entry.splits["train"].labels)
+    labels_path = entry.folder / "train.labels.npy"
+    original_labels = np.load(labels_path)
+    np.save(labels_path, np.roll(original_labels, 1))
+    damage = []
+    assert open_entry(cache, key, damage) is None
+    assert damage == [f"cache entry {entry.folder} is not usable: its train labels do not "
+                      "match their digest"]
+    lines = []
+    again = load_splits(recipe, seed=0, log=lines.append)
+    assert any("train labels do not match their digest; preparing it again from the source"
+               in line for line in lines), lines
+    assert np.array_equal(np.load(labels_path), original_labels)
+    assert again.record["fingerprint"] == first.record["fingerprint"]
+    assert np.array_equal(again.y_train, first.y_train)
+    # class names swapped by hand
+    meta = json.loads((entry.folder / "meta.json").read_text())
+    meta["class_names"] = meta["class_names"][::-1]
+    (entry.folder / "meta.json").write_text(json.dumps(meta))
+    damage = []
+    assert open_entry(cache, key, damage) is None and "class names" in damage[0]
+    assert load_splits(recipe, seed=0).class_names == first.class_names
+    # an entry of the format before digests: prepared again, said so
+    meta = json.loads((entry.folder / "meta.json").read_text())
+    meta["format"] = 1
+    (entry.folder / "meta.json").write_text(json.dumps(meta))
+    damage = []
+    assert open_entry(cache, key, damage) is None and "another version" in damage[0]
+
+
+def test_an_entry_a_running_process_holds_is_not_cleared(tmp_path, cache):
+    """`tledge cache clear KEY` refuses an entry another running tledge process reads, naming
+    its pid; `--all` keeps it and says so; once that process has ended (killed: its marker is
+    stale) the entry is cleared."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    class_folders(tmp_path / "photos", count=3)
+    key = load_splits(data("folder", tmp_path / "photos"), seed=0).record["cache"]["key"]
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom tledge.data.cache import open_entry\n"
+         f"assert open_entry({str(cache)!r}, {key!r}) is not None\nprint('open', flush=True)\n"
+         "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        runner = CliRunner()
+        refused = runner.invoke(main, ["cache", "clear", key])
+        assert refused.exit_code == 2, refused.output
+        assert f"cache entry {key} is in use by a running tledge process (pid {reader.pid})" \
+            in refused.output and "nothing was deleted" in refused.output
+        every = runner.invoke(main, ["cache", "clear", "--all"])
+        assert every.exit_code == 0 and "deleted 0 entries" in every.output
+        assert f"kept {key}: in use by a running tledge process (pid {reader.pid})" \
+            in every.output
+        assert open_entry(cache, key) is not None
+    finally:
+        reader.send_signal(signal.SIGKILL)  # no exit handler runs: its marker stays behind
+        reader.wait()
+    time.sleep(0.1)
+    cleared = CliRunner().invoke(main, ["cache", "clear", key])
+    assert cleared.exit_code == 0 and "deleted 1 entry" in cleared.output
+    assert not list_entries(cache)

@@ -457,13 +457,36 @@ def test_recorded_settings_are_tried_first_and_reproduce_without_searching(model
     assert record["diagnosis"] == earlier  # what explained the repair still explains it
 
 
+class Scripted:
+    """A judge that says what `passes(settings)` decides: every image agrees with a candidate
+    that passes, one in five disagrees with one that fails (the search's bookkeeping, without
+    exporting anything)."""
+
+    def __init__(self, images, passes):
+        self.images, self.passes = images, passes
+        self.labels, self.split = np.zeros(images), "repair"
+
+    def __call__(self, path, fmt, spec, thresholds):
+        from tledge.export.int8 import AGREES, agreement_lower_bound
+        ok = self.passes(spec["settings"])
+        agree = np.ones(self.images, bool) if ok else np.arange(self.images) % 5 != 0
+        return {"passed": ok, "accuracy": float(agree.mean()),
+                "agreement": float(agree.mean()), AGREES: agree,
+                "agreement_low": agreement_lower_bound(agree.mean(), self.images),
+                "size_bytes": 9, "p50_ms": 1.0,
+                "problems": [] if ok else ["agreement 0.8000 < 0.97"]}
+
+    def side_by_side(self, candidates, fmt):
+        return [1.0, 1.0]
+
+
 def test_a_failure_the_cpu_rule_explains_costs_no_per_layer_diagnosis(tmp_path):
     """On a CPU without VNNI a plain ONNX int8 file that fails and passes with margin once it
     has what this CPU needs (7-bit weights) is explained by that rule: no diagnosis of the
     saturating file. One that needs more than that is diagnosed as before. (The search's
     bookkeeping, with scripted candidates: whether real kernels saturate is the CPU's, see
     test_each_onnx_int8_setting_quantizes_and_runs_in_onnx_runtime.)"""
-    from tledge.export.int8 import AGREES, agreement_lower_bound, quantize_with_repair
+    from tledge.export.int8 import quantize_with_repair
     images = 300
 
     def run(passes):
@@ -473,22 +496,9 @@ def test_a_failure_the_cpu_rule_explains_costs_no_per_layer_diagnosis(tmp_path):
             Path(path).write_bytes(b"candidate")
             return {"settings": dict(settings)}
 
-        class Scripted:
-            labels, split = np.zeros(images), "repair"
-
-            def __call__(self, path, fmt, spec, thresholds):
-                ok = passes(spec["settings"])
-                agree = np.ones(images, bool) if ok else np.arange(images) % 5 != 0
-                return {"passed": ok, "accuracy": float(agree.mean()),
-                        "agreement": float(agree.mean()), AGREES: agree,
-                        "agreement_low": agreement_lower_bound(agree.mean(), images),
-                        "size_bytes": 9, "p50_ms": 1.0,
-                        "problems": [] if ok else ["agreement 0.8000 < 0.97"]}
-
-            def side_by_side(self, candidates, fmt):
-                return [1.0, 1.0]
         record = quantize_with_repair(
-            FORMATS["onnx_int8"], export, tmp_path / "kept.onnx", judge=Scripted(),
+            FORMATS["onnx_int8"], export, tmp_path / "kept.onnx",
+            judge=Scripted(images, passes),
             thresholds={"max_accuracy_drop": 0.01, "min_agreement": 0.97, "max_abs_diff": None},
             calibration_samples=32, train_images=32, isa="AVX2",
             diagnose=lambda settings: diagnosed.append(settings) or {"layers": []},
@@ -501,6 +511,153 @@ def test_a_failure_the_cpu_rule_explains_costs_no_per_layer_diagnosis(tmp_path):
     record, diagnosed = run(lambda settings: settings.get("method") == "percentile")
     assert record["repaired"] and "percentile" in record["remedy"]
     assert diagnosed and not diagnosed[0].get("reduce_range")  # the plain file's
+
+
+# ---- quantization-aware fine-tuning ---------------------------------------------------------
+
+def test_the_fine_tune_rounds_the_outputs_the_exporters_quantize():
+    """A convolution's output folded into its BatchNorm, and a BatchNorm fused into its ReLU,
+    are not rounded; a projection's BatchNorm (no ReLU after it), an Add, the pooling, the
+    preprocessing and the softmax are; a nested model's layers are judged in its graph."""
+    import keras
+    from tledge.export.qat import _all_layers, _quantized_output
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Rescaling(1 / 127.5, -1, name="preprocess")(inputs)
+    inner = keras.Input((16, 16, 3))
+    y = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inner)
+    y = keras.layers.BatchNormalization(name="conv_bn")(y)
+    y = keras.layers.ReLU(6.0, name="conv_relu")(y)
+    z = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(y)
+    z = keras.layers.BatchNormalization(name="project_bn")(z)
+    y = keras.layers.Add(name="add")([y, z])
+    x = keras.Model(inner, y, name="backbone")(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(0.1, name="dropout")(x)
+    outputs = keras.layers.Dense(4, activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs)
+    rounded = {layer.name for layer in _all_layers(model) if _quantized_output(layer)}
+    assert rounded == {"preprocess", "conv_relu", "project_bn", "add", "pool",
+                       "probabilities"}
+
+
+def test_a_quantization_aware_copy_leaves_the_model_alone_and_ends_on_the_int8_grid(
+        model_and_images, tmp_path):
+    """The copy's kernels end on the exporters' grid, per output channel (8 bits, or 7 for
+    ONNX Runtime's reduce_range), the model itself is untouched, nothing simulated is left
+    in the copy's graph, and its int8 files export and run in their real runtimes."""
+    from tledge.export.int8 import int8_needs
+    from tledge.export.qat import _all_layers, _kernels, quantization_aware_copy
+    from tledge.export.stage import _exporter
+    from tledge.export.tflite import tflite_spec
+    from tledge.runners import RUNTIMES
+    model, calibration, images, _ = model_and_images
+    before = [weight.copy() for weight in model.get_weights()]
+    for bits in (8, 7):
+        copy, facts = quantization_aware_copy(model, calibration, bits=bits, steps=6)
+        assert facts["steps"] == 6 and facts["bits"] == bits
+        kernels = _kernels(_all_layers(copy))
+        assert kernels
+        for variable, depthwise in kernels:
+            weights = variable.numpy()
+            if depthwise:
+                weights = weights.reshape(*weights.shape[:2], -1)
+            flat = weights.reshape(-1, weights.shape[-1])
+            levels = 2 ** (bits - 1) - 1
+            step = np.abs(flat).max(0) / levels
+            grid = flat / np.where(step > 0, step, 1)
+            assert np.allclose(grid, np.round(grid), atol=2e-3), variable.path
+            assert np.abs(grid).max() <= levels + 2e-3
+        assert all("call" not in vars(layer) for layer in _all_layers(copy))
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert quantization_aware_copy(model, calibration, steps=50, max_seconds=0)[1]["steps"] == 0
+    onnx_settings = int8_needs()["onnx"]
+    copy, _ = quantization_aware_copy(model, calibration, steps=6,
+                                      bits=7 if onnx_settings.get("reduce_range") else 8)
+    for family, settings in (("tflite", {}), ("onnx", onnx_settings)):
+        path = tmp_path / f"copy.{family}"
+        spec = _exporter(family)(copy, path, precision="int8", calibration=calibration,
+                                 settings=settings)
+        if family == "tflite":
+            spec = tflite_spec(path)
+            from ai_edge_litert.interpreter import Interpreter
+            operators = {op["op_name"] for op in Interpreter(str(path))._get_ops_details()}
+        else:
+            operators = {node.op_type for node in _onnx_graph(path).node}
+        assert not any("FAKE" in name.upper() for name in operators), operators
+        runtime = "litert" if family == "tflite" else "onnxruntime"
+        runner = RUNTIMES[runtime].load(path, {**spec, "precision": "int8"}, None, "cpu")
+        assert _agreement(copy, runner, images) >= 0.9
+        runner.close()
+
+
+def test_the_quantization_aware_fine_tune_is_the_last_remedy_and_only_where_time_allows(
+        tmp_path):
+    """Tried after every other remedy and the float steps, on top of the kept settings, with
+    the time the budget leaves it; not tried where that is too little, nor with
+    qat_steps = 0. (The search's bookkeeping with scripted candidates; the fine-tune itself
+    runs for real through the stage in test_an_int8_artifact_that_cannot_pass_...)"""
+    from tledge.export.int8 import quantize_with_repair
+    images = 300
+
+    def run(**options):
+        exported = []
+
+        def export(settings, path):
+            exported.append(dict(settings))
+            if settings.get("qat"):
+                settings["qat"] = {"steps": 7, "learning_rate": 1e-4}  # what ran
+            Path(path).write_bytes(b"candidate")
+            return {"settings": dict(settings)}
+
+        lines = []
+        diagnosis = {"layers": [{"name": f"layer{i}", "error": 1.0 / (i + 1)}
+                                for i in range(4)]}
+        record = quantize_with_repair(
+            FORMATS["tflite_int8"], export, tmp_path / "kept.tflite",
+            judge=Scripted(images, lambda settings: bool(settings.get("qat"))),
+            thresholds={"max_accuracy_drop": 0.01, "min_agreement": 0.97, "max_abs_diff": None},
+            calibration_samples=32, train_images=128, isa="AVX2",
+            diagnose=lambda settings: diagnosis, log=lines.append, float_steps=2, **options)
+        return record, exported, lines
+
+    record, exported, lines = run(qat_steps=300, max_seconds=600)
+    tuned = [settings for settings in exported if "qat" in settings]
+    assert len(tuned) == 1 and exported[-1] is not None and "qat" in exported[-1]
+    assert tuned[0]["qat"]["steps"] == 300 and 0 < tuned[0]["qat"]["seconds"] <= 600
+    assert record["passed"] and record["repaired"]
+    assert record["remedy"].endswith("quantization-aware fine-tune (at most 300 steps, "
+                                     "distilling the Keras model)")
+    assert record["settings"]["qat"] == {"steps": 7, "learning_rate": 1e-4}
+    # on top of what was tried before it: the kept settings (nothing was kept here)
+    assert {key: value for key, value in tuned[0].items() if key != "qat"} == \
+        record["attempts"][0]["settings"]
+    assert len(record["attempts"]) == 1 + 2 + 2 + 1  # plain, 2 calibration, 2 float, tuned
+    record, exported, lines = run(qat_steps=0, max_seconds=600)
+    assert not any("qat" in settings for settings in exported) and not record["passed"]
+    assert "quantization-aware" not in record["stopped"]
+    record, exported, lines = run(qat_steps=300, max_seconds=20)
+    assert not any("qat" in settings for settings in exported)
+    assert any("no quantization-aware fine-tune" in line and "export.int8_repair_seconds"
+               in line for line in lines)
+
+
+def test_a_file_of_a_fine_tuned_copy_says_so():
+    """The report's sentence for a file the fine-tune repaired says that it quantizes a copy
+    of the model, and that parity compares it with the Keras model itself."""
+    from tledge.report.int8 import sentence
+    plain = {"remedy": "plain", "settings": {"calibration_samples": 32}, "passed": False,
+             "agreement": 0.9, "agreement_low": 0.86, "problems": ["agreement 0.9000 < 0.97"]}
+    tuned = {"remedy": "quantization-aware fine-tune (at most 300 steps, distilling the Keras "
+                       "model)", "settings": {"calibration_samples": 32,
+                                              "qat": {"steps": 7, "learning_rate": 1e-4}},
+             "passed": True, "agreement": 0.99, "agreement_low": 0.975}
+    record = {"attempts": [plain, tuned], "remedy": tuned["remedy"],
+              "settings": tuned["settings"], "passed": True, "split": "repair", "images": 600}
+    text = sentence(record, None)
+    assert "repaired by quantization-aware fine-tune" in text
+    assert "a copy of the model fine-tuned for 7 steps" in text and "unchanged" in text
+    assert "fine-tuned" not in sentence({**record, "attempts": [plain, {
+        **tuned, "settings": plain["settings"]}], "settings": plain["settings"]}, None)
 
 
 def _other_filesystem(path):
@@ -564,13 +721,19 @@ def _tighten(run_dir, table: str):
     text = path.read_text()
     text = text.replace("[validate.per_format]\n", "[validate.per_format]\n" + table)
     text = re.sub(r"int8_repair_attempts = \d+", "int8_repair_attempts = 3", text)
-    text = re.sub(r"int8_(float_steps|repair_images) = \d+\n", "", text)
-    # 100 repair images (enough to show 0.97) leave the calibration remedies room to try
+    text = re.sub(r"int8_(float_steps|repair_images|qat_steps) = \d+\n", "", text)
+    # 100 repair images (enough to show 0.97) leave the calibration remedies room to try;
+    # a short quantization-aware fine-tune ends the search
     path.write_text(text.replace("int8_repair_attempts = 3", "int8_repair_attempts = 3\n"
-                                 "int8_float_steps = 1\nint8_repair_images = 100"))
+                                 "int8_float_steps = 1\nint8_repair_images = 100\n"
+                                 f"int8_qat_steps = {QAT_STEPS}"))
+
+
+QAT_STEPS = 12
 
 
 def test_an_int8_artifact_that_cannot_pass_is_explained_in_the_report(built_run, tmp_path):
+    from tledge.export.qat import LEARNING_RATE
     from tledge.export.stage import export_run
     from tledge.run_inputs import run_recipe, run_splits
     from tledge.report.document import report_run
@@ -583,9 +746,17 @@ def test_an_int8_artifact_that_cannot_pass_is_explained_in_the_report(built_run,
     export_run(run_dir, log=lines.append)
     entry = find_artifact(read_manifest(run_dir), "tflite_int8")
     record = entry["quantization"]
-    # three quantization settings, then one float-layer step on top of the kept ones
-    assert len(record["attempts"]) == 4 and record["passed"] is False
-    assert record["attempts"][-1]["settings"]["float_layers"]
+    # three quantization settings, one float-layer step on top of the kept ones, then a
+    # quantization-aware fine-tune of the model on top of the kept file's settings
+    assert len(record["attempts"]) == 5 and record["passed"] is False
+    float_step, tuned = record["attempts"][-2:]
+    assert float_step["settings"]["float_layers"]
+    assert tuned["remedy"].endswith("quantization-aware fine-tune (at most 12 steps, "
+                                    "distilling the Keras model)")
+    # what ran is recorded, so that a rebuild repeats it (the time cap is not)
+    assert tuned["settings"]["qat"] == {"steps": QAT_STEPS, "learning_rate": LEARNING_RATE}
+    assert any("quantization-aware fine-tune: 12 steps" in line for line in lines)
+    assert "and a quantization-aware fine-tune tried" in record["stopped"]
     # judged on training images held apart from calibration, as many as the split spares
     # beside twice the calibration images, and on the validation split
     recipe = run_recipe(run_dir)
@@ -601,7 +772,8 @@ def test_an_int8_artifact_that_cannot_pass_is_explained_in_the_report(built_run,
     text = report_run(run_dir).read_text()
     section = text[text.index("## Quantization"):]
     assert "**tflite_int8**: the plain export failed" in section
-    assert "no remedy passed" in section and "FAILED" in section and "| 4 |" in section
+    assert "no remedy passed" in section and "FAILED" in section and "| 5 |" in section
+    assert "quantization-aware fine-tune" in section
     assert "repaired" not in section.split("**tflite_int8**")[1].split("\n")[0]
     assert "95 % lower bound" in section and "gain / noise" in section
     assert "layer stayed in float" not in section or record["remedy"] != "plain"

@@ -305,7 +305,8 @@ def cache_list(cache_dir):
 def cache_clear(keys, everything, cache_dir):
     """Delete the entries KEYS (see `tledge cache list`), or every entry with --all.
 
-    A run whose entry is gone prepares it again from its source when it next needs it.
+    A run whose entry is gone prepares it again from its source when it next needs it. An
+    entry a running tledge process reads is not deleted (it says which process holds it).
 
     Example: tledge cache clear KEY   (a key from `tledge cache list`)
     """
@@ -314,8 +315,11 @@ def cache_clear(keys, everything, cache_dir):
     if keys and everything:
         raise UsageFailure("give either entry keys or --all, not both")
     root = cache_root(cache_dir)
-    deleted = clear_entries(root, keys)
+    deleted, held = clear_entries(root, keys)
     click.echo(f"deleted {len(deleted)} entr{'y' if len(deleted) == 1 else 'ies'} from {root}")
+    for key, pids in held.items():
+        click.echo(f"kept {key}: in use by a running tledge process (pid "
+                   f"{', '.join(map(str, pids))}); clear it when that process has ended")
 
 
 @command(needs_tensorflow=False, group=cache, name="prepare")

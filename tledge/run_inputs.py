@@ -43,13 +43,16 @@ def run_splits(run_dir, recipe=None, *, log=None):
     recorded = read_record(Path(run_dir) / SPLIT)
     cache = recorded.get("cache") if isinstance(recorded, dict) else None
     key = cache.get("key") if isinstance(cache, dict) else None
-    entry = None
+    entry, damage = None, []
     if key:
         for root in dict.fromkeys([cache_root(recipe.data.cache_dir), Path(cache.get("root", ""))]):
-            entry = open_entry(root, key) if str(root) else None
+            entry = open_entry(root, key, damage) if str(root) else None
             if entry is not None:
                 break
     if entry is None:
+        if log:
+            for line in damage:  # named, never used
+                log(f"data: {line}")
         try:
             carried = carried_splits(run_dir, recorded)
         except RunDirError as error:  # gone or damaged: the source, as a last resort

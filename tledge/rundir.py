@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -54,14 +55,24 @@ _WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, needs: int = 0):
     """Yield a temporary path next to `path`; rename it into place only if the block succeeds.
 
-    The temporary name keeps the suffix, because some writers (Keras) insist on it.
+    The temporary name keeps the suffix, because some writers (Keras) insist on it. `needs`:
+    about how many bytes the writer will write; where the disk has less free, nothing starts
+    (h5py, which writes Keras weights, can crash the process on a disk that fills under it
+    instead of raising).
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if needs:
+            free = shutil.disk_usage(path.parent).free
+            if free < needs:
+                raise RunDirError(
+                    f"cannot write {path}: the disk has {free / 2**20:,.1f} MiB free and it "
+                    f"needs about {needs / 2**20:,.1f} MiB; nothing was written: free some "
+                    "space (or choose another --out) and run the same command again")
         keep = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name[:-len(keep) or None]}.",
                                              suffix=f".tmp{keep}", dir=path.parent)
@@ -73,7 +84,6 @@ def atomic_path(path):
     try:
         yield Path(temporary)
         if os.path.isdir(temporary) and path.is_dir():  # a folder artifact replaces its old self
-            import shutil
             shutil.rmtree(path)
         os.replace(temporary, path)
     except OSError as error:
@@ -85,7 +95,6 @@ def atomic_path(path):
     finally:
         if os.path.exists(temporary):
             if os.path.isdir(temporary):
-                import shutil
                 shutil.rmtree(temporary, ignore_errors=True)
             else:
                 os.unlink(temporary)
@@ -200,7 +209,6 @@ def move_file(source, target) -> None:
     except OSError as error:
         if error.errno != errno.EXDEV:
             raise
-    import shutil
     target = Path(target)
     beside = target.with_name(f".{target.name}.moving")
     try:

@@ -45,6 +45,7 @@ from tledge.rundir import (artifact_entry, atomic_path, BENCH, DOMAINS, find_art
 from tledge.train.adabn import adapt_batchnorm
 from tledge.train.distribute import worker_role
 from tledge.train.ensemble import train_ensemble
+from tledge.train.loop import written_size
 from tledge.tasks import model_tasks
 from tledge.train.stage import evaluate, train_baseline, train_model
 from tledge.validate import validate_run
@@ -288,7 +289,8 @@ def _trained_manifest(folder, recipe, model, splits) -> dict:
     """Save a trained model as `model.keras` in `folder` and return a new manifest listing it
     (not saved; the caller records the train stage)."""
     model_path = Path(folder) / FORMATS["keras"].file_name
-    with atomic_path(model_path) as temporary, quiet():
+    with atomic_path(model_path, needs=written_size(model, optimizer=True)) as temporary, \
+            quiet():
         model.save(temporary)
     manifest = new_manifest(recipe, folder, splits.class_names, recipe.data.image_size)
     spec = {"shape": [-1, *recipe.data.image_size, 3], "dtype": "float32", "range": [0, 255]}

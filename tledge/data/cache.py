@@ -7,6 +7,13 @@ files), resized to the recipe's size, and written per split as a uint8 `.npy` fi
 recipe that reads the same source at the same size reads that entry instead of the source.
 `tledge.data.prepare` writes an entry; this module names, reads, lists and clears them.
 
+An entry is verified like a run directory: every image row against its pixel digest when it
+is read, and the labels and class names against the digests `meta.json` records when the
+entry is opened; an entry that fails is named as damaged and never used (the caller prepares
+it again from the source). A process that opens an entry holds it (`.held/<pid>`, removed
+when the process ends): `tledge cache clear` does not delete an entry a running process
+holds, and says which.
+
 An entry lives in `<cache root>/<key>/`; the key is a hash of the source's identity (the
 relative file list with sizes and modification times, a file's sha256, the generator's
 settings) and the image size, so a changed file makes a new entry. `meta.json` is written
@@ -20,6 +27,7 @@ split once per epoch leaves the training process as small as reading 15 MB.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -33,7 +41,8 @@ from tledge.errors import DataError
 from tledge.rundir import sha256
 
 CACHE_ENV = "TLEDGE_CACHE_DIR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: labels and class names carry digests
+HELD = ".held"  # in an entry's folder: one file per process holding it, named by its pid
 META = "meta.json"
 DIGEST_BYTES = 16  # blake2b-128 of each image's pixels: leakage check, fingerprint, verify
 
@@ -222,28 +231,126 @@ class Entry:
         return digest.hexdigest()
 
 
-def open_entry(root, key) -> Entry | None:
-    """The complete entry `key` under `root`, or None when there is none (or it is broken
-    beyond use: a half-written or hand-edited entry is treated as absent)."""
+def labels_digest(labels) -> str:
+    """sha256 of a split's labels, as an entry records them."""
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()
+
+
+def names_digest(class_names) -> str:
+    """sha256 of the class names, in order."""
+    return hashlib.sha256("\n".join(class_names).encode()).hexdigest()
+
+
+def open_entry(root, key, damage: list | None = None) -> Entry | None:
+    """The complete, verified entry `key` under `root`, held by this process; None when there
+    is none, or when it cannot be used: half-written, of an older format, or damaged (labels
+    or class names that do not match their digests, files of the wrong shape). Where the
+    folder exists but is not usable, `damage` (a list) receives one line saying why."""
     folder = Path(root) / key
+    if not folder.is_dir():
+        return None
     try:
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
-            return None
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            raise DataError("its meta.json is not this entry's")
+        if meta.get("format") != FORMAT_VERSION:
+            raise DataError(f"written by another version of tledge (format "
+                            f"{meta.get('format')!r}, this one reads {FORMAT_VERSION})")
+        if meta.get("class_names_sha256") != names_digest(meta["class_names"]):
+            raise DataError("its class names do not match their digest")
         splits = {}
         for split, facts in meta["splits"].items():
             labels = np.load(folder / f"{split}.labels.npy", allow_pickle=False)
             digests = np.load(folder / f"{split}.digests.npy", allow_pickle=False)
             if len(labels) != facts["count"] or digests.shape != (facts["count"], DIGEST_BYTES):
-                return None
+                raise DataError(f"its {split} labels or digests are not {facts['count']} rows")
+            if labels.dtype.kind not in "iu" or facts.get("labels_sha256") != \
+                    labels_digest(labels):
+                raise DataError(f"its {split} labels do not match their digest")
             files = None
             if facts.get("files"):
                 files = json.loads((folder / f"{split}.files.json").read_text(encoding="utf-8"))
             splits[split] = CachedSplit(ImageRows.open(folder / f"{split}.images.npy", digests),
                                         labels.astype(np.int64), files)
-    except (OSError, ValueError, KeyError, TypeError, DataError):
+    except FileNotFoundError as error:
+        if damage is not None and Path(error.filename or "").name != META:
+            damage.append(f"cache entry {folder}: {Path(error.filename).name} is missing")
+        return None  # no meta.json: half-written, not an entry yet
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DataError) as error:
+        if damage is not None:
+            reason = str(error) if isinstance(error, DataError) else \
+                f"unreadable ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+            damage.append(f"cache entry {folder} is not usable: {reason}")
         return None
+    _hold(folder)
     return Entry(key, folder, meta, splits)
+
+
+# ---- holding: an entry a running process reads is not deleted under it ---------------------
+
+_HELD_HERE: set = set()
+
+
+def _hold(folder: Path) -> None:
+    """Mark `folder` as held by this process until it ends (nothing where the cache cannot be
+    written: a read-only cache cannot be cleared either)."""
+    marker = folder / HELD / str(os.getpid())
+    if marker in _HELD_HERE:
+        return
+    try:
+        marker.parent.mkdir(exist_ok=True)
+        marker.touch()
+    except OSError:
+        return
+    if not _HELD_HERE:
+        atexit.register(_release_all)
+    _HELD_HERE.add(marker)
+
+
+def _release_all() -> None:
+    for marker in list(_HELD_HERE):
+        try:
+            marker.unlink()
+        except OSError:
+            pass
+        _HELD_HERE.discard(marker)
+
+
+def holders(folder) -> list[int]:
+    """The pids of the other running processes that hold the entry in `folder` (markers of
+    processes that have ended are removed)."""
+    found = []
+    try:
+        markers = list((Path(folder) / HELD).iterdir())
+    except OSError:
+        return found
+    for marker in markers:
+        try:
+            pid = int(marker.name)
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        if _alive(pid):
+            found.append(pid)
+        else:
+            try:
+                marker.unlink()
+            except OSError:
+                pass
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return False
+    return True
 
 
 # ---- listing and clearing -----------------------------------------------------------------
@@ -272,20 +379,30 @@ def list_entries(root) -> list[dict]:
     return rows
 
 
-def clear_entries(root, keys=()) -> list[str]:
+def clear_entries(root, keys=()) -> tuple[list[str], dict[str, list[int]]]:
     """Delete the named entries (all of them, and any half-written ones, when none is named);
-    returns the keys deleted. An unknown key is an error, so a typo deletes nothing."""
+    returns (the keys deleted, {key: pids} of those kept because a running process holds
+    them). An unknown key is an error, so a typo deletes nothing; so is a named key that a
+    running process holds (deleting it would pull the data from under that process)."""
     root = Path(root)
     if not root.is_dir():
         if keys:
             raise DataError(f"no cache entry {keys[0]!r}: {root} does not exist")
-        return []
+        return [], {}
     present = {folder.name: folder for folder in root.iterdir() if folder.is_dir()}
     unknown = [key for key in keys if key not in present]
     if unknown:
         raise DataError(f"no cache entry {', '.join(map(repr, unknown))} in {root}; "
                         "`tledge cache list` shows the keys")
     chosen = list(keys) or sorted(present)
+    held = {key: holders(present[key]) for key in chosen}
+    held = {key: pids for key, pids in held.items() if pids}
+    if keys and held:
+        key, pids = next(iter(held.items()))
+        raise DataError(f"cache entry {key} is in use by a running tledge process (pid "
+                        f"{', '.join(map(str, pids))}); let it finish or stop it, then clear "
+                        "it (nothing was deleted)")
     for key in chosen:
-        shutil.rmtree(present[key])
-    return chosen
+        if key not in held:
+            shutil.rmtree(present[key])
+    return [key for key in chosen if key not in held], held

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.data.cache import (CACHE_ENV, DIGEST_BYTES, Entry, FORMAT_VERSION, META, open_entry,
-                               pixel_digest, read_npy_header)
+from tledge.data.cache import (CACHE_ENV, DIGEST_BYTES, Entry, FORMAT_VERSION, labels_digest,
+                               META, names_digest, open_entry, pixel_digest, read_npy_header)
 from tledge.data.prepare_worker import decode_chunk
 from tledge.errors import DataError
 
@@ -84,9 +84,11 @@ def prepare(root, key, *, describe: dict, class_names, given: dict, size, worker
             if files is not None:
                 (staging / f"{split}.files.json").write_text(json.dumps(files),
                                                              encoding="utf-8")
-            facts[split] = {"count": int(len(labels)), "files": files is not None}
+            facts[split] = {"count": int(len(labels)), "files": files is not None,
+                            "labels_sha256": labels_digest(labels)}
         meta = {"format": FORMAT_VERSION, "key": key, **describe,
                 "image_size": [height, width], "class_names": list(class_names),
+                "class_names_sha256": names_digest(class_names),
                 "splits": facts, "bad_images": bad,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (staging / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")

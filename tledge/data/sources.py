@@ -171,9 +171,12 @@ def prepared_entry(data, seed, *, log=None, progress=None):
     describe = describe_source(data, seed)
     root = cache_root(data.cache_dir)
     key = cache_key(describe["identity"], size)
-    entry = open_entry(root, key)
+    damage: list[str] = []
+    entry = open_entry(root, key, damage)
     if entry is None:
         if log:
+            for line in damage:  # never used: prepared again from the source, replacing it
+                log(f"data: {line}; preparing it again from the source")
             log(f"data: preparing {describe['where']} at {size[0]}x{size[1]} into {root / key}")
         given, class_names = describe["gather"](size)
         entry = prepare(root, key, describe={"source": data.source, "where": describe["where"],

@@ -15,6 +15,8 @@ lower bound clears the threshold), or when its budget is spent:
             per-tensor weights, signed activations, then the worst layers of the diagnosis
             (made on the kept settings) kept in float, 1, 2, 4, 8 of them
     TFLite: 2x and 4x the calibration images, then the worst layers kept in float
+    both:   last, where the time left allows, a quantization-aware fine-tune of the model
+            (`tledge.export.qat`) quantized with the kept settings
 
 The settings of the kept artifact go into its manifest entry; a later export of the same
 model starts from them, so a rebuild reproduces the artifact without searching again.
@@ -53,6 +55,7 @@ from tledge.runners import RUNTIMES, runtimes_for
 DIAGNOSIS_IMAGES = 64       # calibration images the per-layer comparison runs on
 FLOAT_LAYER_STEPS = (1, 2, 4, 8, 16)  # how many of the worst layers to keep in float
 NEEDED_PREFIX = "reduce_range"  # the remedy a CPU without VNNI needs (`int8_needs`)
+QAT_MIN_SECONDS = 30.0  # the least time worth a quantization-aware fine-tune
 
 
 def defaults(family: str) -> dict:
@@ -242,11 +245,14 @@ def better(candidate, kept) -> bool:
 def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibration_samples,
                          train_images, isa, diagnose, recorded=None, max_attempts=8,
                          float_steps=len(FLOAT_LAYER_STEPS), max_seconds=300.0,
-                         log=print) -> dict:
+                         qat_steps=0, log=print) -> dict:
     """Write the int8 artifact of `fmt` at `out_path`, repairing it when it fails parity.
 
     Args:
         export: `export(settings, path) -> spec`: one int8 export with these settings.
+            With `settings["qat"]` (`{"steps", "seconds"}`) it exports a quantization-aware
+            fine-tuned copy of the model (`tledge.export.qat`) and records in that table
+            what ran (the steps the time allowed), so that a rebuild repeats it.
         judge: a `Judge` (on the repair split); None exports once with `recorded` or the
             default settings.
         diagnose: `diagnose(settings) -> diagnosis`, called when the plain export fails.
@@ -255,6 +261,8 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
             searching (and keeps the diagnosis that explained it).
         max_attempts: exports of quantization settings (the first included); the float-layer
             steps (`float_steps` at most) come on top, within `max_seconds` in all.
+        qat_steps: the last remedy, where a candidate still fails and the time left allows:
+            a quantization-aware fine-tune of at most this many steps (0: never).
 
     Returns:
         The record kept in the manifest entry: settings, remedy, attempts, diagnosis, spec.
@@ -371,13 +379,33 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
                         [remedy]
                 if done(kept[2]):
                     break
+            tuned = False
+            if not done(kept[2]) and not stopped and qat_steps:
+                left = max_seconds - (time.perf_counter() - start)
+                needed = QAT_MIN_SECONDS + _typical_seconds(attempts)
+                if left < needed:
+                    log(f"    int8 {fmt.name}: no quantization-aware fine-tune: {left:.0f} s "
+                        f"of the time budget left, it needs about {needed:.0f} "
+                        "(export.int8_repair_seconds)")
+                else:
+                    tuned = True
+                    remedy = (f"quantization-aware fine-tune (at most {qat_steps} steps, "
+                              "distilling the Keras model)")
+                    candidate = attempt(
+                        " + ".join(path_names + [remedy]),
+                        {**kept[2]["settings"], "qat": {
+                            "steps": qat_steps,
+                            "seconds": round(left - _typical_seconds(attempts), 1)}},
+                        folder, kept[2])
+                    if candidate[2]["kept"]:
+                        kept, path_names = candidate, path_names + [remedy]
             if not done(kept[2]) and not stopped:
-                stopped = ("ended with no candidate passing with margin: every remedy and "
-                           f"{previous} worst layer{'s' if previous != 1 else ''} in float "
-                           f"(export.int8_float_steps = {float_steps}) tried"
-                           if previous else "ended with no candidate passing with margin, and "
-                           "no layer to keep in float (no per-layer diagnosis, or "
-                           "export.int8_float_steps = 0)")
+                tried = (f"every remedy and {previous} worst layer{'s' if previous != 1 else ''}"
+                         f" in float (export.int8_float_steps = {float_steps})" if previous
+                         else "every remedy, no layer kept in float (no per-layer diagnosis, "
+                         "or export.int8_float_steps = 0)")
+                stopped = ("ended with no candidate passing with margin: " + tried +
+                           (" and a quantization-aware fine-tune" if tuned else "") + " tried")
                 log(f"    int8 {fmt.name}: the search {stopped}")
         path, spec, row = kept
         if judge is not None and row is not plain[2] and files[0][1] is not None \
@@ -408,6 +436,11 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
             "isa": isa, "seconds": round(time.perf_counter() - start, 1),
             "stopped": stopped, "float": list(float_names),
             "attempts": attempts, "diagnosis": diagnosis, "spec": spec}
+
+
+def _typical_seconds(attempts) -> float:
+    """What one candidate's export and judgement took, the median of those made so far."""
+    return float(np.median([row["seconds"] for row in attempts])) if attempts else 0.0
 
 
 def worst_layers(diagnosis, count: int) -> list[dict]:

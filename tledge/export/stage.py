@@ -22,6 +22,7 @@ from tledge.errors import (ArtifactError, DataError, ExportError, first_line, Ru
 from tledge.export.int8 import diagnose_onnx, diagnose_tflite, Judge, quantize_with_repair
 from tledge.export.metadata import artifact_metadata, embed_onnx, embed_tflite
 from tledge.export.onnx import export_onnx
+from tledge.export.qat import LEARNING_RATE, quantization_aware_copy
 from tledge.export.savedmodel import export_savedmodel
 from tledge.export.tflite import export_tflite, tflite_spec
 from tledge.formats import format_for, FORMATS
@@ -161,6 +162,8 @@ class Int8Plan:
     max_attempts: int
     max_seconds: float
     float_steps: int = 4
+    qat_steps: int = 0
+    seed: int = 0
 
 
 JUDGE_IMAGES = 2000  # at most this many images judge each int8 candidate
@@ -238,7 +241,8 @@ def int8_plan(run_dir, manifest, recipe, splits, reference, *, log=print) -> Int
         thresholds=recipe.validate.tolerance, recorded=recorded, isa=machine_facts()["isa"],
         max_attempts=recipe.export.int8_repair_attempts,
         max_seconds=recipe.export.int8_repair_seconds,
-        float_steps=recipe.export.int8_float_steps)
+        float_steps=recipe.export.int8_float_steps, qat_steps=recipe.export.int8_qat_steps,
+        seed=recipe.seed)
 
 
 def _export_int8(row, model, path, plan, *, int8_io, model_sha256, log, tasks=None):
@@ -247,10 +251,14 @@ def _export_int8(row, model, path, plan, *, int8_io, model_sha256, log, tasks=No
     exporter = _exporter(row.family)
 
     def export(settings, candidate):
+        source = model
+        if settings.get("qat"):
+            source = _quantization_aware(row, model, settings, plan, log)
         with quiet():
-            return exporter(model, candidate, precision="int8", int8_io=int8_io,
+            return exporter(source, candidate, precision="int8", int8_io=int8_io,
                             calibration=plan.calibration_for(settings.get("calibration_samples")),
-                            settings=settings, tasks=tasks)
+                            settings={key: value for key, value in settings.items()
+                                      if key != "qat"}, tasks=tasks)
 
     def diagnose(settings):
         log(f"    int8 {row.name}: measuring the error layer by layer")
@@ -264,9 +272,35 @@ def _export_int8(row, model, path, plan, *, int8_io, model_sha256, log, tasks=No
         calibration_samples=plan.calibration_samples, train_images=plan.train_images,
         isa=plan.isa, diagnose=diagnose, recorded=plan.recorded.get(row.name),
         max_attempts=plan.max_attempts, max_seconds=plan.max_seconds,
-        float_steps=plan.float_steps, log=log)
+        float_steps=plan.float_steps, qat_steps=plan.qat_steps, log=log)
     record["model_sha256"] = model_sha256
     return record.pop("spec"), record
+
+
+def _quantization_aware(row, model, settings, plan, log):
+    """The model fine-tuned with int8 simulated (`tledge.export.qat`) for `settings`: on the
+    training images calibration may take (never the repair split), with the weights' bits
+    and grid the exporter will use. Records in `settings["qat"]` the steps that ran, so that
+    a rebuild repeats exactly them."""
+    asked = settings["qat"]
+    onnx = row.family == "onnx"
+    copy, facts = quantization_aware_copy(
+        model, plan.calibration_for(plan.train_images),
+        bits=7 if onnx and settings.get("reduce_range") else 8,
+        per_channel=settings.get("per_channel", True) if onnx else True,
+        steps=int(asked["steps"]), seed=plan.seed, max_seconds=asked.get("seconds"),
+        learning_rate=float(asked.get("learning_rate", LEARNING_RATE)))
+    settings["qat"] = {"steps": facts["steps"], "learning_rate": facts["learning_rate"]}
+    before, best = facts["simulated_agreement"]
+    log(f"    int8 {row.name}: quantization-aware fine-tune: {facts['steps']} steps in "
+        f"{facts['seconds']:.0f} s on {plan.train_images} training images; agreement with "
+        f"the Keras model under simulated int8 {before:.4f}, at best {best:.4f} (step "
+        f"{facts['best_step']}) on those images")
+    if not facts["best_step"]:
+        raise ExportError(f"the quantization-aware fine-tune did not raise the agreement "
+                          f"under simulated int8 ({before:.4f}) in {facts['steps']} steps; "
+                          "nothing new to export")
+    return copy
 
 
 def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_io="uint8",

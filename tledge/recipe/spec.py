@@ -255,6 +255,10 @@ class ExportRecipe:
                                    help="int8 repair: steps keeping the worst layers in float "
                                         "(1, 2, 4, 8, 16 of them), tried after the "
                                         "int8_repair_attempts, within int8_repair_seconds")
+    int8_qat_steps: int = option(300, minimum=0, maximum=100_000,
+                                 help="int8 repair, last remedy: steps of a quantization-aware "
+                                      "fine-tune distilling the model (0: never), where the "
+                                      "int8_repair_seconds left allow it")
     author: str = option("", help="the author named in each .tflite's standard metadata")
     license: str = option("", help="the license named in each .tflite's standard metadata")
 
@@ -427,7 +431,8 @@ _HASHED_WHEN_SET = (("data", "synthetic", "domain", DEFAULT_DOMAIN), ("model", "
                     ("data", "synthetic", "colours", ["red", "green", "blue"]),
                     ("data", "synthetic", "sizes", list(SIZES)), ("model", "tasks", []),
                     ("train", "best_by", "mean"), ("train", "compare_single_task", False),
-                    ("export", "int8_repair_images", 500), ("export", "int8_float_steps", 4))
+                    ("export", "int8_repair_images", 500), ("export", "int8_float_steps", 4),
+                    ("export", "int8_qat_steps", 300))
 # An inline ensemble member's model and train tables: the keys added after members were
 _MEMBER_HASHED_WHEN_SET = (("model", "tasks", []), ("train", "best_by", "mean"),
                            ("train", "compare_single_task", False))

@@ -152,7 +152,7 @@ def sentence(record, parity_row, split="test") -> str:
                    "no remedy passed and none beat the plain file by more than the noise: "
                    "FAILED; kept the plain export")
     return (f"the plain export failed ({why}); {outcome} ({bound}{cost}){_floats(record, plain)}"
-            f"{final}.")
+            f"{_tuned(record)}{final}.")
 
 
 def speed(entry, bench, md) -> str:
@@ -228,6 +228,16 @@ def _floats(record, plain) -> str:
     return (f"; {len(names)} layer{'s' if len(names) > 1 else ''} stayed in float ("
             + ", ".join(f"`{md_name(name)}`" for name in names[:6])
             + (", …" if len(names) > 6 else "") + f"{size})")
+
+
+def _tuned(record) -> str:
+    """What a kept quantization-aware fine-tune changed: the file is of a copy of the model."""
+    tuned = (record.get("settings") or {}).get("qat")
+    if not isinstance(tuned, dict):
+        return ""
+    return (f"; the file quantizes a copy of the model fine-tuned for {tuned.get('steps')} "
+            "steps with int8 simulated, distilling the Keras model (which is unchanged, and "
+            "which parity compares it with)")
 
 
 def same_kernels(row, plain) -> bool:

@@ -162,7 +162,7 @@ class _PhaseStore:
         return PhaseResult(**json.loads(self.done_path.read_text()))
 
     def save_finished(self, model, result) -> None:
-        with atomic_path(self.final_path) as temporary:
+        with atomic_path(self.final_path, needs=written_size(model)) as temporary:
             model.save_weights(temporary)
         write_json(self.done_path, dataclasses.asdict(result))
 
@@ -172,9 +172,20 @@ class _PhaseStore:
         return None
 
     def write_state(self, model_weights_owner, state) -> None:
-        with atomic_path(self.best_path) as temporary:
+        with atomic_path(self.best_path, needs=written_size(model_weights_owner)) as temporary:
             model_weights_owner.save_weights(temporary)
         write_json(self.state_path, state)
+
+
+def written_size(model, optimizer: bool = False) -> int:
+    """About the bytes Keras writes for `model`'s weights (and its optimizer's, as
+    `model.save` writes them): the arrays, plus HDF5's overhead per array and a margin."""
+    variables = list(model.weights)
+    if optimizer and getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    arrays = sum(int(np.prod(variable.shape)) * np.dtype(variable.dtype).itemsize
+                 for variable in variables)
+    return int(arrays * 1.1) + 65536 * len(variables) + (1 << 20)
 
 
 def _read_every_array(path) -> None:
