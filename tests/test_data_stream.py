@@ -91,6 +91,17 @@ def test_later_stages_read_the_cache_not_the_source(tmp_path, cache):
     report = validate_run(run_dir, log=lambda line: None)
     assert report.images == split["splits"]["test"]["count"] and not report.failed
 
+    # The entry is damaged (its labels rotated by hand): named, never used; the images the
+    # run carries are read instead
+    labels_path = cache / key / "train.labels.npy"
+    labels = np.load(labels_path)
+    np.save(labels_path, np.roll(labels, 1))
+    lines = []
+    carried = run_splits(run_dir, log=lines.append)
+    assert any("train labels do not match their digest" in line for line in lines), lines
+    assert any("reading the images the run carries" in line for line in lines), lines
+    assert carried.record["fingerprint"] == split["fingerprint"]
+    np.save(labels_path, labels)
     # The entry is gone: the images the run carries are read (checked against the manifest)
     shutil.move(tmp_path / "away", tmp_path / "photos")
     clear_entries(cache, [key])

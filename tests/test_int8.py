@@ -641,6 +641,28 @@ def test_the_quantization_aware_fine_tune_is_the_last_remedy_and_only_where_time
                in line for line in lines)
 
 
+def test_a_recorded_narrow_pass_that_now_fails_gets_the_whole_search(tmp_path):
+    """A rebuild starts from what the last export kept; where that was a narrow pass and it
+    no longer passes at all (a full disk, another CPU), the search is a repair, with every
+    remedy, not the narrow search that changes no kernel."""
+    from tledge.export.int8 import quantize_with_repair
+
+    def export(settings, path):
+        Path(path).write_bytes(b"candidate")
+        return {"settings": dict(settings)}
+    lines = []
+    record = quantize_with_repair(
+        FORMATS["onnx_int8"], export, tmp_path / "kept.onnx",
+        judge=Scripted(300, lambda settings: settings.get("per_channel") is False),
+        thresholds={"max_accuracy_drop": 0.01, "min_agreement": 0.97, "max_abs_diff": None},
+        calibration_samples=32, train_images=32, isa="AVX-512 VNNI",
+        diagnose=lambda settings: {"layers": []}, log=lines.append,
+        recorded={"settings": {"calibration_samples": 32, "method": "entropy"},
+                  "remedy": "entropy calibration", "narrow": True})
+    assert record["passed"] and "per-tensor weights" in record["remedy"]
+    assert not record["narrow"] and not any("narrow pass" in line for line in lines)
+
+
 def test_a_file_of_a_fine_tuned_copy_says_so():
     """The report's sentence for a file the fine-tune repaired says that it quantizes a copy
     of the model, and that parity compares it with the Keras model itself."""

@@ -28,6 +28,7 @@ from tledge.flops import backbone_cost
 from tledge.formats import FORMATS
 from tledge.inspection import describe_file, format_description
 from tledge.pipeline import check_sub_runs, require_current, run_status, STAGES
+from tledge.parity import not_exported
 from tledge.predict import predict_files
 from tledge.quiet import quiet
 from tledge.recipe.dump import dump_toml
@@ -768,8 +769,14 @@ def corrupt(source, out, corruption, severity, seed):
 
 def _exit_on_parity(parity) -> None:
     if parity.failed:
-        names = ", ".join(row.artifact for row in parity.failed)
-        click.secho(f"parity FAILED for: {names}", fg="red", err=True)
+        judged = [row.artifact for row in parity.failed if not not_exported(row)]
+        unwritten = [row.artifact for row in parity.failed if not_exported(row)]
+        if judged:
+            click.secho(f"parity FAILED for: {', '.join(judged)}", fg="red", err=True)
+        if unwritten:
+            click.secho(f"not exported (the export failed, see above; run `tledge export` "
+                        f"again once its cause is fixed): {', '.join(unwritten)}", fg="red",
+                        err=True)
         sys.exit(1)
 
 

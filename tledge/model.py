@@ -209,6 +209,18 @@ def predict_in_batches(model, images, batch=64):
     return np.concatenate([np.asarray(part) for part in parts])
 
 
+def written_size(model) -> int:
+    """About the bytes Keras writes for `model` (`save_weights` or `save`): its weights and its
+    optimizer's state where it has one, plus HDF5's overhead per array and a margin."""
+    import numpy as np
+    variables = list(model.weights)
+    if getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    arrays = sum(int(np.prod(variable.shape)) * np.dtype(variable.dtype).itemsize
+                 for variable in variables)
+    return int(arrays * 1.1) + 4096 * len(variables) + (256 << 10)
+
+
 def find_backbone(model):
     """The backbone inside a tledge classifier: its one nested model."""
     import keras

@@ -44,6 +44,14 @@ class ParityRow:
     # images_needed}: its split was too small to show its min_agreement (`judge_evidence`)
 
 
+NOT_EXPORTED = "export failed"  # a row's problem where the export could not write the file
+
+
+def not_exported(row) -> bool:
+    """Whether a failed row is of a file the export never wrote (not a parity failure)."""
+    return bool(row.problems) and str(row.problems[0]).startswith(NOT_EXPORTED + ":")
+
+
 def predict_all(runner, images, batch=BATCH) -> np.ndarray:
     """Probabilities for all `images`, in batches through one runner."""
     return np.concatenate([runner.predict(images[start:start + batch])

@@ -25,7 +25,7 @@ from tledge.errors import DataError, RecipeError, RunDirError, TledgeError, Trai
 from tledge.explain import explain_run
 from tledge.export.stage import export_run
 from tledge.formats import FORMATS
-from tledge.model import load_model
+from tledge.model import load_model, written_size
 from tledge.pipeline import (baseline_recipe, plan, run_states, single_task_recipe, STAGE,
                              STAGES)
 from tledge.quiet import quiet
@@ -45,7 +45,6 @@ from tledge.rundir import (artifact_entry, atomic_path, BENCH, DOMAINS, find_art
 from tledge.train.adabn import adapt_batchnorm
 from tledge.train.distribute import worker_role
 from tledge.train.ensemble import train_ensemble
-from tledge.train.loop import written_size
 from tledge.tasks import model_tasks
 from tledge.train.stage import evaluate, train_baseline, train_model
 from tledge.validate import validate_run
@@ -289,7 +288,7 @@ def _trained_manifest(folder, recipe, model, splits) -> dict:
     """Save a trained model as `model.keras` in `folder` and return a new manifest listing it
     (not saved; the caller records the train stage)."""
     model_path = Path(folder) / FORMATS["keras"].file_name
-    with atomic_path(model_path, needs=written_size(model, optimizer=True)) as temporary, \
+    with atomic_path(model_path, needs=written_size(model)) as temporary, \
             quiet():
         model.save(temporary)
     manifest = new_manifest(recipe, folder, splits.class_names, recipe.data.image_size)

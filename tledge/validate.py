@@ -21,7 +21,7 @@ from pathlib import Path
 from tledge.core.machine import machine_facts
 from tledge.errors import first_line, RuntimeUnavailable
 from tledge.export.int8 import diagnose_entry
-from tledge.parity import (compare, evidence_text, judge_evidence, ParityRow, predict_all,
+from tledge.parity import (compare, NOT_EXPORTED, evidence_text, judge_evidence, ParityRow, predict_all,
                            reference_row)
 from tledge.pipeline import stage_record
 from tledge.records import Parity
@@ -102,7 +102,8 @@ def validate_run(run_dir, *, log=print) -> Parity:
     for entry in artifacts(manifest, include_failed=True):
         if entry.get("status") == "failed":
             rows.append(ParityRow(entry["name"], "", "failed",
-                                  problems=[f"export failed: {entry['error']}"]))
+                                  problems=[f"{NOT_EXPORTED}: {entry['error']}"]))
+            log(f"  {entry['name']:<16} not exported: {entry['error']}")
     _diagnose_failed_int8(run_dir, manifest, recipe, rows, log)
     _warn_insufficient(unproven, split, log)
     report = Parity(split, len(labels), rows)

@@ -323,8 +323,8 @@ def quantize_with_repair(fmt, export, out_path, *, judge, thresholds, calibratio
             not confident(kept[2], thresholds, images) and kept[2].get("agreement") != 1.0 \
             and agreement_lower_bound(1.0, images) >= thresholds["min_agreement"]
         # (a perfect agreement, or a judge with too few images for any margin: no search)
-        if recorded:
-            narrow = bool(recorded.get("narrow"))
+        if recorded:  # a recorded narrow pass that no longer passes is a failure to repair
+            narrow = bool(recorded.get("narrow")) and bool(kept[2]["passed"])
         search = judge is not None and (narrow or not kept[2]["passed"])
         if search and narrow:
             log(f"    int8 {fmt.name}: a narrow pass (the agreement's {CONFIDENCE:.0%} lower "

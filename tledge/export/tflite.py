@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 import numpy as np
 
 from tledge.errors import ExportError, first_line
-from tledge.model import task_outputs
+from tledge.model import task_outputs, written_size
 
 # TensorFlow and LiteRT are imported inside the functions that use them: the CLI imports this
 # module at start-up, and they take seconds to load.
@@ -43,7 +46,8 @@ def export_tflite(model, path, *, precision: str, calibration=None, int8_io="uin
         else:
             flatbuffer = converter.convert()
     except Exception as error:  # the converter raises ConverterError and plain Exceptions
-        raise ExportError(f"TFLite {precision} conversion failed: {first_line(error)}") from None
+        raise ExportError(f"TFLite {precision} conversion failed: {first_line(error)}"
+                          + temporary_space_note(model)) from None
     with open(path, "wb") as handle:
         handle.write(flatbuffer)
     spec = tflite_spec(path, tasks=task_outputs(model, tasks))
@@ -54,6 +58,23 @@ def export_tflite(model, path, *, precision: str, calibration=None, int8_io="uin
         raise ExportError(f"keeping {kept} in float left the model's input or output "
                           f"{'/'.join(dtypes)}, not {int8_io} as export.int8_io says")
     return spec
+
+
+def temporary_space_note(model) -> str:
+    """Why a conversion may have failed where the temporary folder is short of space: the
+    converter saves the model there first, and its error does not say so (with Keras 3 a full
+    disk surfaces as "'NoneType' object is not callable")."""
+    folder = tempfile.gettempdir()
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    needed = 2 * written_size(model)
+    if free >= needed:
+        return ""
+    return (f"; the temporary folder {folder} has {free / 2**20:,.1f} MiB free, and the "
+            f"converter writes the model there first (about {needed / 2**20:,.1f} MiB): free "
+            "space there, or point TMPDIR at another folder")
 
 
 def _converter(model, precision):

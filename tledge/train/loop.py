@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.errors import first_line
+from tledge.errors import first_line, RunDirError
+from tledge.model import written_size
 from tledge.rundir import atomic_path, write_json
 from tledge.tasks import score
 from tledge.train.multi_worker import fit_across_workers
@@ -83,7 +84,7 @@ def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_pe
     if len(tasks) > 1:  # first: the score must be in the logs before anything reads them
         callbacks.insert(0, _TaskScore([task["name"] for task in tasks], best_by))
     if store:
-        callbacks.insert(0, keras.callbacks.BackupAndRestore(str(store.backup_dir)))
+        callbacks.insert(0, _backup(keras, store.backup_dir))
     if phase.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor,
                                                        patience=phase.early_stopping))
@@ -177,15 +178,23 @@ class _PhaseStore:
         write_json(self.state_path, state)
 
 
-def written_size(model, optimizer: bool = False) -> int:
-    """About the bytes Keras writes for `model`'s weights (and its optimizer's, as
-    `model.save` writes them): the arrays, plus HDF5's overhead per array and a margin."""
-    variables = list(model.weights)
-    if optimizer and getattr(model, "optimizer", None) is not None:
-        variables += list(model.optimizer.variables)
-    arrays = sum(int(np.prod(variable.shape)) * np.dtype(variable.dtype).itemsize
-                 for variable in variables)
-    return int(arrays * 1.1) + 65536 * len(variables) + (1 << 20)
+
+def _backup(keras, folder):
+    """Keras' BackupAndRestore, checking the free space before each save (h5py can crash the
+    process on a disk that fills under it instead of raising)."""
+    class Backup(keras.callbacks.BackupAndRestore):
+        def _save_model(self):
+            needed = written_size(self.model)
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(folder).free
+            if free < needed:
+                raise RunDirError(
+                    f"cannot write the training backup in {folder}: the disk has "
+                    f"{free / 2**20:,.1f} MiB free and it needs about {needed / 2**20:,.1f} "
+                    "MiB; the last epoch's checkpoint is kept: free some space and run the "
+                    "same command again (it resumes)")
+            super()._save_model()
+    return Backup(str(folder))
 
 
 def _read_every_array(path) -> None:
