@@ -112,7 +112,33 @@ def read_parity(folder) -> Parity | None:
         return None
     data = read_record(path)
     with _rows_of(path, f"tledge validate {path.parent}"):
-        return Parity(data["split"], data["images"], [ParityRow(**row) for row in data["rows"]])
+        return Parity(data["split"], data["images"],
+                      [typed(ParityRow, row) for row in data["rows"]])
+
+
+_KINDS = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,),
+          "list": (list,), "bool": (bool,)}
+
+
+def typed(cls, row):
+    """`cls(**row)` for a row dataclass, its values checked against the field's annotation
+    (a number where a number is written, text where text is): TypeError otherwise, which the
+    readers turn into one line. A row that reads is then one every consumer can format."""
+    if not isinstance(row, dict):
+        raise TypeError(f"a row is a JSON {type(row).__name__}, not an object")
+    for field in dataclasses.fields(cls):
+        if field.name not in row:
+            continue
+        value = row[field.name]
+        names = [part.strip() for part in str(field.type).split("|")]
+        if value is None and "None" in names:
+            continue
+        kinds = tuple(kind for name in names if name != "None"
+                      for kind in _KINDS.get(name, (object,)))
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise TypeError(f"'{field.name}' is a JSON {type(value).__name__}, not "
+                            f"{' or '.join(names)}")
+    return cls(**row)
 
 
 class _rows_of:
@@ -167,7 +193,7 @@ def read_bench(folder) -> Bench | None:
         raise RunDirError(f"{path} is not what tledge writes (its pick names no artifact); run "
                           f"`tledge bench {path.parent}` again")
     with _rows_of(path, f"tledge bench {path.parent}"):
-        return Bench([BenchRow(**row) for row in data["rows"]], pick,
+        return Bench([typed(BenchRow, row) for row in data["rows"]], pick,
                      _table(data.get("settings")), _table(data.get("machine")),
                      data.get("flops_per_image"), list(data.get("single_task") or []))
 
@@ -237,7 +263,7 @@ def read_devices(folder) -> dict:
 def device_result(name: str, result: dict) -> DeviceResult:
     """A stored device result as its type (`device_problems` of it must be empty)."""
     return DeviceResult(
-        name, result["device"], [BenchRow(**row) for row in result["rows"]],
+        name, result["device"], [typed(BenchRow, row) for row in result["rows"]],
         [DeviceCheck(**check) for check in result.get("accuracy") or []],
         result["artifacts"], _table(result.get("settings")), result.get("measured"),
         result.get("bundle"))
@@ -278,8 +304,8 @@ def device_problems(result) -> list:
         rows = []
     for number, row in enumerate(rows):
         try:
-            BenchRow(**row)
-        except TypeError as error:  # not an object, or a key tledge does not write
+            typed(BenchRow, row)
+        except TypeError as error:  # not an object, a key tledge does not write, a wrong type
             problems.append(f"rows[{number}]: {first_line(error)}")
     checks = result.get("accuracy") or []
     if not isinstance(checks, list):

@@ -360,7 +360,8 @@ def read_manifest(run_dir) -> dict:
     """The run's manifest, checked to be what tledge writes (see `manifest_problem`)."""
     path = check_run_dir(run_dir) / MANIFEST
     manifest = read_json(path)
-    for entry in manifest.get("artifacts", []) if isinstance(manifest, dict) else []:
+    listed = manifest.get("artifacts") if isinstance(manifest, dict) else None
+    for entry in listed if isinstance(listed, list) else []:
         if isinstance(entry, dict) and "format" in entry and "family" not in entry:
             entry["family"] = entry.pop("format")  # the key before tledge 0.1.0 (issue 14)
     problem = manifest_problem(manifest)
