@@ -81,6 +81,8 @@ def test_a_disk_that_fills_ends_each_command_in_one_line_and_the_next_build_resu
     result = invoke("validate", run)
     one_line(result, "not exported", exit_code=1)
     assert "parity FAILED" not in result.output  # a file never written is not a parity failure
+    one_line(invoke("report", run), "cannot write", "No space left on device",
+             "nothing half-written was kept", exit_code=2)
 
     # training: h5py writes Keras' checkpoints and backups; on a full disk it can crash the
     # process (segmentation fault) instead of raising: nothing starts without room for it
