@@ -36,6 +36,9 @@ def test_round_trip_in_the_real_runtime(fmt, trained, tmp_path):
     assert entry["status"] == "ok", entry
     assert entry["input"]["dtype"] == fmt.input_dtype
     assert entry["input"]["shape"][1:] == [32, 32, 3]
+    if fmt.family == "onnx":  # what stricter consumers than ONNX Runtime check first
+        import onnx
+        onnx.checker.check_model(onnx.load(str(tmp_path / entry["path"])), full_check=True)
     reference = model(images.astype(np.float32), training=False).numpy()
     probabilities = load(entry, tmp_path).predict(images)
     assert probabilities.shape == reference.shape and probabilities.dtype == np.float32

@@ -42,6 +42,7 @@ def export_onnx(model, path, *, precision: str, calibration=None, settings=None,
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
         proto = convert_float_to_float16(proto, keep_io_types=True)
+        _sort_topologically(proto.graph)  # the converter appends the input's cast at the end
     if precision == "int8":
         with tempfile.TemporaryDirectory(prefix="tledge-onnx-") as folder:
             prepared = prepare_for_quantization(proto, folder)
@@ -49,6 +50,31 @@ def export_onnx(model, path, *, precision: str, calibration=None, settings=None,
         proto = onnx.load(str(path))
     onnx.save(_only_used_opsets(proto), str(path))
     return onnx_spec(path, task_outputs(model, tasks))
+
+
+def _sort_topologically(graph) -> None:
+    """Order `graph`'s nodes so that each comes after the nodes whose outputs it reads, as
+    the ONNX standard requires (`onnx.checker.check_model(full_check=True)` and stricter
+    consumers refuse a graph that is not; ONNX Runtime and OpenVINO sort it themselves).
+    Nodes already in order keep it."""
+    known = {tensor.name for tensor in graph.input} | \
+        {tensor.name for tensor in graph.initializer} | {""}
+    waiting, ordered = list(graph.node), []
+    while waiting:
+        ready = [node for node in waiting if all(name in known for name in node.input)]
+        if not ready:  # a cycle, or a name nothing produces: leave the rest as it was
+            ordered += waiting
+            break
+        for node in ready:
+            known.update(node.output)
+        ordered += ready
+        taken = {id(node) for node in ready}
+        waiting = [node for node in waiting if id(node) not in taken]
+    copies = [type(node)() for node in ordered]
+    for copy, node in zip(copies, ordered):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def float_proto(model, tasks=None):
