@@ -39,6 +39,8 @@ BATCH = 32
 TEMPERATURE = 1.0     # the teacher's probabilities sharpened by 1/T as targets (1: as they are)
 RANGE_IMAGES = 200    # calibration images the activation ranges are measured on
 CHECK_EVERY = 50      # steps between two measures of the simulated agreement (best kept)
+IMAGES = 1000         # training images at most (a large split is sampled: memory and time)
+SCORE_IMAGES = 500    # of them, the images the simulated agreement is measured on
 
 # layers whose output is their input's quantization (no rounding of their own), and the
 # layers a converter fuses into the layer before them
@@ -56,7 +58,8 @@ def quantization_aware_copy(model, images, *, bits: int = 8, per_channel: bool =
 
     Args:
         model: the trained Keras model (left untouched).
-        images: uint8 training images [N, H, W, 3] (never the images that judge the result).
+        images: uint8 training images [N, H, W, 3] (never the images that judge the result;
+            at most `IMAGES` are worth giving, the first `SCORE_IMAGES` measure the copy).
         bits: the weights' bits (7 for ONNX Runtime's `reduce_range`).
         steps: fine-tuning steps at most; `max_seconds` ends it earlier.
 
@@ -76,7 +79,8 @@ def quantization_aware_copy(model, images, *, bits: int = 8, per_channel: bool =
     student = keras.models.clone_model(model)
     student.set_weights(model.get_weights())
     student.trainable = True
-    teacher = _outputs(_predict(model, images))
+    scored = images[:SCORE_IMAGES]
+    teacher = _outputs(_predict(model, scored))
     layers = _all_layers(student)
     points = [layer for layer in layers if _quantized_output(layer)]
     ranges: dict[int, list[float]] = {}
@@ -138,7 +142,7 @@ def quantization_aware_copy(model, images, *, bits: int = 8, per_channel: bool =
 
         def score():
             round_weights()
-            return _agreement(teacher, _outputs(_predict(student, images)))
+            return _agreement(teacher, _outputs(_predict(student, scored)))
         before = best = score()
         best_step, kept = 0, [variable.numpy() for variable in trained]
         rng = np.random.default_rng(seed)

@@ -22,7 +22,7 @@ from tledge.errors import (ArtifactError, DataError, ExportError, first_line, Ru
 from tledge.export.int8 import diagnose_onnx, diagnose_tflite, Judge, quantize_with_repair
 from tledge.export.metadata import artifact_metadata, embed_onnx, embed_tflite
 from tledge.export.onnx import export_onnx
-from tledge.export.qat import LEARNING_RATE, quantization_aware_copy
+from tledge.export.qat import IMAGES as QAT_IMAGES, LEARNING_RATE, quantization_aware_copy
 from tledge.export.savedmodel import export_savedmodel
 from tledge.export.tflite import export_tflite, tflite_spec
 from tledge.formats import format_for, FORMATS
@@ -279,13 +279,15 @@ def _export_int8(row, model, path, plan, *, int8_io, model_sha256, log, tasks=No
 
 def _quantization_aware(row, model, settings, plan, log):
     """The model fine-tuned with int8 simulated (`tledge.export.qat`) for `settings`: on the
-    training images calibration may take (never the repair split), with the weights' bits
+    training images calibration may take (never the repair split; at most `QAT_IMAGES`, the
+    first of the calibration order, which is stratified), with the weights' bits
     and grid the exporter will use. Records in `settings["qat"]` the steps that ran, so that
     a rebuild repeats exactly them."""
     asked = settings["qat"]
     onnx = row.family == "onnx"
+    images = min(plan.train_images, QAT_IMAGES)  # the calibration order: every class
     copy, facts = quantization_aware_copy(
-        model, plan.calibration_for(plan.train_images),
+        model, plan.calibration_for(images),
         bits=7 if onnx and settings.get("reduce_range") else 8,
         per_channel=settings.get("per_channel", True) if onnx else True,
         steps=int(asked["steps"]), seed=plan.seed, max_seconds=asked.get("seconds"),
@@ -293,7 +295,7 @@ def _quantization_aware(row, model, settings, plan, log):
     settings["qat"] = {"steps": facts["steps"], "learning_rate": facts["learning_rate"]}
     before, best = facts["simulated_agreement"]
     log(f"    int8 {row.name}: quantization-aware fine-tune: {facts['steps']} steps in "
-        f"{facts['seconds']:.0f} s on {plan.train_images} training images; agreement with "
+        f"{facts['seconds']:.0f} s on {images} training images; agreement with "
         f"the Keras model under simulated int8 {before:.4f}, at best {best:.4f} (step "
         f"{facts['best_step']}) on those images")
     if not facts["best_step"]:
