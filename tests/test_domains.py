@@ -132,7 +132,18 @@ def test_evaluate_on_a_folder_with_other_classes_lists_the_difference(run_copy, 
 
 # ---- AdaBN ----------------------------------------------------------------------------------
 
+def without_int8_search(run_dir):
+    """The run's recipe with int8's repair search off: a test of adaptation exports plain int8
+    and judges it; the search has its own tests (tests/test_int8.py), and on a weak adapted
+    model it runs every remedy (a minute of CPU)."""
+    path = run_dir / "recipe.toml"
+    assert 'int8_repair = "auto"' in path.read_text()
+    path.write_text(path.read_text().replace('int8_repair = "auto"', 'int8_repair = "off"'))
+    return run_dir
+
+
 def test_adabn_raises_target_accuracy_without_labels(run_copy, tmp_path):
+    without_int8_search(run_copy)
     target = shifted_recipe(tmp_path)
     out = tmp_path / "adapted"
     result = invoke("adapt", run_copy, "--data", target, "--out", out)
@@ -201,7 +212,8 @@ def test_a_few_labelled_target_images_fine_tune_the_kept_head(built_run, tmp_pat
     shutil.copytree(built_run[0], tmp_path / "models" / "small")  # already trained: reused
     few = shifted_recipe(tmp_path, name="few").read_text().replace(
         'weights = "none"', 'weights = "small.toml"\nhead = "keep"').replace(
-        "batch_size = 32", "batch_size = 16\ntrain_per_class = 10")
+        "batch_size = 32", "batch_size = 16\ntrain_per_class = 10").replace(
+        "[export]\n", '[export]\nint8_repair = "off"\n')  # as without_int8_search says
     few = write_recipe(tmp_path, few, name="few.toml")
     result = invoke("build", few, "--out", tmp_path / "models" / "few")
     assert result.exit_code in (0, 1), result.output
@@ -216,6 +228,7 @@ def test_a_few_labelled_target_images_fine_tune_the_kept_head(built_run, tmp_pat
     shifted_recipe(tmp_path)
     parent = tmp_path / "models" / "small"
     assert invoke("evaluate", parent, "--data", target).exit_code == 0
+    without_int8_search(parent)
     assert invoke("adapt", parent, "--data", target).exit_code in (0, 1)
     assert invoke("report", tmp_path / "models" / "few").exit_code == 0
     report = (tmp_path / "models" / "few" / "report.md").read_text()

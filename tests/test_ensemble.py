@@ -41,6 +41,8 @@ epochs = 3
 
 [export]
 calibration_samples = 32
+int8_repair = "off"  # the int8 search has its own tests (test_int8.py); here it would run
+                     # every remedy on each of three weak models
 
 [pick]
 members = true

@@ -86,8 +86,8 @@ def killed_run(tmp_path_factory):
     return folder, command, state.relative_to(folder)
 
 
-@pytest.mark.parametrize("victim", ["from_scratch.best.weights.h5",
-                                    "from_scratch.backup/latest.weights.h5",
+@pytest.mark.parametrize("victim", ["from_scratch.best.npz",
+                                    "from_scratch.backup.npz",
                                     "from_scratch.state.json"])
 def test_a_damaged_checkpoint_is_discarded_and_the_phase_restarts(killed_run, tmp_path, victim):
     import shutil

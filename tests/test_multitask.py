@@ -55,6 +55,7 @@ learning_rate = 3e-3
 tflite = ["fp32", "int8"]
 onnx = ["fp32", "int8"]
 calibration_samples = 96
+int8_qat_steps = 0  # the quantization-aware fine-tune has its own tests (test_int8.py)
 
 [bench]
 runtimes = ["keras", "litert", "onnxruntime"]

@@ -18,7 +18,7 @@ import numpy as np
 from tledge.data.images import load_image, resize_images
 from tledge.errors import ArtifactError
 from tledge.model import find_backbone, load_model, predict_in_batches
-from tledge.plots import FIGURES, pyplot, save_figure
+from tledge.plots import FIGURES, image_grid, pyplot, save_figure
 from tledge.run_inputs import evaluation_split, run_splits
 from tledge.records import read_history
 from tledge.rundir import (EXPLAIN, find_artifact, portable, read_manifest, sha256,
@@ -114,42 +114,44 @@ def gradcam_grid(images, heats, labels, predicted, names, title, path) -> Path:
     """A grid of overlays, one row per true class; a wrong prediction's caption in red."""
     columns = PER_CLASS_CORRECT + PER_CLASS_WRONG
     rows = sorted(set(int(label) for label in labels))
-    plt = pyplot()
-    figure, axes = plt.subplots(len(rows), columns, figsize=(1.9 * columns, 1.9 * len(rows)),
-                                squeeze=False, layout="constrained")
-    for axis in axes.flat:
-        axis.axis("off")
-    filled = {row: 0 for row in rows}
+    cells, captions = [None] * (len(rows) * columns), [""] * (len(rows) * columns)
+    colours, filled = {}, {row: 0 for row in rows}
     for image, heat, label, guess in zip(images, heats, labels, predicted):
-        row = rows.index(int(label))
-        axis = axes[row][filled[int(label)]]
+        index = rows.index(int(label)) * columns + filled[int(label)]
         filled[int(label)] += 1
-        axis.imshow(overlay(image, heat), interpolation="nearest")
-        wrong = guess != label
-        axis.set_title(f"{names[label]} → {names[guess]}" if wrong else names[label],
-                       fontsize=8, color="#d62728" if wrong else "black")
-    figure.suptitle(title, fontsize=10)
-    return save_figure(figure, path)
+        cells[index] = overlay(image, heat)
+        if guess != label:
+            captions[index], colours[index] = f"{names[label]} → {names[guess]}", "#d62728"
+        else:
+            captions[index] = names[label]
+    return image_grid(cells, captions, path, columns=columns, title=title, cell_inches=1.9,
+                      colours=colours)
 
 
 def feature_grid(maps, layer_name, image, path) -> Path:
-    plt = pyplot()
-    count = maps.shape[-1]
-    columns = 6
-    rows = -(-(count + 1) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows),
-                                squeeze=False, layout="constrained")
-    for axis in axes.flat:
-        axis.axis("off")
-    axes.flat[0].imshow(image, interpolation="nearest")
-    axes.flat[0].set_title("input", fontsize=8)
-    for channel in range(count):
-        axes.flat[channel + 1].imshow(maps[..., channel], cmap="viridis",
-                                      interpolation="nearest")
-        axes.flat[channel + 1].set_title(f"channel {channel}", fontsize=7)
-    figure.suptitle(f"Feature maps of backbone layer {layer_name} "
-                    f"({maps.shape[0]}x{maps.shape[1]})", fontsize=10)
-    return save_figure(figure, path)
+    """The input, then each channel's map in viridis (each scaled to its own range)."""
+    import matplotlib
+    viridis = matplotlib.colormaps["viridis"]
+    size = np.asarray(image).shape[:2]
+    cells, captions = [np.asarray(image, np.uint8)], ["input"]
+    for channel in range(maps.shape[-1]):
+        values = maps[..., channel]
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        picture = (viridis(scaled)[..., :3] * 255).astype(np.uint8)
+        cells.append(_nearest(picture, size))
+        captions.append(f"channel {channel}")
+    return image_grid(cells, captions, path, columns=6, cell_inches=1.6, fontsize=7,
+                      title=f"Feature maps of backbone layer {layer_name} "
+                            f"({maps.shape[0]}x{maps.shape[1]})")
+
+
+def _nearest(picture, size) -> np.ndarray:
+    """`picture` scaled to `size` by repeating pixels (a feature map is coarser than the
+    image: each of its cells stays a visible block, as matplotlib's nearest showed it)."""
+    rows = np.arange(size[0]) * picture.shape[0] // size[0]
+    columns = np.arange(size[1]) * picture.shape[1] // size[1]
+    return picture[rows][:, columns]
 
 
 def _models_to_explain(run_dir, manifest):
