@@ -168,3 +168,41 @@ def test_export_bad_input_is_one_line_and_exit_2(built_run, tmp_path):
     for result in (_cli("export", built_run[0], "--format", "coreml"),
                    _cli("export", built_run[0], "--precision", "int4")):
         assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_a_foreign_model_takes_its_labels_and_inspect_names_what_it_shows(built_run, tmp_path):
+    """`--labels` (a file or class folders) goes into the metadata clients read instead of
+    0..7; a wrong count is an input mistake; `inspect` says the file is of a model tledge did
+    not train (no recipe hash) and names the .keras output by its layer."""
+    import json
+    from tledge.inspection import describe_file, format_description
+    from tledge.rundir import read_manifest, sha256
+    model = tmp_path / "theirs.keras"
+    model.write_bytes((built_run[0] / "model.keras").read_bytes())
+    classes = json.loads((built_run[0] / "manifest.json").read_text())["labels"]
+    (tmp_path / "labels.txt").write_text("\n".join(classes) + "\n\n")
+    result = _cli("export", model, "--format", "tflite_fp32", "--labels", tmp_path / "labels.txt",
+                  "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "out")["labels"] == classes
+    described = describe_file(tmp_path / "out" / "model_fp32.tflite")
+    assert described["standard_metadata"]["labels"] == classes
+    assert described["metadata"]["recipe_hash"] is None
+    assert described["metadata"]["model_sha256"] == sha256(model)
+    text = format_description(described)
+    assert "recipe hash" not in text and f"did not train (sha256 {sha256(model)[:16]})" in text
+    for name in reversed(classes):  # class folders, sorted by name
+        (tmp_path / "photos" / name).mkdir(parents=True)
+    result = _cli("export", model, "--format", "onnx_fp32", "--labels", tmp_path / "photos",
+                  "--out", tmp_path / "folders")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "folders")["labels"] == sorted(classes)
+    (tmp_path / "short.txt").write_text("a\nb\n")
+    result = _cli("export", model, "--format", "tflite_fp32", "--labels", tmp_path / "short.txt",
+                  "--out", tmp_path / "short")
+    assert result.exit_code == 2 and "2 labels given for a model with 8 outputs" in result.output
+    assert not (tmp_path / "short").exists()  # nothing written
+    result = _cli("export", built_run[0], "--labels", tmp_path / "labels.txt")
+    assert result.exit_code == 2 and "--labels is for a .keras file" in result.output
+    keras_view = describe_file(model)
+    assert keras_view["output"]["name"] == "probabilities"

@@ -23,7 +23,7 @@ from tledge.data.corruptions import CORRUPTIONS, corrupt_folder
 from tledge.domains import evaluate_run
 from tledge.errors import RecipeError, TledgeError
 from tledge.explain import explain_images, explain_run
-from tledge.export.stage import export_model_file, export_run
+from tledge.export.stage import export_model_file, export_run, read_labels
 from tledge.flops import backbone_cost
 from tledge.formats import FORMATS
 from tledge.inspection import describe_file, format_description
@@ -415,7 +415,11 @@ def status(run_dir, as_json):
               help="For a .keras file: images to calibrate int8 with.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="For a .keras file: where to write (default: <model>_export/ beside it).")
-def export(source, formats, precisions, calibration_dir, out):
+@click.option("--labels", "labels_path", type=click.Path(exists=True, path_type=Path),
+              help="For a .keras file: its class names, in output order: a text file of one "
+                   "per line, or a folder of class folders (sorted by name). Default: the "
+                   "output indices 0, 1, ...")
+def export(source, formats, precisions, calibration_dir, out, labels_path):
     """Export a trained run (or any tledge-style .keras model) to TFLite, ONNX, SavedModel.
 
     SOURCE is a run directory, or a .keras file whose model takes raw 0-255 RGB pixels and
@@ -425,7 +429,7 @@ def export(source, formats, precisions, calibration_dir, out):
     \b
     Examples: tledge export models/quickstart --format tflite
               tledge export models/quickstart --format onnx --precision int8
-              tledge export models/quickstart/model.keras --calibration-dir PHOTOS/
+              tledge export model.keras --calibration-dir PHOTOS/ --labels labels.txt
     """
     if source.is_file():
         if source.suffix != ".keras":
@@ -434,15 +438,19 @@ def export(source, formats, precisions, calibration_dir, out):
             if calibration_dir is None:
                 raise UsageFailure("int8 needs images to calibrate with: add --calibration-dir "
                                    "FOLDER (any images of the kind the model will see)")
+        labels = read_labels(labels_path) if labels_path else None
         out_dir, entries = export_model_file(source, out, only=formats or None,
                                              precisions=precisions or None,
-                                             calibration_dir=calibration_dir, log=click.echo)
+                                             calibration_dir=calibration_dir, labels=labels,
+                                             log=click.echo)
         click.echo(f"wrote {out_dir / 'manifest.json'}")
     else:
-        for option, value in (("--out", out), ("--calibration-dir", calibration_dir)):
+        for option, value in (("--out", out), ("--calibration-dir", calibration_dir),
+                              ("--labels", labels_path)):
             if value is not None:
                 raise UsageFailure(f"{option} is for a .keras file; a run directory is exported "
-                                   "into itself, calibrated on its own training images")
+                                   "into itself, calibrated on its own training images, "
+                                   "labelled with its own classes")
         entries = export_run(source, only=formats or None, precisions=precisions or None,
                              log=click.echo)
         click.echo(f"the run's validation no longer covers these files: run `tledge validate "

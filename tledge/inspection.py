@@ -203,7 +203,8 @@ def _describe_keras(path: Path, tasks=None) -> dict:
                 "dtype": str(getattr(tensor.dtype, "name", tensor.dtype))}
     names = task_outputs(model)
     output = [spec(tensor, name) for tensor, name in zip(model.outputs, names)] if names \
-        else spec(model.outputs[0])
+        else spec(model.outputs[0], model.output_names[0])  # the layer's name, not Keras'
+    # tensor name (keras_tensor_325): what a client asks the model for
     return {"precision": precision, "input": spec(model.inputs[0]),
             "output": output, "operators": dict(operators.most_common()),
             "parameters": int(model.count_params())}
@@ -240,8 +241,10 @@ def format_description(info: dict) -> str:
         labels = metadata.get("labels") or []
         contract = metadata.get("input", {})
         lines.append(f"  metadata   {metadata.get('format')} {metadata.get('precision')}, "
-                     f"tledge {metadata.get('tledge_version')}, "
-                     f"recipe hash {metadata.get('recipe_hash')}")
+                     f"tledge {metadata.get('tledge_version')}, " + (
+                         f"recipe hash {metadata['recipe_hash']}" if metadata.get("recipe_hash")
+                         else f"from a model tledge did not train (sha256 "
+                              f"{str(metadata.get('model_sha256') or '?')[:16]})"))
         lines.append(f"  contract   {contract.get('shape')} {contract.get('dtype')} "
                      f"values {contract.get('value_range')}: {contract.get('meaning')}")
         if labels or not metadata.get("tasks"):

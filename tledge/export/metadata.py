@@ -40,7 +40,7 @@ _BUFFER_ALIGNMENT = 16
 
 
 def artifact_metadata(*, labels, input_spec: dict, recipe_hash, precision: str,
-                      fmt_name: str, tasks=None) -> dict:
+                      fmt_name: str, tasks=None, model_sha256=None) -> dict:
     """The self-description embedded in an artifact.
 
     Args:
@@ -51,6 +51,7 @@ def artifact_metadata(*, labels, input_spec: dict, recipe_hash, precision: str,
         fmt_name: the format table's name, e.g. "tflite_int8".
         tasks: a multi-task model's tasks (`tledge.tasks`): then "tasks" lists each output's
             name and class names in output order, and "labels" is left empty.
+        model_sha256: a foreign model's .keras file's sha256 (it has no recipe).
     """
     try:
         version = _package.version("tledge")
@@ -67,6 +68,8 @@ def artifact_metadata(*, labels, input_spec: dict, recipe_hash, precision: str,
     if tasks:
         facts["tasks"] = [{"name": task["name"], "labels": list(task["labels"])}
                           for task in tasks]
+    if model_sha256:
+        facts["model_sha256"] = model_sha256
     return facts
 
 

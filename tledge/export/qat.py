@@ -36,7 +36,6 @@ import numpy as np
 STEPS = 300           # fine-tuning steps at most (export.int8_qat_steps)
 LEARNING_RATE = 3e-5  # Adam, on float master weights
 BATCH = 32
-TEMPERATURE = 1.0     # the teacher's probabilities sharpened by 1/T as targets (1: as they are)
 RANGE_IMAGES = 200    # calibration images the activation ranges are measured on
 CHECK_EVERY = 50      # steps between two measures of the simulated agreement (best kept)
 IMAGES = 1000         # training images at most (a large split is sampled: memory and time)
@@ -52,8 +51,7 @@ _KERNELS = ("kernel", "depthwise_kernel", "pointwise_kernel")
 
 def quantization_aware_copy(model, images, *, bits: int = 8, per_channel: bool = True,
                             steps: int = STEPS, learning_rate: float = LEARNING_RATE,
-                            seed: int = 0, max_seconds: float | None = None,
-                            temperature: float = TEMPERATURE):
+                            seed: int = 0, max_seconds: float | None = None):
     """A copy of `model` fine-tuned with int8 rounding simulated, distilling `model`.
 
     Args:
@@ -124,8 +122,7 @@ def quantization_aware_copy(model, images, *, bits: int = 8, per_channel: bool =
         @tf.function(reduce_retracing=True)
         def step(x):
             x = _augmented(x)
-            targets = [_sharpened_tf(probabilities, temperature)
-                       for probabilities in _outputs(model(x, training=False))]
+            targets = _outputs(model(x, training=False))  # the teacher's probabilities
             round_weights()
             with tf.GradientTape() as tape:
                 predicted = _outputs(student(x, training=False))
@@ -253,13 +250,6 @@ def _predict(model, images, batch=64):
         return [np.concatenate([np.asarray(part[i]) for part in parts])
                 for i in range(len(parts[0]))]
     return np.concatenate([np.asarray(part) for part in parts])
-
-
-def _sharpened_tf(probabilities, temperature):
-    import tensorflow as tf
-    if temperature == 1.0:
-        return probabilities
-    return tf.nn.softmax(tf.math.log(tf.clip_by_value(probabilities, 1e-7, 1.0)) / temperature)
 
 
 def _augmented(x):

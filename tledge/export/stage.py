@@ -86,6 +86,28 @@ def requested_formats(recipe, only=None, precisions=None) -> list:
     return [row for row in listed if wanted(row)]
 
 
+def read_labels(path) -> list[str]:
+    """Class names for a foreign model: a text file of one name per line (blank lines skipped),
+    or a folder whose sub-folders are the classes (sorted by name, as the folder source reads
+    them)."""
+    path = Path(path)
+    if path.is_dir():
+        names = sorted(child.name for child in path.iterdir()
+                       if child.is_dir() and not child.name.startswith("."))
+    else:
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                     if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"{path}: cannot read labels ({first_line(error)}); give a text file "
+                            "of one class name per line, or a folder of class folders") from None
+    if not names:
+        raise DataError(f"{path}: no class names in it (one per line, or class folders)")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: a class name is listed twice")
+    return names
+
+
 def _embed(path, row, spec, manifest, about) -> dict:
     """Labels, input contract, recipe hash and version inside the artifact itself (and, in a
     .tflite, the standard metadata clients read); returns the specs read back from the file
@@ -93,9 +115,11 @@ def _embed(path, row, spec, manifest, about) -> dict:
     if row.family not in ("tflite", "onnx"):  # a SavedModel folder: the manifest describes it
         return spec
     tasks = manifest.get("tasks")
+    foreign = manifest["recipe"].get("model_sha256")  # a .keras file tledge did not train
     facts = artifact_metadata(labels=manifest["labels"], input_spec=spec["input"],
-                              recipe_hash=manifest["recipe"]["hash"], precision=row.precision,
-                              fmt_name=row.name, tasks=tasks)
+                              recipe_hash=None if foreign else manifest["recipe"]["hash"],
+                              precision=row.precision, fmt_name=row.name, tasks=tasks,
+                              model_sha256=foreign)
     if row.family == "onnx":
         embed_onnx(path, facts)
         return spec
@@ -364,15 +388,21 @@ def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_i
 
 def export_model_file(model_path, out_dir=None, *, only=None, precisions=None,
                       calibration_dir=None, calibration_samples=200, int8_io="uint8",
-                      log=print):
+                      labels=None, log=print):
     """Export a Keras model tledge did not train; returns (out_dir, manifest entries).
 
     The model must follow tledge's input contract: raw 0-255 RGB pixels in (its own
     preprocessing inside), probabilities out. Calibration images for int8 come from
     `calibration_dir` (any images, in sub-folders or not), read by tledge's loader.
+    `labels`: the class names in output order (`read_labels`); without them the artifacts'
+    labels are the output indices "0", "1", ...
     """
     model_path = Path(model_path)
     model = load_model(model_path)
+    classes = int(model.output_shape[-1]) if len(model.outputs) == 1 else None
+    if labels is not None and classes is not None and len(labels) != classes:
+        raise DataError(f"{len(labels)} labels given for a model with {classes} outputs; "
+                        "give one class name per output, in output order")
     out_dir = Path(out_dir) if out_dir else model_path.with_name(f"{model_path.stem}_export")
     rows = [row for row in FORMATS.values() if row.family != "keras"]
     if only or precisions:
@@ -400,10 +430,10 @@ def export_model_file(model_path, out_dir=None, *, only=None, precisions=None,
         raise ArtifactError(f"{model_path}: a model with {len(model.outputs)} outputs; tledge "
                             "exports a multi-task model from its run (`tledge export RUN_DIR`), "
                             "where the manifest names its tasks")
-    classes = int(model.output_shape[-1])
+    digest = sha256(model_path)
     manifest = empty_manifest({"name": model_path.stem, "source": str(model_path.resolve()),
-                               "hash": sha256(model_path)[:16]},
-                              [str(index) for index in range(classes)],
+                               "hash": digest[:16], "model_sha256": digest},
+                              list(labels) if labels else [str(index) for index in range(classes)],
                               tuple(model.input_shape[1:3]))
     entries = export_artifacts(model, out_dir, manifest, rows, calibration=calibration,
                                int8_io=int8_io, about={"name": model_path.stem}, log=log)
