@@ -44,7 +44,7 @@ LAYERS = [
                 "tledge.report.domains", "tledge.report.int8", "tledge.report.tasks",
                 "tledge.predict", "tledge.inspection", "tledge.domains"]),
     ("orchestration", ["tledge.stages"]),
-    ("interface", ["tledge.cli", "tledge.__main__", "tledge"]),
+    ("interface", ["tledge.api", "tledge.cli", "tledge.__main__", "tledge"]),
 ]
 RUNTIME_MODULES = ("onnxruntime", "ai_edge_litert", "tflite_runtime", "openvino")
 

@@ -201,7 +201,87 @@ def test_predict_text_output(built_run, shape_images):
     result = CliRunner().invoke(main, ["predict", str(paths[0]), "--model",
                                        str(built_run[0] / "model.keras"), "--top-k", "2"])
     assert result.exit_code == 0, result.output
-    assert str(paths[0]) in result.output and "1. " in result.output
+    header, image, *rest = result.output.splitlines()
+    assert header == (f"model {built_run[0] / 'model.keras'}, runtime keras; each image "
+                      "stretched to 32x32 (width x height), raw RGB 0-255")
+    assert image == str(paths[0])  # already 32x32: nothing stretched
+    assert rest[0].startswith("  1. ") and rest[1].startswith("  2. ") and len(rest) == 2
+
+
+def test_predict_takes_folders_and_globs_and_keeps_going_past_a_bad_file(built_run,
+                                                                        shape_images, tmp_path):
+    """A folder gives its image files, a pattern the image files it matches; a file that is
+    not an image, a folder without images and a pattern that matches nothing are rows with
+    their error; every readable image is still classified, and the exit code is 1."""
+    paths, truth = shape_images
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    for path in paths[:3]:
+        shutil.copy(path, folder / path.name)
+    shutil.copy(paths[3], folder / "more" / paths[3].name)
+    Image.open(paths[4]).resize((64, 40)).save(folder / "wide.png")  # stretched, not cropped
+    (folder / "notes.txt").write_text("not an image, and not one by its name: skipped")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "empty").mkdir()
+    run_dir = built_run[0]
+    result = CliRunner().invoke(main, [
+        "predict", str(folder), str(tmp_path / "nothing-*.png"), str(tmp_path / "empty"),
+        str(folder / "**" / "*.png"), "--model", str(run_dir / "model_fp32.onnx"), "--json"])
+    assert result.exit_code == 1, result.output
+    rows = json.loads(result.stdout)
+    found = sorted(str(path) for path in folder.rglob("*") if path.suffix in (".png", ".jpg"))
+    pattern = sorted(str(path) for path in folder.rglob("*.png"))
+    assert [row["image"] for row in rows] == found + [
+        str(tmp_path / "nothing-*.png"), str(tmp_path / "empty")] + pattern
+    errors = {row["image"]: row["error"] for row in rows if "error" in row}
+    assert set(errors) == {str(folder / "broken.jpg"), str(tmp_path / "nothing-*.png"),
+                           str(tmp_path / "empty")}
+    assert "not a readable image" in errors[str(folder / "broken.jpg")]
+    assert "matches no image file" in errors[str(tmp_path / "nothing-*.png")]
+    assert "no image files" in errors[str(tmp_path / "empty")]
+    classified = {row["image"]: row for row in rows if "error" not in row}
+    assert len(classified) == 5 and all(row["runtime"] == "onnxruntime"
+                                        for row in classified.values())
+    assert classified[str(folder / "wide.png")]["original_size"] == [40, 64]
+    # each row is its own image's answer: the error rows shift nothing
+    from tledge.predict import predict_files
+    for image, row in classified.items():
+        alone = predict_files([image], run_dir / "model_fp32.onnx")[0]
+        assert row["top"] == alone["top"], image
+    assert "3 of 13 image(s) could not be classified" in result.stderr
+    # the text output: the same rows, the error on its image's line, the stretch named
+    result = CliRunner().invoke(main, ["predict", str(folder), "--model",
+                                       str(run_dir / "model_fp32.onnx"), "--top-k", "1"])
+    assert result.exit_code == 1
+    assert f"{folder / 'broken.jpg'}: error: " in result.stdout
+    assert f"{folder / 'wide.png'} (64x40, stretched)" in result.stdout
+
+
+def test_predict_on_the_pick_of_a_run_in_another_runtime(built_run, shape_images):
+    """`--model RUN` uses the run's pick and says which; `--runtime` runs it in another
+    runtime of its format; a runtime that does not run the format is one line, exit 2."""
+    from tledge.bench.stage import load_pick
+    paths, _ = shape_images
+    run_dir = built_run[0]
+    pick = load_pick(run_dir)
+    result = CliRunner().invoke(main, ["predict", str(paths[0]), "--model", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert f"({pick['artifact']}, the pick of {run_dir}), runtime {pick['runtime']};" in \
+        result.output.splitlines()[0]
+    onnx = str(run_dir / "model_fp32.onnx")
+    result = CliRunner().invoke(main, ["predict", str(paths[0]), "--model", onnx,
+                                       "--runtime", "openvino", "--json"])
+    assert result.exit_code == 0, result.output
+    in_openvino = json.loads(result.stdout)[0]
+    result = CliRunner().invoke(main, ["predict", str(paths[0]), "--model", onnx, "--json"])
+    in_ort = json.loads(result.stdout)[0]
+    assert (in_openvino["runtime"], in_ort["runtime"]) == ("openvino", "onnxruntime")
+    assert in_openvino["top"][0]["label"] == in_ort["top"][0]["label"]
+    np.testing.assert_allclose([row["probability"] for row in in_openvino["top"]],
+                               [row["probability"] for row in in_ort["top"]], atol=1e-4)
+    _one_line_error(CliRunner().invoke(main, ["predict", str(paths[0]), "--model", onnx,
+                                              "--runtime", "litert"]),
+                    "runtime 'litert' does not run onnx files", "onnxruntime")
 
 
 def _one_line_error(result, *fragments):
@@ -217,7 +297,9 @@ def test_predict_on_a_file_that_is_not_an_image(built_run, tmp_path):
     fake.write_text("this is text, not pixels")
     result = CliRunner().invoke(main, ["predict", str(fake), "--model",
                                        str(built_run[0] / "model_int8.tflite")])
-    _one_line_error(result, str(fake), "not a readable image")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{fake}: error: not a readable image (" in result.stdout
+    assert result.stderr.strip() == f"1 of 1 image(s) could not be classified: {fake}"
 
 
 def test_predict_refuses_an_input_it_cannot_feed_pixels_to(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -29,8 +28,8 @@ from tledge.formats import FORMATS
 from tledge.inspection import describe_file, format_description
 from tledge.pipeline import check_sub_runs, require_current, run_status, STAGES
 from tledge.parity import not_exported
-from tledge.predict import predict_files
-from tledge.quiet import quiet
+from tledge.predict import describe_pick, open_artifact, pick_artifact, predict_files
+from tledge.quiet import quiet_tensorflow
 from tledge.recipe.dump import dump_toml
 from tledge.recipe.load import load_recipe
 from tledge.report.document import report_run
@@ -80,17 +79,6 @@ class _Group(click.Group):
             return super().invoke(ctx)
 
 
-def _quiet_tensorflow() -> None:
-    """Import TensorFlow with its start-up log wall silenced (the CLI's job, not the library's)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" in sys.modules:
-        return
-    with quiet():
-        import tensorflow  # noqa: F401
-    for module in ("tensorflow", "keras", "tf2onnx", "absl", "google", "onnx"):
-        warnings.filterwarnings("ignore", module=module)
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     click.secho(f"warning: {message}", fg="yellow", err=True)
 
@@ -110,7 +98,7 @@ def command(needs_tensorflow=True, group=None, lock=None, **settings):
             warnings.showwarning = _show_warning
             try:
                 if needs_tensorflow:
-                    _quiet_tensorflow()
+                    quiet_tensorflow()
                 if lock and Path(kwargs[lock]).is_dir():
                     with run_lock(kwargs[lock]):
                         return function(*args, **kwargs)
@@ -237,7 +225,7 @@ def build(recipe, out, force):
     Example: tledge build recipes/quickstart.toml --out models/quickstart
     """
     load_recipe(recipe)  # a bad recipe fails in a blink, not after TensorFlow's import
-    _quiet_tensorflow()
+    quiet_tensorflow()
     run_dir, parity = build_recipe(recipe, out=out, log=click.echo, verbose=_progress(),
                                    force=force)
     _exit_on_parity(parity)
@@ -255,7 +243,7 @@ def train(source, out):
     recipe_file = check_run_dir(source) / RECIPE_FILE if source.is_dir() else source
     recipe = load_recipe(recipe_file)
     run_dir = out or (source if source.is_dir() else default_run_dir(recipe))
-    _quiet_tensorflow()
+    quiet_tensorflow()
     train_run(recipe, run_dir, log=click.echo, verbose=_progress())
 
 
@@ -552,19 +540,6 @@ def _unproven(pick) -> str:
                                                  else ")")
 
 
-def _pick_path(run_dir, unvalidated) -> Path:
-    """The file of a run's pick, after checking that the run's bench (and what it read) is
-    current, unless `unvalidated`."""
-    check_run_dir(run_dir)
-    if not unvalidated:
-        require_current(run_dir, "bench", using=f"predict --model {run_dir}")
-    pick = load_pick(run_dir)
-    if pick is None:
-        raise UsageFailure(f"{run_dir} has no pick (no artifact passed parity and ran); name a "
-                           "file with --model")
-    return Path(_artifact_path(pick_folder(run_dir, pick), pick["artifact"]))
-
-
 def _artifact_path(run_dir, name) -> str:
     return str(Path(run_dir) / find_artifact(read_manifest(run_dir), name)["path"])
 
@@ -809,30 +784,62 @@ def inspect_artifact(artifact, as_json):
 @click.option("--model", "artifact", required=True, type=click.Path(path_type=Path),
               help="The artifact to run: a .tflite, .onnx or .keras file, or a run directory "
                    "(its pick, which must be validated and benchmarked as it is).")
+@click.option("--runtime", type=click.Choice(sorted(RUNTIMES)), default=None,
+              help="The runtime to run it in (default: the format's reference runtime: "
+                   "litert for .tflite, onnxruntime for .onnx, keras for .keras).")
 @_UNVALIDATED
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many classes to show per image.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print JSON only: a list with one object per image.")
-def predict(images, artifact, top_k, as_json, unvalidated):
-    """Classify IMAGE files with an artifact, in its real runtime and through the same image
-    loader as training.
+              help="Print JSON only: a list with one object per image (an image that could "
+                   "not be read has \"error\" instead of \"top\").")
+def predict(images, artifact, runtime, top_k, as_json, unvalidated):
+    """Classify IMAGES (files, folders, glob patterns such as 'photos/**/*.jpg') with an
+    artifact, in its real runtime and through the same image loader as training: each image
+    is stretched to the model's input size (not cropped), raw RGB 0-255.
+
+    An image that cannot be read is reported on its own line and the others are still
+    classified; the exit code is then 1.
 
     \b
     Examples: tledge predict PHOTO.jpg --model models/quickstart/model_int8.tflite --top-k 3
-              tledge predict PHOTO.jpg --model models/quickstart   (the run's pick)
+              tledge predict photos/ --model models/quickstart   (the run's pick)
+              tledge predict 'photos/*.png' --model model_fp32.onnx --runtime openvino
     """
+    which = ""
     if artifact.is_dir():
-        artifact = _pick_path(artifact, unvalidated)
-    results = predict_files(list(images), artifact, top_k=top_k)
+        run_dir = artifact
+        artifact = pick_artifact(run_dir, unvalidated=unvalidated,
+                                 using=f"predict --model {run_dir}")
+        which = f" ({describe_pick(run_dir)})"
+    opened = open_artifact(artifact)
+    results = predict_files(list(images), opened, top_k=top_k, runtime=runtime)
     if as_json:
         click.echo(json.dumps(results, indent=2))
+    else:
+        runtime = results[0]["runtime"] if results else runtime
+        height, width = opened.size
+        click.echo(f"model {artifact}{which}, runtime {runtime}; each image stretched to "
+                   f"{width}x{height} (width x height), raw RGB 0-255")
+        for result in results:
+            _print_prediction(result, opened.size)
+    failed = [result["image"] for result in results if "error" in result]
+    if failed:
+        click.echo(f"{len(failed)} of {len(results)} image(s) could not be classified: "
+                   f"{', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}", err=True)
+        sys.exit(1)
+
+
+def _print_prediction(result, size) -> None:
+    if "error" in result:
+        click.echo(f"{result['image']}: error: {result['error']}")
         return
-    for result in results:
-        click.echo(result["image"])
-        for task, top in (result.get("tasks") or {None: result.get("top", [])}).items():
-            if task is not None:
-                click.echo(f"  {task}:")
-            for rank, row in enumerate(top, 1):
-                click.echo(f"{'  ' if task else ''}  {rank}. {row['label']:<20} "
-                           f"{row['probability']:.4f}")
+    height, width = result["original_size"]
+    stretched = "" if (height, width) == tuple(size) else f" ({width}x{height}, stretched)"
+    click.echo(f"{result['image']}{stretched}")
+    for task, top in (result.get("tasks") or {None: result.get("top", [])}).items():
+        if task is not None:
+            click.echo(f"  {task}:")
+        for rank, row in enumerate(top, 1):
+            click.echo(f"{'  ' if task else ''}  {rank}. {row['label']:<20} "
+                       f"{row['probability']:.4f}")

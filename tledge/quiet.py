@@ -7,6 +7,7 @@ import io
 import os
 import sys
 import tempfile
+import warnings
 
 
 @contextlib.contextmanager
@@ -44,3 +45,17 @@ def quiet():
             for fd, copy in zip((1, 2), saved):
                 os.dup2(copy, fd)
                 os.close(copy)
+
+
+def quiet_tensorflow() -> None:
+    """Import TensorFlow with its start-up log wall silenced, and keep the frameworks' Python
+    warnings out of the user's terminal. Called by the CLI and by the library API's calls
+    (`tledge.build`, `tledge.Run`), never at `import tledge`: a program that imported
+    TensorFlow itself keeps its own settings."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules:
+        return
+    with quiet():
+        import tensorflow  # noqa: F401
+    for module in ("tensorflow", "keras", "tf2onnx", "absl", "google", "onnx"):
+        warnings.filterwarnings("ignore", module=module)

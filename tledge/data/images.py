@@ -62,6 +62,11 @@ def load_image(path, size: tuple[int, int]) -> np.ndarray:
     Raises:
         DataError: the file is missing or cannot be decoded.
     """
+    return load_image_sized(path, size)[0]
+
+
+def load_image_sized(path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """`load_image`, and the (height, width) the file had (upright) before resizing."""
     if os.path.exists(path) and not os.path.isfile(path):  # a pipe would block forever
         raise DataError(f"{path}: not a readable image (not a regular file: a folder, a pipe "
                         "or a device); replace or remove it")
@@ -78,7 +83,7 @@ def load_image(path, size: tuple[int, int]) -> np.ndarray:
         reason = first_line(error)
         raise DataError(f"{path}: not a readable image ({reason}); "
                         "replace or remove the file") from None
-    return _resize(rgb, size)
+    return _resize(rgb, size), (rgb.height, rgb.width)
 
 
 def load_images(paths: Iterable, size: tuple[int, int]) -> np.ndarray:
