@@ -143,7 +143,8 @@ class Run:
             model), or "error" for a file that could not be read.
         """
         path = self.artifact_path(artifact, unvalidated=unvalidated)
-        quiet_tensorflow()
+        if path.suffix == ".keras":  # the only artifact TensorFlow runs: its logs silenced
+            quiet_tensorflow()
         if hasattr(images, "dtype") and hasattr(images, "shape"):
             return predict_pixels(images, path, top_k=top_k, runtime=runtime, threads=threads)
         if isinstance(images, (str, os.PathLike)):

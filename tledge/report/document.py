@@ -13,6 +13,7 @@ from tledge.bench.stage import pick_folder, pick_name, unavailable_line
 from tledge.errors import RunDirError
 from tledge.formats import RUNTIME_ROWS
 from tledge.plots import FIGURES
+from tledge.report import deploy as report_deploy
 from tledge.report import domains as report_domains
 from tledge.report import int8 as report_int8
 from tledge.report import tasks as report_tasks
@@ -76,6 +77,9 @@ def report_run(run_dir) -> Path:
     lines += _cross_architecture_warning(crossed, manifest.get("pick"))
     lines += _story(manifest, split, history, parity, bench)
     lines += _shipped_section(run_dir, manifest, parity, bench)
+    pick = manifest.get("pick")
+    lines += report_deploy.section(run_dir, manifest, pick,
+                                   pick_folder(run_dir, pick) if pick else run_dir, md)
     lines += _data_section(manifest, split)
     training = _training_section(history)
     at = next((i for i, line in enumerate(training) if line.startswith("| epoch |")),
