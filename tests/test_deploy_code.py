@@ -92,23 +92,28 @@ def test_a_readme_snippet_runs_as_written_and_agrees_with_tledge_predict(code, d
     assert_predicts_alike(label, probability, deploy_dir / "photo.jpg", path, runtime)
 
 
-def test_the_report_shows_the_picks_contract_and_code_that_runs_it(built_run, deploy_dir):
+def test_the_report_shows_the_picks_contract_and_code_that_runs_it(built_run, run_copy,
+                                                                  deploy_dir):
     """The built run's report: its Deploy part names the pick's file and runtime, lists every
-    artifact's input and output, and its code classifies like `tledge predict` with the pick."""
+    artifact's input and output, and its code, run in the run's folder, classifies like
+    `tledge predict` with the pick. Its paths are the run's own: the part reads the same
+    wherever the run is."""
+    import shutil
     from tledge.predict import pick_artifact
     from tledge.rundir import read_manifest
-    run_dir = built_run[0]
-    text = (run_dir / "report.md").read_text(encoding="utf-8")
+    text = (run_copy / "report.md").read_text(encoding="utf-8")
     part = text[text.index("\n## Deploy\n"):]
     part = part[:part.index("\n## ", 1)]
-    pick = read_manifest(run_dir)["pick"]
-    path = pick_artifact(run_dir)
-    assert f"Ship `{path}` ({pick['artifact']}, the pick, in {pick['runtime']})" in part
+    pick = read_manifest(run_copy)["pick"]
+    path = pick_artifact(run_copy)
+    assert f"Ship `{path.name}` ({pick['artifact']}, the pick, in {pick['runtime']})" in part
     assert "| tflite_int8 | `model_int8.tflite` | `[1, 32, 32, 3] uint8 (scale 1, zero point " \
            "0)` | `[1, 8] uint8 (scale 0.00390625, zero point 0)` |" in part
     assert "| onnx_fp32 | `model_fp32.onnx` | `[1, 32, 32, 3] float32` | `[1, 8] float32` |" \
         in part
+    assert str(built_run[0]) not in part  # written where it was built, read anywhere
     code = re.findall(r"```python\n(.*?)```", part, flags=re.S)
     assert len(code) == 1, part
-    label, probability = run_snippet(code[0], deploy_dir)
+    shutil.copy(deploy_dir / "photo.jpg", run_copy / "photo.jpg")
+    label, probability = run_snippet(code[0], run_copy)
     assert_predicts_alike(label, probability, deploy_dir / "photo.jpg", path, pick["runtime"])

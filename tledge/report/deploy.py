@@ -133,20 +133,23 @@ def _entries(folder) -> list[dict]:
             if entry.get("status", "ok") == "ok"]
 
 
+_PYTHON_CALL = "tledge.Run('.').predict('photo.jpg')"
+
+
 def _pick_lines(run_dir, pick, pick_dir, entry, md) -> list[str]:
-    model_path = str(Path(pick_dir) / entry["path"])
-    command = f"tledge predict photo.jpg --model {run_dir}"
-    call = f"tledge.Run({str(run_dir)!r}).predict('photo.jpg')"
+    # paths relative to the run directory: the report reads the same wherever the run is
+    model_path = (Path(pick_dir).relative_to(run_dir) / entry["path"]).as_posix()
+    manifest_path = (Path(pick_dir).relative_to(run_dir) / "manifest.json").as_posix()
     lines = [f"Ship {_code(model_path)} ({md(entry['name'])}, the pick, in "
-             f"{md(pick['runtime'])}). From the command line: {_code(command)}; from "
-             f"Python: {_code(call)}.", ""]
-    lines += [f"On a device (a Raspberry Pi, a Jetson): "
-              f"{_code(f'tledge bundle {run_dir} --out bundle.zip')} packs the files with a "
-              "script that checks and times them there.", ""]
-    code = pick_code(pick["runtime"], model_path, str(Path(pick_dir) / "manifest.json"))
+             f"{md(pick['runtime'])}). In this run's folder, from the command line: "
+             f"{_code('tledge predict photo.jpg --model .')}; from Python: "
+             f"{_code(_PYTHON_CALL)}. On a device (a Raspberry "
+             f"Pi, a Jetson): {_code('tledge bundle . --out bundle.zip')} packs the files with "
+             "a script that checks and times them there.", ""]
+    code = pick_code(pick["runtime"], model_path, manifest_path)
     if code is None or isinstance(entry.get("output"), list):
         return lines
     pip, text = code
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
-    return lines + [f"In Python without tledge (`{pip}`), one image:", "", f"{fence}python",
-                    text.rstrip(), fence, ""]
+    return lines + [f"In Python without tledge (`{pip}`), one image, in this run's folder:",
+                    "", f"{fence}python", text.rstrip(), fence, ""]
