@@ -15,8 +15,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tledge"
 # above. Every module is named: a new module takes a layer by being placed here, not by the
 # folder it lands in.
 LAYERS = [
-    ("core", ["tledge.core", "tledge.core.metrics", "tledge.core.engines",
-              "tledge.core.machine", "tledge.core.timing", "tledge.core.device"]),
+    ("core", ["tledge.core", "tledge.core.classify", "tledge.core.metrics",
+              "tledge.core.engines", "tledge.core.machine", "tledge.core.timing",
+              "tledge.core.device"]),
     ("base", ["tledge.errors", "tledge.schema", "tledge.formats", "tledge.quiet",
               "tledge.parity", "tledge.tasks"]),
     ("run directory", ["tledge.rundir", "tledge.records"]),

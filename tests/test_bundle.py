@@ -99,8 +99,9 @@ def test_device_script_times_and_checks_every_artifact(built_run, device_result)
 
 
 def test_device_script_is_python_3_9_and_needs_only_numpy_and_a_runtime(device_result):
-    """bench_device.py and tledge.core, copied whole and unchanged as tledge_core/: Python 3.9,
-    and nothing but the standard library, numpy, a runtime and the package itself."""
+    """bench_device.py, classify.py and tledge.core, copied whole and unchanged as
+    tledge_core/: Python 3.9, and nothing but the standard library, numpy, a runtime and the
+    package itself (classify.py also Pillow, to read image files, and OpenCV for a camera)."""
     import tledge.core
     folder, _, _ = device_result
     package = Path(tledge.core.__file__).parent
@@ -110,7 +111,9 @@ def test_device_script_is_python_3_9_and_needs_only_numpy_and_a_runtime(device_r
         assert (folder / "tledge_core" / name).read_bytes() == (package / name).read_bytes()
     allowed = set(sys.stdlib_module_names) | {"numpy", "ai_edge_litert", "tflite_runtime",
                                               "onnxruntime", "openvino", "tledge_core"}
-    for path in [folder / "bench_device.py", *(folder / "tledge_core").glob("*.py")]:
+    reader = {"classify.py": {"PIL", "cv2"}}
+    for path in [folder / "bench_device.py", folder / "classify.py",
+                 *(folder / "tledge_core").glob("*.py")]:
         tree = ast.parse(path.read_text(), feature_version=(3, 9))  # a SyntaxError fails
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -120,7 +123,8 @@ def test_device_script_is_python_3_9_and_needs_only_numpy_and_a_runtime(device_r
             else:
                 continue
             for module in modules:
-                assert module.split(".")[0] in allowed, (path.name, module)
+                assert module.split(".")[0] in allowed | reader.get(path.name, set()), \
+                    (path.name, module)
 
 
 def test_device_script_skips_a_runtime_it_does_not_have_and_reports_a_crash(device_result,
@@ -339,3 +343,95 @@ def test_a_devices_record_damaged_by_hand_is_one_line_for_every_reader(run_copy,
     assert outcome.exit_code == 2 and "Traceback" not in outcome.output, outcome.output
     assert "devices.json is not what tledge writes" in outcome.output
     assert "device.runtimes" in outcome.output and "--import" in outcome.output
+
+
+# -- classify.py: the bundle as an app starter ---------------------------------------------
+
+def photos(folder):
+    """Three synthetic photos at sizes other than the model's (stretched on the way in), and
+    a file that is not an image."""
+    from PIL import Image
+    from tledge.data.synthetic import generate
+    folder.mkdir()
+    pixels, _ = generate(["star", "ring", "cross"], 1, (40, 56), noise=0.05, seed=7)
+    for index, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"photo{index}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    return sorted(folder.glob("photo*.png"))
+
+
+def assert_classified_as_predict(rows, run_dir, bundle, artifact):
+    from tledge.predict import predict_files
+    entry = next(item for item in bundle["artifacts"] if item["name"] == artifact)
+    for row in rows:
+        theirs = predict_files([row["image"]], run_dir / Path(entry["file"]).name,
+                               top_k=len(row["top"]))[0]
+        assert [item["label"] for item in row["top"]] == \
+            [item["label"] for item in theirs["top"]], row["image"]
+        for ours, expected in zip(row["top"], theirs["top"]):
+            assert abs(ours["probability"] - expected["probability"]) <= 1e-5, row["image"]
+        assert row["ms"] > 0
+
+
+def test_classify_in_the_bundle_answers_as_tledge_predict(built_run, device_result, tmp_path):
+    """The bundle's classify.py, isolated from tledge as on a device: the run's pick by
+    default, any artifact by name, a folder with a bad file in it (its row, exit 1)."""
+    run_dir, _, _ = built_run
+    folder, _, _ = device_result
+    bundle = json.loads((folder / "bundle.json").read_text())
+    pick = json.loads((run_dir / "manifest.json").read_text())["pick"]["artifact"]
+    assert bundle["pick"] == pick
+    images = photos(tmp_path / "photos")
+    for artifact in (None, "onnx_fp32"):
+        done = subprocess.run([sys.executable, "-I", "classify.py", str(tmp_path / "photos"),
+                               "--json", "--top-k", "3", "--threads", "1",
+                               *(["--artifact", artifact] if artifact else [])],
+                              cwd=folder, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, done.stderr  # the bad file
+        rows = json.loads(done.stdout)
+        assert [row["image"] for row in rows] == \
+            [str(tmp_path / "photos" / "broken.jpg")] + [str(path) for path in images]
+        assert "not a readable image" in rows[0]["error"]
+        assert {row["artifact"] for row in rows} == {artifact or pick}
+        assert_classified_as_predict(rows[1:], run_dir, bundle, artifact or pick)
+    done = subprocess.run([sys.executable, "-I", "classify.py", str(images[0])], cwd=folder,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    header, line, *top = done.stdout.splitlines()
+    assert header.endswith("images stretched to 32x32") and pick in header
+    assert line.startswith(f"{images[0]}  ") and line.endswith(" ms") and len(top) == 3
+
+
+def test_a_fresh_venv_with_only_the_bundles_requirements_classifies_as_tledge_predict(
+        built_run, device_result, tmp_path):
+    """What a Raspberry Pi's user does: a new venv, `pip install -r requirements.txt` (the
+    versions pinned are the ones installed here), then classify.py."""
+    from tledge.core.machine import runtime_versions
+    run_dir, _, _ = built_run
+    folder, _, _ = device_result
+    required = (folder / "requirements.txt").read_text().splitlines()
+    versions = runtime_versions()
+    assert f"numpy=={versions['numpy']}" in required
+    assert f"ai-edge-litert=={versions['ai_edge_litert']}" in required
+    assert f"onnxruntime=={versions['onnxruntime']}" in required
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q",
+                           "--disable-pip-version-check", "-r", "requirements.txt"],
+                          cwd=folder, capture_output=True, text=True, timeout=900)
+    unreachable = ("NewConnectionError", "Temporary failure in name resolution",
+                   "Network is unreachable", "Failed to establish a new connection")
+    if done.returncode != 0 and any(text in done.stderr for text in unreachable):
+        pytest.skip(f"no package index reachable here: {done.stderr.strip()[-300:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format", "json"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "tledge" not in {item["name"] for item in json.loads(listed)}
+    images = photos(tmp_path / "photos")
+    bundle = json.loads((folder / "bundle.json").read_text())
+    done = subprocess.run([str(python), "-I", "classify.py", *map(str, images), "--json",
+                           "--top-k", "3", "--threads", "1"],
+                          cwd=folder, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_classified_as_predict(json.loads(done.stdout), run_dir, bundle, bundle["pick"])

@@ -563,9 +563,11 @@ _UNVALIDATED = click.option(
                    f"in turns. Default 0: all of them, up to {IMAGE_CAP}.")
 @_UNVALIDATED
 def bundle(run_dir, out, names, image_count, unvalidated):
-    """Pack artifacts into a zip to benchmark on a device (a Raspberry Pi, a Jetson).
+    """Pack artifacts into a zip to use and benchmark on a device (a Raspberry Pi, a Jetson).
 
-    The zip holds the artifacts, labels, evaluation images (every class, taken in turns) with
+    The zip holds the artifacts, labels, classify.py (classifies images, a folder or a camera
+    frame with the run's pick or any artifact) with a pinned requirements.txt, evaluation
+    images (every class, taken in turns) with
     their expected classes and the build machine's raw outputs for them, and bench_device.py,
     which needs only Python 3.9+, numpy and ai-edge-litert, tflite-runtime or onnxruntime. On
     the device: `python3 bench_device.py --name pi5` writes result.json (the same statistics as
@@ -579,8 +581,10 @@ def bundle(run_dir, out, names, image_count, unvalidated):
     path = write_bundle(run_dir, out, names=wanted or None, image_count=image_count,
                         unvalidated=unvalidated, log=click.echo)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); on the device: unzip it, "
-               "then `python3 bench_device.py --name DEVICE`, and bring result.json back with "
-               f"`tledge bench {run_dir} --import result.json`")
+               "`pip install -r requirements.txt` (in a venv), then `python3 classify.py "
+               "IMAGE` to classify and `python3 bench_device.py --name DEVICE` to check and "
+               f"time; bring result.json back with `tledge bench {run_dir} --import "
+               "result.json` (README.txt inside says more)")
 
 
 @command(name="emulate", lock="run_dir")

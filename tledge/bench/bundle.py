@@ -1,9 +1,11 @@
 """Benchmarks on the device itself: `tledge bundle` packs a run, `--import` brings results back.
 
 A bundle is a zip a user copies to a Raspberry Pi or a Jetson and runs there with nothing but
-Python, numpy and one runtime:
+Python, numpy and one runtime (and pillow, to classify image files):
 
     bundle.zip
+      classify.py         classify images, folders or a camera frame: runs tledge_core.classify
+      requirements.txt    numpy, pillow and the runtimes, pinned to the versions that ran here
       bench_device.py     the benchmark: runs tledge_core.device
       tledge_core/...     tledge.core, copied whole (the engines, timing, metrics and
                           machine facts the build machine uses)
@@ -28,9 +30,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import PIL
 
 import tledge.core
-from tledge.core import device as device_bench
+from tledge.core import classify, device as device_bench
+from tledge.core.engines import TFLITE_MODULES
+from tledge.core.machine import runtime_versions
 from tledge.errors import BundleError
 from tledge.flops import model_flops
 from tledge.pipeline import require_current, validated_rows
@@ -46,17 +51,52 @@ DEVICE_PACKAGE = "tledge_core"  # tledge.core in a bundle
 README = """\
 tledge bundle of run {run!r} ({count} artifacts), made {created}.
 
-On the device (Python 3.9+, numpy, and ai-edge-litert or tflite-runtime for .tflite files,
-onnxruntime or openvino for .onnx files):
+Set up the device once. A Raspberry Pi needs its 64-bit OS (Raspberry Pi OS Bookworm 64-bit:
+the runtimes publish aarch64 wheels, none for 32-bit ARM); Bookworm's Python refuses a
+system-wide pip install, so use a venv. The same works on a Jetson or an x86 box with
+Python 3.11+ (requirements.txt pins the versions that ran these files on the build machine;
+on an older Python, install the same packages unpinned and let the check below compare):
 
     unzip {name} -d tledge_bundle && cd tledge_bundle
+    python3 -m venv ~/tledge-venv && . ~/tledge-venv/bin/activate
+    pip install -r requirements.txt
+
+Classify (a file, a folder, or one camera frame with opencv-python-headless installed):
+
+    python3 classify.py photo.jpg --top-k 3       # the run's pick, labels, milliseconds
+    python3 classify.py photos/ --artifact {first} --json
+    python3 classify.py --camera 0
+
+Check and time every artifact on this device (accuracy and agreement with the build machine
+on the bundled images, latency, memory), then bring the result back:
+
     python3 bench_device.py --name my-device          # writes result.json
     python3 bench_device.py --help                    # threads, batch sizes, runtime, ...
 
-Then, on the build machine:
+and on the build machine:
 
     tledge bench {run_dir} --import result.json
 """
+
+# the pip name of each runtime module a bundle's files need
+_PIP_NAMES = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime",
+              "onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+def requirements(families) -> str:
+    """requirements.txt of a bundle: numpy, pillow and one runtime per file format, pinned to
+    the versions installed here (the ones that just ran the files for the host outputs the
+    device check compares against); OpenVINO as a comment, for Intel boxes."""
+    versions = runtime_versions()
+    lines = [f"numpy=={versions['numpy']}", f"pillow=={PIL.__version__}"]
+    wanted = [("tflite", TFLITE_MODULES), ("onnx", ("onnxruntime",))]
+    for family, modules in wanted:
+        module = next((name for name in modules if name in versions), None)
+        if family in families and module:
+            lines.append(f"{_PIP_NAMES[module]}=={versions[module]}")
+    if "onnx" in families and "openvino" in versions:
+        lines.append(f"# openvino=={versions['openvino']}  (Intel CPUs: --runtime openvino)")
+    return "\n".join(lines) + "\n"
 
 
 def select_artifacts(manifest: dict, names=None) -> list[dict]:
@@ -144,6 +184,7 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 0, unvalidated=
     document = {"format": device_bench.BUNDLE_FORMAT, "version": device_bench.VERSION,
                 "run": manifest["recipe"]["name"], "recipe_hash": manifest["recipe"]["hash"],
                 "created": created, "labels": manifest["labels"],
+                "pick": _bundled_pick(manifest, listed),
                 **({"tasks": manifest["tasks"]} if manifest.get("tasks") else {}),
                 "flops_per_image": model_flops(run_dir, manifest),
                 "settings": {"threads": list(settings.threads),
@@ -163,6 +204,8 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 0, unvalidated=
         with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             add = functools.partial(_add_file, archive)
             add("bench_device.py", device_bench.LAUNCHER)
+            add("classify.py", classify.LAUNCHER)
+            add("requirements.txt", requirements({item["family"] for item in listed}))
             for source in sorted(Path(tledge.core.__file__).parent.glob("*.py")):
                 archive.write(source, f"{DEVICE_PACKAGE}/{source.name}")
             add("bundle.json", json.dumps(document, indent=2) + "\n")
@@ -171,11 +214,20 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 0, unvalidated=
             add("labels.txt", "\n".join(manifest["labels"]) + "\n")
             add("README.txt", README.format(
                 run=manifest["recipe"]["name"], count=len(listed), created=created, name=out.name,
-                run_dir=run_dir))
+                run_dir=run_dir, first=listed[0]["name"]))
             for entry, item in zip(entries, listed):
                 archive.write(run_dir / entry["path"], item["file"])
                 log(f"  {item['file']}  {entry['size_bytes'] / 1024:,.0f} KiB")
     return out
+
+
+def _bundled_pick(manifest, listed) -> str | None:
+    """The run's pick, when the bundle holds its file (classify.py runs it by default)."""
+    pick = manifest.get("pick") or {}
+    if pick.get("model", "model") != "model":
+        return None
+    return pick.get("artifact") if pick.get("artifact") in {item["name"] for item in listed} \
+        else None
 
 
 def _parity_of(entry, judged) -> str:
