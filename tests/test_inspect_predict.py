@@ -77,9 +77,15 @@ def test_onnx_metadata_is_read_back_from_the_file_alone(copied):
     metadata = _metadata(path, "onnx_fp32", "fp32")
     embed_onnx(path, metadata)
     assert read_metadata(path) == metadata
-    props = {prop.key: prop.value for prop in onnx.load(str(path)).metadata_props}
+    model = onnx.load(str(path))
+    props = {prop.key: prop.value for prop in model.metadata_props}
     assert props["labels"] == ",".join(CLASSES)
-    onnx.checker.check_model(str(path))
+    # ONNX's standard image keys, as the input contract has it (onnx/docs/MetadataProps.md)
+    assert props["Image.BitmapPixelFormat"] == "Rgb8"
+    assert props["Image.ColorSpaceGamma"] == "SRGB"
+    assert props["Image.NominalPixelRange"] == "NominalRange_0_255"
+    assert model.graph.input[0].type.denotation == "IMAGE"
+    onnx.checker.check_model(model, full_check=True)
 
 
 def test_a_keras_file_has_no_embedded_metadata(copied):

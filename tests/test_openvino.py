@@ -76,8 +76,12 @@ def test_without_openvino_its_rows_are_skipped_with_the_reason(onnx_run, tmp_pat
 def test_every_onnx_file_passes_the_full_check_and_declares_only_what_it_uses(onnx_run,
                                                                               name):
     import onnx
+    from tledge.export.metadata import IMAGE_PROPS
     model = onnx.load(str(onnx_run / name))
     onnx.checker.check_model(model, full_check=True)
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    assert {key: props.get(key) for key in IMAGE_PROPS} == IMAGE_PROPS  # as exported
+    assert model.graph.input[0].type.denotation == "IMAGE"
     used = {node.domain for node in model.graph.node}
     declared = {entry.domain for entry in model.opset_import}
     assert declared == used | {""}, (declared, used)

@@ -10,7 +10,8 @@ precision) are written into the artifact itself, as one JSON document:
   it, the standard "TFLITE_METADATA" entry and `labels.txt` that MediaPipe and the other
   deployment clients read (`tflite_standard`).
 - ONNX: `metadata_props` key "tledge" (the JSON) and "labels" (comma-joined, for tools that
-  only show strings).
+  only show strings), and ONNX's standard image keys (`IMAGE_PROPS`: 8-bit RGB, sRGB, values
+  0-255, what the input contract feeds) with the input tensor denoted `IMAGE`.
 
 `embed_tflite` / `embed_onnx` take the final file path and rewrite it in place, atomically.
 `read_metadata` reads the JSON back from the file alone.
@@ -171,8 +172,15 @@ def _name_inputs_and_outputs(model, tasks=()) -> list:
     return order
 
 
+# ONNX's metadata for image inputs (onnx/docs/MetadataProps.md): the input contract in the
+# words that image tools read
+IMAGE_PROPS = {"Image.BitmapPixelFormat": "Rgb8", "Image.ColorSpaceGamma": "SRGB",
+               "Image.NominalPixelRange": "NominalRange_0_255"}
+
+
 def embed_onnx(path, metadata: dict) -> Path:
-    """Write `metadata` into the ONNX model's `metadata_props` at `path`."""
+    """Write `metadata` into the ONNX model's `metadata_props` at `path`, with the standard
+    image keys and the input tensor's `IMAGE` denotation."""
     import onnx
     path = Path(path)
     try:
@@ -184,7 +192,9 @@ def embed_onnx(path, metadata: dict) -> Path:
     props["labels"] = ",".join(metadata.get("labels", []))
     for task in metadata.get("tasks") or []:  # a multi-task model: each output's classes
         props[f"labels_{task['name']}"] = ",".join(task["labels"])
+    props.update(IMAGE_PROPS)
     onnx.helper.set_model_props(model, props)
+    model.graph.input[0].type.denotation = "IMAGE"
     _replace(path, model.SerializeToString())
     return path
 
