@@ -118,8 +118,10 @@ def learning_curves(history, path) -> Path | None:
                           "-s", color="#7f7f7f", markersize=3,
                           label=f"baseline {baseline['backbone']} val")
     axes[0].set_ylim(0, 1.02)
+    from matplotlib.ticker import MaxNLocator
     for axis, key in zip(axes, ("accuracy", "loss")):
-        axis.set_xlabel("epoch")
+        axis.set_xlabel("epoch (numbered across phases)")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 2.5
         axis.set_ylabel(key)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
@@ -244,15 +246,13 @@ def pareto(rows, parity, pick, path) -> Path | None:
     figure, axis = plt.subplots(figsize=(7.5, 4.2))
     points = [(row.p50_ms, judged(row).accuracy) for row in rows]
     front = pareto_front(points)
-    # neighbours along the latency axis get their labels on opposite sides
-    side = {index: rank % 2 for rank, index in
-            enumerate(sorted(range(len(points)), key=lambda i: points[i][0]))}
+    labels = []
     for index, row in enumerate(rows):
         failed = judged(row).status == "failed"
         axis.scatter(*points[index], s=36, zorder=3,
                      color="#d62728" if failed else ("#1f77b4" if index in front else "#aaaaaa"))
-        axis.annotate(f"{row.artifact} / {row.runtime}", points[index], fontsize=7,
-                      xytext=(5, 4 if side[index] else -11), textcoords="offset points")
+        labels.append(axis.annotate(f"{row.artifact} / {row.runtime}", points[index], fontsize=7,
+                                    xytext=(5, 4), textcoords="offset points"))
     ordered = sorted(points[index] for index in front)
     axis.plot(*zip(*ordered), "-", color="#1f77b4", linewidth=1, label="Pareto front")
     if pick:
@@ -273,7 +273,26 @@ def pareto(rows, parity, pick, path) -> Path | None:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="best")
     axis.set_title("Accuracy against latency (red: failed parity)", fontsize=10)
-    return save_figure(figure, path)
+    figure.tight_layout()
+    separate_labels(figure, labels)
+    return save_figure(figure, path, placed=True)
+
+
+def separate_labels(figure, labels, step: float = 9.0, tries: int = 16) -> None:
+    """Move each point label that overlaps one placed before it (or a point) a line down or
+    up, alternately further, until it overlaps none: two files of one speed and accuracy
+    otherwise print their names over each other. Labels are placed from the left."""
+    renderer = figure.canvas.get_renderer()
+    placed = []
+    for label in sorted(labels, key=lambda text: text.xy[0]):
+        x, y = label.xyann
+        for attempt in range(tries + 1):
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            shift = step * (attempt // 2 + 1) * (-1 if attempt % 2 == 0 else 1)
+            label.xyann = (x, y + shift)
+        placed.append(label.get_window_extent(renderer))
 
 
 def sizes(entries, path) -> Path | None:

@@ -47,6 +47,21 @@ class BenchRow:
     executed: str | None = None  # how the runtime ran it, where it says (OpenVINO's precision)
 
 
+NOISE_FLOOR = 0.05  # two p50s within 5 % are one speed on a shared machine, whatever the spread
+
+
+def compare_p50(row: BenchRow, other: BenchRow) -> tuple[float, bool]:
+    """(other's p50 over row's: above 1 when `row` is faster; whether the difference is
+    beyond the noise). A difference is beyond the noise when it exceeds both rows' own spread
+    (p90 - p50 of their timed runs) and 5 % of the faster p50: "1.03x faster" between two
+    runs of one file is a busy machine, not a speed."""
+    ratio = other.p50_ms / row.p50_ms
+    spreads = [max(0.0, item.p90_ms - item.p50_ms) for item in (row, other)
+               if item.p90_ms is not None]
+    margin = max([NOISE_FLOOR * min(row.p50_ms, other.p50_ms), *spreads])
+    return ratio, abs(other.p50_ms - row.p50_ms) > margin
+
+
 def summarize(samples_ns, batch: int) -> dict:
     """Latency statistics in milliseconds from per-call samples in nanoseconds."""
     samples = np.asarray(samples_ns, dtype=np.float64) / 1e6

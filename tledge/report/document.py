@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tledge import plots
 from tledge.bench.stage import pick_folder, pick_name, unavailable_line
+from tledge.core.timing import compare_p50
 from tledge.errors import RunDirError
 from tledge.formats import RUNTIME_ROWS
 from tledge.plots import FIGURES
@@ -294,10 +295,11 @@ def _int8_sentences(judged, manifest, bench) -> list[str]:
     at = {row.artifact: row for row in (bench.timed(runtime="litert") if bench else [])
           if row.threads == pick.get("threads") and row.batch == pick.get("batch")}
     if fp32 and "tflite_int8" in at and "tflite_fp32" in at:
-        ratio = at["tflite_fp32"].p50_ms / at["tflite_int8"].p50_ms
-        words.append(f"and runs {ratio:.2f}x " + ("faster" if ratio >= 1 else "as fast")
-                     + f" on LiteRT (p50 {at['tflite_int8'].p50_ms:.3f} ms against "
-                     f"{at['tflite_fp32'].p50_ms:.3f} ms)")
+        ratio, clear = compare_p50(at["tflite_int8"], at["tflite_fp32"])
+        how = (f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower") if clear \
+            else "as fast as fp32, within the measured noise,"
+        words.append(f"and runs {how} on LiteRT (p50 {at['tflite_int8'].p50_ms:.3f} ms "
+                     f"against {at['tflite_fp32'].p50_ms:.3f} ms)")
     return [", ".join(words) + "."]
 
 
@@ -523,10 +525,13 @@ def _data_section(manifest, split) -> list[str]:
     splits = split.get("splits", {})
     if splits:
         lines += ["", "| split | images | obtained |", "|---|---:|---|"]
+        carved = [name for name, facts in splits.items() if facts.get("from") == "train"]
         for name, facts in splits.items():
             how = facts.get("obtained", "")
             if facts.get("fraction") is not None:
                 how += f" ({facts['fraction']:.0%} of {facts.get('from', 'train')})"
+            if name == "train" and how == "given" and carved:
+                how = f"given, less what {' and '.join(carved)} took from it"
             lines.append(f"| {name} | {facts['count']} | {how} |")
     cache = split.get("cache")
     if cache:
@@ -574,14 +579,19 @@ def _training_section(history) -> list[str]:
                       " of the tasks' validation accuracies (`train.best_by`). Test accuracy: "
                   + ", ".join(f"{md(name)} {_percent(value)}"
                               for name, value in history["task_accuracy"].items()) + "."]
-    lines += ["", "| phase | epochs | best epoch | best val accuracy | wall s | img/s | "
+    lines += ["", "Epochs are numbered across the phases (a fine-tune after 8 epochs of feature "
+                  "extraction starts at 9), in this table, the curves and the epoch table.",
+              "", "| phase | epochs (count) | best epoch | best val accuracy | wall s | img/s | "
                   "trainable / total params |", "|---|---:|---:|---:|---:|---:|---:|"]
     for phase in history["phases"]:
         if phase["skipped"]:
             lines.append(f"| {phase['name']} | skipped: {phase['skipped']} | | | | | |")
             continue
         best = phase["best_val_accuracy"]
-        lines.append(f"| {phase['name']} | {len(phase['epochs'])} | {phase['best_epoch']} | "
+        numbers = [epoch["epoch"] for epoch in phase["epochs"]] or [0]
+        span = f"{numbers[0]}-{numbers[-1]} ({len(phase['epochs'])})" if len(numbers) > 1 \
+            else f"{numbers[0]} (1)"
+        lines.append(f"| {phase['name']} | {span} | {phase['best_epoch']} | "
                      f"{best:.4f} | {phase['wall_seconds']:.1f} | {phase['images_per_second']:.0f}"
                      f" | {phase['trainable_params']:,} / {phase['total_params']:,} |")
     lines += ["", f"Kept the weights of: **{history['verdict']['kept']}**."]

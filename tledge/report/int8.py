@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tledge import plots
 from tledge.core.metrics import CONFIDENCE
+from tledge.core.timing import compare_p50
 from tledge.export.int8 import GRAPH_SETTINGS, has_vnni, int8_needs
 from tledge.rundir import artifacts
 from tledge.runners import runtimes_for
@@ -170,14 +171,14 @@ def speed(entry, bench, md) -> str:
     if pair is None:
         return ""
     mine, theirs = pair[entry["name"]], pair[fp32]
-    ratio = theirs.p50_ms / mine.p50_ms
+    ratio, clear = compare_p50(mine, theirs)
     machine = bench.machine or {}
     where = f"{md(machine.get('cpu', 'this machine'))}" + (
         f", {md(machine['isa'])}" if machine.get("isa") else "")
-    # within 5 %: two p50s of a busy machine, not a difference of kernels
-    verdict = (f"**int8 is slower than fp32 here**: {1 / ratio:.2f}x the fp32 file's time"
-               if ratio < 1 / 1.05 else f"int8 is {ratio:.2f}x faster than fp32"
-               if ratio > 1.05 else "int8 and fp32 run at about the same speed here")
+    verdict = ("int8 and fp32 run at about the same speed here (the difference is inside "
+               "the measured spread)" if not clear
+               else f"**int8 is slower than fp32 here**: {1 / ratio:.2f}x the fp32 file's time"
+               if ratio < 1 else f"int8 is {ratio:.2f}x faster than fp32")
     return (f" Timed on {where} in {runtime} ({mine.threads} thread(s), batch {mine.batch}): "
             f"p50 {mine.p50_ms:.3f} ms against {theirs.p50_ms:.3f} ms for {fp32}; {verdict}.")
 
