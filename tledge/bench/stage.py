@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from tledge.core.machine import machine_facts
-from tledge.core.timing import BenchRow, format_line, gflops_per_second, measure, run_child
+from tledge.core.timing import (BenchRow, beyond_noise, format_line, gflops_per_second, measure,
+                                run_child)
 from tledge.bench.single_task import side_by_side, single_task_runs
 from tledge.errors import RunDirError, RuntimeUnavailable
 from tledge.flops import model_flops
@@ -226,7 +227,8 @@ def candidates(rows, parity, *, threads: int, batch: int, checksums=None,
             continue
         found.append({"model": model, "artifact": row.artifact, "runtime": row.runtime,
                       "threads": row.threads, "batch": row.batch,
-                      "p50_ms": row.p50_ms, "size_bytes": row.size_bytes,
+                      "p50_ms": row.p50_ms, "p90_ms": row.p90_ms,
+                      "size_bytes": row.size_bytes,
                       "accuracy": check.accuracy, "model_accuracy": reference,
                       "parity": check.status,
                       **({"evidence": check.evidence} if check.status == "insufficient"
@@ -250,6 +252,10 @@ def choose(rows, parity, *, threads: int, batch: int, checksums=None, settings=N
       (default 0: the most accurate model ships, in its fastest artifact that passed
       parity; parity already bounds how far each artifact is from its own model);
     - `max_latency_ms` and `max_size_kb`, when set.
+
+    "fastest" means beyond the measured noise (`tledge.core.timing.beyond_noise`): among the
+    candidates as fast as the fastest within it, the most accurate artifact ships (then the
+    smallest), and the pick names the strictly fastest in `within_noise_of`.
 
     The pick names `alternatives`: the most accurate and the fastest of all qualified
     candidates, where they are not the pick, so the report can state the trade.
@@ -278,6 +284,14 @@ def choose(rows, parity, *, threads: int, batch: int, checksums=None, settings=N
     if not eligible:
         return None
     pick = dict(min(eligible, key=OBJECTIVES[settings.objective]))
+    if settings.objective == "fastest":  # a speed inside the noise is no reason to lose accuracy
+        tied = [c for c in eligible if not beyond_noise(_timing(c), _timing(pick))]
+        chosen = dict(min(tied, key=lambda c: (-(c["accuracy"] or 0.0), c["size_bytes"] or 0,
+                                                c["p50_ms"])))
+        if _which(chosen) != _which(pick):
+            chosen["within_noise_of"] = {key: pick[key] for key in
+                                         ("model", "artifact", "runtime", "p50_ms")}
+            pick = chosen
     alternatives = []
     for objective in ("most_accurate", "fastest"):
         best = min(weighed, key=OBJECTIVES[objective])
@@ -289,6 +303,10 @@ def choose(rows, parity, *, threads: int, batch: int, checksums=None, settings=N
             "constraints": {"max_accuracy_drop": settings.max_accuracy_drop,
                             "max_latency_ms": settings.max_latency_ms,
                             "max_size_kb": settings.max_size_kb}}
+
+
+def _timing(candidate) -> tuple:
+    return candidate["p50_ms"], candidate.get("p90_ms")
 
 
 def _which(candidate) -> tuple:

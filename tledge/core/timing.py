@@ -55,11 +55,16 @@ def compare_p50(row: BenchRow, other: BenchRow) -> tuple[float, bool]:
     beyond the noise). A difference is beyond the noise when it exceeds both rows' own spread
     (p90 - p50 of their timed runs) and 5 % of the faster p50: "1.03x faster" between two
     runs of one file is a busy machine, not a speed."""
-    ratio = other.p50_ms / row.p50_ms
-    spreads = [max(0.0, item.p90_ms - item.p50_ms) for item in (row, other)
-               if item.p90_ms is not None]
-    margin = max([NOISE_FLOOR * min(row.p50_ms, other.p50_ms), *spreads])
-    return ratio, abs(other.p50_ms - row.p50_ms) > margin
+    return other.p50_ms / row.p50_ms, beyond_noise((row.p50_ms, row.p90_ms),
+                                                   (other.p50_ms, other.p90_ms))
+
+
+def beyond_noise(one, other) -> bool:
+    """Whether two timings, each (p50_ms, p90_ms or None), are two speeds: their p50s differ
+    by more than either's spread (p90 - p50) and by more than NOISE_FLOOR of the faster."""
+    spreads = [max(0.0, p90 - p50) for p50, p90 in (one, other) if p90 is not None]
+    margin = max([NOISE_FLOOR * min(one[0], other[0]), *spreads])
+    return abs(other[0] - one[0]) > margin
 
 
 def summarize(samples_ns, batch: int) -> dict:

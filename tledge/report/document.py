@@ -500,6 +500,11 @@ def _pick_reason(pick, history, proven=True) -> str:
                for name in pick.get("models") or []]
     models = "" if len(weighed) < 2 else \
         f" of the most accurate model (weighed: {', '.join(weighed)})"
+    tie = pick.get("within_noise_of")
+    if tie:
+        return (f"the most accurate of the artifacts{models}{passed}{within} that are as fast "
+                f"as the fastest within the measured noise ({md(tie['artifact'])} on "
+                f"{md(tie['runtime'])}, p50 {tie['p50_ms']:.3f} ms)")
     return f"the fastest artifact{models}{passed}{within}"
 
 
