@@ -98,12 +98,33 @@ def small_recipe(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def built_run(small_recipe, tmp_path_factory):
-    """A complete run directory: trained, exported, validated, benchmarked, reported."""
+def built_run(small_recipe, tmp_path_factory, request):
+    """A complete run directory: trained, exported, validated, benchmarked, reported.
+
+    Built once per test session: under pytest-xdist the first worker to need it builds it
+    and leaves a copy in the session's own folder (pytest-N, shared by the workers of this
+    session only); another worker copies that instead of building again. Each worker gets a
+    private copy, so a command one worker runs in it never meets another's lock. The copy is
+    a run moved to another folder, which needs nothing redone (tests/test_relocate.py)."""
+    import fcntl
+    from tledge.records import read_parity
     from tledge.stages import build
     run_dir = tmp_path_factory.mktemp("models") / "small"
-    lines = []
-    _, parity = build(small_recipe, out=run_dir, log=lines.append, verbose=0)
+    worker = getattr(request.config, "workerinput", None)
+    if worker is None:  # one process: nothing to share
+        lines = []
+        _, parity = build(small_recipe, out=run_dir, log=lines.append, verbose=0)
+        return run_dir, parity, lines
+    shared = tmp_path_factory.getbasetemp().parent / "built-run"
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits while one builds
+        if (shared / ".complete").is_file():
+            shutil.copytree(shared / "small", run_dir, symlinks=True)
+            return run_dir, read_parity(run_dir), []
+        lines = []
+        _, parity = build(small_recipe, out=run_dir, log=lines.append, verbose=0)
+        shutil.copytree(run_dir, shared / "small", symlinks=True)
+        (shared / ".complete").touch()
     return run_dir, parity, lines
 
 

@@ -65,6 +65,10 @@ def test_backbone_trains_a_step_and_exports_to_tflite_with_keras_parity(name, tm
     import tensorflow as tf
     images = random_pixels(4, size)
     optimizer = keras.optimizers.SGD(1e-5)
+    # EfficientNet's stochastic depth drops a block's branch per image in training mode: with
+    # 4 images all four drops happen now and then (block6c of efficientnet_b1 once in CI), and
+    # a dropped branch rightly gets no gradient. Seeded, the step is the same every run.
+    keras.utils.set_random_seed(0)
     with tf.GradientTape() as tape:
         probabilities = model(images.astype(np.float32), training=True)
         loss = keras.losses.sparse_categorical_crossentropy(np.array([0, 1, 2, 0]), probabilities)
