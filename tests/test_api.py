@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -49,10 +48,13 @@ def test_a_run_shows_its_records_and_predicts_as_the_cli_does(built_run, star):
     # pixels in memory: the same answer as the file they were saved to
     from_pixels = run.predict(pixels)
     assert from_pixels[0]["image"] == 0 and from_pixels[0]["top"] == ours[0]["top"]
-    # any artifact, in another runtime of its format
+    # any artifact, in another runtime of its format: the same file's answer as in its own
+    # (not the pick's: an int8 pick may answer otherwise on a borderline image, by CPU)
     other = run.predict([path], artifact="onnx_fp32", runtime="openvino", top_k=2)
-    assert other[0]["runtime"] == "openvino" and len(other[0]["top"]) == 2
-    assert other[0]["top"][0]["label"] == ours[0]["top"][0]["label"]
+    own = run.predict([path], artifact="onnx_fp32", top_k=2)
+    assert other[0]["runtime"] == "openvino" and own[0]["runtime"] == "onnxruntime"
+    assert len(other[0]["top"]) == 2
+    assert other[0]["top"][0]["label"] == own[0]["top"][0]["label"]
 
 
 def test_a_run_refuses_what_it_cannot_vouch_for(built_run, tmp_path):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from pathlib import Path
 
 from tledge.bench.stage import load_pick
@@ -46,11 +45,8 @@ def build(recipe, out=None, *, force: bool = False, log=None) -> "Run":
             run, a full disk): its message says what to do.
     """
     quiet_tensorflow()
-    with warnings.catch_warnings():
-        for module in ("tensorflow", "keras", "tf2onnx", "absl", "onnx"):
-            warnings.filterwarnings("ignore", module=module)
-        run_dir, _ = build_stages(recipe, out=out, log=log or (lambda line: None),
-                                  verbose=2 if log else 0, force=force)
+    run_dir, _ = build_stages(recipe, out=out, log=log or (lambda line: None),
+                              verbose=2 if log else 0, force=force)
     return Run(run_dir)
 
 

@@ -53,9 +53,9 @@ def quiet_tensorflow() -> None:
     (`tledge.build`, `tledge.Run`), never at `import tledge`: a program that imported
     TensorFlow itself keeps its own settings."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for module in ("tensorflow", "keras", "tf2onnx", "absl", "google", "onnx"):
+        warnings.filterwarnings("ignore", module=module)
     if "tensorflow" in sys.modules:
         return
     with quiet():
         import tensorflow  # noqa: F401
-    for module in ("tensorflow", "keras", "tf2onnx", "absl", "google", "onnx"):
-        warnings.filterwarnings("ignore", module=module)
