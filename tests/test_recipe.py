@@ -317,7 +317,8 @@ CASES = [
     ("unknown_per_format_far", dict(tables="[validate.per_format.coreml]\nmin_agreement = 0.9"),
      "validate.per_format.coreml",
      "unknown name; expected one of keras, tflite_fp32, tflite_fp16, tflite_dynamic, "
-     "tflite_int8, onnx_fp32, onnx_fp16, onnx_int8, savedmodel_fp32"),
+     "tflite_int8, onnx_fp32, onnx_fp16, onnx_int8, openvino_fp32, openvino_fp16, "
+     "openvino_int8, savedmodel_fp32"),
     ("unknown_key_in_per_format", dict(tables="[validate.per_format.onnx_fp32]\n"
                                               "max_abs_dif = 0.1"),
      "validate.per_format.onnx_fp32.max_abs_dif", "unknown key; did you mean 'max_abs_diff'?"),

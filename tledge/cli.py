@@ -25,7 +25,7 @@ from tledge.explain import explain_images, explain_run
 from tledge.export.stage import export_model_file, export_run, read_labels
 from tledge.flops import backbone_cost
 from tledge.formats import FORMATS
-from tledge.inspection import describe_file, format_description
+from tledge.inspection import describe_file, family_of, format_description
 from tledge.pipeline import check_sub_runs, require_current, run_status, STAGES
 from tledge.parity import not_exported
 from tledge.predict import describe_pick, open_artifact, pick_artifact, predict_files
@@ -394,8 +394,8 @@ def status(run_dir, as_json):
     [(row.name, row.description) for row in FORMATS.values() if row.family != "keras"]))
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "formats", multiple=True, type=click.Choice(_EXPORT_CHOICES),
-              help="A family (tflite, onnx, savedmodel), a format (tflite_int8, ...) or all. "
-                   "Repeatable. Default: every format the recipe lists.")
+              help="A family (tflite, onnx, openvino, savedmodel), a format (tflite_int8, ...) "
+                   "or all. Repeatable. Default: every format the recipe lists.")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(_PRECISIONS),
               help="Only these precisions; named here, they are exported even if the recipe "
                    "does not list them. Repeatable.")
@@ -408,7 +408,7 @@ def status(run_dir, as_json):
                    "per line, or a folder of class folders (sorted by name). Default: the "
                    "output indices 0, 1, ...")
 def export(source, formats, precisions, calibration_dir, out, labels_path):
-    """Export a trained run (or any tledge-style .keras model) to TFLite, ONNX, SavedModel.
+    """Export a trained run (or any tledge-style .keras model): TFLite, ONNX, OpenVINO, SavedModel.
 
     SOURCE is a run directory, or a .keras file whose model takes raw 0-255 RGB pixels and
     returns probabilities. Each export prints its file, size and time; a format that fails
@@ -767,15 +767,16 @@ def _exit_on_parity(parity) -> None:
         sys.exit(1)
 
 
-ARTIFACT = click.Path(dir_okay=False, path_type=Path)  # existence: describe_file says it
+ARTIFACT = click.Path(path_type=Path)  # existence and kind: describe_file says them
 
 
 @command(name="inspect")
 @click.argument("artifact", type=ARTIFACT)
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON only.")
 def inspect_artifact(artifact, as_json):
-    """Describe ARTIFACT (.tflite, .onnx or .keras): format, precision, tensors, operators,
-    size, embedded metadata and, for TFLite, the operators XNNPACK will not run.
+    """Describe ARTIFACT (.tflite, .onnx, .keras, or an OpenVINO IR folder or .xml): format,
+    precision, tensors, operators, size, embedded metadata and, for TFLite, the operators
+    XNNPACK will not run.
 
     Example: tledge inspect models/quickstart/model_int8.tflite
     """
@@ -786,11 +787,13 @@ def inspect_artifact(artifact, as_json):
 @command(name="predict")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "artifact", required=True, type=click.Path(path_type=Path),
-              help="The artifact to run: a .tflite, .onnx or .keras file, or a run directory "
-                   "(its pick, which must be validated and benchmarked as it is).")
+              help="The artifact to run: a .tflite, .onnx or .keras file, an OpenVINO IR "
+                   "folder, or a run directory (its pick, which must be validated and "
+                   "benchmarked as it is).")
 @click.option("--runtime", type=click.Choice(sorted(RUNTIMES)), default=None,
               help="The runtime to run it in (default: the format's reference runtime: "
-                   "litert for .tflite, onnxruntime for .onnx, keras for .keras).")
+                   "litert for .tflite, onnxruntime for .onnx, openvino for an IR, keras for "
+                   ".keras).")
 @_UNVALIDATED
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many classes to show per image.")
@@ -811,7 +814,7 @@ def predict(images, artifact, runtime, top_k, as_json, unvalidated):
               tledge predict 'photos/*.png' --model model_fp32.onnx --runtime openvino
     """
     which = ""
-    if artifact.is_dir():
+    if artifact.is_dir() and family_of(artifact) is None:  # a run, not an IR folder
         run_dir = artifact
         artifact = pick_artifact(run_dir, unvalidated=unvalidated,
                                  using=f"predict --model {run_dir}")

@@ -18,7 +18,8 @@ from types import MappingProxyType
 @dataclasses.dataclass(frozen=True)
 class Format:
     name: str            # "tflite_int8": the key in the manifest, the recipe and the CLI
-    family: str          # "keras" | "tflite" | "onnx": which exporter module and file kind
+    family: str          # "keras" | "tflite" | "onnx" | "openvino" | "savedmodel": which
+    # exporter module and file kind
     precision: str       # "fp32" | "int8" | ...
     suffix: str          # file name ending
     input_dtype: str     # what the artifact's input tensor takes (the input contract)
@@ -29,6 +30,8 @@ class Format:
     def file_name(self) -> str:
         if self.family == "savedmodel":
             return "saved_model"
+        if self.family == "openvino":  # a folder: model.xml and model.bin
+            return f"openvino_{self.precision}"
         return f"model{'' if self.family == 'keras' else '_' + self.precision}{self.suffix}"
 
 
@@ -63,9 +66,18 @@ FORMATS: dict[str, Format] = {row.name: row for row in (
            "ONNX, float16 weights and compute, float32 input and output"),
     Format("onnx_int8", "onnx", "int8", ".onnx", "float32", _INT8,
            "ONNX, static QDQ int8, per-channel weights, float32 input and output"),
+    Format("openvino_fp32", "openvino", "fp32", "", "float32", _FLOAT,
+           "OpenVINO IR folder (model.xml + model.bin), float32"),
+    Format("openvino_fp16", "openvino", "fp16", "", "float32", _HALF,
+           "OpenVINO IR, float16 weights (the CPU computes in float32)"),
+    Format("openvino_int8", "openvino", "int8", "", "float32", _INT8,
+           "OpenVINO IR, int8 through NNCF with accuracy control (max_accuracy_drop)"),
     Format("savedmodel_fp32", "savedmodel", "fp32", "", "float32", _FLOAT,
            "TensorFlow SavedModel folder"),
 )}
+
+# the exported families, in table order (the Keras model is trained, not exported)
+FAMILIES = tuple(dict.fromkeys(row.family for row in FORMATS.values() if row.family != "keras"))
 
 
 def precisions(family: str) -> tuple[str, ...]:
@@ -96,8 +108,9 @@ RUNTIME_ROWS: tuple[RuntimeRow, ...] = (
                "load_litert_builtin", "LiteRT interpreter, builtin kernels only (XNNPACK off)"),
     RuntimeRow("onnxruntime", ("onnx",), "tledge.runners.ort_runner", "load_onnxruntime",
                "ONNX Runtime, CPU execution provider"),
-    RuntimeRow("openvino", ("onnx",), "tledge.runners.openvino_runner", "load_openvino",
-               "OpenVINO on the CPU (the .onnx artifacts; pip install openvino)"),
+    RuntimeRow("openvino", ("openvino", "onnx"), "tledge.runners.openvino_runner",
+               "load_openvino", "OpenVINO on the CPU: its IR, and the .onnx artifacts "
+               "(pip install openvino)"),
     RuntimeRow("tensorflow", ("savedmodel",), "tledge.runners.keras_runner", "load_savedmodel",
                "a SavedModel's serving signature, in TensorFlow"),
     RuntimeRow("keras_gpu", ("keras",), "tledge.runners.keras_runner", "load_keras",

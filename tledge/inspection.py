@@ -14,13 +14,22 @@ from tledge.errors import ArtifactError, ExportError, first_line, TledgeError
 from tledge.export import tflite_standard as standard
 from tledge.export.metadata import read_metadata, tflite_metadata_entries
 from tledge.export.onnx import onnx_spec
+from tledge.export.openvino import ir_spec, read_ir
 from tledge.export.tflite import tflite_spec
 from tledge.model import load_model, task_outputs
+from tledge.rundir import size_bytes
 
 # TensorFlow and onnx are imported inside the functions that use them: the CLI imports this
 # module at start-up, and they take seconds to load.
 
-SUFFIXES = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras"}
+SUFFIXES = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras", ".xml": "openvino"}
+
+
+def family_of(path: Path) -> str | None:
+    """The artifact family of a path: by its suffix, or "openvino" for an IR folder."""
+    if path.is_dir():
+        return "openvino" if (path / "model.xml").is_file() else None
+    return SUFFIXES.get(path.suffix.lower())
 
 # Operators the TFLite XNNPACK delegate documents as supported (float and quantized lists
 # together), from tensorflow/lite/delegates/xnnpack/README.md, "Limitations and supported
@@ -59,11 +68,11 @@ def describe_file(path) -> dict:
             file that needs unsafe deserialization is refused.
     """
     path = Path(path)
-    family = SUFFIXES.get(path.suffix.lower())
+    family = family_of(path)
     if family is None:
         raise ArtifactError(f"{path}: unknown artifact kind {path.suffix or '(no suffix)'!r}; "
-                            f"tledge reads {', '.join(SUFFIXES)} files")
-    if not path.is_file():
+                            f"tledge reads {', '.join(SUFFIXES)} files and OpenVINO IR folders")
+    if not path.exists():
         raise ArtifactError(f"{path}: no such artifact file")
     try:
         metadata, unreadable = read_metadata(path), None
@@ -73,14 +82,14 @@ def describe_file(path) -> dict:
     if tasks is not None and not _tasks_readable(tasks):
         raise ArtifactError(f"{path}: its embedded metadata lists tasks tledge does not write "
                             "(each needs a name and a list of labels); export it again")
-    described = {"tflite": _describe_tflite, "onnx": _describe_onnx,
-                 "keras": _describe_keras}[family](path, tasks)
+    described = {"tflite": _describe_tflite, "onnx": _describe_onnx, "keras": _describe_keras,
+                 "openvino": _describe_openvino}[family](path, tasks)
     if unreadable is not None:
         raise unreadable
     if metadata and metadata.get("precision"):
         described["precision"] = metadata["precision"]
     return {"family": family, "path": path.name, "file": str(path),
-            "size_bytes": path.stat().st_size, **described, "metadata": metadata,
+            "size_bytes": size_bytes(path), **described, "metadata": metadata,
             "labels": list(metadata["labels"]) if metadata and metadata.get("labels")
             else (described.get("standard_metadata") or {}).get("labels"),
             **({"tasks": tasks} if tasks else {})}
@@ -186,6 +195,22 @@ def _describe_onnx(path: Path, tasks=None) -> dict:
         precision = "fp32"
     return {"precision": precision, **spec, "operators": dict(operators.most_common()),
             "opset": {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}}
+
+
+def _describe_openvino(path: Path, tasks=None) -> dict:
+    ir = read_ir(path)
+    operators = collections.Counter(op.get_type_name() for op in ir.get_ops()
+                                    if op.get_type_name() not in ("Parameter", "Result",
+                                                                  "Constant"))
+    weights = {op.get_element_type().get_type_name() for op in ir.get_ops()
+               if op.get_type_name() == "Constant"}
+    precision = "int8" if "FakeQuantize" in operators or {"i8", "u8"} & weights \
+        else "fp16" if "f16" in weights else "fp32"
+    spec = ir_spec(ir)
+    if tasks:  # a multi-task IR: its outputs in task order
+        named = {output["name"]: output for output in spec["output"]}
+        spec["output"] = [named[task["name"]] for task in tasks if task["name"] in named]
+    return {"precision": precision, **spec, "operators": dict(operators.most_common())}
 
 
 def _describe_keras(path: Path, tasks=None) -> dict:

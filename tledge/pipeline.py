@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tledge.core.machine import machine_facts
 from tledge.errors import RecipeError, RunDirError
+from tledge.formats import FAMILIES
 from tledge.parity import row_is_current
 from tledge.backbones import BACKBONES
 from tledge.recipe.dump import stored_recipe_text
@@ -238,7 +239,7 @@ def stage_state(run_dir, manifest: dict, stage: str, recipe=None, *,
         if checked_sha256(run_dir / str(name)) != digest:
             return state("stale", f"{name} changed since")
     if stage in ("train", "export"):
-        family = {"train": ("keras",), "export": ("tflite", "onnx", "savedmodel")}[stage]
+        family = {"train": ("keras",), "export": FAMILIES}[stage]
         for entry in artifacts(manifest):
             digest = checked_sha256(run_dir / entry["path"]) if entry["family"] in family \
                 else entry["sha256"]

@@ -74,7 +74,7 @@ def open_artifact(artifact_path) -> Opened:
         RunDirError: the artifact sits in a run directory that records another sha256.
     """
     artifact_path = Path(artifact_path)
-    entry = run_entry(artifact_path) if artifact_path.is_file() else None
+    entry = run_entry(artifact_path) if artifact_path.exists() else None
     info = describe_file(artifact_path)
     shape = info["input"]["shape"]
     if len(shape) != 4 or shape[3] != 3 or min(shape[1:3]) < 1:

@@ -53,7 +53,7 @@ def quiet_tensorflow() -> None:
     (`tledge.build`, `tledge.Run`), never at `import tledge`: a program that imported
     TensorFlow itself keeps its own settings."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    for module in ("tensorflow", "keras", "tf2onnx", "absl", "google", "onnx"):
+    for module in ("tensorflow", "keras", "tf2onnx", "absl", "google", "onnx", "openvino", "nncf"):
         warnings.filterwarnings("ignore", module=module)
     if "tensorflow" in sys.modules:
         return

@@ -136,7 +136,8 @@ def _diagnose_failed_int8(run_dir, manifest, recipe, rows, log) -> None:
     for entry in artifacts(manifest):
         record = entry.get("quantization")
         if entry["name"] not in failed or entry.get("precision") != "int8" or \
-                (isinstance(record, dict) and record.get("diagnosis")):
+                entry.get("family") not in ("tflite", "onnx") or \
+                (isinstance(record, dict) and record.get("diagnosis")):  # NNCF's IR: its own
             continue
         log(f"  {entry['name']:<16} measuring its quantization error layer by layer")
         try:

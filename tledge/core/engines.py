@@ -141,12 +141,13 @@ class OnnxModel:
 
 
 class OpenVinoModel:
-    """An .onnx file in OpenVINO on the CPU (Intel edge boxes). OpenVINO may run a float graph
-    in bf16: an fp32 artifact is compiled at f32, what parity judges; `executed` says what
-    OpenVINO chose."""
+    """An .onnx file or an IR (its folder, or its .xml) in OpenVINO on the CPU (Intel edge
+    boxes). OpenVINO may run a float graph in bf16: an fp32 or fp16 artifact is compiled at
+    f32, what parity judges; `executed` says what OpenVINO chose."""
 
     def __init__(self, path, threads, module="openvino", precision=None, outputs=None):
         import openvino
+        path = Path(path) / IR_XML if Path(path).is_dir() else path
         config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -167,6 +168,19 @@ class OpenVinoModel:
 
 
 ONNX_MODULES = ("onnxruntime", "openvino")
+IR_MODULES = ("openvino",)
+IR_XML = "model.xml"  # an OpenVINO IR artifact is a folder: model.xml and model.bin
+
+
+def modules_for(file_name) -> tuple[str, ...]:
+    """The runtime modules that can open an artifact, by its name: a .tflite, an .onnx, or an
+    OpenVINO IR (a folder holding model.xml, or the .xml)."""
+    path = Path(file_name)
+    if path.suffix == ".tflite":
+        return TFLITE_MODULES
+    if path.suffix == ".xml" or path.is_dir():
+        return IR_MODULES
+    return ONNX_MODULES
 
 
 def installed(module: str) -> bool:
@@ -176,16 +190,20 @@ def installed(module: str) -> bool:
 
 def runtime_for(file_name: str, wanted: str = "auto") -> str:
     """The runtime module this device runs `file_name` with, or raise Unavailable."""
-    candidates = TFLITE_MODULES if file_name.endswith(".tflite") else ONNX_MODULES
+    candidates = modules_for(file_name)
     if wanted != "auto":
         if wanted not in candidates:
-            raise Unavailable(f"{wanted} does not run {Path(file_name).suffix} files")
+            raise Unavailable(f"{wanted} does not run {_kind(file_name)} files")
         candidates = (wanted,)
     for module in candidates:
         if installed(module):
             return module
     hint = " or ".join(name.replace("_", "-") for name in candidates)
-    raise Unavailable(f"no runtime for {Path(file_name).suffix} here (pip install {hint})")
+    raise Unavailable(f"no runtime for {_kind(file_name)} here (pip install {hint})")
+
+
+def _kind(file_name) -> str:
+    return "OpenVINO IR" if modules_for(file_name) == IR_MODULES else Path(file_name).suffix
 
 
 def open_model(path, threads: int, module: str, precision=None, outputs=None):

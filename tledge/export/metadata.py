@@ -27,6 +27,7 @@ import numpy as np
 
 from tledge.errors import ArtifactError, ExportError, first_line
 from tledge.export import tflite_standard as standard
+from tledge.export.openvino import read_openvino_metadata
 from tledge.model import INPUT_NAME, OUTPUT_NAME
 from tledge.rundir import atomic_path
 
@@ -200,7 +201,8 @@ def embed_onnx(path, metadata: dict) -> Path:
 
 
 def read_metadata(path) -> dict | None:
-    """The tledge metadata embedded in a .tflite or .onnx file; None when it has none.
+    """The tledge metadata embedded in a .tflite or .onnx file or an OpenVINO IR (its folder
+    or .xml); None when it has none.
 
     A .keras file carries none (tledge keeps its facts in the manifest next to it).
 
@@ -208,6 +210,12 @@ def read_metadata(path) -> dict | None:
         ArtifactError: the file is missing, unreadable, or of an unknown kind.
     """
     path = Path(path)
+    if path.is_dir() or path.suffix.lower() == ".xml":  # an OpenVINO IR
+        try:
+            return read_openvino_metadata(path)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ArtifactError(f"{path}: its embedded tledge metadata is not JSON "
+                                f"({error})") from None
     if not path.is_file():
         raise ArtifactError(f"{path}: no such artifact file")
     suffix = path.suffix.lower()

@@ -8,6 +8,7 @@ with its reason, and the others still export.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import time
 import warnings
 from pathlib import Path
@@ -22,10 +23,11 @@ from tledge.errors import (ArtifactError, DataError, ExportError, first_line, Ru
 from tledge.export.int8 import diagnose_onnx, diagnose_tflite, Judge, quantize_with_repair
 from tledge.export.metadata import artifact_metadata, embed_onnx, embed_tflite
 from tledge.export.onnx import export_onnx
+from tledge.export.openvino import AccuracyControl, embed_openvino, export_openvino
 from tledge.export.qat import IMAGES as QAT_IMAGES, LEARNING_RATE, quantization_aware_copy
 from tledge.export.savedmodel import export_savedmodel
 from tledge.export.tflite import export_tflite, tflite_spec
-from tledge.formats import format_for, FORMATS
+from tledge.formats import FAMILIES, format_for, FORMATS
 from tledge.model import load_model
 from tledge.parity import predict_all
 from tledge.quiet import quiet
@@ -50,10 +52,11 @@ def _exporter(family):
     if family == "savedmodel":
         return lambda model, path, *, precision, calibration, tasks=None, **_: \
             export_savedmodel(model, path, precision=precision, tasks=tasks)
+    if family == "openvino":
+        return lambda model, path, *, precision, calibration, tasks=None, accuracy=None, **_: \
+            export_openvino(model, path, precision=precision, calibration=calibration,
+                            tasks=tasks, accuracy=accuracy)
     raise ExportError(f"no exporter for {family!r}")
-
-
-FAMILIES = tuple(dict.fromkeys(row.family for row in FORMATS.values() if row.family != "keras"))
 
 
 def requested_formats(recipe, only=None, precisions=None) -> list:
@@ -82,6 +85,7 @@ def requested_formats(recipe, only=None, precisions=None) -> list:
                 and row.precision in precisions]
     listed = [format_for("tflite", p) for p in recipe.export.tflite] + \
              [format_for("onnx", p) for p in recipe.export.onnx] + \
+             [format_for("openvino", p) for p in recipe.export.openvino] + \
              ([format_for("savedmodel", "fp32")] if recipe.export.savedmodel else [])
     return [row for row in listed if wanted(row)]
 
@@ -112,7 +116,7 @@ def _embed(path, row, spec, manifest, about) -> dict:
     """Labels, input contract, recipe hash and version inside the artifact itself (and, in a
     .tflite, the standard metadata clients read); returns the specs read back from the file
     as written (a .tflite's tensors are renamed `image` and `probabilities`)."""
-    if row.family not in ("tflite", "onnx"):  # a SavedModel folder: the manifest describes it
+    if row.family not in ("tflite", "onnx", "openvino"):  # a SavedModel: the manifest says
         return spec
     tasks = manifest.get("tasks")
     foreign = manifest["recipe"].get("model_sha256")  # a .keras file tledge did not train
@@ -122,6 +126,9 @@ def _embed(path, row, spec, manifest, about) -> dict:
                               model_sha256=foreign)
     if row.family == "onnx":
         embed_onnx(path, facts)
+        return spec
+    if row.family == "openvino":
+        embed_openvino(path, facts)
         return spec
     embed_tflite(path, facts, about)
     return tflite_spec(path, tasks=task_names(tasks) if tasks else None)
@@ -301,6 +308,32 @@ def _export_int8(row, model, path, plan, *, int8_io, model_sha256, log, tasks=No
     return record.pop("spec"), record
 
 
+def _export_nncf(row, model, path, calibration, plan, tasks, log) -> dict:
+    """The OpenVINO int8 IR through NNCF. With a run's plan and a single-task model:
+    accuracy-controlled on the plan's repair images (never the test split), at most the
+    recipe's `max_accuracy_drop` below the float IR, on the same calibration images as the
+    other int8 files; else NNCF's plain post-training quantization. The spec's "nncf" says
+    which, and what NNCF kept in float."""
+    accuracy = None
+    judge = plan.judge if plan is not None else None
+    if judge is not None and not tasks:
+        accuracy = AccuracyControl(judge.images, judge.labels,
+                                   plan.thresholds(row.name)["max_accuracy_drop"], judge.split)
+    if plan is not None:
+        calibration = plan.calibration_for(None)
+    start = time.perf_counter()
+    with quiet():
+        spec = export_openvino(model, path, precision="int8", calibration=calibration,
+                               tasks=tasks, accuracy=accuracy)
+    record = spec["nncf"]
+    if accuracy is not None:
+        log(f"    int8 {row.name}: NNCF with accuracy control (at most {accuracy.max_drop:g} "
+            f"below the float IR on {len(accuracy.labels)} {accuracy.split} images): "
+            f"{record['reverted']} of {record['reverted'] + record['quantizers']} quantizers "
+            f"returned to float, {time.perf_counter() - start:.0f} s")
+    return spec
+
+
 def _quantization_aware(row, model, settings, plan, log):
     """The model fine-tuned with int8 simulated (`tledge.export.qat`) for `settings`: on the
     training images calibration may take (never the repair split; at most `QAT_IMAGES`, the
@@ -346,7 +379,13 @@ def export_artifacts(model, run_dir, manifest, rows, *, calibration=None, int8_i
                 raise ExportError("int8 needs calibration images (--calibration-dir)")
             extra = {}
             with atomic_path(path) as temporary:
-                if row.precision == "int8" and int8 is not None:
+                if row.family == "openvino" and row.precision == "int8":
+                    spec = _export_nncf(row, model, temporary, calibration, int8, tasks, log)
+                    extra["nncf"] = spec.pop("nncf")
+                    extra["calibration_samples"] = extra["nncf"]["calibration_samples"]
+                    if model_sha256:
+                        extra["nncf"]["model_sha256"] = model_sha256
+                elif row.precision == "int8" and int8 is not None:
                     spec, extra["quantization"] = _export_int8(
                         row, model, temporary, int8, int8_io=int8_io,
                         model_sha256=model_sha256, log=log, tasks=tasks)
@@ -408,6 +447,9 @@ def export_model_file(model_path, out_dir=None, *, only=None, precisions=None,
     if only or precisions:
         rows = requested_formats(None, only, precisions or
                                  tuple(dict.fromkeys(row.precision for row in rows)))
+    if not only and importlib.util.find_spec("openvino") is None:  # an optional extra
+        log("  OpenVINO IR needs openvino (pip install 'tledge[openvino]'): left out")
+        rows = [row for row in rows if row.family != "openvino"]
     if calibration_dir is None and any(row.precision == "int8" for row in rows):
         log("  int8 needs images to calibrate with (--calibration-dir): left out")
         rows = [row for row in rows if row.precision != "int8"]

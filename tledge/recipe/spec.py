@@ -38,6 +38,10 @@ def _onnx_precisions():
     return precisions("onnx")
 
 
+def _openvino_precisions():
+    return precisions("openvino")
+
+
 def _format_names():
     return tuple(FORMATS)
 
@@ -234,6 +238,9 @@ class BaselineRecipe:
 class ExportRecipe:
     tflite: tuple[str, ...] = option(("fp32", "int8"), choices=_tflite_precisions)
     onnx: tuple[str, ...] = option(("fp32",), choices=_onnx_precisions)
+    openvino: tuple[str, ...] = option((), choices=_openvino_precisions,
+                                       help="OpenVINO IR folders; int8 through NNCF with "
+                                            "accuracy control (needs openvino and nncf)")
     savedmodel: bool = option(False, help="also write a TensorFlow SavedModel folder")
     int8_io: str = option("uint8", choices=("uint8", "int8", "float32"),
                           help="TFLite int8 input/output: uint8 takes raw pixel bytes")
@@ -432,7 +439,7 @@ _HASHED_WHEN_SET = (("data", "synthetic", "domain", DEFAULT_DOMAIN), ("model", "
                     ("data", "synthetic", "sizes", list(SIZES)), ("model", "tasks", []),
                     ("train", "best_by", "mean"), ("train", "compare_single_task", False),
                     ("export", "int8_repair_images", 500), ("export", "int8_float_steps", 4),
-                    ("export", "int8_qat_steps", 300))
+                    ("export", "int8_qat_steps", 300), ("export", "openvino", []))
 # An inline ensemble member's model and train tables: the keys added after members were
 _MEMBER_HASHED_WHEN_SET = (("model", "tasks", []), ("train", "best_by", "mean"),
                            ("train", "compare_single_task", False))

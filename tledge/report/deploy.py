@@ -61,8 +61,7 @@ import openvino as ov
 from PIL import Image, ImageOps
 
 labels = json.load(open({manifest}))["labels"]
-model = ov.Core().compile_model({model}, "CPU",
-                                {{"INFERENCE_PRECISION_HINT": "f32"}})
+{compile}
 height, width = (model.input(0).get_partial_shape()[axis].get_length() for axis in (1, 2))
 {open_image}
 pixels = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32)
@@ -72,16 +71,22 @@ print(labels[probabilities.argmax()], round(float(probabilities.max()), 4))
 }
 
 
-def pick_code(runtime: str, model_path: str, manifest_path: str) -> tuple[str, str] | None:
-    """(the pip line, the Python code) that classifies photo.jpg with `model_path` in
-    `runtime` alone, printing `label probability`; None for a runtime without one here
-    (Keras: `tledge predict` or `tledge.Run(...).predict` run it)."""
+def pick_code(runtime: str, model_path: str, manifest_path: str,
+              precision: str = "fp32") -> tuple[str, str] | None:
+    """(the pip line, the Python code) that classifies photo.jpg with `model_path` (an IR:
+    its .xml) in `runtime` alone, printing `label probability`; None for a runtime without
+    one here (Keras: `tledge predict` or `tledge.Run(...).predict` run it). OpenVINO compiles
+    a float artifact at f32, as tledge validated it, and an int8 one at its own choice."""
     if runtime not in _CODE:
         return None
     package, template = _CODE[runtime]
+    model = json.dumps(str(model_path))
+    compile_line = (f'model = ov.Core().compile_model({model}, "CPU")' if precision == "int8"
+                    else f'model = ov.Core().compile_model({model}, "CPU",\n'
+                         f'{" " * 32}{{"INFERENCE_PRECISION_HINT": "f32"}})')
     return (f"pip install {package} numpy pillow",
-            template.format(model=json.dumps(str(model_path)),
-                            manifest=json.dumps(str(manifest_path)), open_image=_OPEN_IMAGE))
+            template.format(model=model, manifest=json.dumps(str(manifest_path)),
+                            open_image=_OPEN_IMAGE, compile=compile_line))
 
 
 def contract_cells(spec) -> str:
@@ -146,7 +151,9 @@ def _pick_lines(run_dir, pick, pick_dir, entry, md) -> list[str]:
              f"{_code(_PYTHON_CALL)}. On a device (a Raspberry "
              f"Pi, a Jetson): {_code('tledge bundle . --out bundle.zip')} packs the files with "
              "a script that checks and times them there.", ""]
-    code = pick_code(pick["runtime"], model_path, manifest_path)
+    code = pick_code(pick["runtime"], model_path + ("/model.xml" if entry["family"] == "openvino"
+                                                    else ""),
+                     manifest_path, entry.get("precision", "fp32"))
     if code is None or isinstance(entry.get("output"), list):
         return lines
     pip, text = code

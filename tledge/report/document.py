@@ -91,7 +91,7 @@ def report_run(run_dir) -> Path:
     lines += report_tasks.section(run_dir, manifest, parity, bench, figures, md)
     lines += _cross_architecture_lines(crossed)
     lines += report_int8.section(manifest, own_runtime_rows(parity), _split(parity), figures,
-                                 md, bench)
+                                 md, bench, parity)
     lines += _figure_lines(figures, "confusion_reference", "confusion_pick", "per_class")
     lines += _bench_section(bench, parity, checksums)
     lines += _figure_lines(figures, "pareto", "latency")
@@ -466,7 +466,8 @@ def _shipped_section(run_dir, manifest, parity, bench) -> list[str]:
     lines += [""] if lines[-1] != "" else []
     for part in (_parity_section(shipped["parity"], checksums),
                  report_int8.section(shipped["manifest"], own_runtime_rows(shipped["parity"]),
-                                     _split(shipped["parity"]), {}, md, its_bench),
+                                     _split(shipped["parity"]), {}, md, its_bench,
+                                     shipped["parity"]),
                  _bench_section(its_bench, shipped["parity"], checksums)):
         lines += [("#" + line) if line.startswith("## ") else line for line in part]
     return lines

@@ -44,14 +44,16 @@ def draw(run_dir, manifest, parity_rows) -> dict:
     return drawn
 
 
-def section(manifest, parity_rows, split, figures, md, bench=None) -> list[str]:
+def section(manifest, parity_rows, split, figures, md, bench=None, parity=None) -> list[str]:
     """The "Quantization" section (empty when the run has no int8 artifact). `parity_rows`:
     {artifact: its `ParityRow` in its own runtime} (`Parity.own_rows`); `bench`: the run's
-    `tledge.records.Bench`, for what int8 costs or buys in time on this machine."""
+    `tledge.records.Bench`, for what int8 costs or buys in time on this machine; `parity`:
+    the run's `Parity` (every runtime's rows), for the OpenVINO routes compared."""
     records = int8_records(manifest)
-    if not records:
+    routes = openvino_routes(manifest, parity, bench, md) if parity else []
+    if not records and not routes:
         return []
-    lines = ["## Quantization", ""]
+    lines = ["## Quantization", ""] + routes
     for entry, record in records:
         name = entry["name"]
         lines += [f"**{name}**: " + sentence(record, parity_rows.get(name), split)
@@ -91,6 +93,61 @@ def section(manifest, parity_rows, split, figures, md, bench=None) -> list[str]:
                                   for layer in _ranked(record["diagnosis"])[:5]) + "."
                       + _verdict(record["diagnosis"]), ""]
     return lines
+
+
+NNCF = "openvino_int8"
+
+
+def openvino_routes(manifest, parity, bench, md) -> list[str]:
+    """Two routes to int8 for OpenVINO, side by side: the QDQ ONNX file (tledge's own repair,
+    run in ONNX Runtime and in OpenVINO) and the IR quantized by NNCF with accuracy control,
+    with the float IR for reference: accuracy and agreement on the validate stage's split,
+    size, and p50 timed by the bench stage on this CPU. Empty without an NNCF IR."""
+    entries = {entry["name"]: entry for entry in artifacts(manifest)}
+    nncf = (entries.get(NNCF) or {}).get("nncf")
+    if not nncf:
+        return []
+    candidates = [("float IR", "openvino_fp32", "openvino"),
+                  ("QDQ ONNX, tledge's repair", "onnx_int8", "onnxruntime"),
+                  ("QDQ ONNX, tledge's repair", "onnx_int8", "openvino"),
+                  ("NNCF, accuracy control" if nncf.get("route") == "nncf_accuracy_control"
+                   else "NNCF, plain", NNCF, "openvino")]
+    timed = {}
+    for row in (bench.timed() if bench else []):
+        timed.setdefault((row.artifact, row.runtime), row)
+    lines = ["Two routes to int8 for OpenVINO (accuracy and agreement on the "
+             f"{md(parity.split)} split; p50 timed by "
+             "the bench stage):", "",
+             "| route | artifact | runtime | accuracy | agreement | parity | size KiB | p50 ms |",
+             "|---|---|---|---:|---:|---|---:|---:|"]
+    shown = 0
+    for route, name, runtime in candidates:
+        row = parity.find(name, runtime)
+        if name not in entries or row is None:
+            continue
+        bench_row = timed.get((name, runtime))
+        size = entries[name].get("size_bytes")
+        lines.append(f"| {route} | {md(name)} | {runtime} | {_num(row.accuracy)} | "
+                     f"{_num(row.agreement)} | {row.status} | "
+                     f"{_num(size / 1024 if size else None, ',.0f')} | "
+                     f"{_num(bench_row.p50_ms if bench_row else None, '.3f')} |")
+        shown += 1
+    if shown < 2:
+        return []
+    machine = (bench.machine or {}) if bench else {}
+    where = md(machine.get("cpu", "this machine")) + (f", {md(machine['isa'])}"
+                                                      if machine.get("isa") else "")
+    if nncf.get("route") == "nncf_accuracy_control":
+        how = (f"NNCF quantized the IR and returned {nncf['reverted']} of "
+               f"{nncf['reverted'] + nncf['quantizers']} quantizers to float, so that accuracy "
+               f"on {nncf['images']} {md(nncf['split'])} images (never the test split) stays at "
+               f"most {nncf['max_drop']:g} below the float IR's (the recipe's "
+               "max_accuracy_drop); tledge's repair of the QDQ file is judged on the same "
+               "images, and on agreement with the Keras model as well.")
+    else:
+        how = ("NNCF quantized the IR without accuracy control (a multi-task model, or no "
+               "images to judge on).")
+    return lines + ["", f"{how} Timed on {where}.", ""]
 
 
 def repair_note(manifest, name) -> str:
