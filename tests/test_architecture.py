@@ -30,6 +30,7 @@ LAYERS = [
                    "tledge.recipe.rules", "tledge.recipe.spec", "tledge.runners",
                    "tledge.runners.keras_runner", "tledge.runners.litert_runner",
                    "tledge.runners.openvino_runner", "tledge.runners.ort_runner",
+                   "tledge.runners.web_runner",
                    "tledge.plots", "tledge.run_inputs"]),
     ("pipeline", ["tledge.pipeline"]),
     ("stages", ["tledge.train", "tledge.train.adabn", "tledge.train.bottlenecks",

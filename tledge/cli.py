@@ -449,8 +449,11 @@ def export(source, formats, precisions, calibration_dir, out, labels_path):
 
 @command(name="validate", lock="run_dir")
 @click.argument("run_dir", type=RUN_DIR)
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(list(RUNTIMES)),
+              help="Judge the artifacts in this runtime too, beside the recipe's "
+                   "bench.runtimes (e.g. onnxruntime_web, in headless Chromium). Repeatable.")
 @_JSON
-def validate(run_dir, as_json):
+def validate(run_dir, runtimes, as_json):
     """Check every artifact's accuracy against the Keras model, in its real runtime.
 
     Exit code 1 when any artifact fails its thresholds. A row that meets them on fewer images
@@ -458,9 +461,11 @@ def validate(run_dir, as_json):
     images would do; exit code 0): it is not called passed, and ships only when nothing
     passed, marked unproven.
 
-    Example: tledge validate models/quickstart
+    \b
+    Examples: tledge validate models/quickstart
+              tledge validate models/quickstart --runtime onnxruntime_web
     """
-    parity = validate_run(run_dir, log=_log(as_json))
+    parity = validate_run(run_dir, runtimes=runtimes, log=_log(as_json))
     if as_json:
         click.echo(_json(parity.to_json()))
     _exit_on_parity(parity)
@@ -480,7 +485,9 @@ def _parse_counts(ctx, param, value):
     [(name, row.description) for name, row in RUNTIMES.items()]))
 @click.argument("run_dir", type=RUN_DIR)
 @click.option("--runtime", "runtimes", multiple=True, type=click.Choice(list(RUNTIMES)),
-              help="Runtime to use. Repeatable. Default: the recipe's bench.runtimes.")
+              help="Runtime to use. Repeatable. Default: the recipe's bench.runtimes. A "
+                   "runtime the recipe does not list (a browser: onnxruntime_web, "
+                   "litert_web) is judged for parity first.")
 @click.option("--threads", callback=_parse_counts, metavar="N[,N...]",
               help="Thread counts, e.g. 1,2,4. Default: the recipe's bench.threads.")
 @click.option("--pick", "pick_only", is_flag=True,

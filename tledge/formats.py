@@ -120,5 +120,10 @@ RUNTIME_ROWS: tuple[RuntimeRow, ...] = (
     RuntimeRow("onnxruntime_tensorrt", ("onnx",), "tledge.runners.ort_runner",
                "load_onnxruntime", "ONNX Runtime, TensorRT execution provider",
                device="tensorrt"),
+    RuntimeRow("onnxruntime_web", ("onnx",), "tledge.runners.web_runner",
+               "load_onnxruntime_web", "ONNX Runtime Web (WebAssembly, SIMD, threads) in "
+               "headless Chromium"),
+    RuntimeRow("litert_web", ("tflite",), "tledge.runners.web_runner", "load_litert_web",
+               "LiteRT.js (WebAssembly, XNNPACK) in headless Chromium, batch 1"),
 )
 RUNTIME_NAMES = tuple(row.name for row in RUNTIME_ROWS)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tledge.core.machine import machine_facts
 from tledge.errors import first_line, RuntimeUnavailable
+from tledge.formats import FORMATS
 from tledge.export.int8 import diagnose_entry
 from tledge.parity import (compare, NOT_EXPORTED, evidence_text, judge_evidence, ParityRow, predict_all,
                            reference_row)
@@ -50,8 +51,10 @@ def parity_pairs(entries, bench_runtimes) -> list[tuple[dict, str]]:
     return exported + others
 
 
-def validate_run(run_dir, *, log=print) -> Parity:
-    """Run every artifact of the run over the evaluation split; write parity.json."""
+def validate_run(run_dir, *, runtimes=(), log=print) -> Parity:
+    """Run every artifact of the run over the evaluation split; write parity.json.
+    `runtimes`: judge the artifacts in these too, beside the recipe's [bench] runtimes (a
+    browser runtime, which no recipe needs to list)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     recipe = run_recipe(run_dir)
@@ -73,7 +76,8 @@ def validate_run(run_dir, *, log=print) -> Parity:
         "(reference" + (": mean of " + ", ".join(
             f"{name} {part['accuracy']:.4f}" for name, part in rows[0].tasks.items())
             if tasks else "") + ")")
-    for entry, runtime in parity_pairs(entries, recipe.bench.runtimes):
+    asked = tuple(dict.fromkeys((*recipe.bench.runtimes, *runtimes)))
+    for entry, runtime in parity_pairs(entries, asked):
         # Keras elsewhere (a GPU) is float32 on other kernels: judged as an fp32 export
         thresholds = recipe.validate.tolerance("tflite_fp32" if entry["name"] == "keras"
                                                else entry["name"])
@@ -85,8 +89,18 @@ def validate_run(run_dir, *, log=print) -> Parity:
             rows.append(ParityRow(entry["name"], runtime, "skipped", problems=[str(error)]))
             log(f"  {shown:<16} skipped: {error}")
             continue
-        row = judge_evidence(compare(predict_all(runner, images), reference, labels,
-                                     reference_accuracy, thresholds, tasks), len(labels))
+        try:
+            predicted = predict_all(runner, images)
+        except Exception as error:  # the runtime refused to run the file: a row, not a crash
+            runner.close()
+            reason = f"{runtime} cannot run it: {first_line(error)}"
+            rows.append(ParityRow(entry["name"], runtime, "failed", problems=[reason],
+                                  sha256=entry["sha256"], executed=runner.executed,
+                                  machine=where))
+            log(f"  {shown:<16} FAILED: {reason}")
+            continue
+        row = judge_evidence(compare(predicted, reference, labels, reference_accuracy,
+                                     thresholds, tasks), len(labels))
         runner.close()
         row.artifact, row.runtime, row.sha256 = entry["name"], runtime, entry["sha256"]
         row.executed, row.machine = runner.executed, where
@@ -132,7 +146,9 @@ def _diagnose_failed_int8(run_dir, manifest, recipe, rows, log) -> None:
     """An int8 artifact that fails parity gets its per-layer diagnosis (into its manifest
     entry, not saved), when its export did not already make one: the report then shows where
     the error comes from."""
-    failed = {row.artifact for row in rows if row.status == "failed" and row.runtime}
+    failed = {row.artifact for row in rows if row.status == "failed" and row.runtime
+              and row.runtime == runtimes_for(FORMATS[row.artifact].family)[0]
+              if row.artifact in FORMATS}  # in its own runtime: another may refuse the file
     for entry in artifacts(manifest):
         record = entry.get("quantization")
         if entry["name"] not in failed or entry.get("precision") != "int8" or \

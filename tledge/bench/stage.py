@@ -31,6 +31,7 @@ from tledge.rundir import (artifacts, BENCH, find_artifact, INNER_RUNS, MANIFEST
                            read_manifest, record_stage, verified_artifact,
                            write_json, write_manifest)
 from tledge.runners import load, RUNTIMES
+from tledge.validate import validate_run
 
 
 def bench_artifact(entry, run_dir, runtime, *, threads, batch, images, warmup, min_runs,
@@ -74,6 +75,13 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
     threads = tuple(threads or settings.threads)
     batch_sizes = tuple(batch_sizes or settings.batch_sizes)
     images = evaluation_split(run_splits(run_dir, recipe))[0][:64]
+    unjudged = _unjudged(run_dir, manifest, runtimes, settings.runtimes) if custom_runtimes \
+        else ()
+    if unjudged:  # a runtime no recipe lists (a browser): judged first, as validate judges
+        log(f"  parity in {', '.join(unjudged)} first (tledge validate {run_dir} "
+            + " ".join(f"--runtime {name}" for name in unjudged) + ")")
+        validate_run(run_dir, runtimes=unjudged, log=log)
+        manifest = read_manifest(run_dir)
     if not artifacts(manifest):
         raise RunDirError(f"{run_dir} has no artifacts to benchmark; train and export first "
                           "(`tledge build RECIPE`, or `tledge export RUN_DIR`)")
@@ -141,6 +149,18 @@ def bench_run(run_dir, *, runtimes=None, threads=None, batch_sizes=None, log=pri
                  **({"hash": None} if custom else stage_record(manifest, recipe, "bench")))
     write_manifest(run_dir, manifest)
     return result
+
+
+def _unjudged(run_dir, manifest, runtimes, listed) -> tuple[str, ...]:
+    """The runtimes asked for that the recipe does not list, can run here, run one of the
+    run's artifacts and have no parity row for it."""
+    parity = read_parity(run_dir)
+    judged = {(row.artifact, row.runtime) for row in parity.rows} if parity else set()
+    return tuple(runtime for runtime in runtimes if runtime not in listed
+                 and RUNTIMES[runtime].unavailable() is None
+                 and any(entry["family"] in RUNTIMES[runtime].families
+                         and (entry["name"], runtime) not in judged
+                         for entry in artifacts(manifest)))
 
 
 def other_candidates(run_dir, *, threads: int, batch: int, members=False, log=print):

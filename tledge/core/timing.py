@@ -85,6 +85,10 @@ def time_runner(runner, prepared, *, warmup: int, min_runs: int, min_seconds: fl
     decoded after, as TFLite's benchmark_model and onnxruntime_perf_test do. Timed runs go on
     until both `min_runs` and `min_seconds` are reached.
     """
+    in_place = getattr(runner, "time_in_place", None)
+    if in_place is not None:  # a runtime in another process (a browser) times itself there
+        return in_place(prepared, warmup=warmup, min_runs=min_runs, min_seconds=min_seconds,
+                        max_runs=max_runs)
     clock = time.perf_counter_ns
     start = clock()
     runner.run(prepared)
@@ -154,8 +158,9 @@ def measure(row: dict, load, prepare, images, *, warmup: int, min_runs: int,
     finally:
         getattr(model, "close", lambda: None)()
     row.update(summarize(samples, batch))
-    row["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
-    row["runtime_rss_mb"] = round((peak_rss_bytes() - baseline) / 2**20, 1)
+    if not getattr(model, "out_of_process", False):  # a browser's memory is not measured here
+        row["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
+        row["runtime_rss_mb"] = round((peak_rss_bytes() - baseline) / 2**20, 1)
     return row
 
 
