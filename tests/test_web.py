@@ -54,20 +54,51 @@ def test_onnx_runtime_web_classifies_like_keras_and_is_timed_in_the_page(web_run
     assert "parity in onnxruntime_web, litert_web first" in output
 
 
-def test_a_file_litert_js_refuses_is_a_failed_row_with_its_reason(web_run):
-    """LiteRT.js 2.5.3 has no way to resize an input, and tledge's .tflite files declare a
-    dynamic batch (-1): it refuses them. That is a row that says so, not a crash, and the
-    pick never takes it."""
+def test_litert_js_runs_the_tflite_files_as_the_native_interpreter_does(web_run):
+    """The same XNNPACK kernels compiled to WebAssembly: the same answers as LiteRT natively
+    (fp32 to float rounding, int8 image for image)."""
     run_dir, _ = web_run
     parity = {(row["artifact"], row["runtime"]): row
               for row in json.loads((run_dir / "parity.json").read_text())["rows"]}
     for name in ("tflite_fp32", "tflite_int8"):
-        row = parity[(name, "litert_web")]
-        assert row["status"] == "failed" and "litert_web cannot run it" in row["problems"][0]
-        assert "[-1, 32, 32, 3]" in row["problems"][0]
-        assert parity[(name, "litert")]["status"] != "failed"  # natively it runs
+        web, native = parity[(name, "litert_web")], parity[(name, "litert")]
+        assert web["status"] == native["status"] and not web["problems"], web
+        assert web["agreement"] == native["agreement"] and web["accuracy"] == native["accuracy"]
+        assert "litert 2.5.3" in web["executed"]
+    assert parity[("tflite_fp32", "litert_web")]["max_abs_diff"] < 1e-4
     bench = json.loads((run_dir / "bench.json").read_text())
-    assert bench["pick"] is None or bench["pick"]["runtime"] != "litert_web"
+    assert {row["artifact"] for row in bench["rows"]
+            if row["runtime"] == "litert_web" and row["status"] == "ok"} == {"tflite_fp32",
+                                                                             "tflite_int8"}
+
+
+def test_a_dynamic_batch_is_what_litert_js_refuses_so_tledge_declares_batch_one(web_run,
+                                                                              tmp_path):
+    """The converter writes the batch as -1 (any); LiteRT.js cannot resize an input and
+    refuses such a file. tledge's .tflite declares the batch it was converted at (1), and
+    the interpreter still runs a batch of 4 by resizing."""
+    import numpy as np
+    from tledge.export.tflite import export_tflite
+    from tledge.inspection import describe_file
+    from tledge.model import load_model
+    from tledge.runners import load
+    run_dir, _ = web_run
+    raw = tmp_path / "raw.tflite"
+    export_tflite(load_model(run_dir / "model.keras"), raw, precision="fp32")  # no embed
+    entry = {**describe_file(raw), "family": "tflite", "path": raw.name}
+    runner = load(entry, tmp_path, "litert_web", threads=1)
+    try:
+        with pytest.raises(RuntimeError, match=r"does not match expected ranked tensor type "
+                                               r"Float32\[-1, 32, 32, 3\]"):
+            runner.predict(np.zeros((1, 32, 32, 3), np.uint8))
+    finally:
+        runner.close()
+    shipped = describe_file(run_dir / "model_fp32.tflite")
+    assert shipped["input"]["shape"] == [1, 32, 32, 3]
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    native = load({**shipped, "family": "tflite", "path": "model_fp32.tflite"}, run_dir,
+                  "litert").predict(images)
+    assert native.shape == (4, 8)
 
 
 def _tarball(files: dict) -> bytes:
@@ -106,3 +137,61 @@ def test_offline_the_message_says_what_to_download_and_where(tmp_path, monkeypat
         fetch_package(package)
     assert f"http://127.0.0.1:9/onnxruntime-web/-/{package.tarball}" in str(error.value)
     assert str(tmp_path / package.tarball) in str(error.value)
+
+
+def test_the_bundles_web_page_classifies_a_picture_as_tledge_predict(web_run, tmp_path):
+    """web/ served as its README says (`python3 -m http.server`), opened in headless Chromium,
+    given a picture through its file input: the label it shows is `tledge predict`'s."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import zipfile
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from tledge.data.synthetic import generate
+    from tledge.predict import predict_files
+    from tledge.runners.web_runner import _start_chromium
+    run_dir, _ = web_run
+    result = invoke("bundle", run_dir, "--out", tmp_path / "bundle.zip")
+    assert result.exit_code == 0, result.output
+    zipfile.ZipFile(tmp_path / "bundle.zip").extractall(tmp_path / "bundle")
+    web = tmp_path / "bundle" / "web"
+    document = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    readme = (tmp_path / "bundle" / "README.txt").read_text()
+    assert "cd web && python3 -m http.server 8000" in readme
+    shown = next(item for item in document["artifacts"] if item["name"] == document["pick"])
+    assert (web / shown["file"].split("/")[-1]).is_file()  # the pick, beside its page
+    # at the model's own size: the page's canvas and tledge's loader then feed the same pixels
+    pixels, _ = generate(["star", "ring", "cross"], 1, (32, 32), noise=0.05, seed=7)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                               "127.0.0.1"], cwd=web, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    browser = None
+    try:
+        time.sleep(1)
+        browser = _start_chromium()
+        browser.get(f"http://127.0.0.1:{port}/")
+        status = lambda driver: driver.find_element(By.ID, "status").text  # noqa: E731
+        WebDriverWait(browser, 120).until(lambda driver: status(driver) != "Loading the model…")
+        assert status(browser) == "Ready: choose a picture.", status(browser)
+        for number, image in enumerate(pixels):
+            photo = tmp_path / f"photo{number}.png"
+            Image.fromarray(image).save(photo)
+            browser.find_element(By.ID, "file").send_keys(str(photo))
+            WebDriverWait(browser, 60).until(lambda driver: status(driver) == "Done.")
+            expected = predict_files([photo], run_dir / shown["file"].split("/")[-1])[0]
+            assert browser.find_element(By.ID, "label").text == expected["top"][0]["label"]
+            browser.execute_script("document.getElementById('status').textContent = ''")
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"
+                  and entry["source"] != "console-api"]  # LiteRT logs INFO lines as errors
+        assert not errors, errors
+    finally:
+        if browser is not None:
+            browser.quit()
+        server.terminate()
+        server.wait(10)

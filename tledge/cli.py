@@ -7,6 +7,7 @@ import functools
 import json
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import click
@@ -580,7 +581,9 @@ def bundle(run_dir, out, names, image_count, unvalidated):
     the device: `python3 bench_device.py --name pi5` writes result.json (the same statistics as
     `tledge bench`, device facts, and per artifact its accuracy, agreement with the build
     machine, largest output difference and the images that changed class); bring it back with
-    `tledge bench RUN_DIR --import result.json`.
+    `tledge bench RUN_DIR --import result.json`. Its web/ folder holds a page that
+    classifies a picture (or a camera frame) in the browser with the pick (LiteRT.js or ONNX
+    Runtime Web): `cd web && python3 -m http.server`.
 
     Example: tledge bundle models/quickstart --artifacts tflite_int8 --out pi.zip
     """
@@ -591,7 +594,9 @@ def bundle(run_dir, out, names, image_count, unvalidated):
                "`pip install -r requirements.txt` (in a venv), then `python3 classify.py "
                "IMAGE` to classify and `python3 bench_device.py --name DEVICE` to check and "
                f"time; bring result.json back with `tledge bench {run_dir} --import "
-               "result.json` (README.txt inside says more)")
+               "result.json`" + ("; in a browser, `cd web && python3 -m http.server`"
+                                 if "web/index.html" in zipfile.ZipFile(path).namelist()
+                                 else "") + " (README.txt inside says more)")
 
 
 @command(name="emulate", lock="run_dir")

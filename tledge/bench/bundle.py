@@ -14,6 +14,8 @@ Python, numpy and one runtime (and pillow, to classify image files):
       host_outputs.npz    each artifact's raw outputs for them on the build machine
       labels.txt          one class name per line
       artifacts/...       the .tflite / .onnx files
+      web/...             a page that classifies a picture in the browser (LiteRT.js or ONNX
+                          Runtime Web), with its artifact and the runtime's files
       README.txt          how to run it
 
 `bench_device.py` writes result.json; `import_device_result` checks it is tledge's, that it
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import html
 import io
 import json
 import zipfile
@@ -36,14 +39,14 @@ import tledge.core
 from tledge.core import classify, device as device_bench
 from tledge.core.engines import TFLITE_MODULES
 from tledge.core.machine import runtime_versions
-from tledge.errors import BundleError
+from tledge.errors import BundleError, RuntimeUnavailable
 from tledge.flops import model_flops
 from tledge.pipeline import require_current, validated_rows
 from tledge.records import device_problems, read_devices
 from tledge.run_inputs import evaluation_split, run_recipe, run_splits
 from tledge.tasks import targets
 from tledge.rundir import artifacts, atomic_path, DEVICES, read_manifest, write_json
-from tledge.runners import load, runtimes_for
+from tledge.runners import load, runtimes_for, web_runner
 
 DEVICE_FAMILIES = ("tflite", "onnx")  # what bench_device.py runs
 DEVICE_PACKAGE = "tledge_core"  # tledge.core in a bundle
@@ -76,6 +79,13 @@ on the bundled images, latency, memory), then bring the result back:
 and on the build machine:
 
     tledge bench {run_dir} --import result.json
+"""
+
+WEB_README = """
+In a browser (web/: {artifact}, its labels and the runtime's files; a picture you choose or
+the camera, classified in the page):
+
+    cd web && python3 -m http.server 8000     # then open http://localhost:8000
 """
 
 # the pip name of each runtime module a bundle's files need
@@ -212,13 +222,142 @@ def write_bundle(run_dir, out, *, names=None, image_count: int = 0, unvalidated=
             add("images.npy", pixels.getvalue())
             add(device_bench.HOST_OUTPUTS, raw.getvalue())
             add("labels.txt", "\n".join(manifest["labels"]) + "\n")
-            add("README.txt", README.format(
-                run=manifest["recipe"]["name"], count=len(listed), created=created, name=out.name,
-                run_dir=run_dir, first=listed[0]["name"]))
             for entry, item in zip(entries, listed):
                 archive.write(run_dir / entry["path"], item["file"])
                 log(f"  {item['file']}  {entry['size_bytes'] / 1024:,.0f} KiB")
+            web = _web_files(archive, run_dir, entries, listed, manifest, log)
+            add("README.txt", README.format(
+                run=manifest["recipe"]["name"], count=len(listed), created=created, name=out.name,
+                run_dir=run_dir, first=listed[0]["name"]) + (WEB_README.format(artifact=web)
+                                                             if web else ""))
     return out
+
+
+WEB_RUNTIMES = {"tflite": "litert_web", "onnx": "onnxruntime_web"}
+
+# The bundle's web page: the runtime's page (`tledge.runners.web_runner.page`, which defines
+# tledgeInit and tledgeRun) and this interface: a picture chosen or a camera frame, stretched
+# to the model's size on a canvas, fed as the input contract says, the top classes shown.
+WEB_UI = """
+<style>body{font:16px system-ui,sans-serif;max-width:40em;margin:2em auto;padding:0 1em}
+#top li{margin:.2em 0}</style>
+<h1>__TITLE__</h1>
+<p>Choose a picture, or take one from the camera. It is stretched to __W__&times;__H__ (not
+cropped), as the model was trained, and classified in this page by __RUNTIME__: nothing leaves
+the browser.</p>
+<p><input type="file" id="file" accept="image/*"> <button id="camera">Camera</button></p>
+<video id="video" width="240" hidden playsinline></video>
+<p id="status">Loading the model&hellip;</p>
+<p><strong id="label"></strong> <span id="ms"></span></p>
+<ol id="top"></ol>
+<script type="module">
+const facts = __FACTS__;
+const [height, width] = facts.input.shape.slice(1, 3);
+const status = document.getElementById('status');
+try {
+  await tledgeInit(0);
+  status.textContent = 'Ready: choose a picture.';
+} catch (error) {
+  status.textContent = 'The model did not load: ' + error;
+}
+function input(source) {
+  const canvas = document.createElement('canvas');
+  canvas.width = width; canvas.height = height;
+  const context = canvas.getContext('2d');
+  context.imageSmoothingEnabled = true;
+  context.imageSmoothingQuality = 'high';
+  context.drawImage(source, 0, 0, width, height);
+  const rgba = context.getImageData(0, 0, width, height).data;
+  const rgb = new Uint8Array(width * height * 3);
+  for (let i = 0, j = 0; i < rgba.length; i += 4, j += 3) {
+    rgb[j] = rgba[i]; rgb[j + 1] = rgba[i + 1]; rgb[j + 2] = rgba[i + 2];
+  }
+  const q = facts.input.quantization;  // raw 0-255 pixels, in the input's own type
+  if (facts.input.dtype === 'float32') return Float32Array.from(rgb);
+  if (!q || (q.scale === 1 && q.zero_point === 0)) return facts.input.dtype === 'uint8' ? rgb
+    : Int8Array.from(rgb, v => v - 128);
+  const low = facts.input.dtype === 'int8' ? -128 : 0, Kind = low ? Int8Array : Uint8Array;
+  return Kind.from(rgb, v => Math.min(low + 255, Math.max(low, Math.round(v / q.scale) + q.zero_point)));
+}
+async function classify(source) {
+  const started = performance.now();
+  const [raw] = await tledgeRun(input(source), [1, height, width, 3], [facts.output.name]);
+  const ms = performance.now() - started;
+  const q = facts.output.quantization;
+  const scores = Array.from(raw, v => q && q.scale ? (v - q.zero_point) * q.scale : v);
+  const order = scores.map((p, i) => [p, i]).sort((a, b) => b[0] - a[0]).slice(0, 3);
+  document.getElementById('label').textContent = facts.labels[order[0][1]];
+  document.getElementById('ms').textContent = `(${ms.toFixed(1)} ms)`;
+  document.getElementById('top').innerHTML = '';
+  for (const [p, i] of order) {
+    const item = document.createElement('li');
+    item.textContent = `${facts.labels[i]} ${p.toFixed(4)}`;
+    document.getElementById('top').append(item);
+  }
+  status.textContent = 'Done.';
+}
+document.getElementById('file').addEventListener('change', async (event) => {
+  const file = event.target.files[0];
+  if (!file) return;
+  status.textContent = 'Classifying…';
+  const image = await createImageBitmap(file);
+  await classify(image);
+});
+document.getElementById('camera').addEventListener('click', async () => {
+  const video = document.getElementById('video');
+  if (!video.srcObject) {
+    video.srcObject = await navigator.mediaDevices.getUserMedia({video: true});
+    video.hidden = false;
+    await video.play();
+    return;
+  }
+  await classify(video);
+});
+</script>
+"""
+
+
+def web_page(entry, labels, title: str) -> tuple[str, str] | None:
+    """(runtime, index.html) of the bundle's page for `entry`; None for an artifact no
+    browser runtime runs (a multi-output one, an OpenVINO IR, a SavedModel)."""
+    runtime = WEB_RUNTIMES.get(entry["family"])
+    if runtime is None or isinstance(entry.get("output"), list):
+        return None
+    facts = {"labels": list(labels), "input": entry["input"], "output": entry["output"]}
+    text = web_runner.page(runtime, "./runtime/", f"./{Path(entry['path']).name}")
+    ui = (WEB_UI.replace("__FACTS__", json.dumps(facts)).replace("__W__", str(
+        entry["input"]["shape"][2])).replace("__H__", str(entry["input"]["shape"][1]))
+          .replace("__RUNTIME__", "LiteRT.js" if runtime == "litert_web"
+                   else "ONNX Runtime Web").replace("__TITLE__", html.escape(title)))
+    return runtime, text + ui
+
+
+def _web_files(archive, run_dir, entries, listed, manifest, log) -> str | None:
+    """web/: the page, its artifact, and the runtime's files (from tledge's web cache); the
+    name of the artifact it runs, or None when none can run in a browser or the packages
+    cannot be had here (said in the log)."""
+    pick = _bundled_pick(manifest, listed)
+    order = sorted(zip(entries, listed), key=lambda pair: (
+        pair[1]["name"] != pick, pair[0]["family"] != "tflite"))
+    for entry, item in order:
+        made = web_page(entry, manifest["labels"], manifest["recipe"]["name"])
+        if made is None or item["parity"] not in ("passed", "insufficient"):
+            continue
+        runtime, text = made
+        try:
+            folders = web_runner.package_folders(runtime)
+        except RuntimeUnavailable as error:
+            log(f"  web/ left out: {error}")
+            return None
+        archive.writestr("web/index.html", text)
+        archive.write(Path(run_dir) / entry["path"], f"web/{Path(entry['path']).name}")
+        for name, folder in folders.items():
+            for file in sorted(folder.rglob("*")):
+                if file.is_file() and not file.name.startswith("."):
+                    archive.write(file, f"web/runtime/{name}/{file.relative_to(folder)}")
+        log(f"  web/index.html  {entry['name']} in {runtime}")
+        return entry["name"]
+    return None
 
 
 def _bundled_pick(manifest, listed) -> str | None:

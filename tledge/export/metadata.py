@@ -100,6 +100,7 @@ def embed_tflite(path, metadata: dict, about: dict | None = None) -> Path:
     files = standard.associated_files(data)
     tasks = metadata.get("tasks") or []
     order = _name_inputs_and_outputs(model, [task["name"] for task in tasks])
+    _batch_of_one(model)
     payloads = {KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")}
     labels = metadata.get("labels") or []
     shape = metadata.get("input", {}).get("shape") or []
@@ -135,6 +136,23 @@ def embed_tflite(path, metadata: dict, about: dict | None = None) -> Path:
     builder.Finish(model.Pack(builder), file_identifier=_TFLITE_IDENTIFIER)
     _replace(path, standard.with_associated_files(bytes(builder.Output()), files))
     return path
+
+
+def _batch_of_one(model) -> None:
+    """Declare the batch the file is converted at (1) in every tensor's shape signature,
+    where the converter wrote -1 (any batch). Runtimes that cannot resize an input refuse a
+    -1 they cannot feed (LiteRT.js: "ranked tensor type Float32[1, 48, 48, 3] does not match
+    expected ... [-1, 48, 48, 3]"); the LiteRT interpreter still runs other batches by
+    resizing the input (`resize_tensor_input(..., strict=False)`), as tledge's runners do.
+    The shapes the kernels were planned with are unchanged."""
+    for subgraph in model.subgraphs or []:
+        for tensor in subgraph.tensors or []:
+            signature = tensor.shapeSignature
+            if signature is not None and len(signature) and signature[0] == -1 and \
+                    tensor.shape is not None and len(tensor.shape) and tensor.shape[0] == 1:
+                signature = np.array(signature, copy=True)
+                signature[0] = 1
+                tensor.shapeSignature = signature
 
 
 def _name_inputs_and_outputs(model, tasks=()) -> list:

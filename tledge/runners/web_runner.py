@@ -163,12 +163,13 @@ def unavailable(device, loader=None) -> str | None:
     return None
 
 
-_ORT_PAGE = """<!doctype html><meta charset="utf-8"><title>tledge onnxruntime_web</title>
+_ORT_PAGE = """<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>tledge onnxruntime_web</title>
 <script type="module">
 import * as ort from '/pkg/onnxruntime-web/dist/ort.wasm.min.mjs';
+const base = new URL('/pkg/onnxruntime-web/dist/', document.baseURI).href;
 let session;
 window.tledgeInit = async (threads) => {
-  ort.env.wasm.wasmPaths = '/pkg/onnxruntime-web/dist/';
+  ort.env.wasm.wasmPaths = base;
   if (threads) ort.env.wasm.numThreads = threads;
   session = await ort.InferenceSession.create('/model', {executionProviders: ['wasm']});
   return {backend: 'wasm' + (ort.env.wasm.simd === false ? '' : '-simd') +
@@ -184,13 +185,14 @@ window.tledgeRun = async (array, shape, outputs) => {
 window.tledgeReady = true;
 </script>"""
 
-_LITERT_PAGE = """<!doctype html><meta charset="utf-8"><title>tledge litert_web</title>
+_LITERT_PAGE = """<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>tledge litert_web</title>
 <script type="importmap">{"imports": {"@litertjs/wasm-utils": "/pkg/litertjs-wasm-utils/dist/bundle.js"}}</script>
 <script type="module">
 import {loadLiteRt, loadAndCompile, Tensor} from '/pkg/litertjs-core/dist/index.js';
 let model;
 window.tledgeInit = async (threads) => {
-  await loadLiteRt('/pkg/litertjs-core/wasm/', {threads: threads > 1});
+  await loadLiteRt(new URL('/pkg/litertjs-core/wasm/', document.baseURI).href,
+                   {threads: threads > 1});
   const cpuOptions = threads ? {numThreads: threads} : {};
   model = await loadAndCompile('/model', {accelerator: 'wasm', cpuOptions});
   return {backend: 'wasm-simd' + (threads > 1 ? '-threads' : ''), threads: threads || 1,
@@ -247,11 +249,27 @@ window.tledgeTime = async (array, shape, outputs, warmup, minRuns, minSeconds, m
 """
 
 
+def page(runtime: str, packages: str = "/pkg/", model: str = "/model") -> str:
+    """The page that loads `model` in `runtime` (its module script defines `tledgeInit` and
+    `tledgeRun`), with the packages under `packages`: absolute for tledge's own server,
+    relative for a bundle's web/ folder."""
+    text = _ORT_PAGE if runtime == "onnxruntime_web" else _LITERT_PAGE.replace(
+        "__LITERT_VERSION__", PACKAGES["@litertjs/core"].version)
+    return text.replace("'/model'", repr(model)).replace("/pkg/", packages)
+
+
+def package_folders(runtime: str) -> dict[str, Path]:
+    """{the name a page finds it under: the unpacked package} of what `runtime` needs,
+    fetched and verified first where it is not in the cache."""
+    return {PACKAGES[name].folder_name.rsplit("-", 1)[0]: fetch_package(PACKAGES[name])
+            for name in NEEDS[runtime]}
+
+
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
 
-def _handler(page: str, model: Path, packages: dict[str, Path]):
+def _handler(text: str, model: Path, packages: dict[str, Path]):
     types = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
              ".html": "text/html"}
 
@@ -262,7 +280,7 @@ def _handler(page: str, model: Path, packages: dict[str, Path]):
         def do_GET(self):  # noqa: N802 (the standard library's name)
             path = self.path.split("?")[0]
             if path in ("/", "/index.html"):
-                body, kind = page.encode(), "text/html"
+                body, kind = text.encode(), "text/html"
             elif path == "/model":
                 body, kind = model.read_bytes(), "application/octet-stream"
             elif path.startswith("/pkg/"):
@@ -293,13 +311,10 @@ class BrowserSession:
     """One artifact loaded in one runtime in one headless Chromium, served from 127.0.0.1."""
 
     def __init__(self, runtime: str, model: Path, threads: int | None, outputs=()):
-        packages = {PACKAGES[name].folder_name.rsplit("-", 1)[0]: fetch_package(PACKAGES[name])
-                    for name in NEEDS[runtime]}
-        page = (_ORT_PAGE if runtime == "onnxruntime_web" else _LITERT_PAGE.replace(
-            "__LITERT_VERSION__", PACKAGES["@litertjs/core"].version))
-        page = page.replace("<script type=\"module\">", "<script>" + _DRIVER +
-                            "</script>\n<script type=\"module\">", 1)
-        self.server = _Server(("127.0.0.1", 0), _handler(page, Path(model), packages))
+        packages = package_folders(runtime)
+        text = page(runtime).replace("<script type=\"module\">", "<script>" + _DRIVER +
+                                     "</script>\n<script type=\"module\">", 1)
+        self.server = _Server(("127.0.0.1", 0), _handler(text, Path(model), packages))
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.outputs = list(outputs or ())
         self.driver = None
