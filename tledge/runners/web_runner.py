@@ -20,6 +20,7 @@ Offline, a tarball put in that folder under its registry name is used instead.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import dataclasses
 import hashlib
@@ -318,6 +319,7 @@ class BrowserSession:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.outputs = list(outputs or ())
         self.driver = None
+        atexit.register(self.close)  # a process that dies with it open leaves no browser
         try:
             self.driver = _start_chromium()
             self.driver.get(f"http://127.0.0.1:{self.server.server_address[1]}/")
@@ -373,8 +375,11 @@ class BrowserSession:
             except Exception:  # a browser that already died has nothing left to close
                 pass
             self.driver = None
-        self.server.shutdown()
-        self.server.server_close()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        atexit.unregister(self.close)
 
 
 def _message(error) -> str:
