@@ -46,7 +46,7 @@ LAYERS = [
                 "tledge.explain", "tledge.report", "tledge.report.document",
                 "tledge.report.deploy", "tledge.report.domains", "tledge.report.int8",
                 "tledge.report.tasks",
-                "tledge.predict", "tledge.inspection", "tledge.domains"]),
+                "tledge.predict", "tledge.inspection", "tledge.domains", "tledge.doctor"]),
     ("orchestration", ["tledge.stages"]),
     ("interface", ["tledge.api", "tledge.cli", "tledge.__main__", "tledge"]),
 ]

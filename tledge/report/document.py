@@ -14,6 +14,7 @@ from tledge.core.timing import compare_p50
 from tledge.errors import RunDirError
 from tledge.formats import RUNTIME_ROWS
 from tledge.plots import FIGURES
+from tledge import doctor
 from tledge.report import deploy as report_deploy
 from tledge.report import domains as report_domains
 from tledge.report import int8 as report_int8
@@ -623,7 +624,7 @@ def _training_section(history) -> list[str]:
             lines.append(f"| {epoch['epoch']} | {phase['name']} | {epoch.get('loss', 0):.4f} | "
                          f"{epoch.get('accuracy', 0):.4f} | {_num(epoch.get('val_loss'))} | "
                          f"{_num(epoch.get('val_accuracy'))} |")
-    return lines + [""]
+    return lines + (doctor.report_lines(history, md) or [""])
 
 
 def baseline_warning(history) -> str:
