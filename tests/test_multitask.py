@@ -527,3 +527,24 @@ def test_single_task_models_are_trained_again_alone_and_removed_when_off(multita
     assert not (copy / "single_task").exists() and sha256(copy / "model.keras") == kept
     assert "### One multi-task model or one model per task?" not in \
         (copy / "report.md").read_text()
+
+
+def test_the_browser_runtimes_judge_every_task(multitask_run, tmp_path):
+    """ONNX Runtime Web and LiteRT.js read a multi-task file's outputs by task name: their
+    parity rows carry each task's figures, as the native rows do."""
+    import shutil
+    from test_web import browser_or_skip
+    browser_or_skip()
+    run_dir = shutil.copytree(multitask_run[0], tmp_path / "multi")
+    result = invoke("validate", run_dir, "--runtime", "litert_web", "--runtime",
+                    "onnxruntime_web")
+    assert result.exit_code == 0, result.output
+    from tledge.records import read_parity
+    rows = {(row.artifact, row.runtime): row for row in read_parity(run_dir).rows}
+    for name, native, web in (("tflite_int8", "litert", "litert_web"),
+                              ("onnx_fp32", "onnxruntime", "onnxruntime_web")):
+        theirs, ours = rows[(name, web)], rows[(name, native)]
+        assert set(theirs.tasks) == {"shape", "colour"} and not theirs.problems, theirs
+        assert theirs.status == ours.status
+        for task in ("shape", "colour"):
+            assert abs(theirs.tasks[task]["agreement"] - ours.tasks[task]["agreement"]) <= 0.02

@@ -14,14 +14,14 @@ import pytest
 from conftest import invoke
 
 
-@pytest.fixture(scope="module")
-def web_run(built_run, tmp_path_factory):
-    """A copy of the session run benchmarked in both browser runtimes (parity first)."""
+def browser_or_skip() -> None:
+    """Skip, saying why, where there is no headless Chromium or no way to the npm registry
+    (.ci/run installs chromium and chromium-driver, and reaches the registry)."""
     from tledge.runners.web_runner import fetch_package, PACKAGES, unavailable
     from tledge.errors import RuntimeUnavailable
     reason = unavailable("cpu")
     if reason:
-        pytest.skip(reason)  # .ci/run installs chromium and chromium-driver
+        pytest.skip(reason)
     try:
         for package in PACKAGES.values():
             fetch_package(package)
@@ -29,6 +29,12 @@ def web_run(built_run, tmp_path_factory):
         if "cannot download" in str(error):
             pytest.skip(f"the npm registry is not reachable here: {error}")
         raise
+
+
+@pytest.fixture(scope="module")
+def web_run(built_run, tmp_path_factory):
+    """A copy of the session run benchmarked in both browser runtimes (parity first)."""
+    browser_or_skip()
     run_dir = shutil.copytree(built_run[0], tmp_path_factory.mktemp("web") / "run")
     result = invoke("bench", run_dir, "--runtime", "onnxruntime_web", "--runtime",
                     "litert_web")

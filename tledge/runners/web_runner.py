@@ -200,12 +200,22 @@ window.tledgeInit = async (threads) => {
           version: '__LITERT_VERSION__'};
 };
 window.tledgeRun = async (array, shape, outputs) => {
-  // the model's own batch is 1: a batch runs image by image
+  // the model's own batch is 1: a batch runs image by image. Named outputs (a multi-task
+  // model's, by task) come from the signature's outputs by name, in the order asked
   const per = array.length / shape[0], answers = [];
   for (let i = 0; i < shape[0]; i++) {
     const input = new Tensor(array.slice(i * per, (i + 1) * per), [1, ...shape.slice(1)]);
-    const results = await model.run(input);
+    let results = await model.run(outputs.length ? {image: input} : input);
     input.delete();
+    if (outputs.length) {
+      const named = results;
+      results = outputs.map(name => {
+        if (!(name in named)) throw new Error(`no output ${name}; the model has ` +
+                                              Object.keys(named).join(', '));
+        return named[name];
+      });
+      for (const name of Object.keys(named)) if (!outputs.includes(name)) named[name].delete();
+    }
     for (const [k, tensor] of results.entries()) {
       (answers[k] = answers[k] || []).push(tensor.toTypedArray().slice());
       tensor.delete();
@@ -417,10 +427,7 @@ class WebRunner(Runner):
         if reason:
             raise RuntimeUnavailable(reason)
         self.runtime = runtime
-        multi = isinstance(spec["output"], list)
-        if runtime == "litert_web" and multi:
-            raise RuntimeUnavailable("litert_web runs single-output models here (a multi-task "
-                                     ".tflite's outputs are not matched to its tasks yet)")
+        multi = isinstance(spec["output"], list)  # a multi-task model: outputs by task name
         self.session = BrowserSession(runtime, path, threads,
                                       self.outputs if multi or runtime != "litert_web" else ())
         self.executed = self.session.executed
