@@ -52,7 +52,7 @@ def model_xml(path) -> Path:
 
 
 def export_openvino(model, path, *, precision: str, calibration=None, tasks=None,
-                    accuracy: AccuracyControl | None = None, log=None) -> dict:
+                    accuracy: AccuracyControl | None = None) -> dict:
     """Convert a Keras model to an OpenVINO IR folder at `path`; returns the input and output
     specs (those of the ONNX graph it was converted from) and, for int8, `"nncf"`: what NNCF
     did."""
@@ -71,7 +71,7 @@ def export_openvino(model, path, *, precision: str, calibration=None, tasks=None
         ir = openvino.convert_model(str(onnx_path))
     record = None
     if precision == "int8":
-        ir, record = quantize_ir(ir, calibration, accuracy, spec, log=log)
+        ir, record = quantize_ir(ir, calibration, accuracy)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     openvino.save_model(ir, str(path / XML), compress_to_fp16=precision == "fp16")
@@ -89,7 +89,7 @@ def _probabilities(compiled, images, batch=64) -> np.ndarray:
     return np.concatenate(outputs)
 
 
-def quantize_ir(ir, calibration, accuracy, spec, *, log=None):
+def quantize_ir(ir, calibration, accuracy):
     """NNCF int8 of a float IR; returns (the quantized IR, the record of what was done)."""
     try:
         import nncf
@@ -123,7 +123,8 @@ def quantize_ir(ir, calibration, accuracy, spec, *, log=None):
         hits = (_probabilities(compiled, images).argmax(-1) == truth).astype(float)
         return float(hits.mean()), list(hits)
     validation = nncf.Dataset(items, lambda item: item[0][None])
-    try:
+    try:  # the plain quantization too: what accuracy control returned to float is the
+        # difference in quantizers between the two
         plain = nncf.quantize(ir, dataset, advanced_parameters=ranges, **common)
         quantized = nncf.quantize_with_accuracy_control(
             ir, dataset, validation, validate, max_drop=accuracy.max_drop,

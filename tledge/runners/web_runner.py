@@ -427,9 +427,8 @@ class WebRunner(Runner):
         if reason:
             raise RuntimeUnavailable(reason)
         self.runtime = runtime
-        multi = isinstance(spec["output"], list)  # a multi-task model: outputs by task name
-        self.session = BrowserSession(runtime, path, threads,
-                                      self.outputs if multi or runtime != "litert_web" else ())
+        # a multi-task model's outputs by task name; one output: the model's own
+        self.session = BrowserSession(runtime, path, threads, self.outputs)
         self.executed = self.session.executed
 
     def _run(self, prepared):  # litert_web's page runs a batch image by image (batch 1)
@@ -453,9 +452,3 @@ def load_onnxruntime_web(path, spec, *, threads=None, device="cpu") -> WebRunner
 
 def load_litert_web(path, spec, *, threads=None, device="cpu") -> WebRunner:
     return WebRunner("litert_web", path, spec, threads, device)
-
-
-def describe() -> str:
-    """The pinned packages, for `--help` and the README."""
-    return ", ".join(f"{package.name}@{package.version}" for package in PACKAGES.values())
-
