@@ -20,8 +20,8 @@ def pytest_xdist_auto_num_workers(config):
 # The files that take longest go to the workers first, so that no worker is left with one of
 # them when the others are done (xdist hands out files in collection order).
 LONGEST_FIRST = ("test_multitask.py", "test_backbones.py", "test_reliability.py",
-                 "test_emulate.py", "test_domains.py", "test_ensemble.py", "test_train.py",
-                 "test_lock_interrupt.py")
+                 "test_emulate.py", "test_tune.py", "test_domains.py", "test_ensemble.py",
+                 "test_train.py", "test_lock_interrupt.py")
 
 
 def pytest_collection_modifyitems(config, items):

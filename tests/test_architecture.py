@@ -31,7 +31,7 @@ LAYERS = [
                    "tledge.runners.keras_runner", "tledge.runners.litert_runner",
                    "tledge.runners.openvino_runner", "tledge.runners.ort_runner",
                    "tledge.runners.web_runner",
-                   "tledge.plots", "tledge.run_inputs"]),
+                   "tledge.plots", "tledge.run_inputs", "tledge.tune", "tledge.tune.space"]),
     ("pipeline", ["tledge.pipeline"]),
     ("stages", ["tledge.train", "tledge.train.adabn", "tledge.train.bottlenecks",
                 "tledge.train.distribute", "tledge.train.ensemble", "tledge.train.loop",
@@ -47,7 +47,7 @@ LAYERS = [
                 "tledge.report.deploy", "tledge.report.domains", "tledge.report.int8",
                 "tledge.report.tasks",
                 "tledge.predict", "tledge.inspection", "tledge.domains", "tledge.doctor"]),
-    ("orchestration", ["tledge.stages"]),
+    ("orchestration", ["tledge.stages", "tledge.tune.study", "tledge.tune.results"]),
     ("interface", ["tledge.api", "tledge.cli", "tledge.__main__", "tledge"]),
 ]
 RUNTIME_MODULES = ("onnxruntime", "ai_edge_litert", "tflite_runtime", "openvino")

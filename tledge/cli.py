@@ -38,6 +38,7 @@ from tledge.rundir import (check_run_dir, find_artifact, read_manifest, RECIPE a
                            run_lock)
 from tledge.runners import RUNTIMES
 from tledge.stages import adapt_run, build as build_recipe, default_run_dir, train_run
+from tledge.tune.study import Interrupted, tune as run_study
 from tledge.validate import validate_run
 
 
@@ -132,6 +133,10 @@ def main():
       tledge bench models/quickstart
       tledge report models/quickstart
       tledge bundle models/quickstart --out pi.zip   benchmark on a device
+
+    \b
+    Which model to train for a budget (recipe keys searched, every trial a build):
+      tledge tune recipes/tune_quickstart.toml
 
     \b
     Another domain (another camera, light or line):
@@ -246,6 +251,61 @@ def train(source, out):
     run_dir = out or (source if source.is_dir() else default_run_dir(recipe))
     quiet_tensorflow()
     train_run(recipe, run_dir, log=click.echo, verbose=_progress())
+
+
+@command(needs_tensorflow=False, name="tune")
+@click.argument("recipe", type=RECIPE)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Study folder (default: models/<recipe name>.tune).")
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Trials in the study, all workers together ([tune] trials); more than "
+                   "it has extends a finished study.")
+@click.option("--minutes", type=click.FloatRange(min=0), default=None,
+              help="This worker starts no trial that would end past this ([tune] minutes; "
+                   "0: no limit).")
+@click.option("--storage", default=None, metavar="URL",
+              help="An Optuna database URL several workers share (sqlite:///path/study.db, "
+                   "postgresql://...); default: [tune] storage, else study.db in the study "
+                   "folder.")
+def tune(recipe, out, trials, minutes, storage):
+    """Search RECIPE's own keys ([tune.space]) for the model to train, within a budget.
+
+    Every trial builds the recipe with the trial's values into a run directory of the study
+    (trials/<hash>/): trained, exported, its artifacts judged by parity and timed on [tune]'s
+    runtime. The first trial is the recipe as written; the next, the changes the training
+    doctor names on its curves; then Optuna's sampler (TPE). Trials whose validation
+    accuracy trails the median at an epoch are pruned.
+
+    \b
+    The study folder gets:
+      report.md, report.html   the Tuning report: Pareto front, best recipe, doctor
+      best.toml                the best trial's recipe: `tledge build` it
+      tuning.json              every trial's values and figures
+      study.db                 the Optuna study (unless --storage names another)
+
+    \b
+    Ctrl-C keeps every finished trial; the same command resumes (the interrupted trial
+    first). Several workers share one study: run the same command with the same --storage
+    on each (a shared SQLite file on one host, or a database server).
+
+    Exit code 1 when no trial of the study finished within the constraints.
+
+    Example: tledge tune recipes/tune_quickstart.toml --minutes 10
+    """
+    load_recipe(recipe)  # a bad recipe fails in a blink, not after TensorFlow's import
+    quiet_tensorflow()
+    try:
+        result = run_study(recipe, out=out, trials=trials, minutes=minutes, storage=storage,
+                           log=click.echo)
+    except Interrupted as error:
+        click.echo(f"\n{error}", err=True)
+        sys.exit(INTERRUPTED)
+    click.echo(f"tune: this worker ran {result.ran} trial(s) and stopped: {result.stopped}")
+    if result.best:
+        click.echo(f"best recipe: {result.best}  (tledge build {result.best})")
+    else:
+        click.echo(f"no trial finished within the constraints: see {result.report}")
+        sys.exit(1)
 
 
 @main.group(name="cache", cls=_Group)

@@ -344,3 +344,52 @@ def quantization_error(diagnosis, name, path, worst: int = 3) -> Path | None:
     axis.grid(axis="y", alpha=0.3)
     axis.set_title(f"Where {name}'s quantization error comes from", fontsize=10)
     return save_figure(figure, path)
+
+
+def tuning_front(trials, front, best, as_written, tune, path) -> Path | None:
+    """A study's trials: validation accuracy against the p50 of each finished trial's fastest
+    artifact within the constraints (marker area: file size), the Pareto front drawn, the
+    recipe as written and the best trial marked; trials outside the constraints hollow."""
+    shown = [trial for trial in trials if trial["state"] == "complete"
+             and trial["value"] is not None and trial.get("points")]
+    if not shown:
+        return None
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7.5, 4.2))
+
+    def where(trial):
+        point = trial["deployable"] or min(trial["points"], key=lambda p: p["p50_ms"])
+        return point["p50_ms"], trial["value"], point["size_kb"]
+    sizes = [where(trial)[2] for trial in shown]
+    largest = max(sizes) or 1.0
+    labels = []
+    for trial in shown:
+        x, y, size = where(trial)
+        inside = trial["deployable"] is not None
+        colour = "#1f77b4" if trial["number"] in front else "#999999"
+        axis.scatter(x, y, s=30 + 170 * size / largest, zorder=3,
+                     facecolors=colour if inside else "none", edgecolors=colour)
+        labels.append(axis.annotate(str(trial["number"]), (x, y), fontsize=7, xytext=(5, 4),
+                                    textcoords="offset points"))
+    ordered = sorted(where(trial)[:2] for trial in shown if trial["number"] in front)
+    if ordered:
+        axis.plot(*zip(*ordered), "-", color="#1f77b4", linewidth=1, label="Pareto front")
+    for trial, marker, colour, name in ((as_written, "s", "#2ca02c", "as written"),
+                                        (best, "*", "#ff7f0e", "best")):
+        if trial is not None and trial in shown:
+            x, y, _ = where(trial)
+            axis.scatter(x, y, marker=marker, s=220 if marker == "*" else 90, color=colour,
+                         zorder=4, label=f"{name} (trial {trial['number']})", alpha=0.85)
+    if tune.max_latency_ms:
+        axis.axvline(tune.max_latency_ms, color="#d62728", linestyle="--", linewidth=1,
+                     label=f"max_latency_ms {tune.max_latency_ms:g}")
+    _log_milliseconds(axis.xaxis, [where(trial)[0] for trial in shown])
+    axis.set_xlabel(f"p50 latency on {tune.runtime}, ms (log scale)")
+    axis.set_ylabel("validation accuracy")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+    axis.set_title("Trials: accuracy against latency (area: file size; hollow: outside the "
+                   "constraints)", fontsize=9)
+    figure.tight_layout()
+    separate_labels(figure, labels)
+    return save_figure(figure, path, placed=True)

@@ -106,6 +106,17 @@ LOCK = ".tledge.lock"
 LOCK_WRITE_SECONDS = 60  # a lock that holds no "host pid" line after this long is garbage
 
 
+def lock_holder_alive(run_dir) -> bool:
+    """Whether another live process holds the run directory's lock (see `run_lock`)."""
+    path = Path(run_dir) / LOCK
+    if not path.is_file():
+        return False
+    holder = _lock_holder(path)
+    if holder == f"{socket.gethostname()} {os.getpid()}":
+        return False
+    return holder_alive(holder) if holder else _age(path) < LOCK_WRITE_SECONDS
+
+
 @contextlib.contextmanager
 def run_lock(run_dir):
     """Hold the run directory for this process: one build (or stage) at a time.
@@ -131,7 +142,7 @@ def run_lock(run_dir):
             if holder == mine:
                 break  # this process holds it already
             # an unreadable lock is being written right now, or garbage left long ago
-            live = _alive(holder) if holder else _age(path) < LOCK_WRITE_SECONDS
+            live = holder_alive(holder) if holder else _age(path) < LOCK_WRITE_SECONDS
             if live:
                 raise RunDirError(f"{run_dir} is in use by another tledge "
                                   f"({holder or 'unreadable ' + LOCK}); wait for it to finish, "
@@ -174,7 +185,7 @@ def _lock_holder(path) -> str | None:
     return text if len(parts) == 2 and parts[1].isdigit() else None
 
 
-def _alive(holder: str) -> bool:
+def holder_alive(holder: str) -> bool:
     """Whether the lock's process still runs (a lock from another host counts as alive)."""
     host, pid = holder.split()
     if host != socket.gethostname():

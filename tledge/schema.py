@@ -49,6 +49,8 @@ def _describe(annotation) -> str:
         return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
     if origin is dict:
         return "a table"
+    if annotation is Any:
+        return "a value"
     if dataclasses.is_dataclass(annotation):
         return "a table"
     return str(annotation)
@@ -175,6 +177,8 @@ class Parser:
 
 
 def _matches(annotation, value) -> bool:
+    if annotation is Any:  # checked by the rule that reads it ([tune.space])
+        return True
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:

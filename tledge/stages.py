@@ -50,6 +50,7 @@ from tledge.train.stage import evaluate, train_baseline, train_model
 from tledge.validate import validate_run
 
 MODELS_DIR = Path("models")
+STUDY, TRIALS = "study.json", "trials"  # a study of `tledge tune`: its marker, its runs
 
 
 def default_run_dir(recipe) -> Path:
@@ -58,9 +59,25 @@ def default_run_dir(recipe) -> Path:
 
 def models_root(run_dir) -> Path:
     """The folder that holds a run directory and its siblings (an inline ensemble member,
-    in `<ensemble>/members/<name>`, shares its ensemble's)."""
+    in `<ensemble>/members/<name>`, shares its ensemble's; a trial of `tledge tune`, in
+    `<study>/trials/<trial>`, its study's)."""
     run_dir = Path(run_dir)
-    return run_dir.parent.parent.parent if run_dir.parent.name == "members" else run_dir.parent
+    if run_dir.parent.name == "members" or study_of(run_dir) is not None:
+        return run_dir.parent.parent.parent
+    return run_dir.parent
+
+
+def study_of(run_dir) -> Path | None:
+    """The study folder of a trial run directory of `tledge tune`, else None."""
+    study = Path(run_dir).parent.parent
+    return study if Path(run_dir).parent.name == TRIALS and (study / STUDY).is_file() else None
+
+
+def bottleneck_dir(run_dir) -> Path:
+    """Where a run caches its backbone's features: the trials of a study share their study's
+    (the cache is keyed by backbone, weights, input size and data)."""
+    study = study_of(run_dir)
+    return (study if study is not None else Path(run_dir)) / "bottlenecks"
 
 
 def trained_model(run_dir) -> Path | None:
@@ -240,7 +257,7 @@ def _train_locked(recipe, run_dir, created, *, log, verbose, restart, starting):
         else:
             model, history = train_model(recipe, splits, weights_file=weights_file,
                                          verbose=verbose, checkpoint_dir=checkpoints,
-                                         cache_dir=run_dir / "bottlenecks", log=log)
+                                         cache_dir=bottleneck_dir(run_dir), log=log)
     except TledgeError:
         if created:  # leave nothing behind for a run that never got a model...
             for path in run_dir.iterdir():
@@ -346,7 +363,7 @@ def _train_single_task(recipe, run_dir, splits, weights_file, train_key, tasks, 
         log(f"train: single-task model for '{name}' on the same split "
             "(train.compare_single_task)")
         model, history = train_model(derived, splits, weights_file=weights_file,
-                                     verbose=verbose, cache_dir=run_dir / "bottlenecks", log=log)
+                                     verbose=verbose, cache_dir=bottleneck_dir(run_dir), log=log)
         _write_inner_run(run_dir / SINGLE_TASK / name, derived, model, splits,
                          f"{train_key}-{name}", {**history, "single_task_of": "../.."})
         log(f"train: wrote {SINGLE_TASK}/{name}/model.keras (test accuracy "

@@ -136,5 +136,7 @@ def make_dataset(features, labels, num_classes, *, batch_size, seed, shuffle=Fal
     if augment is not None:
         def augmented(x, *rest):
             return (tf.clip_by_value(augment(x, training=True), 0.0, 255.0), *rest)
-        data = data.map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
+        # in order: the random layers draw from one seeded state, so that a recipe trains
+        # the same twice (in parallel calls the batches would take their draws in any order)
+        data = data.map(augmented)
     return data.prefetch(tf.data.AUTOTUNE)

@@ -14,15 +14,18 @@ is reused from its run directory.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tomllib
 from pathlib import Path
 from typing import Mapping
 
 from tledge.backbones import BACKBONES
 from tledge.errors import RecipeError
+from tledge.formats import RUNTIME_ROWS
 from tledge.recipe.rules import check_together, recipe_cycle
 from tledge.recipe.spec import Recipe
 from tledge.schema import Parser, to_dict
+from tledge.tune.space import dimensions, flatten, show_value, with_values
 
 def load_recipe(path, *, stored=False) -> Recipe:
     """Read, check and resolve a recipe file.
@@ -45,9 +48,12 @@ def parse_recipe(document: Mapping, path, *, stored=False) -> Recipe:
     """Check a recipe already read into a dict; `path` anchors relative paths and messages."""
     path = Path(path)
     parser = Parser(path.resolve().parent)
+    document = _flat_space(document)
     recipe = dataclasses.replace(parser.parse(Recipe, dict(document)),
                                  path=str(path.resolve()))  # for the self-reference check
     problems = list(parser.problems)
+    if recipe.tune is not None and not problems:
+        problems += check_tune(recipe, document, stored=stored)
     if "ensemble" in document:
         problems += [f"{key}: an ensemble recipe takes its models from [[ensemble.members]] "
                      f"(each may have its own {key} table); remove [{key}]"
@@ -59,6 +65,76 @@ def parse_recipe(document: Mapping, path, *, stored=False) -> Recipe:
     if problems:
         raise RecipeError(path, problems)
     return _resolve(recipe, path)
+
+
+def _flat_space(document: Mapping) -> Mapping:
+    """`[tune.space]` with its keys as dotted paths (TOML nests a dotted key's tables)."""
+    tune = document.get("tune")
+    if not isinstance(tune, dict) or not isinstance(tune.get("space"), dict):
+        return document
+    return {**document, "tune": {**tune, "space": flatten(tune["space"])}}
+
+
+def check_tune(recipe, document, *, stored=False) -> list[str]:
+    """Every problem with [tune]: each key of its space must be a searchable recipe key and
+    each value must make a valid recipe when set alone."""
+    if recipe.ensemble is not None:
+        return ["tune: an ensemble recipe is not searched; search each member's recipe"]
+    if not recipe.tune.space:
+        return ["tune.space: expected at least one key to search, e.g. "
+                "train.fine_tune.learning_rate = { low = 1e-5, high = 1e-3, log = true }"]
+    found, problems = dimensions(recipe.tune.space)
+    tune, export = recipe.tune, recipe.export
+    exported = {"keras", *(family for family in ("tflite", "onnx", "openvino")
+                           if getattr(export, family)), *(("savedmodel",) if export.savedmodel
+                                                          else ())}
+    runs = next(row.families for row in RUNTIME_ROWS if row.name == tune.runtime)
+    if not exported & set(runs):
+        problems.append(f"tune.runtime: {tune.runtime} runs {' or '.join(runs)} files, and "
+                        "[export] makes none; export them, or time the trials on another "
+                        "runtime")
+    if tune.max_memory_mb is not None and not recipe.bench.isolate:
+        problems.append("tune.max_memory_mb: the memory a runtime adds is measured with each "
+                        "combination in a process of its own; set bench.isolate = true")
+    if not problems and not stored:  # a stored copy was checked when it was written
+        problems += check_dimensions(recipe, document, found)
+    return problems
+
+
+def check_dimensions(recipe, document, found) -> list[str]:
+    """Each value of each dimension (a range's ends) set alone into the recipe must load:
+    one problem line per value that does not, under tune.space."""
+    problems = []
+    for dimension in found:
+        values = dimension.choices if not dimension.is_range else (dimension.low, dimension.high)
+        # a value valid with other dimensions' choices counts (model.alpha with a MobileNet
+        # among the backbones searched): every combination of them, or each alone where
+        # they are too many
+        others = [other for other in found if other is not dimension and other.choices]
+        combinations = [dict(zip([other.key for other in others], values))
+                        for values in itertools.islice(
+                            itertools.product(*(other.choices for other in others)), 65)]
+        companions = [{}] + (combinations if len(combinations) <= 64 else
+                             [{other.key: choice} for other in others
+                              for choice in other.choices])
+        for index, value in enumerate(values):
+            error = None
+            for companion in companions:
+                try:
+                    parse_recipe(with_values(document, {**companion, dimension.key: value}),
+                                 recipe.path)
+                    error = None
+                    break
+                except RecipeError as refused:
+                    error = error or refused
+            if error is not None:
+                mine = [problem for problem in error.problems
+                        if problem.split(":")[0].startswith(dimension.key)] or error.problems
+                label = f"[{index}]" if not dimension.is_range else \
+                    (".low" if index == 0 else ".high")
+                problems.append(f"tune.space.{dimension.key}{label}: {show_value(value)} makes the "
+                                f"recipe invalid: {mine[0]}")
+    return problems
 
 
 def _resolve(recipe: Recipe, path: Path) -> Recipe:

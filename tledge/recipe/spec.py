@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 from types import MappingProxyType
+from typing import Any
 
 from tledge.backbones import BACKBONES
 from tledge.data.synthetic import (BACKGROUNDS, COLOURS, DEFAULT_DOMAIN, PALETTES, SHAPES,
@@ -334,6 +335,57 @@ class PickRecipe:
                                        "(each is a run directory in members/)")
 
 
+TUNE_OBJECTIVES = ("accuracy", "accuracy_and_latency")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneRecipe:
+    """[tune]: what `tledge tune` searches (a space over this recipe's own keys), for what
+    (an objective and constraints measured on each trial's exported artifacts) and within
+    what (a budget). Each trial is a build of this recipe with the trial's values."""
+
+    space: dict[str, Any] = option(
+        MappingProxyType({}),
+        help="[tune.space]: a recipe key and what it may be: a list of values "
+             "(model.dropout = [0.1, 0.3]) or a range (train.fine_tune.learning_rate = "
+             "{ low = 1e-5, high = 1e-3, log = true }; add step = N for a grid)")
+    objective: str = option("accuracy", choices=TUNE_OBJECTIVES,
+                            help="accuracy (validation accuracy, within the constraints) | "
+                                 "accuracy_and_latency (both: a Pareto search)")
+    runtime: str = option("litert", choices=_runtime_names,
+                          help="where each trial's artifacts are timed")
+    threads: int | None = option(None, minimum=1, maximum=256,
+                                 help="threads to time at (default: the first of [bench])")
+    max_latency_ms: float | None = option(None, minimum=0.0, maximum=1e6,
+                                          help="constraint: p50 at most this, on the runtime")
+    max_size_kb: float | None = option(None, minimum=0.0, maximum=1e9,
+                                       help="constraint: artifact file at most this, in KiB")
+    max_memory_mb: float | None = option(None, minimum=0.0, maximum=1e6,
+                                         help="constraint: memory the runtime adds while "
+                                              "running the artifact, in MiB")
+    device: str = option("", help="rank by this imported device's p50 (`tledge bench RUN "
+                                  "--import`) where the trial's artifact was run there")
+    trials: int = option(20, minimum=1, maximum=100_000,
+                         help="trials in the study, all workers together (a resumed study "
+                              "counts those done)")
+    minutes: float = option(0.0, minimum=0.0, maximum=100_000.0,
+                            help="this worker starts no trial after this long (0: no limit)")
+    storage: str = option("", help="an Optuna database URL shared by several workers "
+                                   "(default: sqlite in the study folder)")
+    startup_trials: int = option(4, minimum=0, maximum=10_000,
+                                 help="random trials before the sampler models the results")
+    pruning: bool = option(True, help="stop a trial whose validation accuracy at an epoch is "
+                                      "below the median of the trials before it at that epoch")
+    prune_after_trials: int = option(3, minimum=1, maximum=10_000,
+                                     help="finished trials before any is pruned")
+    prune_after_epochs: int | None = option(
+        None, minimum=0, maximum=10_000,
+        help="epochs of its deciding phase (fine-tuning, else the first) a trial runs before "
+             "it may be pruned (default: half of them; early epochs are noisy)")
+    seed_from_doctor: bool = option(True, help="after the recipe as written, try the one "
+                                               "change the training doctor names first")
+
+
 FUSIONS = ("mean", "weighted", "concat")
 
 
@@ -385,6 +437,7 @@ class Recipe:
     validate: ValidateRecipe = option(ValidateRecipe())
     bench: BenchRecipe = option(BenchRecipe())
     pick: PickRecipe = option(PickRecipe())
+    tune: TuneRecipe | None = option(None, help="[tune]: what `tledge tune` searches")
     path: str = ""  # the file it came from; not a recipe key
 
     @property
@@ -412,6 +465,7 @@ class Recipe:
         the same and a changed file does not.
         """
         data = self.to_dict(paths=lambda path: "<file>")
+        data.pop("tune", None)  # what `tledge tune` searches; no stage of a build reads it
         for section, key in _NOT_HASHED:  # no stage is redone for these
             data.get(section, {}).pop(key, None)
         members = (data.get("ensemble") or {}).get("members") or []

@@ -9,6 +9,7 @@ last finished epoch, and a finished phase is not run again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -77,7 +78,7 @@ def fit_phase(model, name, phase, train_data, val_data, *, train_count, steps_pe
     if store and store.finished():
         return store.load_finished(model)
     monitor = "val_accuracy" if val_data is not None else "accuracy"
-    recorder = _Recorder(monitor, store)
+    recorder = _Recorder(monitor, store, name)
     callbacks = [recorder]
     if len(tasks) > 1:  # first: the score must be in the logs before anything reads them
         callbacks.insert(0, _TaskScore([task["name"] for task in tasks], best_by))
@@ -259,7 +260,7 @@ class _Recorder:
     what a killed run resumes from (the best weights when they change, the rows, then the
     epoch's own weights and optimizer state)."""
 
-    def __new__(cls, monitor, store):
+    def __new__(cls, monitor, store, name):
         import keras
 
         class Recorder(keras.callbacks.Callback):
@@ -294,8 +295,25 @@ class _Recorder:
                                            "best_epoch": self.best_epoch, "seconds": seconds},
                                           self.weights if improved else None)
                     store.write_backup(self.model, epoch + 1)
+                for watcher in list(_WATCHERS):  # last: the epoch is saved whatever it raises
+                    watcher(name, row)
 
         return Recorder()
+
+
+_WATCHERS: list = []
+
+
+@contextlib.contextmanager
+def watching_epochs(watcher):
+    """Call `watcher(phase name, epoch row)` after each epoch of each phase trained meanwhile,
+    once the epoch is recorded (and saved, with a checkpoint folder); an exception it raises
+    stops the training there (`tledge tune` prunes a trial so)."""
+    _WATCHERS.append(watcher)
+    try:
+        yield
+    finally:
+        _WATCHERS.remove(watcher)
 
 
 def steps_per_epoch(count: int, batch_size: int) -> int:
