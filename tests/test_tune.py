@@ -83,7 +83,8 @@ train.fine_tune.learnig_rate = [1e-4, 1e-3]
 model.dropout = [0.2]
 train.fine_tune.learning_rate = { low = 1e-3, high = 1e-4 }
 train.fine_tune.epochs = { low = 1.5, high = 4 }
-train.fine_tune.optimizer = { low = 1, high = 2 }""")
+train.fine_tune.optimizer = { low = 1, high = 2 }
+train.feature_extraction.epochs = { low = 2, high = 12, step = 0.5 }""")
     result = invoke("check", path)
     assert result.exit_code == 2
     for fragment in ("tune.space.train.distribute: not searchable",
@@ -91,7 +92,9 @@ train.fine_tune.optimizer = { low = 1, high = 2 }""")
                      "tune.space.model.dropout: expected at least two values",
                      "tune.space.train.fine_tune.learning_rate: low must be below high",
                      "tune.space.train.fine_tune.epochs: train.fine_tune.epochs takes whole",
-                     "tune.space.train.fine_tune.optimizer: a range needs a numeric key"):
+                     "tune.space.train.fine_tune.optimizer: a range needs a numeric key",
+                     "tune.space.train.feature_extraction.epochs.step: "
+                     "train.feature_extraction.epochs takes whole numbers"):
         assert fragment in result.output, (fragment, result.output)
 
 
@@ -232,10 +235,15 @@ def test_a_study_prunes_fails_and_extends(tmp_path):
     result = invoke("build", study_dir / "best.toml", "--out", tmp_path / "best")
     assert result.exit_code == 0, result.output
     built = json.loads((tmp_path / "best" / "history.json").read_text())
-    assert built["test_accuracy"] == pytest.approx(summary["trials"][0]["test_accuracy"],
-                                                   abs=0.02)
-    # the recipe edited outside [tune]: its trials would not compare with the study's
+    assert built["test_accuracy"] == summary["trials"][0]["test_accuracy"]  # trains the same
+    # a list of values edited: Optuna cannot go on drawing it in this study
     from tledge.errors import RunDirError
+    path.write_text(path.read_text().replace('model.backbone = ["small_cnn", "mobilenet_v2"]',
+                                             'model.backbone = ["small_cnn", "resnet50"]'))
+    with pytest.raises(RunDirError, match=r"\[tune.space\] model.backbone changed since"):
+        tune(path, out=study_dir, log=lambda line: None)
+    path.write_text(path.read_text().replace('"resnet50"]', '"mobilenet_v2"]'))
+    # the recipe edited outside [tune]: its trials would not compare with the study's
     path.write_text(path.read_text().replace("epochs = 6", "epochs = 7"))
     with pytest.raises(RunDirError, match="another version of this recipe"):
         tune(path, out=study_dir, log=lambda line: None)
@@ -251,30 +259,35 @@ def test_two_workers_share_one_study(tmp_path):
     """Two worker processes, each with a folder of its own (as on two hosts), share one
     SQLite study file: the trials are numbered once across both, both ran some, and each
     worker's report lists all of them. The study optimises accuracy and latency both."""
-    path = tiny(tmp_path, trials=4, epochs=2,
+    path = tiny(tmp_path, trials=6, epochs=2,
                 space="train.feature_extraction.learning_rate = { low = 1e-3, high = 1e-2, "
                       "log = true }")
-    # both objectives: Optuna's multi-objective study (no pruning there)
-    path.write_text(path.read_text().replace("[tune]\n",
-                                             '[tune]\nobjective = "accuracy_and_latency"\n'))
+    # both objectives: Optuna's multi-objective study (no pruning there), and a size no file
+    # meets: every trial finishes outside the constraints
+    path.write_text(path.read_text().replace(
+        "[tune]\n", '[tune]\nobjective = "accuracy_and_latency"\nmax_size_kb = 1\n'))
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     workers = [_tune_process(path, tmp_path / f"worker{n}", "--storage", storage)
                for n in (1, 2)]
     outputs = [worker.communicate(timeout=600) for worker in workers]
-    for worker, (out, err) in zip(workers, outputs):
-        assert worker.returncode == 0, (out, err)
+    for worker, (out, err) in zip(workers, outputs):  # exit 1: none within the constraints
+        assert worker.returncode == 1, (out, err)
+        assert "no trial finished within the constraints" in out and "Traceback" not in err
     import optuna
     study = optuna.load_study(study_name="tiny", storage=storage)
     trials = study.get_trials()
-    assert [trial.number for trial in trials] == [0, 1, 2, 3]
-    assert all(trial.state.name == "COMPLETE" for trial in trials)
-    assert all(trial.values[1] == trial.user_attrs["deployable"]["p50_ms"] for trial in trials)
+    assert [trial.number for trial in trials] == list(range(6))
+    assert all(trial.state.name == "COMPLETE" for trial in trials)  # finished, outside
+    assert all(trial.constraints["size"] > 0 for trial in trials)
+    assert all(trial.values[1] == trial.user_attrs["closest"]["p50_ms"] for trial in trials)
+    # the workers drew apart: six trials, six learning rates
+    assert len({trial.params["train.feature_extraction.learning_rate"] for trial in trials}) == 6
     pids = {trial.user_attrs["worker"].split()[-1] for trial in trials}
     assert pids == {str(worker.pid) for worker in workers}, outputs
     assert sum(trial.user_attrs["seed"] == "as written" for trial in trials) == 1
     for n in (1, 2):
         summary = json.loads((tmp_path / f"worker{n}" / "tuning.json").read_text())
-        assert [trial["number"] for trial in summary["trials"]] == [0, 1, 2, 3]
+        assert [trial["number"] for trial in summary["trials"]] == list(range(6))
 
 
 def test_ctrl_c_keeps_what_is_done_and_tune_resumes(tmp_path):

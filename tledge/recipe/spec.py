@@ -382,8 +382,9 @@ class TuneRecipe:
         None, minimum=0, maximum=10_000,
         help="epochs of its deciding phase (fine-tuning, else the first) a trial runs before "
              "it may be pruned (default: half of them; early epochs are noisy)")
-    seed_from_doctor: bool = option(True, help="after the recipe as written, try the one "
-                                               "change the training doctor names first")
+    seed_from_doctor: bool = option(True, help="after the recipe as written, try the "
+                                               "changes the training doctor names on its "
+                                               "curves (one per finding, two at most)")
 
 
 FUSIONS = ("mean", "weighted", "concat")

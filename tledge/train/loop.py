@@ -277,6 +277,9 @@ class _Recorder:
                     self.rows, self.best = state["rows"], state["best"]
                     self.best_epoch, self.earlier_seconds = state["best_epoch"], state["seconds"]
                     self.resumed_from = self.rows[-1]["epoch"] if self.rows else None
+                    for row in self.rows:  # a watcher sees the epochs done before too
+                        for watcher in list(_WATCHERS):
+                            watcher(name, row)
 
             def on_epoch_end(self, epoch, logs=None):
                 logs = logs or {}

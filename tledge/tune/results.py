@@ -121,7 +121,7 @@ def trial_summary(run_dir, tune, threads: int) -> dict:
     closest = min(points, key=lambda p: max(excess(p, tune))) if points else None
     summary = {"value": value, "test_accuracy": history.get("test_accuracy"),
                "val_images": _val_images(run_dir),
-               "points": points, "deployable": deployable,
+               "points": points, "deployable": deployable, "closest": closest,
                "constraints": excess(closest, tune) if closest else [1.0, 1.0, 1.0],
                "doctor": [finding.kind for finding in diagnose(history)]}
     if not points:
@@ -132,7 +132,7 @@ def trial_summary(run_dir, tune, threads: int) -> dict:
     if deployable:
         shown += (f", {deployable['artifact']} on {deployable['runtime']}: p50 "
                   f"{deployable['p50_ms']:.3f} ms, {deployable['size_kb']:.0f} KiB, test "
-                  f"accuracy {deployable['test_accuracy']:.4f}")
+                  f"accuracy {_cell(deployable['test_accuracy'])}")
     else:
         shown += f"; {summary['problem']}"
     summary["line"] = shown

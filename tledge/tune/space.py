@@ -70,6 +70,30 @@ class Dimension:
                                      step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
+    def distribution(self):
+        """The Optuna distribution `suggest` draws from (what its study records)."""
+        import optuna
+        if not self.is_range:
+            simple = all(isinstance(choice, (str, int, float, bool)) for choice in self.choices)
+            return optuna.distributions.CategoricalDistribution(
+                list(self.choices) if simple else [show_value(c) for c in self.choices])
+        if self.integer:
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high),
+                                                        log=self.log, step=int(self.step or 1))
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log,
+                                                      step=self.step)
+
+    def same_as(self, recorded) -> bool:
+        """Whether a study that recorded `recorded` for this key can go on drawing it: the
+        same kind and scale, and a choice among the same values (a range may move)."""
+        import optuna
+        mine = self.distribution()
+        if type(mine) is not type(recorded):
+            return False
+        if isinstance(mine, optuna.distributions.CategoricalDistribution):
+            return tuple(mine.choices) == tuple(recorded.choices)
+        return mine.log == recorded.log
+
     def stored(self, value):
         """The value as Optuna stores it in its trial parameters (for `enqueue_trial`)."""
         if not self.is_range and not all(isinstance(choice, (str, int, float, bool))
@@ -218,6 +242,12 @@ def dimensions(space) -> tuple[list[Dimension], list[str]]:
                                      or step <= 0):
                 problems.append(f"{where}.step: expected a number above 0")
                 continue
+            if whole and step is not None and not float(step).is_integer():
+                problems.append(f"{where}.step: {key} takes whole numbers; the step must be "
+                                "whole")
+                continue
+            if whole:
+                low, high, step = int(low), int(high), None if step is None else int(step)
             found.append(Dimension(key, low=low, high=high, log=bool(value.get("log")),
                                    step=step, integer=whole))
     return found, problems

@@ -32,7 +32,7 @@ from tledge.recipe.load import load_recipe, parse_recipe
 from tledge.recipe.spec import Recipe
 from tledge.records import read_history
 from tledge.rundir import holder_alive, lock_holder_alive, write_json
-from tledge.stages import build, MODELS_DIR, STUDY, TRIALS
+from tledge.stages import build, MODELS_DIR, prepare_run_dir, STUDY, TRIALS
 from tledge.train.loop import watching_epochs
 from tledge.tune.results import trial_summary, write_results
 from tledge.tune.space import (dimensions, get_key, source_document, tune_threads,
@@ -40,7 +40,9 @@ from tledge.tune.space import (dimensions, get_key, source_document, tune_thread
 
 SEED_AS_WRITTEN = "as written"
 FAILURES_IN_A_ROW = 3  # a worker stops: the same cause would fail every trial
+LOCK_ATTEMPTS = 5  # a worker that lost the race for a trial's folder waits again
 STORAGE_ATTEMPTS = 5  # opening a storage another worker is creating right now
+TRANSIENT_STORAGE_ERRORS = ("already exists", "UNIQUE constraint failed", "database is locked")
 DOCTOR_SEEDS = 2  # trials queued from the doctor's findings on the recipe as written
 
 
@@ -82,7 +84,7 @@ def trial_folder(study_dir, trial) -> Path:
     return Path(study_dir) / TRIALS / trial.hash()
 
 
-def open_study(recipe, study_dir, storage: str | None, *, log=print):
+def open_study(recipe, study_dir, storage: str | None, found=(), *, log=print):
     """(study, storage URL, whether this call created it) of `recipe` in `storage` (default:
     study.db in the study folder). Refuses a study whose recipe changed outside the searched
     keys.
@@ -95,7 +97,7 @@ def open_study(recipe, study_dir, storage: str | None, *, log=print):
     tune = recipe.tune
     url = storage or tune.storage or f"sqlite:///{(Path(study_dir) / 'study.db').resolve()}"
     directions = ["maximize"] if tune.objective == "accuracy" else ["maximize", "minimize"]
-    settings = dict(study_name=recipe.name, sampler=_sampler(recipe, url), pruner=_pruner(tune))
+    settings = dict(study_name=recipe.name, pruner=_pruner(tune))
     for attempt in range(STORAGE_ATTEMPTS):
         try:
             # SQLite: a worker waits for another's write instead of failing at once
@@ -112,7 +114,8 @@ def open_study(recipe, study_dir, storage: str | None, *, log=print):
             break
         except Exception as error:  # SQLAlchemy's and Optuna's errors: a bad URL or database
             # two workers making a new database's tables at once: one loses, then finds them
-            if attempt + 1 < STORAGE_ATTEMPTS and "already exists" in str(error):
+            if attempt + 1 < STORAGE_ATTEMPTS and any(
+                    sign in str(error) for sign in TRANSIENT_STORAGE_ERRORS):
                 time.sleep(0.5 * (attempt + 1))
                 continue
             raise RunDirError(f"cannot open the study's storage {url}: {first_line(error)}; "
@@ -130,16 +133,36 @@ def open_study(recipe, study_dir, storage: str | None, *, log=print):
                           f"into another folder (--out) or delete {study_dir}")
     if [direction.name.lower() for direction in study.directions] != directions:
         raise RunDirError(f"the study in {url} has other objectives; tune into another folder")
+    changed = _changed_dimensions(study, found)
+    if changed:
+        raise RunDirError(f"[tune.space] {', '.join(changed)} changed since the study drew it "
+                          "(a range may move, but a list of values, or a list against a range, "
+                          "or log against linear, may not within one study): put it back, or "
+                          "tune into another folder (--out)")
+    study.sampler = _sampler(recipe, created, len(study.get_trials(deepcopy=False)))
     return study, url, created
 
 
-def _sampler(recipe, url):
+def _changed_dimensions(study, found) -> list[str]:
+    """The keys whose distribution the study recorded otherwise than the space says now."""
+    recorded = {}
+    for trial in study.get_trials(deepcopy=False):
+        recorded.update(trial.distributions)
+    return [dimension.key for dimension in found if dimension.key in recorded
+            and not dimension.same_as(recorded[dimension.key])]
+
+
+def _sampler(recipe, created: bool, trials: int):
+    """TPE, seeded by the recipe in the worker that creates the study (a study in a folder of
+    its own is repeatable); any other worker, or a resumed study, draws apart from the
+    trials already drawn (its seed also takes the study's size and the process). With
+    several workers, a running trial counts as a poor result while it runs (constant liar),
+    so that they do not all draw near one point."""
     import optuna
-    tune = recipe.tune
-    shared = bool(tune.storage) or not url.startswith("sqlite:")
-    # workers sharing a study draw apart; a study in its own folder is repeatable
-    seed = recipe.seed if not shared else (recipe.seed * 1_000_003 + os.getpid()) % 2**31
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune.startup_trials)
+    seed = recipe.seed if created else \
+        (recipe.seed * 1_000_003 + trials * 7_919 + os.getpid()) % 2**31
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=recipe.tune.startup_trials,
+                                      constant_liar=True)
 
 
 def _pruner(tune):
@@ -176,7 +199,10 @@ def fail_dead_trials(study, *, log=print) -> None:
         host, _, pid = worker.rpartition(" ")
         if host != socket.gethostname() or not pid.isdigit() or holder_alive(worker):
             continue
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError):  # another worker failed it first, and requeues it
+            continue
         _queue_again(study, trial, "its worker was killed")
         log(f"trial {trial.number}: its worker ({worker}) is gone; failed, and queued again")
 
@@ -301,13 +327,13 @@ def tune(recipe_path, *, out=None, trials=None, minutes=None, storage=None, log=
     document = source_document(recipe.path)
     found, _ = dimensions(recipe.tune.space)
     study_dir = study_dir_for(recipe, out)
-    (study_dir / TRIALS).mkdir(parents=True, exist_ok=True)
-    (study_dir / "logs").mkdir(exist_ok=True)
+    for folder in (study_dir, study_dir / TRIALS, study_dir / "logs"):
+        prepare_run_dir(folder)  # one line for a folder that cannot be written
     write_json(study_dir / STUDY, {"recipe": recipe.name, "recipe_path": str(recipe.path),
                                    "storage": storage or tune_settings.storage or "study.db"})
-    study, url, created = open_study(recipe, study_dir, storage, log=log)
+    study, url, created = open_study(recipe, study_dir, storage, found, log=log)
     fail_dead_trials(study, log=log)
-    if created or not study.get_trials(deepcopy=False):
+    if created:  # only the creator: a worker that loads it may come before the queueing
         _seed_as_written(study, recipe, found, log=log)
     started, durations, ran, stopped, failures = time.monotonic(), [], 0, "", 0
     log(f"tune: {recipe.name}: {len(_finished(study))} of {tune_settings.trials} trials done "
@@ -326,9 +352,6 @@ def tune(recipe_path, *, out=None, trials=None, minutes=None, storage=None, log=
                 break
             trial_started = time.monotonic()
             trial = study.ask()
-            trial.set_user_attr("worker", f"{socket.gethostname()} {os.getpid()}")
-            if "seed" not in trial.user_attrs:
-                trial.set_user_attr("seed", "sampled")
             state = _run_trial(study, trial, recipe, document, found, study_dir, log=log,
                                verbose=verbose)
             ran += 1
@@ -365,9 +388,30 @@ def _history(study_dir, trial) -> dict | None:
 
 
 def _run_trial(study, trial, recipe, document, found, study_dir, *, log, verbose):
-    """Build one trial and tell Optuna how it went; returns its state."""
+    """Build one trial and tell Optuna how it went; returns its state. Ctrl-C anywhere in it
+    fails the trial and queues its values again."""
     import optuna
-    values = {dimension.key: dimension.suggest(trial) for dimension in found}
+    try:
+        return _trial(study, trial, recipe, document, found, study_dir, log=log,
+                      verbose=verbose)
+    except KeyboardInterrupt:
+        if study.trials[trial.number].state == optuna.trial.TrialState.RUNNING:
+            trial.set_user_attr("error", "interrupted (Ctrl-C)")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            _queue_again(study, study.trials[trial.number], "interrupted")
+        raise
+
+
+def _trial(study, trial, recipe, document, found, study_dir, *, log, verbose):
+    import optuna
+    trial.set_user_attr("worker", f"{socket.gethostname()} {os.getpid()}")
+    if "seed" not in trial.user_attrs:
+        trial.set_user_attr("seed", "sampled")
+    try:
+        values = {dimension.key: dimension.suggest(trial) for dimension in found}
+    except ValueError as error:  # a queued value the space no longer holds
+        return _fail(study, trial, f"its values are not in [tune.space] now: "
+                     f"{first_line(error)}", log=log)
     trial.set_user_attr("values", {key: list(value) if isinstance(value, tuple) else value
                                    for key, value in values.items()})
     shown = ", ".join(f"{key} = {value!r}" for key, value in values.items())
@@ -381,7 +425,6 @@ def _run_trial(study, trial, recipe, document, found, study_dir, *, log, verbose
                      log=log)
     run_dir = trial_folder(study_dir, built)
     trial.set_user_attr("run", str(run_dir.relative_to(study_dir)))
-    _wait_for(run_dir, log=log)
     # Optuna prunes single-objective studies only
     prunes = recipe.tune.pruning and recipe.tune.objective == "accuracy"
     watching = watching_epochs(_Pruning(trial, built, recipe.tune.prune_after_epochs)) \
@@ -392,34 +435,47 @@ def _run_trial(study, trial, recipe, document, found, study_dir, *, log, verbose
             def trial_log(line):
                 handle.write(f"{line}\n")
                 handle.flush()
-            build(built, out=run_dir, log=trial_log, verbose=verbose)
+            _build_when_free(built, run_dir, trial_log, verbose=verbose, log=log)
     except optuna.TrialPruned as pruned:
         trial.set_user_attr("pruned", str(pruned))
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         log(f"   pruned: {pruned} ({time.perf_counter() - started:.0f} s)")
         return optuna.trial.TrialState.PRUNED
-    except KeyboardInterrupt:
-        trial.set_user_attr("error", "interrupted (Ctrl-C)")
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        _queue_again(study, study.trials[trial.number], "interrupted")
-        raise
     except Exception as error:  # any crash of a trial fails that trial, not the study
         return _fail(study, trial, f"{type(error).__name__}: {first_line(error)} (its log: "
                      f"{log_path})", log=log)
-    summary = trial_summary(run_dir, recipe.tune, tune_threads(recipe))
+    try:
+        summary = trial_summary(run_dir, recipe.tune, tune_threads(recipe))
+    except RunDirError as error:  # its records changed under it (another hand, a full disk)
+        return _fail(study, trial, f"its records cannot be read: {first_line(error)}", log=log)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     for key, value in summary.items():
         trial.set_user_attr(key, value)
-    if summary.get("value") is None or (recipe.tune.objective != "accuracy"
-                                        and summary.get("deployable") is None):
+    timed = summary.get("deployable") or summary.get("closest")
+    if summary.get("value") is None or timed is None:
         return _fail(study, trial, summary.get("problem") or "no validation accuracy", log=log)
+    # a trial outside the constraints is a finished trial that breaks them: the sampler
+    # learns where they lie
     values = [summary["value"]] if recipe.tune.objective == "accuracy" else \
-        [summary["value"], summary["deployable"]["p50_ms"]]
+        [summary["value"], timed["p50_ms"]]
     for name, over in zip(("latency", "size", "memory"), summary["constraints"]):
-        trial.set_constraint(name, over)  # above 0: outside; the sampler learns it
+        trial.set_constraint(name, over)  # above 0: outside
     study.tell(trial, values)
     log("   " + summary["line"] + f" ({summary['seconds']:.0f} s)")
     return optuna.trial.TrialState.COMPLETE
+
+
+def _build_when_free(built, run_dir, trial_log, *, verbose, log) -> None:
+    """Build a trial's run directory; two workers that drew the same values build one folder:
+    the second waits for the first, then finds every stage current."""
+    for attempt in range(LOCK_ATTEMPTS):
+        _wait_for(run_dir, log=log)
+        try:
+            build(built, out=run_dir, log=trial_log, verbose=verbose)
+            return
+        except RunDirError as error:
+            if "is in use by another tledge" not in str(error) or attempt + 1 == LOCK_ATTEMPTS:
+                raise
 
 
 def _fail(study, trial, why: str, *, log):
@@ -431,8 +487,7 @@ def _fail(study, trial, why: str, *, log):
 
 
 def _wait_for(run_dir, *, log) -> None:
-    """Two workers that drew the same values build one folder: the second waits for the
-    first, then finds every stage current."""
+    """Wait while another live process holds the run directory."""
     said = False
     while lock_holder_alive(run_dir):
         if not said:
